@@ -1,0 +1,17 @@
+"""jbp: hand-written backpropagation from the δ equations, checked against jax.grad."""
+
+from ._activations import ActivationFn as ActivationFn
+from ._activations import activation_names as activation_names
+from ._activations import register_activation as register_activation
+from ._backprop import backprop as backprop
+from ._backprop import objective as objective
+from ._backprop import value_and_backprop as value_and_backprop
+from ._layers import Activation as Activation
+from ._layers import Dense as Dense
+from ._layers import Layer as Layer
+from ._layers import Sequential as Sequential
+from ._layers import mlp as mlp
+from ._losses import Loss as Loss
+from ._losses import loss_names as loss_names
+
+__version__ = "0.1.0"

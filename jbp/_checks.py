@@ -1,0 +1,189 @@
+"""Argument checks shared by every public entry point.
+
+Each check runs in Python on shapes and dtypes (available on tracers too), so
+a bad argument fails with one clear message, naming the argument, what was
+expected and what was given, before any XLA computation is built.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+Array = jax.Array
+
+
+def check_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
+    """A floating dtype JAX can honour (float64 needs ``jax_enable_x64``)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a floating dtype such as jnp.float32, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"`{name}` must be a floating dtype such as jnp.float32, got {dt.name}")
+    if dt.itemsize == 8 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            f"`{name}` is {dt.name} but 64-bit types are disabled; run "
+            "jax.config.update('jax_enable_x64', True) first (or use float32)"
+        )
+    return dt
+
+
+def check_key(key: Any) -> None:
+    """A JAX PRNG key (new-style ``jax.random.key`` or legacy ``PRNGKey``)."""
+    if not hasattr(key, "dtype") or not (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    ):
+        raise TypeError(f"`key` must be a PRNG key from jax.random.key(seed), got {key!r}")
+
+
+def _path(path: tuple[Any, ...]) -> str:
+    return "params" + jtu.keystr(path)
+
+
+@functools.lru_cache(maxsize=512)
+def _expected_params(layer: Any, dtype: jnp.dtype) -> Any:
+    return jax.eval_shape(lambda key: layer.init(key, dtype), jax.random.key(0))
+
+
+def params_dtype(params: Any) -> jnp.dtype | None:
+    """The single floating dtype of ``params`` (None when there are no leaves)."""
+    leaves = jtu.tree_leaves(params)
+    return jnp.dtype(leaves[0].dtype) if leaves else None
+
+
+def check_params(net: Any, params: Any) -> None:
+    """``params`` matches ``net``: one entry per layer, the tree and shapes
+    ``layer.init`` makes, and one floating dtype throughout."""
+    if not isinstance(params, (tuple, list)):
+        raise TypeError(
+            f"`params` must be a tuple with one entry per layer (from net.init), got "
+            f"{type(params).__name__}"
+        )
+    if len(params) != len(net.layers):
+        raise ValueError(
+            f"`params` has {len(params)} entries but the network has {len(net.layers)} layers"
+        )
+    first: tuple[str, jnp.dtype] | None = None
+    for path, leaf in jtu.tree_leaves_with_path(params):
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(f"`{_path(path)}` must be an array, got {type(leaf).__name__}")
+        dt = jnp.dtype(leaf.dtype)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise TypeError(
+                f"`{_path(path)}` has dtype {dt.name}; params must be real floating "
+                "(float32 or float64)"
+            )
+        if first is None:
+            first = (_path(path), dt)
+        elif dt != first[1]:
+            raise TypeError(
+                f"`params` mixes dtypes: {first[0]} is {first[1].name} but {_path(path)} is "
+                f"{dt.name}; cast them to one dtype"
+            )
+    dtype = first[1] if first else jnp.dtype(jnp.float32)
+    for i, (layer, p) in enumerate(zip(net.layers, params, strict=True)):
+        expected = _expected_params(layer, dtype)
+        got_def = jtu.tree_structure(p)
+        exp_def = jtu.tree_structure(expected)
+        if got_def != exp_def:
+            raise ValueError(
+                f"`params[{i}]` has structure {got_def} but layer {i} ({layer!r}) expects "
+                f"{exp_def}; build params with net.init"
+            )
+        for (path, leaf), want in zip(
+            jtu.tree_leaves_with_path(p), jtu.tree_leaves(expected), strict=True
+        ):
+            if tuple(leaf.shape) != tuple(want.shape):
+                raise ValueError(
+                    f"`params[{i}]{jtu.keystr(path)}` has shape {tuple(leaf.shape)} but layer "
+                    f"{i} ({layer!r}) expects {tuple(want.shape)}"
+                )
+
+
+def _as_array(value: Any, name: str) -> Array:
+    if isinstance(value, jax.Array):
+        return value
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be an array, got {type(value).__name__}") from None
+
+
+def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
+    """Validate inputs; returns ``x`` as ``(batch, fan_in)`` and whether it was a
+    single example ``(fan_in,)``."""
+    x = _as_array(x, "x")
+    dt = jnp.dtype(x.dtype)
+    if jnp.issubdtype(dt, jnp.complexfloating):
+        raise TypeError(f"`x` has complex dtype {dt.name}; jbp handles real inputs only")
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"`x` has dtype {dt.name}; inputs must be floating: cast with "
+            f"x.astype({(params_dtype(params) or jnp.dtype('float32')).name})"
+        )
+    pdt = params_dtype(params)
+    if pdt is not None and dt != pdt:
+        raise TypeError(
+            f"`x` has dtype {dt.name} but params are {pdt.name}; cast x with x.astype({pdt.name})"
+        )
+    if x.ndim not in (1, 2):
+        raise ValueError(
+            f"`x` must have shape (batch, fan_in) or (fan_in,), got shape {tuple(x.shape)}"
+        )
+    single = x.ndim == 1
+    if single:
+        x = x[None, :]
+    if x.shape[0] == 0:
+        raise ValueError("`x` has an empty batch (shape (0, ...)); give at least one example")
+    fan_in = net.fan_in
+    if fan_in is not None and x.shape[1] != fan_in:
+        raise ValueError(
+            f"`x` has {x.shape[1]} features but the first layer expects fan_in={fan_in}"
+        )
+    return x, single
+
+
+def check_y(loss: Any, out_shape: tuple[int, int], y: Any, single: bool, dtype: Any) -> Array:
+    """Validate targets for ``loss`` against the network output ``(batch, out)``;
+    returns ``y`` batched (and, for real-valued targets, cast to ``dtype``)."""
+    y = _as_array(y, "y")
+    dt = jnp.dtype(y.dtype)
+    if jnp.issubdtype(dt, jnp.complexfloating):
+        raise TypeError(f"`y` has complex dtype {dt.name}; targets must be real")
+    batch, width = out_shape
+    if loss.integer_labels and jnp.issubdtype(dt, jnp.integer):
+        want = () if single else (batch,)
+        if tuple(y.shape) != want:
+            raise ValueError(
+                f"`y` holds integer labels of shape {tuple(y.shape)} but loss "
+                f"{loss.name!r} with this x expects labels of shape {want} (or targets of "
+                f"shape {(width,) if single else (batch, width)})"
+            )
+        if not isinstance(y, jax.core.Tracer):
+            labels = np.asarray(y)
+            if labels.size and (labels.min() < 0 or labels.max() >= width):
+                raise ValueError(
+                    f"`y` has labels in [{labels.min()}, {labels.max()}] but the network has "
+                    f"{width} outputs, so labels must lie in [0, {width - 1}]"
+                )
+        return y[None] if single else y
+    want = (width,) if single else (batch, width)
+    if tuple(y.shape) != want:
+        hint = ""
+        if not single and tuple(y.shape) == (batch,) and width == 1:
+            hint = "; add the output axis with y[:, None]"
+        elif loss.integer_labels:
+            hint = f"; loss {loss.name!r} also takes integer labels of shape {want[:-1]}"
+        raise ValueError(
+            f"`y` has shape {tuple(y.shape)} but the network output has shape {want}{hint}"
+        )
+    if not jnp.issubdtype(dt, jnp.inexact) or dt != jnp.dtype(dtype):
+        y = y.astype(dtype)
+    return y[None, :] if single else y

@@ -1,0 +1,149 @@
+"""Losses: per-example value, batch reduction and output δ, side by side.
+
+A loss is ``ℓ_i`` per example plus a reduction: the total is ``C = Σ_i ℓ_i``
+(``"sum"``) or ``C = mean_i ℓ_i`` (``"mean"``). ``delta(a, y)`` is the
+per-example ``∂ℓ_i/∂a_i``, unscaled; the batch δ_L handed to the last layer is
+that times ``1`` (sum) or ``1/B`` (mean). Per-example gradients are always
+``g_i = ∂ℓ_i/∂θ``, unscaled.
+
+Logit losses (``sigmoid_bce``, ``softmax_xent``) compute their value with
+softplus / logsumexp and their δ in the fused form ``σ(a) − y`` /
+``softmax(a)·Σy − y``, never through ``log(σ(·))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """A per-example loss with its reduction and its output δ.
+
+    Attributes:
+      name: registry name.
+      per_example: ``(a, y) -> ℓ``, ``a`` of shape ``(batch, out)``, returns
+        ``(batch,)``.
+      delta: ``(a, y) -> ∂ℓ_i/∂a_i``, shape ``(batch, out)``, unscaled.
+      reduction: ``"sum"`` or ``"mean"`` over the batch.
+      integer_labels: whether ``y`` may be integer class labels of shape
+        ``(batch,)`` instead of targets shaped like ``a``.
+      description: one line for error messages and docs.
+    """
+
+    name: str
+    per_example: Callable[[Array, Array], Array]
+    delta: Callable[[Array, Array], Array]
+    reduction: str
+    integer_labels: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reduction not in ("sum", "mean"):
+            raise ValueError(f"`reduction` must be 'sum' or 'mean', got {self.reduction!r}")
+
+    def scale(self, batch: int) -> float:
+        """The factor from ``Σ_i`` to this loss's reduction: 1 or 1/batch."""
+        return 1.0 if self.reduction == "sum" else 1.0 / batch
+
+    def reduce(self, per_example: Array) -> Array:
+        """Reduce per-example values ``(batch,)`` to the scalar total ``C``."""
+        if self.reduction == "sum":
+            return jnp.sum(per_example)
+        return jnp.mean(per_example)
+
+    def __call__(self, a: Array, y: Array) -> Array:
+        """The total ``C`` for outputs ``a (batch, out)`` and targets ``y``."""
+        return self.reduce(self.per_example(a, y))
+
+
+def _half_sse(a: Array, y: Array) -> Array:
+    r = a - y
+    return 0.5 * jnp.sum(r * r, axis=-1)
+
+
+def _mse(a: Array, y: Array) -> Array:
+    r = a - y
+    return jnp.mean(r * r, axis=-1)
+
+
+def _mse_delta(a: Array, y: Array) -> Array:
+    return (2.0 / a.shape[-1]) * (a - y)
+
+
+def _sigmoid_bce(a: Array, y: Array) -> Array:
+    return jnp.sum(jax.nn.softplus(a) - y * a, axis=-1)
+
+
+def _targets(a: Array, y: Array) -> Array:
+    """Integer labels ``(batch,)`` to one-hot ``(batch, classes)``; else ``y``."""
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        return jax.nn.one_hot(y, a.shape[-1], dtype=a.dtype)
+    return y
+
+
+def _softmax_xent(a: Array, y: Array) -> Array:
+    t = _targets(a, y)
+    return -jnp.sum(t * jax.nn.log_softmax(a, axis=-1), axis=-1)
+
+
+def _softmax_xent_delta(a: Array, y: Array) -> Array:
+    t = _targets(a, y)
+    return jax.nn.softmax(a, axis=-1) * jnp.sum(t, axis=-1, keepdims=True) - t
+
+
+HALF_SSE = Loss(
+    "half_sse",
+    _half_sse,
+    lambda a, y: a - y,
+    "sum",
+    description="ℓ_i = ½ Σ_k (a_ik − y_ik)², summed over the batch; δ_L = a − y",
+)
+MSE = Loss(
+    "mse",
+    _mse,
+    _mse_delta,
+    "mean",
+    description="ℓ_i = mean_k (a_ik − y_ik)², averaged over the batch; δ_L = 2(a − y)/(K·B)",
+)
+SIGMOID_BCE = Loss(
+    "sigmoid_bce",
+    _sigmoid_bce,
+    lambda a, y: jax.nn.sigmoid(a) - y,
+    "sum",
+    description="ℓ_i = Σ_k softplus(a_ik) − y_ik a_ik from logits, summed; δ_L = σ(a) − y",
+)
+SOFTMAX_XENT = Loss(
+    "softmax_xent",
+    _softmax_xent,
+    _softmax_xent_delta,
+    "mean",
+    integer_labels=True,
+    description=(
+        "ℓ_i = −Σ_k y_ik log softmax(a_i)_k from logits (integer labels or "
+        "one-hot/probability targets), averaged; δ_L = (softmax(a)·Σy − y)/B"
+    ),
+)
+
+_LOSSES = {loss.name: loss for loss in (HALF_SSE, MSE, SIGMOID_BCE, SOFTMAX_XENT)}
+
+
+def loss_names() -> tuple[str, ...]:
+    """The names of the built-in losses, sorted."""
+    return tuple(sorted(_LOSSES))
+
+
+def get_loss(loss: str | Loss) -> Loss:
+    """A :class:`Loss` from its name (or the object itself), with a clear error."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str) and loss in _LOSSES:
+        return _LOSSES[loss]
+    known = ", ".join(loss_names())
+    raise ValueError(f"unknown loss {loss!r}; known losses: {known} (or pass a jbp.Loss)")
