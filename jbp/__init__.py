@@ -15,3 +15,10 @@ from ._losses import Loss as Loss
 from ._losses import loss_names as loss_names
 
 __version__ = "0.1.0"
+from ._verify import FiniteDifferenceCheck as FiniteDifferenceCheck
+from ._verify import GradientMismatch as GradientMismatch
+from ._verify import LeafRow as LeafRow
+from ._verify import Report as Report
+from ._verify import TaylorCheck as TaylorCheck
+from ._verify import compare as compare
+from ._verify import verify as verify
