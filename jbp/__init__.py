@@ -22,3 +22,14 @@ from ._verify import Report as Report
 from ._verify import TaylorCheck as TaylorCheck
 from ._verify import compare as compare
 from ._verify import verify as verify
+from ._per_example import NoiseScale as NoiseScale
+from ._per_example import clipped_grad as clipped_grad
+from ._per_example import dp_grad as dp_grad
+from ._per_example import grad_variance as grad_variance
+from ._per_example import gradient_noise_scale as gradient_noise_scale
+from ._per_example import per_example_grads as per_example_grads
+from ._per_example import per_example_norms as per_example_norms
+from ._per_example import sum_grad_squared as sum_grad_squared
+from ._bench import BenchRow as BenchRow
+from ._bench import benchmark as benchmark
+from ._bench import format_benchmark as format_benchmark

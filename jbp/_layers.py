@@ -118,6 +118,46 @@ class Dense(Layer):
         delta_in = lax.dot_general(delta, params["w"], _CONTRACT_FAN_OUT)
         return grads, delta_in
 
+    # Per-example quantities from (a, δ), never forming g_i unless asked to.
+    # Each takes the same (params, cache, delta_out) as `backward`; delta_out
+    # holds the unscaled per-example ∂ℓ_i/∂out in row i.
+
+    def per_example_grads(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        """g_i: ``{"w": (batch, fan_in, fan_out), "b": (batch, fan_out)}`` = a_i ⊗ δ_i, δ_i."""
+        a, z, out = cache
+        delta = get_activation(self.activation).backward(delta_out, z, out)
+        grads = {"w": a[:, :, None] * delta[:, None, :]}
+        if self.bias:
+            grads["b"] = delta
+        return grads
+
+    def per_example_sq_norms(self, params: Params, cache: Any, delta_out: Array) -> Array:
+        """‖g_i‖² over this layer's params, ``(batch,)``: ‖a_i‖²‖δ_i‖² (+ ‖δ_i‖² for b)."""
+        a, z, out = cache
+        delta = get_activation(self.activation).backward(delta_out, z, out)
+        d2 = jnp.sum(delta * delta, axis=1)
+        sq = jnp.sum(a * a, axis=1) * d2
+        return sq + d2 if self.bias else sq
+
+    def sum_grad_squared(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        """Σ_i g_i² elementwise, like params: ``(a²)ᵀ(δ²)`` and ``Σ_i δ_i²``."""
+        a, z, out = cache
+        delta = get_activation(self.activation).backward(delta_out, z, out)
+        d2 = delta * delta
+        grads = {"w": lax.dot_general(a * a, d2, _CONTRACT_BATCH)}
+        if self.bias:
+            grads["b"] = jnp.sum(d2, axis=0)
+        return grads
+
+    def weighted_grads(self, params: Params, cache: Any, delta_out: Array, c: Array) -> Params:
+        """Σ_i c_i g_i, like params: ``aᵀ(c ⊙ δ)`` and ``Σ_i c_i δ_i``; ``c`` is ``(batch,)``."""
+        a, z, out = cache
+        delta = get_activation(self.activation).backward(delta_out, z, out) * c[:, None]
+        grads = {"w": lax.dot_general(a, delta, _CONTRACT_BATCH)}
+        if self.bias:
+            grads["b"] = jnp.sum(delta, axis=0)
+        return grads
+
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,158 @@
+"""Side-by-side timing of jbp's gradients against their autodiff counterparts.
+
+Each function is compiled first (compile time reported separately), then all
+are timed interleaved, rotating the order each round, so that the noise of a
+shared machine hits them alike. Ratios are to ``jax.grad`` in the same run.
+Memory is XLA's static estimate for the compiled function (temporaries plus
+outputs, excluding the arguments), the same measure for every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._backprop import backprop, objective
+from ._layers import mlp
+from ._per_example import (
+    clipped_grad,
+    per_example_grads,
+    per_example_norms,
+    sum_grad_squared,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRow:
+    """One function at one batch size."""
+
+    batch: int
+    name: str
+    compile_s: float
+    median_ms: float
+    ratio: float
+    memory_mib: float
+    rounds: int
+
+
+def _tree_norms(g: Any) -> jax.Array:
+    leaves = jtu.tree_leaves(g)
+    b = leaves[0].shape[0]
+    return jnp.sqrt(sum(jnp.sum(leaf.reshape(b, -1) ** 2, axis=1) for leaf in leaves))
+
+
+def _functions(net: Any, loss: str, max_norm: float) -> dict[str, Callable[..., Any]]:
+    ref = jax.grad(objective(net, loss))  # reference
+    per_ex_ref = jax.vmap(ref, in_axes=(None, 0, 0))
+    return {
+        "jax.grad": ref,
+        "jbp.backprop": backprop(net, loss),
+        "vmap(jax.grad)": per_ex_ref,
+        "per_example_grads": per_example_grads(net, loss),
+        "norms via vmap": lambda p, x, y: _tree_norms(per_ex_ref(p, x, y)),
+        "per_example_norms": per_example_norms(net, loss),
+        "sum_grad_squared": sum_grad_squared(net, loss),
+        "clipped_grad": clipped_grad(net, loss, max_norm),
+    }
+
+
+def _memory_mib(compiled: Any) -> float:
+    try:
+        m = compiled.memory_analysis()
+        return (m.temp_size_in_bytes + m.output_size_in_bytes) / 2**20
+    except Exception:  # not every backend reports it
+        return float("nan")
+
+
+def benchmark(
+    sizes: Sequence[int] = (784, 512, 512, 10),
+    *,
+    batches: Sequence[int] = (64, 256, 1024),
+    activation: str = "relu",
+    loss: str = "softmax_xent",
+    dtype: Any = jnp.float32,
+    rounds: int = 30,
+    budget_s: float = 10.0,
+    only: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Time jbp's gradient functions and their autodiff counterparts side by side.
+
+    Args:
+      sizes: MLP layer widths.
+      batches: batch sizes to run.
+      activation, loss, dtype: the problem.
+      rounds: interleaved timing rounds per batch size.
+      budget_s: a function stops being timed once it has 3 rounds and has
+        used this many seconds (keeps ``vmap(jax.grad)`` at large batches short).
+      only: restrict to these function names (``jax.grad`` is always run).
+      log: called with a line per finished batch size.
+
+    Returns:
+      One :class:`BenchRow` per function and batch size.
+    """
+    net = mlp(list(sizes), activation)
+    params = net.init(jax.random.key(0), dtype)
+    fns = _functions(net, loss, max_norm=1.0)
+    if only is not None:
+        unknown = set(only) - set(fns)
+        if unknown:
+            raise ValueError(f"unknown benchmark functions {sorted(unknown)}; known: {list(fns)}")
+        fns = {k: v for k, v in fns.items() if k == "jax.grad" or k in only}
+    rows = []
+    for batch in batches:
+        x = jax.random.normal(jax.random.key(1), (batch, sizes[0]), dtype)
+        if loss == "softmax_xent":
+            y = jax.random.randint(jax.random.key(2), (batch,), 0, sizes[-1])
+        else:
+            y = jax.random.uniform(jax.random.key(2), (batch, sizes[-1]), dtype)
+        compiled, compile_s = {}, {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            compiled[name] = jax.jit(fn).lower(params, x, y).compile()
+            compile_s[name] = time.perf_counter() - t0
+            jax.block_until_ready(compiled[name](params, x, y))  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                if len(times[name]) >= 3 and sum(times[name]) > budget_s:
+                    continue
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled[name](params, x, y))
+                times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["jax.grad"])
+        for name in names:
+            med = statistics.median(times[name])
+            rows.append(
+                BenchRow(batch, name, compile_s[name], med * 1e3, med / base,
+                         _memory_mib(compiled[name]), len(times[name]))
+            )
+        if log is not None:
+            log(format_benchmark([r for r in rows if r.batch == batch], header=False))
+    return rows
+
+
+def format_benchmark(rows: Sequence[BenchRow], *, header: bool = True) -> str:
+    """A fixed-width table of :func:`benchmark` rows."""
+    lines = []
+    if header:
+        lines.append(
+            f"{'batch':>6}  {'function':<18} {'median ms':>10} {'× jax.grad':>10} "
+            f"{'compile s':>9} {'memory MiB':>10} {'rounds':>6}"
+        )
+        lines.append("-" * len(lines[0]))
+    for r in rows:
+        lines.append(
+            f"{r.batch:>6}  {r.name:<18} {r.median_ms:>10.3f} {r.ratio:>10.2f} "
+            f"{r.compile_s:>9.2f} {r.memory_mib:>10.1f} {r.rounds:>6}"
+        )
+    return "\n".join(lines)
