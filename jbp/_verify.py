@@ -231,6 +231,7 @@ def compare(
     reference: Any,
     *,
     rtol: float | None = None,
+    atol: float = 0.0,
     names: tuple[str, str] = ("tested", "reference"),
     prefix: str = "params",
 ) -> Report:
@@ -241,6 +242,9 @@ def compare(
       reference: the reference, e.g. from ``jax.grad``; errors are relative
         to its scale.
       rtol: relative tolerance; default by dtype (see module docs).
+      atol: a leaf also passes if ``max |a − b| ≤ atol`` (default 0: only
+        the relative test counts). Useful where the reference is exactly
+        zero and round-off is not, e.g. a variance over identical examples.
       names: labels for the two sides, shown in the report.
       prefix: the name of the root in leaf paths.
 
@@ -286,7 +290,8 @@ def compare(
         err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
         scale = leaf_scale if leaf_scale > 0 else global_scale
         rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-        rows.append(LeafRow(name, layer, tuple(b.shape), err, scale, rel, bitwise, rel <= rtol))
+        rows.append(LeafRow(name, layer, tuple(b.shape), err, scale, rel, bitwise,
+                            rel <= rtol or err <= atol))
     return Report(tuple(rows), names, float(rtol), dtype, _precision(), jax.default_backend())
 
 

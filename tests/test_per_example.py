@@ -1,0 +1,234 @@
+"""Per-example quantities against vmap(jax.grad) over single examples, plus invariants."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jbp
+import jbp.testing as jt
+
+PROBLEMS = jt.problems(dtypes=["float64"], single=False, max_depth=4, max_width=12, max_batch=12)
+
+
+def _reference_per_example(net, loss, params, x, y):
+    """g_i by autodiff, one example at a time: the oracle."""
+    grad = jax.grad(jbp.objective(net, loss))  # reference
+    return jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, x, y)
+
+
+def _ref_norms(g):
+    leaves = jax.tree.leaves(g)
+    b = leaves[0].shape[0]
+    return jnp.sqrt(sum(jnp.sum(leaf.reshape(b, -1) ** 2, axis=1) for leaf in leaves))
+
+
+def _scale(loss, b):
+    return jbp._losses.get_loss(loss).scale(b) if isinstance(loss, str) else loss.scale(b)
+
+
+def _assert_close(a, b, rtol=1e-10, atol=0.0):
+    jbp.compare(a, b, rtol=rtol, atol=atol, names=("jbp", "vmap(jax.grad)")).raise_if_failed()
+
+
+@settings(max_examples=10)
+@given(PROBLEMS)
+def test_per_example_grads_match_vmap_grad(problem):
+    net, loss, params, x, y = problem
+    ref = _reference_per_example(net, loss, params, x, y)
+    got = jax.jit(jbp.per_example_grads(net, loss))(params, x, y)
+    _assert_close(got, ref)
+    # Σ_i g_i (times 1/B for mean losses) is the batch gradient.
+    batch = jax.jit(jbp.backprop(net, loss))(params, x, y)
+    s = _scale(loss, x.shape[0])
+    _assert_close(jax.tree.map(lambda g: s * jnp.sum(g, axis=0), got), batch)
+
+
+@settings(max_examples=10)
+@given(PROBLEMS)
+def test_norms_and_per_layer_norms(problem):
+    net, loss, params, x, y = problem
+    ref = _ref_norms(_reference_per_example(net, loss, params, x, y))
+    norms = jax.jit(jbp.per_example_norms(net, loss))(params, x, y)
+    np.testing.assert_allclose(norms, ref, rtol=1e-10, atol=1e-12 * float(jnp.max(ref)))
+    per_layer = jax.jit(jbp.per_example_norms(net, loss, per_layer=True))(params, x, y)
+    assert per_layer.shape == (x.shape[0], len(net.layers))
+    np.testing.assert_allclose(jnp.sum(per_layer**2, axis=1), norms**2, rtol=1e-10, atol=1e-300)
+    for i, p in enumerate(params):
+        if not jax.tree.leaves(p):
+            assert not jnp.any(per_layer[:, i])
+
+
+@settings(max_examples=10)
+@given(PROBLEMS)
+def test_second_moment_and_variance(problem):
+    net, loss, params, x, y = problem
+    ref = _reference_per_example(net, loss, params, x, y)
+    b = x.shape[0]
+    sgs = jax.jit(jbp.sum_grad_squared(net, loss))(params, x, y)
+    _assert_close(sgs, jax.tree.map(lambda g: jnp.sum(g * g, axis=0), ref))
+    var = jax.jit(jbp.grad_variance(net, loss))(params, x, y)
+    # variance = E[g²] − E[g]², and it is numpy's population variance
+    # Round-off in E[g²] − E[g]² is relative to E[g²], not to the variance.
+    atol = 1e-12 * max(float(jnp.max(s)) for s in jax.tree.leaves(sgs)) / b
+    moment = jax.tree.map(lambda s, g: s / b - jnp.mean(g, axis=0) ** 2, sgs, ref)
+    _assert_close(var, jax.tree.map(lambda m: jnp.maximum(m, 0), moment), rtol=1e-8, atol=atol)
+    _assert_close(var, jax.tree.map(lambda g: jnp.var(g, axis=0), ref), rtol=1e-8, atol=atol)
+    if b > 1:
+        var1 = jax.jit(jbp.grad_variance(net, loss, ddof=1))(params, x, y)
+        ref1 = jax.tree.map(lambda g: jnp.var(g, axis=0, ddof=1), ref)
+        _assert_close(var1, ref1, rtol=1e-8, atol=2 * atol)
+
+
+@settings(max_examples=10)
+@given(PROBLEMS, st.floats(0.01, 10.0))
+def test_clipped_grad_equals_clip_then_sum(problem, max_norm):
+    net, loss, params, x, y = problem
+    ref = _reference_per_example(net, loss, params, x, y)
+    norms_ref = _ref_norms(ref)
+    c = jnp.minimum(1.0, max_norm / norms_ref) * _scale(loss, x.shape[0])
+    expected = jax.tree.map(lambda g: jnp.tensordot(c, g, axes=1), ref)
+    got, norms = jax.jit(jbp.clipped_grad(net, loss, max_norm))(params, x, y)
+    _assert_close(got, expected)
+    np.testing.assert_allclose(norms, norms_ref, rtol=1e-10, atol=1e-300)
+    # No clipping: the plain batch gradient.
+    plain, _ = jax.jit(jbp.clipped_grad(net, loss, math.inf))(params, x, y)
+    _assert_close(plain, jax.jit(jbp.backprop(net, loss))(params, x, y))
+
+
+def test_clipping_actually_clips():
+    net = jbp.mlp([3, 5, 2], "tanh")
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = 3 * jax.random.normal(jax.random.key(1), (16, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (16, 2), jnp.float64)
+    norms = jbp.per_example_norms(net, "half_sse")(params, x, y)
+    max_norm = float(jnp.median(norms))
+    clipped_per_example = jbp.per_example_grads(net, "half_sse")(params, x, y)
+    c = jnp.minimum(1.0, max_norm / norms)
+    clipped_norms = _ref_norms(jax.tree.map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)), clipped_per_example))
+    assert jnp.all(clipped_norms <= max_norm * (1 + 1e-12))
+    assert jnp.sum(norms > max_norm) >= 7  # the test is not vacuous: half are clipped
+    got, _ = jbp.clipped_grad(net, "half_sse", max_norm)(params, x, y)
+    plain = jbp.backprop(net, "half_sse")(params, x, y)
+    assert not jbp.compare(got, plain).ok
+
+
+def test_dp_grad_noise():
+    net = jbp.mlp([20, 30, 10], "relu")
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (8, 20), jnp.float64)
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 10)
+    clipped, norms = jbp.clipped_grad(net, "softmax_xent", 0.5)(params, x, y)
+    silent, _ = jbp.dp_grad(net, "softmax_xent", 0.5, 0.0)(params, x, y, jax.random.key(3))
+    _assert_close(silent, clipped)
+    f = jax.jit(jbp.dp_grad(net, "softmax_xent", 0.5, 2.0))
+    noisy, norms2 = f(params, x, y, jax.random.key(3))
+    np.testing.assert_allclose(norms, norms2, rtol=1e-14)
+    again, _ = f(params, x, y, jax.random.key(3))
+    _assert_close(again, noisy, rtol=0)
+    other, _ = f(params, x, y, jax.random.key(4))
+    assert not jbp.compare(other, noisy).ok
+    noise = jnp.concatenate([jnp.ravel(n - c) for n, c in zip(jax.tree.leaves(noisy), jax.tree.leaves(clipped), strict=True)])
+    expected_std = 2.0 * 0.5 / 8  # σ·C, over B for a mean loss
+    assert noise.size > 900
+    np.testing.assert_allclose(jnp.std(noise), expected_std, rtol=0.1)
+    assert abs(float(jnp.mean(noise))) < 4 * expected_std / math.sqrt(noise.size)
+
+
+@settings(max_examples=10)
+@given(jt.problems(dtypes=["float64"], single=False, min_batch=2, max_depth=3, max_width=8))
+def test_gradient_noise_scale_formulas(problem):
+    net, loss, params, x, y = problem
+    ref = _reference_per_example(net, loss, params, x, y)
+    b = x.shape[0]
+    mean_sq_norm = jnp.mean(_ref_norms(ref) ** 2)
+    gbar_sq = sum(jnp.sum(jnp.mean(g, axis=0) ** 2) for g in jax.tree.leaves(ref))
+    trace = b / (b - 1) * (mean_sq_norm - gbar_sq)
+    # tr(Σ) is the unbiased sample covariance trace
+    cov_trace = sum(jnp.sum(jnp.var(g, axis=0, ddof=1)) for g in jax.tree.leaves(ref))
+    np.testing.assert_allclose(trace, cov_trace, rtol=1e-8, atol=1e-300)
+    got = jax.jit(jbp.gradient_noise_scale(net, loss))(params, x, y)
+    np.testing.assert_allclose(got.trace_cov, trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
+    np.testing.assert_allclose(got.grad_sq_norm, gbar_sq - trace / b, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
+    if abs(float(got.grad_sq_norm)) > 1e-6 * float(mean_sq_norm):
+        np.testing.assert_allclose(got.b_simple, got.trace_cov / got.grad_sq_norm, rtol=1e-12)
+
+
+def test_float32_per_example_norms_documented_tolerance():
+    net = jbp.mlp([10, 32, 32, 4], "gelu")
+    params = net.init(jax.random.key(0), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (32, 10), jnp.float32)
+    y = jax.random.randint(jax.random.key(2), (32,), 0, 4)
+    ref = _ref_norms(_reference_per_example(net, "softmax_xent", params, x, y))
+    got = jax.jit(jbp.per_example_norms(net, "softmax_xent"))(params, x, y)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale(jbp.Layer):
+    features: int
+
+    def init(self, key, dtype=jnp.float32):
+        return {"s": jnp.linspace(0.5, 1.5, self.features, dtype=dtype)}
+
+    def forward(self, params, a):
+        return a * params["s"][None, :], a
+
+    def backward(self, params, cache, delta_out):
+        return {"s": jnp.sum(delta_out * cache, axis=0)}, delta_out * params["s"][None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleWithPerExample(Scale):
+    def per_example_grads(self, params, cache, delta_out):
+        return {"s": delta_out * cache}
+
+
+def test_user_layer_per_example_fallbacks():
+    net = jbp.Sequential([jbp.Dense(3, 4, "tanh"), ScaleWithPerExample(4), jbp.Dense(4, 2)])
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (6, 2), jnp.float64)
+    ref = _reference_per_example(net, "mse", params, x, y)
+    _assert_close(jbp.per_example_grads(net, "mse")(params, x, y), ref)
+    np.testing.assert_allclose(jbp.per_example_norms(net, "mse")(params, x, y), _ref_norms(ref), rtol=1e-12)
+    _assert_close(jbp.sum_grad_squared(net, "mse")(params, x, y), jax.tree.map(lambda g: jnp.sum(g * g, 0), ref))
+    got, _ = jbp.clipped_grad(net, "mse", 0.1)(params, x, y)
+    c = jnp.minimum(1.0, 0.1 / _ref_norms(ref)) / 6
+    _assert_close(got, jax.tree.map(lambda g: jnp.tensordot(c, g, axes=1), ref))
+
+
+def test_user_layer_without_per_example_grads_is_a_clear_error():
+    net = jbp.Sequential([jbp.Dense(3, 4, "tanh"), Scale(4), jbp.Dense(4, 2)])
+    params = net.init(jax.random.key(0), jnp.float64)
+    x, y = jnp.ones((2, 3)), jnp.ones((2, 2))
+    with pytest.raises(TypeError, match=r"layer Scale\(features=4\) has parameters but no per_example_grads"):
+        jbp.per_example_norms(net, "mse")(params, x, y)
+
+
+def test_per_example_argument_errors():
+    net = jbp.mlp([3, 2])
+    params = net.init(jax.random.key(0), jnp.float64)
+    x, y = jnp.ones((1, 3)), jnp.ones((1, 2))
+    for bad in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match=r"`max_norm` must be positive \(or math.inf\)"):
+            jbp.clipped_grad(net, "mse", bad)
+    with pytest.raises(TypeError, match=r"`max_norm` must be a positive number, got str"):
+        jbp.clipped_grad(net, "mse", "1")
+    with pytest.raises(ValueError, match=r"`max_norm` must be finite for DP-SGD"):
+        jbp.dp_grad(net, "mse", math.inf, 1.0)
+    with pytest.raises(ValueError, match=r"`noise_multiplier` must be a number ≥ 0, got -1"):
+        jbp.dp_grad(net, "mse", 1.0, -1)
+    with pytest.raises(ValueError, match=r"`ddof` must be 0 or 1, got 2"):
+        jbp.grad_variance(net, "mse", ddof=2)
+    with pytest.raises(ValueError, match=r"`x` has batch 1; a variance with ddof=1 needs at least 2"):
+        jbp.grad_variance(net, "mse", ddof=1)(params, x, y)
+    with pytest.raises(ValueError, match=r"`x` has batch 1; the gradient noise scale needs at least 2"):
+        jbp.gradient_noise_scale(net, "mse")(params, x, y)
+    with pytest.raises(ValueError, match=r"`x` has 4 features"):
+        jbp.per_example_norms(net, "mse")(params, jnp.ones((2, 4)), jnp.ones((2, 2)))
