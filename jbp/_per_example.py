@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -90,8 +91,7 @@ def _layer_quantity(net, params, caches, delta_outs, name: str, *extra: Any) -> 
         elif name == "sum_grad_squared":
             results.append(jtu.tree_map(lambda leaf: jnp.sum(leaf * leaf, axis=0), g))
         elif name == "weighted_grads":
-            (c,) = extra
-            results.append(jtu.tree_map(lambda leaf: jnp.tensordot(c, leaf, axes=1), g))
+            results.append(jtu.tree_map(partial(jnp.tensordot, extra[0], axes=1), g))
         else:  # pragma: no cover - internal names only
             raise AssertionError(name)
     return results

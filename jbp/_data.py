@@ -1,0 +1,224 @@
+"""Offline data sets and a seeded batch iterator.
+
+Generated: :func:`xor`, :func:`moons`, :func:`spirals` (seeded). Real:
+:func:`digits`, scikit-learn's shipped 8×8 handwritten digits (1797 images,
+10 classes; no download), split and standardised. User data: :func:`load_npz`
+and :func:`load_csv`. Every data set is a :class:`Dataset` of float32 inputs
+and integer labels (``y`` as class indices).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Dataset(NamedTuple):
+    """A train/test split.
+
+    Attributes:
+      x_train: ``(n_train, features)`` float32.
+      y_train: ``(n_train,)`` int32 class labels.
+      x_test: ``(n_test, features)`` float32.
+      y_test: ``(n_test,)`` int32.
+      n_classes: number of classes.
+      name: a short description.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+    name: str
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+def _split(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, standardize: bool, name: str
+) -> Dataset:
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction!r}")
+    n = x.shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = round(test_fraction * n)
+    test, train = order[:n_test], order[n_test:]
+    x = x.astype(np.float64)
+    if standardize:
+        mean = x[train].mean(axis=0)
+        std = x[train].std(axis=0)
+        x = (x - mean) / np.where(std > 0, std, 1.0)
+    y = y.astype(np.int32)
+    n_classes = int(y.max()) + 1 if y.size else 0
+    return Dataset(
+        x[train].astype(np.float32), y[train], x[test].astype(np.float32), y[test], n_classes, name
+    )
+
+
+def xor() -> Dataset:
+    """The four XOR points; train and test are the same four points.
+
+    ``x`` is ``{0,1}²`` and the label is ``x₁ XOR x₂`` (use ``one_hot`` or
+    ``y[:, None]`` as a float target for ``half_sse``).
+    """
+    x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+    y = np.array([0, 1, 1, 0], np.int32)
+    return Dataset(x, y, x.copy(), y.copy(), 2, "xor")
+
+
+def moons(n: int = 1000, *, noise: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Two interleaved half circles with Gaussian noise, standardised."""
+    if n < 2:
+        raise ValueError(f"`n` must be at least 2, got {n}")
+    rng = np.random.default_rng(seed)
+    n0 = n // 2
+    t0, t1 = rng.uniform(0, np.pi, n0), rng.uniform(0, np.pi, n - n0)
+    a = np.stack([np.cos(t0), np.sin(t0)], axis=1)
+    b = np.stack([1 - np.cos(t1), 0.5 - np.sin(t1)], axis=1)
+    x = np.concatenate([a, b]) + noise * rng.normal(size=(n, 2))
+    y = np.concatenate([np.zeros(n0), np.ones(n - n0)])
+    return _split(x, y, test_fraction, seed, True, f"moons(n={n}, noise={noise})")
+
+
+def spirals(
+    n: int = 1000, *, classes: int = 3, noise: float = 0.2, test_fraction: float = 0.2, seed: int = 0
+) -> Dataset:
+    """``classes`` interleaved spiral arms in the plane, standardised."""
+    if classes < 2:
+        raise ValueError(f"`classes` must be at least 2, got {classes}")
+    rng = np.random.default_rng(seed)
+    label = np.arange(n) % classes
+    r = rng.uniform(0.05, 1.0, n)
+    theta = 4.0 * r + 2 * np.pi * label / classes + noise * rng.normal(size=n)
+    x = np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1)
+    return _split(x, label, test_fraction, seed, True, f"spirals(n={n}, classes={classes})")
+
+
+def digits(*, test_fraction: float = 0.2, seed: int = 0, standardize: bool = True) -> Dataset:
+    """scikit-learn's 8×8 digits (1797 × 64, 10 classes), split and standardised.
+
+    The standardisation statistics come from the training split only.
+    """
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+    data = load_digits()
+    return _split(data.data, data.target, test_fraction, seed, standardize, "digits")
+
+
+def _check_xy(x: np.ndarray, y: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim != 2:
+        raise ValueError(f"{path}: features must be 2-D (examples, features), got shape {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{path}: labels must be 1-D with one per example ({x.shape[0]}), got shape {y.shape}"
+        )
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{path}: features contain NaN or Inf")
+    if y.size and (not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0):
+        raise ValueError(f"{path}: labels must be non-negative integers")
+    if x.shape[0] < 2:
+        raise ValueError(f"{path}: need at least 2 examples, got {x.shape[0]}")
+    return x, y
+
+
+def load_npz(
+    path: str | os.PathLike, *, x_key: str = "x", y_key: str = "y",
+    test_fraction: float = 0.2, seed: int = 0, standardize: bool = True,
+) -> Dataset:
+    """Load features ``x_key`` and integer labels ``y_key`` from an ``.npz`` file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as err:  # a truncated zip, a pickle, plain text ...
+        raise ValueError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single array, not an .npz archive with {x_key!r} and {y_key!r}")
+    with f:
+        missing = [k for k in (x_key, y_key) if k not in f.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}; the file has {sorted(f.files)}")
+        try:
+            x, y = np.asarray(f[x_key], np.float64), np.asarray(f[y_key], np.float64)
+        except Exception as err:
+            raise ValueError(f"{path}: could not read arrays ({type(err).__name__}: {err})") from None
+    x, y = _check_xy(x, y, path)
+    return _split(x, y, test_fraction, seed, standardize, os.path.basename(path))
+
+
+def load_csv(
+    path: str | os.PathLike, *, label_column: int = -1, header: bool | None = None,
+    test_fraction: float = 0.2, seed: int = 0, standardize: bool = True,
+) -> Dataset:
+    """Load a CSV of numeric features with an integer label column.
+
+    Args:
+      path: the file.
+      label_column: which column holds the labels (default the last).
+      header: whether the first row is a header (default: detected, a first
+        row that does not parse as numbers is a header).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, newline="") as f:
+            rows = [row for row in csv.reader(f) if row and any(c.strip() for c in row)]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text CSV file") from None
+    if header is None and rows:
+        try:
+            [float(c) for c in rows[0]]
+            header = False
+        except ValueError:
+            header = True
+    if header:
+        rows = rows[1:]
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"{path}: row {i + 1 + bool(header)} has {len(row)} columns, expected {width}")
+    if width < 2:
+        raise ValueError(f"{path}: need at least one feature column and a label column")
+    try:
+        table = np.array([[float(c) for c in row] for row in rows])
+    except ValueError as err:
+        raise ValueError(f"{path}: non-numeric value ({err})") from None
+    y = table[:, label_column]
+    x = np.delete(table, label_column % width, axis=1)
+    x, y = _check_xy(x, y, path)
+    return _split(x, y.astype(np.int64), test_fraction, seed, standardize, os.path.basename(path))
+
+
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int = 0,
+    shuffle: bool = True, drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Seeded minibatches: the order for ``(seed, epoch)`` is always the same.
+
+    Args:
+      x, y: arrays with the same leading length.
+      batch_size: examples per batch (the last may be smaller unless ``drop_last``).
+      seed, epoch: the permutation is a function of both, so a resumed run
+        sees the same batches as an uninterrupted one.
+    """
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"`x` has {n} examples but `y` has {y.shape[0]}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield x[idx], y[idx]
