@@ -126,7 +126,7 @@ def backprop(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any], Params]
       >>> import jax, jax.numpy as jnp, jbp
       >>> net = jbp.mlp([3, 4, 2], "tanh")
       >>> params = net.init(jax.random.key(0))
-      >>> x, y = jnp.ones((5, 3)), jnp.zeros((5, 2))
+      >>> x, y = jnp.ones((5, 3), jnp.float32), jnp.zeros((5, 2), jnp.float32)
       >>> grads = jbp.backprop(net, "half_sse")(params, x, y)
       >>> grads[0]["w"].shape
       (3, 4)

@@ -411,7 +411,7 @@ def verify(
       >>> import jax, jax.numpy as jnp, jbp
       >>> net = jbp.mlp([3, 4, 2], "tanh")
       >>> params = net.init(jax.random.key(0))
-      >>> x, y = jnp.ones((5, 3)), jnp.zeros((5, 2))
+      >>> x, y = jnp.ones((5, 3), jnp.float32), jnp.zeros((5, 2), jnp.float32)
       >>> jbp.verify(net, "half_sse", params, x, y).ok
       True
     """

@@ -3,7 +3,10 @@
 import os
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
+
+from jbp import _activations
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -19,3 +22,13 @@ settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_activation_registry():
+    """Activations a test registers (some deliberately wrong) do not leak into the
+    strategies that later tests draw from."""
+    before = dict(_activations._REGISTRY)
+    yield
+    _activations._REGISTRY.clear()
+    _activations._REGISTRY.update(before)

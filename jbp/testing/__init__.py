@@ -1,0 +1,22 @@
+"""Public hypothesis strategies for property-testing backprop (needs ``hypothesis``).
+
+Import it on its own, ``import jbp.testing``; ``import jbp`` does not import
+hypothesis. Use the strategies to check your own layers' backward rules:
+
+    from hypothesis import given
+    import jbp, jbp.testing
+
+    @given(jbp.testing.problems(nets=my_nets(), dtypes=("float64",)))
+    def test_my_layer(problem):
+        net, loss, params, x, y = problem
+        jbp.verify(net, loss, params, x, y).raise_if_failed()
+"""
+
+from ._strategies import activations as activations
+from ._strategies import architectures as architectures
+from ._strategies import batch_sizes as batch_sizes
+from ._strategies import dtypes as dtypes
+from ._strategies import losses as losses
+from ._strategies import problems as problems
+
+__all__ = ["activations", "architectures", "batch_sizes", "dtypes", "losses", "problems"]

@@ -1,0 +1,387 @@
+"""Hypothesis strategies for networks, losses, dtypes and whole gradient problems.
+
+Every strategy is a function with keyword-only parameters that returns a
+``hypothesis`` search strategy. Arrays are drawn from a drawn integer seed with
+``numpy.random.default_rng``, so hypothesis shrinks over seeds (and over
+depths, widths and batch sizes) rather than over individual floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from hypothesis import assume
+from hypothesis import strategies as st
+from hypothesis.strategies import SearchStrategy
+
+import jbp
+
+# What kind of target each built-in loss takes.
+_REAL, _UNIT, _CLASSES = "real", "unit interval", "classes"
+_TARGETS = {"half_sse": _REAL, "mse": _REAL, "sigmoid_bce": _UNIT, "softmax_xent": _CLASSES}
+
+_BIAS_STD = 0.5  # noise added to constant-initialised leaves such as zero biases
+_SEEDS = st.integers(0, 2**31 - 1)
+
+
+def _check_range(lo: int, hi: int, lo_name: str, hi_name: str, least: int = 0) -> None:
+    for name, value in ((lo_name, lo), (hi_name, hi)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
+    if lo > hi:
+        raise ValueError(f"`{lo_name}`={lo} is larger than `{hi_name}`={hi}")
+
+
+def _names(names: Sequence[Any] | str, what: str) -> tuple[Any, ...]:
+    if isinstance(names, str):
+        raise TypeError(f"`names` must be a sequence of {what} names, got the string {names!r}")
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"`names` is empty: give at least one {what} name")
+    return names
+
+
+def activations(*, names: Sequence[str] | None = None) -> SearchStrategy[str]:
+    """Names of registered activations.
+
+    Args:
+      names: the names to sample from; default every name registered when the
+        strategy is created (``jbp.activation_names()``).
+
+    Returns:
+      A strategy of activation names (``str``), shrinking towards ``names[0]``.
+
+    Raises:
+      ValueError: if a name is not registered, or ``names`` is empty.
+    """
+    names = _names(jbp.activation_names() if names is None else names, "activation")
+    for name in names:
+        jbp.Activation(name)  # unknown names fail here, listing the known ones
+    return st.sampled_from(names)
+
+
+def losses(*, names: Sequence[str | jbp.Loss] | None = None) -> SearchStrategy[Any]:
+    """Loss names (or :class:`jbp.Loss` objects).
+
+    Args:
+      names: built-in loss names or ``jbp.Loss`` objects to sample from;
+        default ``jbp.loss_names()``.
+
+    Returns:
+      A strategy of the given names (``str``) or loss objects.
+
+    Raises:
+      ValueError: if a name is not a built-in loss, or ``names`` is empty.
+    """
+    names = _names(jbp.loss_names() if names is None else names, "loss")
+    known = jbp.loss_names()
+    for name in names:
+        if not isinstance(name, jbp.Loss) and name not in known:
+            raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(known)}")
+    return st.sampled_from(names)
+
+
+def dtypes(*, names: Sequence[str] = ("float32", "float64")) -> SearchStrategy[np.dtype]:
+    """Floating dtypes, as ``jnp.dtype`` objects.
+
+    64-bit names are dropped when ``jax_enable_x64`` is off (checked when the
+    strategy is created), so the default draws only float32 then.
+
+    Args:
+      names: dtype names to sample from, e.g. ``("float64",)``.
+
+    Returns:
+      A strategy of ``jnp.dtype`` values.
+
+    Raises:
+      ValueError: if a name is not a floating dtype, or only 64-bit names
+        were given while ``jax_enable_x64`` is off.
+    """
+    dts = []
+    for name in _names(names, "dtype"):
+        dt = jnp.dtype(name)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(f"`names` must hold floating dtypes, got {name!r}")
+        dts.append(dt)
+    if not jax.config.read("jax_enable_x64"):
+        dts = [dt for dt in dts if dt.itemsize < 8]
+        if not dts:
+            raise ValueError(
+                f"`names`={tuple(names)!r} are all 64-bit but jax_enable_x64 is off; run "
+                "jax.config.update('jax_enable_x64', True) first (or include 'float32')"
+            )
+    return st.sampled_from(dts)
+
+
+def batch_sizes(
+    *, min_size: int = 1, max_size: int = 32, single: bool = True
+) -> SearchStrategy[int | None]:
+    """Batch sizes; ``None`` stands for a single unbatched example.
+
+    Args:
+      min_size, max_size: bounds of the batch size.
+      single: also draw ``None``, meaning ``x`` of shape ``(fan_in,)``.
+
+    Returns:
+      A strategy of ``int`` (``x`` of shape ``(batch, fan_in)``) or ``None``,
+      shrinking towards ``min_size``.
+    """
+    _check_range(min_size, max_size, "min_size", "max_size", least=1)
+    sizes = st.integers(min_size, max_size)
+    return st.one_of(sizes, st.none()) if single else sizes
+
+
+def architectures(
+    *,
+    min_depth: int = 1,
+    max_depth: int = 6,
+    min_width: int = 1,
+    max_width: int = 32,
+    fan_in: int | None = None,
+    fan_out: int | None = None,
+    activations: Sequence[str] | None = None,
+    activation_layers: bool = True,
+    bias: bool | None = None,
+) -> SearchStrategy[jbp.Sequential]:
+    """Random :class:`jbp.Sequential` networks of Dense and Activation layers.
+
+    Args:
+      min_depth, max_depth: bounds of the number of Dense layers.
+      min_width, max_width: bounds of every width (input, hidden, output).
+      fan_in: fix the input width (default: drawn).
+      fan_out: fix the output width (default: drawn).
+      activations: activation names to draw from, independently for every
+        Dense and Activation layer; default every registered name.
+      activation_layers: also insert parameterless ``jbp.Activation`` layers,
+        at most one in each gap between Dense layers, before the first and
+        after the last included.
+      bias: give every Dense layer a bias (True), none (False), or draw it per
+        layer (None).
+
+    Returns:
+      A strategy of networks with ``net.fan_in`` and ``net.fan_out`` set;
+      shrinks towards shallow, narrow networks without Activation layers.
+    """
+    _check_range(min_depth, max_depth, "min_depth", "max_depth", least=1)
+    _check_range(min_width, max_width, "min_width", "max_width", least=1)
+    for name, value in (("fan_in", fan_in), ("fan_out", fan_out)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"`{name}` must be None or a positive int, got {value!r}")
+    acts = _activations_strategy(names=activations)
+    widths = st.integers(min_width, max_width)
+    biases = st.booleans() if bias is None else st.just(bool(bias))
+
+    @st.composite
+    def draw_net(draw: Any) -> jbp.Sequential:
+        depth = draw(st.integers(min_depth, max_depth))
+        sizes = [fan_in if fan_in is not None else draw(widths)]
+        sizes += [draw(widths) for _ in range(depth - 1)]
+        sizes.append(fan_out if fan_out is not None else draw(widths))
+        gaps = [
+            draw(st.lists(acts, max_size=1)) if activation_layers else [] for _ in range(depth + 1)
+        ]
+        layers: list[Any] = [jbp.Activation(name) for name in gaps[0]]
+        for i in range(depth):
+            layers.append(jbp.Dense(sizes[i], sizes[i + 1], draw(acts), bias=draw(biases)))
+            layers.extend(jbp.Activation(name) for name in gaps[i + 1])
+        return jbp.Sequential(layers)
+
+    return draw_net()
+
+
+_activations_strategy = activations  # `architectures` shadows the name with its argument
+
+
+def _target_kind(loss: str | jbp.Loss) -> str:
+    name = loss.name if isinstance(loss, jbp.Loss) else loss
+    if name in _TARGETS:
+        return _TARGETS[name]
+    return _CLASSES if getattr(loss, "integer_labels", False) else _REAL
+
+
+def _output_width(net: jbp.Sequential, params: Any, x: jax.Array) -> int:
+    if net.fan_out is not None:
+        return net.fan_out
+    x2 = x if x.ndim == 2 else x[None]
+    return int(jax.eval_shape(lambda p, a: net.forward(p, a)[0], params, x2).shape[-1])
+
+
+def _draw_params(net: jbp.Sequential, dtype: np.dtype, rng: np.random.Generator) -> Any:
+    """Params shaped like ``net.init``'s, filled by numpy (no XLA compile per shape).
+
+    Leaves of rank >= 2 get Glorot normal values, N(0, 2/(shape[0] + shape[-1]))
+    (``w`` of a Dense layer is ``(fan_in, fan_out)``); smaller leaves such as
+    biases get N(0, 0.5²), so that they are nonzero.
+    """
+    shapes = jax.eval_shape(lambda key: net.init(key, dtype), jax.random.key(0))
+
+    def fill(leaf: Any) -> jax.Array:
+        shape = tuple(leaf.shape)
+        std = math.sqrt(2.0 / (shape[0] + shape[-1])) if len(shape) >= 2 else _BIAS_STD
+        return jnp.asarray(rng.normal(0.0, std, shape), dtype=leaf.dtype)
+
+    return jtu.tree_map(fill, shapes)
+
+
+def _perturb(params: Any, rng: np.random.Generator) -> Any:
+    """Add N(0, 0.5²) noise to every leaf that init filled with one constant."""
+
+    def perturb(leaf: Any) -> Any:
+        a = np.asarray(leaf, dtype=np.float64)
+        if a.size and np.all(a == a.flat[0]):
+            return jnp.asarray(a + rng.normal(0.0, _BIAS_STD, a.shape), dtype=leaf.dtype)
+        return leaf
+
+    return jtu.tree_map(perturb, params)
+
+
+def _targets(
+    draw: Any, kind: str, rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype
+) -> jax.Array:
+    if kind == _REAL:
+        return jnp.asarray(rng.standard_normal(shape), dtype=dtype)
+    if kind == _UNIT:
+        if draw(st.booleans()):
+            return jnp.asarray(rng.integers(0, 2, shape), dtype=dtype)
+        return jnp.asarray(rng.uniform(0.0, 1.0, shape), dtype=dtype)
+    width = shape[-1]
+    labels = rng.integers(0, width, shape[:-1])
+    form = draw(st.sampled_from(("labels", "one-hot", "probabilities")))
+    if form == "labels":
+        return jnp.asarray(labels, dtype=jnp.int32)
+    if form == "one-hot":
+        return jnp.asarray(np.eye(width)[labels], dtype=dtype)
+    return jnp.asarray(rng.dirichlet(np.ones(width), shape[:-1]), dtype=dtype)
+
+
+def _as_strategy(value: Any, make: Any) -> SearchStrategy[Any]:
+    if isinstance(value, SearchStrategy):
+        return value
+    return make() if value is None else make(names=value)
+
+
+def problems(
+    *,
+    dtypes: Sequence[str] | SearchStrategy[Any] | None = None,
+    losses: Sequence[str | jbp.Loss] | SearchStrategy[Any] | None = None,
+    nets: jbp.Sequential | SearchStrategy[jbp.Sequential] | None = None,
+    min_depth: int = 1,
+    max_depth: int = 6,
+    min_width: int = 1,
+    max_width: int = 32,
+    activations: Sequence[str] | None = None,
+    activation_layers: bool = True,
+    bias: bool | None = None,
+    min_batch: int = 1,
+    max_batch: int = 32,
+    single: bool = True,
+    params_from_init: bool = False,
+) -> SearchStrategy[tuple[jbp.Sequential, Any, Any, jax.Array, jax.Array]]:
+    """Whole gradient problems ``(net, loss, params, x, y)``.
+
+    ``params`` have the tree, shapes and dtype that ``net.init`` gives (found
+    with ``jax.eval_shape``) and numpy values: Glorot normal for leaves of
+    rank >= 2, N(0, 0.5²) for the rest, so biases are nonzero and every bias
+    gradient path is exercised. (Running ``net.init`` itself compiles the
+    random-number kernels for each new shape, about a second per problem on a
+    CPU; pass ``params_from_init=True`` for that, e.g. when a layer's params
+    must satisfy a constraint its ``init`` knows about: leaves ``init`` fills
+    with one constant then get N(0, 0.5²) noise.) ``x ~ N(0, 1)``. ``y`` suits the
+    loss: real N(0, 1) targets for ``half_sse`` and ``mse``, targets in
+    [0, 1] (sometimes exactly 0/1) for ``sigmoid_bce``, and for
+    ``softmax_xent`` integer labels, one-hot or probability targets, with at
+    least two outputs so the gradient is not identically zero. A custom
+    :class:`jbp.Loss` gets labels or one-hot targets if it takes integer
+    labels, else real targets.
+
+    Args:
+      dtypes: dtype names, or a strategy of dtypes (default :func:`dtypes`).
+      losses: loss names or ``jbp.Loss`` objects, or a strategy of them
+        (default every built-in loss).
+      nets: a network or a strategy of networks, e.g. ones holding your own
+        layers; default :func:`architectures` with the arguments below.
+      min_depth, max_depth, min_width, max_width, activations,
+        activation_layers, bias: passed to :func:`architectures`.
+      min_batch, max_batch, single: passed to :func:`batch_sizes`.
+      params_from_init: take params from ``net.init`` with a drawn key (see
+        above) instead of drawing them with numpy.
+
+    Returns:
+      A strategy of ``(net, loss, params, x, y)``: ``loss`` as drawn (a name or
+      a ``jbp.Loss``); ``params`` a tuple, one entry per layer, in the drawn
+      dtype; ``x`` of shape ``(batch, fan_in)``, or ``(fan_in,)`` for a single
+      example; ``y`` of shape ``(batch, fan_out)`` / ``(fan_out,)``, or integer
+      labels of shape ``(batch,)`` / ``()``.
+
+    Example:
+      >>> import jbp, jbp.testing
+      >>> from hypothesis import given, settings
+      >>> @settings(max_examples=3, deadline=None, database=None)
+      ... @given(jbp.testing.problems(max_depth=2, max_width=4))
+      ... def test_backprop(problem):
+      ...     net, loss, params, x, y = problem
+      ...     jbp.verify(net, loss, params, x, y).raise_if_failed()
+      >>> test_backprop()
+    """
+    dtype_st = _as_strategy(dtypes, _dtypes_strategy)
+    loss_st = _as_strategy(losses, _losses_strategy)
+    batch_st = batch_sizes(min_size=min_batch, max_size=max_batch, single=single)
+    if isinstance(nets, jbp.Sequential):
+        nets = st.just(nets)
+    arch: dict[str, Any] = dict(
+        min_depth=min_depth,
+        max_depth=max_depth,
+        min_width=min_width,
+        max_width=max_width,
+        activations=activations,
+        activation_layers=activation_layers,
+        bias=bias,
+    )
+    if nets is None:
+        if activations is None:  # fix the names now, as the docstring of `activations` says
+            arch["activations"] = jbp.activation_names()
+        architectures(**arch)  # validate the arguments now, not at the first draw
+        if max_width < 2:
+            loss_st = loss_st.filter(lambda loss: _target_kind(loss) != _CLASSES)
+
+    @st.composite
+    def draw_problem(draw: Any) -> tuple[jbp.Sequential, Any, Any, jax.Array, jax.Array]:
+        dtype = draw(dtype_st)
+        loss = draw(loss_st)
+        kind = _target_kind(loss)
+        if nets is None:
+            out = draw(st.integers(max(2, min_width), max_width)) if kind == _CLASSES else None
+            net = draw(architectures(fan_out=out, **arch))
+        else:
+            net = draw(nets)
+        if net.fan_in is None:
+            raise ValueError(f"cannot draw inputs for {net!r}: no layer declares `fan_in`")
+        batch = draw(batch_st)
+        rng = np.random.default_rng(draw(_SEEDS))
+        if params_from_init:
+            params = net.init(jax.random.key(int(rng.integers(2**31))), dtype)
+            params = _perturb(params, rng)
+        else:
+            params = _draw_params(net, dtype, rng)
+        shape = (net.fan_in,) if batch is None else (batch, net.fan_in)
+        x = jnp.asarray(rng.standard_normal(shape), dtype=dtype)
+        width = _output_width(net, params, x)
+        if kind == _CLASSES:
+            assume(width >= 2)  # one class: softmax_xent's gradient is identically zero
+        y_shape = (width,) if batch is None else (batch, width)
+        y = _targets(draw, kind, rng, y_shape, dtype)
+        return net, loss, params, x, y
+
+    return draw_problem()
+
+
+_dtypes_strategy = dtypes
+_losses_strategy = losses

@@ -1,0 +1,254 @@
+"""End-to-end tests of the ``jbp`` command line through ``jbp.cli.main``, plus
+the random-problem sampler and the progress bar it uses."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbp
+from jbp._progress import Progress
+from jbp.cli import main
+
+SMALL = ["--max-depth", "2", "--max-width", "6"]
+
+
+def test_verify_passes_and_prints_the_summary(capsys):
+    assert main(["verify", "--count", "3", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "jbp verify: 3 random architectures per dtype, seed 0" in out
+    assert "mode jit" in out
+    assert "dtype    tried  failed  worst rel err  tolerance  bitwise leaves" in out
+    for dtype in ("float32", "float64"):
+        assert f"worst {dtype}: " in out
+        assert any(line.startswith(f"{dtype}      3       0") for line in out.splitlines())
+    assert "OK: all 6 problems pass" in out
+
+
+def test_quiet_prints_the_summary_only(capsys):
+    assert main(["verify", "--count", "2", "--dtype", "float32", "--quiet", *SMALL]) == 0
+    captured = capsys.readouterr()
+    assert "jbp verify:" not in captured.out
+    assert "worst float32: " in captured.out
+    assert "float64" not in captured.out
+    assert captured.err == ""
+
+
+def test_json_summary_parses(tmp_path, capsys):
+    path = tmp_path / "summary.json"
+    argv = ["verify", "--count", "2", "--dtype", "float64", "--loss", "softmax_xent", "--seed", "7"]
+    assert main([*argv, *SMALL, "--json", str(path)]) == 0
+    summary = json.loads(path.read_text())
+    assert summary["ok"] is True
+    assert summary["loss"] == "softmax_xent"
+    assert summary["seed"] == 7 and summary["jit"] is True
+    s = summary["by_dtype"]["float64"]
+    assert s["tried"] == 2 and s["failed"] == 0
+    assert 0.0 <= s["worst_rel_err"] <= s["tolerance"] == 1e-9
+    assert 0.0 <= s["bitwise_share"] <= 1.0
+    assert s["bitwise_leaves"] <= s["leaves"]
+    assert "softmax_xent" in s["worst_problem"]["description"]
+    assert summary["failures"] == [] and summary["smallest_failure"] is None
+
+
+def test_finite_differences_and_no_jit(capsys):
+    argv = ["verify", "--count", "1", "--dtype", "float64", "--finite-differences", "--no-jit"]
+    assert main([*argv, "--max-depth", "1", "--max-width", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "mode eager (no jit), finite differences on" in out
+    assert "oracles float64: finite differences failed 0/1, Taylor test failed 0/1" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--loss", "bogus"],
+            "argument --loss: unknown loss 'bogus'; known losses: half_sse, mse, sigmoid_bce, "
+            "softmax_xent",
+        ),
+        (["--activations", "tanh,nope"], "unknown activation 'nope'; known activations: "),
+        (["--dtype", "float16"], "unknown dtype 'float16'; known dtypes: float32, float64"),
+        (["--count", "0"], "argument --count: must be at least 1, got 0"),
+        (["--max-width", "x"], "argument --max-width: expected an integer, got 'x'"),
+        (["--min-depth", "3", "--max-depth", "2"], "--min-depth 3 is larger than --max-depth 2"),
+        (["--loss", "softmax_xent", "--max-width", "1"], "needs at least 2 outputs"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_clear_message(capsys, argv, message):
+    assert main(["verify", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: jbp verify")
+    assert message in err
+
+
+def test_help_says_which_mode_is_used(capsys):
+    assert main(["verify", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "by default both gradients run under jax.jit" in out
+    assert "--no-jit" in out
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+@pytest.fixture
+def mutant_tanh():
+    """A tanh whose registered derivative is wrong (1 − tanh instead of 1 − tanh²),
+    in a copy of the registry so later tests never draw it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jbp._activations, "_REGISTRY", dict(jbp._activations._REGISTRY))
+        jbp.register_activation("mutant_tanh", jnp.tanh, lambda z, out: 1 - out)
+        yield "mutant_tanh"
+
+
+def test_planted_bug_exits_1_and_reports_the_smallest_failure(mutant_tanh, tmp_path, capsys):
+    path = tmp_path / "summary.json"
+    argv = ["verify", "--count", "3", "--dtype", "float64", "--activations", mutant_tanh]
+    assert main([*argv, *SMALL, "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: 3 of 3 problems (float64: 3)" in out
+    assert "smallest failing problem: float64 problem " in out
+    assert "gradient check: MISMATCH" in out
+    assert "first mismatch: params[" in out
+    assert "reproduce: jbp.random_problem(np.random.default_rng((0, " in out
+
+    summary = json.loads(path.read_text())
+    assert summary["ok"] is False
+    assert summary["activations"] == [mutant_tanh]
+    assert len(summary["failures"]) == 3
+    smallest = summary["smallest_failure"]
+    assert smallest["n_params"] == min(f["n_params"] for f in summary["failures"])
+    assert "MISMATCH" in smallest["report"]
+    # The printed reproduction rebuilds the failing problem.
+    problem = eval(smallest["reproduce"], {"jbp": jbp, "np": np})
+    assert problem.description == smallest["description"]
+    assert not jbp.verify(problem.net, problem.loss, problem.params, problem.x, problem.y).ok
+
+
+def test_python_dash_m_jbp():
+    result = subprocess.run(
+        [sys.executable, "-m", "jbp", "verify", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: jbp verify" in result.stdout
+
+
+# --- the sampler --------------------------------------------------------------
+
+
+def test_random_problem_is_seeded_and_the_same_architecture_for_every_dtype():
+    a = jbp.random_problem(np.random.default_rng((3, 1)), dtype=jnp.float32)
+    b = jbp.random_problem(np.random.default_rng((3, 1)), dtype=jnp.float32)
+    c = jbp.random_problem(np.random.default_rng((3, 1)), dtype=jnp.float64)
+    assert a.description == b.description
+    assert a.net == c.net and a.loss == c.loss
+    assert a.description.removeprefix("float32") == c.description.removeprefix("float64")
+    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(u, v)
+    assert {leaf.dtype for leaf in jax.tree.leaves(c.params)} == {jnp.dtype("float64")}
+
+
+def test_random_problem_covers_the_space_it_promises():
+    problems = [
+        jbp.random_problem(np.random.default_rng(i), dtype=jnp.float32, max_depth=3, max_width=5)
+        for i in range(60)
+    ]
+    assert {p.loss for p in problems} == set(jbp.loss_names())
+    assert {sum(isinstance(layer, jbp.Dense) for layer in p.net.layers) for p in problems} == {
+        1,
+        2,
+        3,
+    }
+    assert any(p.x.ndim == 1 for p in problems) and any(p.x.ndim == 2 for p in problems)
+    assert any(isinstance(layer, jbp.Activation) for p in problems for layer in p.net.layers)
+    for p in problems:
+        assert p.n_params == sum(leaf.size for leaf in jax.tree.leaves(p.params))
+        for params in p.params:
+            if "b" in params:
+                assert np.all(np.asarray(params["b"]) != 0)  # biases perturbed off zero
+        if p.loss == "softmax_xent":
+            assert p.net.fan_out >= 2
+            if jnp.issubdtype(p.y.dtype, jnp.integer):
+                assert p.y.shape == p.x.shape[:-1]
+        elif p.loss == "sigmoid_bce":
+            assert np.all((np.asarray(p.y) >= 0) & (np.asarray(p.y) <= 1))
+
+
+def test_random_problem_params_from_init_and_restricted_activations():
+    p = jbp.random_problem(
+        np.random.default_rng(0),
+        dtype=jnp.float32,
+        loss="mse",
+        max_depth=1,
+        max_width=3,
+        activations=["sin"],
+        params_from_init=True,
+    )
+    assert p.loss == "mse"
+    assert {
+        getattr(layer, "activation", getattr(layer, "name", None)) for layer in p.net.layers
+    } == {"sin"}
+    assert jbp.verify(p.net, p.loss, p.params, p.x, p.y).ok
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(loss="nope"), "unknown loss 'nope'; known losses: "),
+        (dict(activations=["nope"]), "unknown activation 'nope'; known activations: "),
+        (dict(activations=[]), "`activations` is empty"),
+        (dict(min_depth=3, max_depth=2), "`min_depth`=3 is larger than `max_depth`=2"),
+        (dict(max_width=0), "`max_width` must be an int >= 1, got 0"),
+        (dict(loss="softmax_xent", max_width=1), "'softmax_xent' needs at least 2 outputs"),
+    ],
+)
+def test_random_problem_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jbp.random_problem(np.random.default_rng(0), dtype=jnp.float32, **kwargs)
+
+
+# --- the progress bar -----------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_draws_on_a_terminal_and_erases_itself():
+    stream = _Terminal()
+    items = list(Progress(range(3), label="work", stream=stream, min_interval=0.0))
+    assert items == [0, 1, 2]
+    text = stream.getvalue()
+    assert "\rwork  3/3  100%  [####################]" in text
+    assert "in 0s" in text
+    assert text.endswith("\r")  # erased: the line is blank again
+
+
+def test_progress_context_manager_shows_eta_and_note():
+    stream = _Terminal()
+    with Progress(total=4, label="verify", stream=stream, min_interval=0.0) as bar:
+        bar.update(note="1 failed")
+        assert "1/4" in bar.line() and "ETA " in bar.line() and "1 failed" in bar.line()
+    assert "1 failed" in stream.getvalue()
+
+
+@pytest.mark.parametrize(("stream", "quiet"), [(io.StringIO(), False), (_Terminal(), True)])
+def test_progress_is_silent_off_a_terminal_or_when_quiet(stream, quiet):
+    with Progress(total=2, stream=stream, quiet=quiet) as bar:
+        bar.update(2)
+    assert stream.getvalue() == ""
