@@ -1,14 +1,4 @@
-"""The ``jbp`` command line: ``jbp verify`` (more subcommands to come).
-
-Every subcommand is a pair of functions: ``_add_<name>(subparsers)`` declares
-its options and sets ``run=_run_<name>`` and ``subparser``;
-``_run_<name>(args, subparser) -> int`` does the work with the public ``jbp``
-API and returns the exit status. Add a subcommand by writing the pair and
-calling ``_add_<name>`` in :func:`build_parser`.
-
-Exit status: 0 when everything passed, 1 on a gradient mismatch, 2 on bad
-arguments.
-"""
+"""``jbp verify``: check jbp.backprop against jax.grad on random architectures."""
 
 from __future__ import annotations
 
@@ -20,7 +10,6 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -28,54 +17,11 @@ import numpy as np
 
 import jbp
 
-from ._progress import Progress, format_duration
+from .._progress import Progress, format_duration
+from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
-DTYPES = ("float32", "float64")
 DEFAULT_COUNT = 100
 
-
-# --- argument types: one clear message per bad value -------------------------
-
-
-def _names(kind: str, known: Callable[[], Sequence[str]]) -> Callable[[str], tuple[str, ...]]:
-    """An argparse type for a comma-separated list of names out of ``known()``."""
-
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
-        if not names:
-            raise argparse.ArgumentTypeError(f"give at least one {kind} name")
-        choices = tuple(known())
-        for name in names:
-            if name not in choices:
-                raise argparse.ArgumentTypeError(
-                    f"unknown {kind} {name!r}; known {kind}s: {', '.join(choices)}"
-                )
-        return names
-
-    return parse
-
-
-def _loss_name(text: str) -> str:
-    known = jbp.loss_names()
-    if text not in known:
-        raise argparse.ArgumentTypeError(f"unknown loss {text!r}; known losses: {', '.join(known)}")
-    return text
-
-
-def _int_at_least(least: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-
-    return parse
-
-
-# --- jbp verify ---------------------------------------------------------------
 
 _VERIFY_HELP = """\
 Draw random architectures (Dense and Activation layers, any registered
@@ -93,7 +39,7 @@ per gradient per architecture costs about 0.5 s per problem on a 2-core CPU;
 Exit status: 0 if every problem passes, 1 on any mismatch, 2 on bad arguments."""
 
 
-def _add_verify(subparsers: Any) -> None:
+def add_verify(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "verify",
         help="check jbp.backprop against jax.grad on random architectures",
@@ -102,49 +48,49 @@ def _add_verify(subparsers: Any) -> None:
     )
     p.add_argument(
         "--count",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=DEFAULT_COUNT,
         metavar="N",
         help=f"architectures per dtype (default {DEFAULT_COUNT})",
     )
     p.add_argument(
         "--dtype",
-        type=_names("dtype", lambda: DTYPES),
+        type=names_list("dtype", lambda: DTYPES),
         default=DTYPES,
         metavar="LIST",
         help="comma-separated dtypes (default float32,float64)",
     )
     p.add_argument(
         "--min-depth",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         metavar="D",
         help="fewest Dense layers (default 1)",
     )
     p.add_argument(
         "--max-depth",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=6,
         metavar="D",
         help="most Dense layers (default 6)",
     )
     p.add_argument(
         "--max-width",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=32,
         metavar="W",
         help="largest layer width (default 32)",
     )
     p.add_argument(
         "--loss",
-        type=_loss_name,
+        type=loss_name,
         default=None,
         metavar="NAME",
         help=f"one of {', '.join(jbp.loss_names())} (default: drawn per problem)",
     )
     p.add_argument(
         "--activations",
-        type=_names("activation", jbp.activation_names),
+        type=names_list("activation", jbp.activation_names),
         default=None,
         metavar="LIST",
         help="comma-separated activation names to draw from (default: all registered)",
@@ -274,17 +220,6 @@ def _dtype_summary(outcomes: list[_Outcome], seconds: float) -> dict[str, Any]:
     return summary
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
 def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
     rows = [
         (
@@ -311,7 +246,7 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
                 f"{1e3 * s['seconds'] / s['tried']:.0f} ms",
             )
         )
-    lines = [_table(rows)]
+    lines = [table(rows)]
     for dtype, s in summaries.items():
         w = s["worst_problem"]
         lines.append(
@@ -328,17 +263,6 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null: strict JSON has neither."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
     return {
         "dtype": o.dtype,
@@ -349,11 +273,6 @@ def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
         "reproduce": _sampler_call(args, o.index, o.dtype),
         "report": o.details(),
     }
-
-
-def _device() -> str:
-    backend, kind = jax.default_backend(), jax.devices()[0].device_kind
-    return backend if kind == backend else f"{backend} ({kind})"
 
 
 def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -374,7 +293,7 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         )
         print(
             f"mode {mode}, finite differences {'on' if args.finite_differences else 'off'}, "
-            f"backend {_device()}, "
+            f"backend {device()}, "
             f"jax {jax.__version__}, python {platform.python_version()}"
         )
         sys.stdout.flush()
@@ -433,43 +352,6 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "smallest_failure": None if smallest is None else _outcome_json(args, smallest),
         }
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
             f.write("\n")
     return 1 if failures else 0
-
-
-# --- entry point --------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``jbp`` argument parser with one subparser per subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="jbp",
-        description="Hand-written backprop from the δ equations, checked against jax.grad.",
-    )
-    parser.add_argument("--version", action="version", version=f"jbp {jbp.__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_verify(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``jbp`` command line.
-
-    Args:
-      argv: the arguments after the program name (default ``sys.argv[1:]``).
-
-    Returns:
-      The exit status: 0 on success, 1 on a gradient mismatch, 2 on bad
-      arguments (argparse's usage error, also for ``--help``'s 0).
-    """
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return int(args.run(args, args.subparser))
-    except SystemExit as e:  # argparse's --help/--version (0) and usage errors (2)
-        return e.code if isinstance(e.code, int) else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

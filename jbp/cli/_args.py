@@ -1,0 +1,80 @@
+"""Argument types shared by the subcommands: one clear message per bad value."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+import jbp
+
+DTYPES = ("float32", "float64")
+
+
+def names_list(kind: str, known: Callable[[], Sequence[str]]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type for a comma-separated list of names out of ``known()``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        if not names:
+            raise argparse.ArgumentTypeError(f"give at least one {kind} name")
+        choices = tuple(known())
+        for name in names:
+            if name not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {kind} {name!r}; known {kind}s: {', '.join(choices)}"
+                )
+        return names
+
+    return parse
+
+
+def loss_name(text: str) -> str:
+    known = jbp.loss_names()
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown loss {text!r}; known losses: {', '.join(known)}")
+    return text
+
+
+def int_at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+def table(rows: Sequence[tuple[str, ...]]) -> str:
+    """Fixed-width columns: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become null: strict JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def device() -> str:
+    backend, kind = jax.default_backend(), jax.devices()[0].device_kind
+    return backend if kind == backend else f"{backend} ({kind})"
