@@ -6,6 +6,15 @@ from ._activations import register_activation as register_activation
 from ._backprop import backprop as backprop
 from ._backprop import objective as objective
 from ._backprop import value_and_backprop as value_and_backprop
+from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import load_checkpoint as load_checkpoint
+from ._checkpoint import save_checkpoint as save_checkpoint
+from ._data import Dataset as Dataset
+from ._data import batches as batches
+from ._data import dataset_names as dataset_names
+from ._data import load_dataset as load_dataset
+from ._fit import FitResult as FitResult
+from ._fit import fit as fit
 from ._layers import Activation as Activation
 from ._layers import Dense as Dense
 from ._layers import Layer as Layer
@@ -13,6 +22,13 @@ from ._layers import Sequential as Sequential
 from ._layers import mlp as mlp
 from ._losses import Loss as Loss
 from ._losses import loss_names as loss_names
+from ._plot import plot_curves as plot_curves
+from ._train import TrainingError as TrainingError
+from ._train import TrainState as TrainState
+from ._train import evaluate as evaluate
+from ._train import init_state as init_state
+from ._train import make_step as make_step
+from ._train import targets as targets
 
 __version__ = "0.1.0"
 from ._bench import BenchRow as BenchRow

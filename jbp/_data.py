@@ -4,15 +4,17 @@ Generated: :func:`xor`, :func:`moons`, :func:`spirals` (seeded). Real:
 :func:`digits`, scikit-learn's shipped 8×8 handwritten digits (1797 images,
 10 classes; no download), split and standardised. User data: :func:`load_npz`
 and :func:`load_csv`. Every data set is a :class:`Dataset` of float32 inputs
-and integer labels (``y`` as class indices).
+and integer labels (``y`` as class indices). :func:`load_dataset` is the one
+public entry point: a name or a path.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import os
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -49,6 +51,11 @@ def _split(
     n = x.shape[0]
     order = np.random.default_rng(seed).permutation(n)
     n_test = round(test_fraction * n)
+    if n_test >= n:
+        raise ValueError(
+            f"`test_fraction`={test_fraction!r} puts all {n} examples in the test split; "
+            "leave at least one for training"
+        )
     test, train = order[:n_test], order[n_test:]
     x = x.astype(np.float64)
     if standardize:
@@ -73,7 +80,9 @@ def xor() -> Dataset:
     return Dataset(x, y, x.copy(), y.copy(), 2, "xor")
 
 
-def moons(n: int = 1000, *, noise: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def moons(
+    n: int = 1000, *, noise: float = 0.1, test_fraction: float = 0.2, seed: int = 0
+) -> Dataset:
     """Two interleaved half circles with Gaussian noise, standardised."""
     if n < 2:
         raise ValueError(f"`n` must be at least 2, got {n}")
@@ -88,7 +97,12 @@ def moons(n: int = 1000, *, noise: float = 0.1, test_fraction: float = 0.2, seed
 
 
 def spirals(
-    n: int = 1000, *, classes: int = 3, noise: float = 0.2, test_fraction: float = 0.2, seed: int = 0
+    n: int = 1000,
+    *,
+    classes: int = 3,
+    noise: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
 ) -> Dataset:
     """``classes`` interleaved spiral arms in the plane, standardised."""
     if classes < 2:
@@ -129,8 +143,13 @@ def _check_xy(x: np.ndarray, y: np.ndarray, path: str) -> tuple[np.ndarray, np.n
 
 
 def load_npz(
-    path: str | os.PathLike, *, x_key: str = "x", y_key: str = "y",
-    test_fraction: float = 0.2, seed: int = 0, standardize: bool = True,
+    path: str | os.PathLike,
+    *,
+    x_key: str = "x",
+    y_key: str = "y",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
 ) -> Dataset:
     """Load features ``x_key`` and integer labels ``y_key`` from an ``.npz`` file."""
     path = os.fspath(path)
@@ -139,9 +158,13 @@ def load_npz(
     try:
         f = np.load(path, allow_pickle=False)
     except Exception as err:  # a truncated zip, a pickle, plain text ...
-        raise ValueError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"{path}: not a readable .npz file ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: holds a single array, not an .npz archive with {x_key!r} and {y_key!r}")
+        raise ValueError(
+            f"{path}: holds a single array, not an .npz archive with {x_key!r} and {y_key!r}"
+        )
     with f:
         missing = [k for k in (x_key, y_key) if k not in f.files]
         if missing:
@@ -149,14 +172,21 @@ def load_npz(
         try:
             x, y = np.asarray(f[x_key], np.float64), np.asarray(f[y_key], np.float64)
         except Exception as err:
-            raise ValueError(f"{path}: could not read arrays ({type(err).__name__}: {err})") from None
+            raise ValueError(
+                f"{path}: could not read arrays ({type(err).__name__}: {err})"
+            ) from None
     x, y = _check_xy(x, y, path)
     return _split(x, y, test_fraction, seed, standardize, os.path.basename(path))
 
 
 def load_csv(
-    path: str | os.PathLike, *, label_column: int = -1, header: bool | None = None,
-    test_fraction: float = 0.2, seed: int = 0, standardize: bool = True,
+    path: str | os.PathLike,
+    *,
+    label_column: int = -1,
+    header: bool | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
 ) -> Dataset:
     """Load a CSV of numeric features with an integer label column.
 
@@ -187,9 +217,15 @@ def load_csv(
     width = len(rows[0])
     for i, row in enumerate(rows):
         if len(row) != width:
-            raise ValueError(f"{path}: row {i + 1 + bool(header)} has {len(row)} columns, expected {width}")
+            raise ValueError(
+                f"{path}: row {i + 1 + bool(header)} has {len(row)} columns, expected {width}"
+            )
     if width < 2:
         raise ValueError(f"{path}: need at least one feature column and a label column")
+    if not -width <= label_column < width:
+        raise ValueError(
+            f"`label_column`={label_column} is out of range for {path}, which has {width} columns"
+        )
     try:
         table = np.array([[float(c) for c in row] for row in rows])
     except ValueError as err:
@@ -201,8 +237,14 @@ def load_csv(
 
 
 def batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int = 0,
-    shuffle: bool = True, drop_last: bool = False,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Seeded minibatches: the order for ``(seed, epoch)`` is always the same.
 
@@ -222,3 +264,77 @@ def batches(
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
         yield x[idx], y[idx]
+
+
+_BUILT_IN: dict[str, Callable[..., Dataset]] = {
+    "digits": digits,
+    "moons": moons,
+    "spirals": spirals,
+    "xor": xor,
+}
+_LOADERS: dict[str, Callable[..., Dataset]] = {".npz": load_npz, ".csv": load_csv}
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The names of the built-in data sets, sorted."""
+    return tuple(sorted(_BUILT_IN))
+
+
+def load_dataset(
+    name: str | os.PathLike, *, seed: int = 0, test_fraction: float = 0.2, **options: Any
+) -> Dataset:
+    """A built-in data set by name, or a user's ``.npz`` / ``.csv`` file by path.
+
+    Args:
+      name: ``"digits"`` (scikit-learn's 8×8 digits, 64 features, 10 classes),
+        ``"moons"`` (2 features, 2 classes), ``"spirals"`` (2 features, 3
+        classes by default), ``"xor"`` (the four points; train = test, so
+        ``seed`` and ``test_fraction`` do not apply), or a path ending in
+        ``.npz`` (arrays ``x`` ``(n, features)`` and ``y`` ``(n,)``) or
+        ``.csv`` (numeric columns, labels in the last).
+      seed: seeds the generated points and the train/test split.
+      test_fraction: the share of examples held out for testing.
+      **options: passed to the loader: ``n``, ``noise`` (moons, spirals),
+        ``classes`` (spirals), ``standardize`` (digits, files), ``x_key``,
+        ``y_key`` (.npz), ``label_column``, ``header`` (.csv).
+
+    Returns:
+      A :class:`Dataset`: float32 features, int32 labels, standardised with
+      the training split's statistics (except xor).
+
+    Example:
+      >>> import jbp
+      >>> data = jbp.load_dataset("moons", n=100, seed=1)
+      >>> data.x_train.shape, data.x_test.shape, data.n_classes
+      ((80, 2), (20, 2), 2)
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"`name` must be a data set name or a file path, got {type(name).__name__}")
+    text = os.fspath(name)
+    if text in _BUILT_IN:
+        loader = _BUILT_IN[text]
+        label = f"load_dataset({text!r})"
+    else:
+        ext = os.path.splitext(text)[1].lower()
+        if ext not in _LOADERS:
+            if os.path.exists(text):
+                raise ValueError(
+                    f"{text}: unsupported file type {ext or '(none)'!r}; use a .npz or .csv file"
+                )
+            raise ValueError(
+                f"unknown data set {text!r}; known: {', '.join(dataset_names())}, or a path to "
+                "a .npz or .csv file"
+            )
+        loader = _LOADERS[ext]
+        label = f"load_dataset(<{ext} file>)"
+        options = {"path": text, **options}
+    accepted = set(inspect.signature(loader).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        allowed = ", ".join(sorted(accepted - {"path", "seed", "test_fraction"})) or "none"
+        raise TypeError(f"{label} got unknown options {unknown}; it accepts: {allowed}")
+    if "seed" in accepted:
+        options["seed"] = seed
+    if "test_fraction" in accepted:
+        options["test_fraction"] = test_fraction
+    return loader(**options)

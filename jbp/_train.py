@@ -1,0 +1,290 @@
+"""Training with optax on hand-written gradients: the state, the step, evaluation.
+
+In optax's style: a :class:`TrainState` NamedTuple ``(params, opt_state, step,
+key)`` and a pure step ``(state, x, y) -> (state, metrics)`` built once by
+:func:`make_step` from a network, a loss, any ``optax.GradientTransformation``
+and a gradient source:
+
+- ``"backprop"`` (default): ``jbp.value_and_backprop``, the δ equations;
+- ``"autodiff"``: ``jax.value_and_grad(jbp.objective(...))``, the reference.
+
+The step knows nothing of devices or data loading, so it runs as it is under
+``jax.jit`` with sharded inputs. :func:`fit` (in ``_fit.py``) is the loop
+around it.
+
+Labels: the trainer is for classification. Data sets hold integer labels
+``(n,)``; :func:`targets` turns them into what the loss takes: the labels
+themselves for ``softmax_xent``, one-hot rows for the other losses, or a
+``(n, 1)`` column of 0/1 for a network with a single output (binary).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+
+from ._backprop import check_net, objective, value_and_backprop
+from ._checks import check_dtype, check_key, check_params, params_dtype
+from ._layers import Sequential
+from ._losses import Loss, get_loss
+from ._verify import Report
+
+Array = jax.Array
+Params = Any
+StepFn = Callable[["TrainState", Array, Array], tuple["TrainState", dict[str, Array]]]
+
+GRADIENT_SOURCES = ("backprop", "autodiff")
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from one step to the next.
+
+    Attributes:
+      params: the network's parameters, a tuple with one entry per layer.
+      opt_state: the optimiser's state (``optimizer.init(params)``).
+      step: int32 scalar, the number of updates applied so far.
+      key: PRNG key, split once per step; the first half is carried on and
+        the second is the step's own randomness (unused by ``Dense`` and
+        ``Activation``, which draw none).
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    step: Array
+    key: Array
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a gradient-check mismatch or a non-finite loss.
+
+    Attributes:
+      step: the step (updates applied so far) at which it stopped.
+      state: the last good :class:`TrainState` (its ``step`` equals ``step``);
+        the failing update was not applied.
+      report: the gradient-check :class:`Report` on a mismatch, else None.
+    """
+
+    def __init__(self, message: str, *, step: int, state: TrainState, report: Report | None = None):
+        super().__init__(message)
+        self.step = step
+        self.state = state
+        self.report = report
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """``optimizer`` is an optax ``GradientTransformation``."""
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            "`optimizer` must be an optax.GradientTransformation such as optax.adam(1e-3), "
+            f"got {optimizer!r}"
+        )
+
+
+def check_gradient_source(gradient_source: Any) -> str:
+    """One of :data:`GRADIENT_SOURCES`."""
+    if gradient_source not in GRADIENT_SOURCES:
+        raise ValueError(
+            f"`gradient_source` must be one of {', '.join(map(repr, GRADIENT_SOURCES))}, "
+            f"got {gradient_source!r}"
+        )
+    return gradient_source
+
+
+def init_state(net: Any, optimizer: Any, key: Array, *, dtype: Any = jnp.float32) -> TrainState:
+    """A fresh :class:`TrainState`: ``net.init`` params, ``optimizer.init``, step 0.
+
+    Args:
+      net: the network.
+      optimizer: an ``optax.GradientTransformation``.
+      key: a PRNG key; split into the params' key and the state's key.
+      dtype: the params' floating dtype.
+
+    Returns:
+      ``TrainState(params, opt_state, step=0, key)``.
+    """
+    net = check_net(net)
+    check_optimizer(optimizer)
+    check_key(key)
+    dtype = check_dtype(dtype)
+    params_key, key = jr.split(key)
+    params = net.init(params_key, dtype)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+
+
+def make_step(
+    net: Any,
+    loss: str | Loss,
+    optimizer: Any,
+    *,
+    gradient_source: str = "backprop",
+    jit: bool = True,
+) -> StepFn:
+    """The training step ``(state, x, y) -> (state, metrics)``, built once.
+
+    Args:
+      net: the network.
+      loss: a loss name or :class:`Loss`.
+      optimizer: any ``optax.GradientTransformation``.
+      gradient_source: ``"backprop"`` (the δ equations, default) or
+        ``"autodiff"`` (``jax.grad`` of the objective, the reference).
+      jit: return the step under ``jax.jit`` (default) or the pure function,
+        e.g. to ``jax.jit`` it yourself with shardings.
+
+    Returns:
+      ``step(state, x, y)``: ``x`` ``(batch, fan_in)``, ``y`` the loss's
+      targets for the batch (see :func:`targets`). Returns the next state and
+      ``{"loss": C, "grad_norm": ‖∇C‖, "param_norm": ‖θ_next‖}``, scalars; ``C``
+      is the loss reduced over the batch (sum or mean, by the loss).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jbp
+      >>> net, opt = jbp.mlp([2, 4, 2]), optax.sgd(0.1)
+      >>> state = jbp.init_state(net, opt, jax.random.key(0))
+      >>> step = jbp.make_step(net, "softmax_xent", opt)
+      >>> state, metrics = step(state, jnp.ones((3, 2)), jnp.array([0, 1, 1]))
+      >>> int(state.step), sorted(metrics)
+      (1, ['grad_norm', 'loss', 'param_norm'])
+    """
+    net = check_net(net)
+    loss = get_loss(loss)
+    check_optimizer(optimizer)
+    check_gradient_source(gradient_source)
+    if gradient_source == "backprop":
+        value_and_grad = value_and_backprop(net, loss)
+    else:
+        value_and_grad = jax.value_and_grad(objective(net, loss))  # reference
+
+    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+        key, _step_key = jr.split(state.key)
+        value, grads = value_and_grad(state.params, x, y)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": value,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+        }
+        return TrainState(params, opt_state, state.step + 1, key), metrics
+
+    return jax.jit(step) if jit else step
+
+
+def targets(net: Any, loss: str | Loss, labels: Any, dtype: Any = np.float32) -> np.ndarray:
+    """Integer class labels as the targets ``loss`` takes for this network's outputs.
+
+    Args:
+      net: the network.
+      loss: a loss name or :class:`Loss`.
+      labels: ``(n,)`` integer class labels.
+      dtype: the dtype of real-valued targets.
+
+    Returns:
+      For a loss that takes integer labels (``softmax_xent``): the labels,
+      int32 ``(n,)``. Otherwise one-hot rows ``(n, fan_out)`` in ``dtype``;
+      with a single output, the 0/1 column ``(n, 1)``.
+    """
+    net = check_net(net)
+    loss = get_loss(loss)
+    labels = np.asarray(labels)
+    check_labels(net, loss, labels)
+    out = net.fan_out
+    if loss.integer_labels and out is not None and out > 1:
+        return labels.astype(np.int32)
+    if out == 1:
+        return labels.astype(dtype)[:, None]
+    return np.eye(out, dtype=dtype)[labels]
+
+
+def check_labels(net: Sequential, loss: Loss, labels: np.ndarray, name: str = "labels") -> None:
+    """Labels are integers the network's outputs can express."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"`{name}` must be integer class labels of shape (n,), got {labels.dtype.name} "
+            f"of shape {labels.shape}"
+        )
+    out = net.fan_out
+    if out is None or not labels.size:
+        return
+    if out == 1 and loss.integer_labels:
+        raise ValueError(
+            f"loss {loss.name!r} needs at least 2 outputs but the network has 1; use 2 outputs "
+            "or a binary loss (sigmoid_bce, half_sse, mse)"
+        )
+    classes = 2 if out == 1 else out
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(
+            f"`{name}` lie in [{lo}, {hi}] but the network's {out} output"
+            f"{'s' if out > 1 else ''} express{'' if out > 1 else 'es'} classes 0..{classes - 1}; "
+            f"give the last layer {hi + 1} outputs"
+        )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate_chunk(
+    net: Sequential, loss: Loss, params: Params, x: Array, y: Array, labels: Array
+) -> tuple[Array, Array]:
+    out, _ = net.forward(params, x)
+    if out.shape[1] == 1:
+        threshold = 0.0 if loss.name == "sigmoid_bce" else 0.5
+        predicted = (out[:, 0] > threshold).astype(labels.dtype)
+    else:
+        predicted = jnp.argmax(out, axis=1).astype(labels.dtype)
+    return jnp.sum(loss.per_example(out, y)), jnp.sum(predicted == labels)
+
+
+def evaluate(
+    net: Any, loss: str | Loss, params: Params, x: Any, labels: Any, *, batch_size: int = 4096
+) -> dict[str, float]:
+    """Mean per-example loss and accuracy of ``params`` on a labelled set.
+
+    Args:
+      net, loss: the network and loss.
+      params: the network's parameters.
+      x: ``(n, fan_in)`` inputs.
+      labels: ``(n,)`` integer class labels.
+      batch_size: examples per forward pass.
+
+    Returns:
+      ``{"loss": mean_i ℓ_i, "accuracy": share of correct predictions, "n": n}``.
+      The prediction is the argmax output, or for a single output
+      ``out > 0`` (``sigmoid_bce``, logits) or ``out > 0.5`` (other losses).
+      An empty set gives NaN loss and accuracy.
+    """
+    net = check_net(net)
+    loss = get_loss(loss)
+    x, labels = np.asarray(x), np.asarray(labels)
+    check_labels(net, loss, labels)
+    n = int(labels.shape[0])
+    if x.ndim != 2 or x.shape[0] != n:
+        raise ValueError(
+            f"`x` must have shape (n, features) with n={n} (one row per label), got {x.shape}"
+        )
+    check_params(net, params)
+    if net.fan_in is not None and x.shape[1] != net.fan_in:
+        raise ValueError(
+            f"`x` has {x.shape[1]} features but the first layer expects fan_in={net.fan_in}"
+        )
+    x = x.astype(params_dtype(params) or np.float32)
+    dtype = x.dtype
+    y = targets(net, loss, labels, dtype)
+    total, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        s, c = _evaluate_chunk(net, loss, params, x[sl], y[sl], labels[sl].astype(np.int32))
+        total += float(s)
+        correct += int(c)
+    if n == 0:
+        return {"loss": math.nan, "accuracy": math.nan, "n": 0}
+    return {"loss": total / n, "accuracy": correct / n, "n": n}
