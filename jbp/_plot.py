@@ -25,6 +25,7 @@ def plot_curves(
     path: str | os.PathLike,
     *,
     title: str | None = None,
+    note: str | None = None,
 ) -> str:
     """Write loss and accuracy curves per epoch to a PNG, one set of lines per run.
 
@@ -35,6 +36,8 @@ def plot_curves(
         ``train_accuracy``, ``test_accuracy`` (None values are skipped).
       path: the PNG file to write (its folder is created).
       title: a title above both panels.
+      note: a line of text under the panels, e.g. the largest parameter
+        difference between the runs.
 
     Returns:
       ``path`` as a string.
@@ -45,6 +48,7 @@ def plot_curves(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ImportError(
             "plotting needs matplotlib, which jbp does not install by default: "
@@ -69,13 +73,21 @@ def plot_curves(
                     if metric == "accuracy":
                         ys = tuple(100 * y for y in ys)
                     ax.plot(xs, ys, color=colour, label=f"{label} {split}", **style)
-    ax_loss.set(xlabel="epoch", ylabel="mean loss per example", yscale="log", title="loss")
+    losses = [y for line in ax_loss.get_lines() for y in line.get_ydata()]
+    log = bool(losses) and min(losses) > 0
+    ax_loss.set(xlabel="epoch", ylabel="mean loss per example", title="loss")
+    ax_loss.set_yscale("log" if log else "linear")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_lines():
+            ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
+    if note:
+        fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize="small")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path

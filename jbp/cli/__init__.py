@@ -1,4 +1,4 @@
-"""The ``jbp`` command line: ``jbp verify`` (more subcommands to come).
+"""The ``jbp`` command line: ``jbp verify``, ``jbp train`` (more subcommands to come).
 
 Every subcommand lives in its own module ``jbp/cli/_<name>.py`` as a pair of
 functions: ``add_<name>(subparsers)`` declares its options and sets
@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import jbp
 
+from ._bench import add_bench
+from ._train import add_train
 from ._verify import add_verify
 
 
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jbp {jbp.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_verify(subparsers)
+    add_train(subparsers)
+    add_bench(subparsers)
     return parser
 
 

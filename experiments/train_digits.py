@@ -1,0 +1,105 @@
+"""Train on digits twice, with hand-written backprop and with jax.grad, and compare.
+
+Both runs start from the same seed (same initial parameters, same batch order)
+and use the same optax optimiser; the only difference is where the gradient
+comes from: ``jbp.value_and_backprop`` (the δ equations) or
+``jax.value_and_grad(jbp.objective(...))``. The script prints each run's final
+test accuracy and time, the largest per-epoch differences between their loss
+curves, and the largest |parameter difference| after training leaf by leaf
+(``jbp.compare``), and writes the two runs' loss and accuracy curves overlaid
+to ``OUT/train_digits.png``.
+
+On a 2-core CPU, 20 epochs of the default 64-128-64-10 relu MLP (adam, lr 1e-3,
+batch 32) take about 2-4 s a run; in float32 the parameters end within about
+1e-7 of each other (a few float32 ulps: the two gradients agree to rounding,
+not bitwise), in float64 within about 1e-15.
+
+    python experiments/train_digits.py [--epochs 20] [--dtype float32] [--out experiments/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jbp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--hidden", default="128,64", help="hidden widths, comma-separated")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--out", default=os.path.join(HERE, "out"), help="folder for the PNG")
+    args = parser.parse_args()
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+
+    data = jbp.load_dataset("digits", seed=args.seed)
+    hidden = [int(w) for w in args.hidden.split(",") if w.strip()]
+    sizes = [data.n_features, *hidden, data.n_classes]
+    net = jbp.mlp(sizes, "relu")
+    print(
+        f"digits: {len(data.y_train)} train / {len(data.y_test)} test; mlp {sizes} relu, "
+        f"softmax_xent, adam lr {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, "
+        f"seed {args.seed}, {args.dtype}; jax {jax.__version__} on {jax.default_backend()}, "
+        f"python {platform.python_version()}"
+    )
+
+    results = {}
+    for source in ("backprop", "autodiff"):
+        start = time.perf_counter()
+        results[source] = jbp.fit(
+            net,
+            "softmax_xent",
+            optax.adam(args.lr),
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            dtype=jnp.dtype(args.dtype),
+            gradient_source=source,
+        )
+        seconds = time.perf_counter() - start
+        final = results[source].history[-1]
+        print(
+            f"{source:9s} test accuracy {100 * final['test_accuracy']:.2f}%  "
+            f"test loss {final['test_loss']:.5f}  train loss {final['train_loss']:.6f}  "
+            f"({seconds:.1f} s with compilation)"
+        )
+
+    a, b = results["backprop"], results["autodiff"]
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        worst = max(abs(ra[key] - rb[key]) for ra, rb in zip(a.history, b.history, strict=True))
+        print(f"largest per-epoch |difference| in {key}: {worst:.3g}")
+    report = jbp.compare(a.state.params, b.state.params, names=("backprop run", "autodiff run"))
+    worst = max(row.max_abs_err for row in report.rows)
+    print("parameters after training, backprop run vs autodiff run:")
+    print(report)
+    note = (
+        f"largest |parameter difference| after {int(a.state.step)} steps: {worst:.3g} "
+        f"({args.dtype}; {report.n_bitwise} of {len(report.rows)} leaves bitwise identical)"
+    )
+    print(note)
+    path = jbp.plot_curves(
+        {"backprop": a.history, "autodiff": b.history},
+        os.path.join(args.out, "train_digits.png"),
+        title=f"digits, mlp {sizes} relu, adam lr {args.lr:g}: backprop and autodiff overlaid",
+        note=note,
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
