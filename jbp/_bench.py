@@ -48,10 +48,23 @@ def _tree_norms(g: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(leaf.reshape(b, -1) ** 2, axis=1) for leaf in leaves))
 
 
+# The functions :func:`benchmark` times, in table order.
+BENCH_FUNCTIONS: tuple[str, ...] = (
+    "jax.grad",
+    "jbp.backprop",
+    "vmap(jax.grad)",
+    "per_example_grads",
+    "norms via vmap",
+    "per_example_norms",
+    "sum_grad_squared",
+    "clipped_grad",
+)
+
+
 def _functions(net: Any, loss: str, max_norm: float) -> dict[str, Callable[..., Any]]:
     ref = jax.grad(objective(net, loss))  # reference
     per_ex_ref = jax.vmap(ref, in_axes=(None, 0, 0))
-    return {
+    fns = {
         "jax.grad": ref,
         "jbp.backprop": backprop(net, loss),
         "vmap(jax.grad)": per_ex_ref,
@@ -61,6 +74,8 @@ def _functions(net: Any, loss: str, max_norm: float) -> dict[str, Callable[..., 
         "sum_grad_squared": sum_grad_squared(net, loss),
         "clipped_grad": clipped_grad(net, loss, max_norm),
     }
+    assert tuple(fns) == BENCH_FUNCTIONS
+    return fns
 
 
 def _memory_mib(compiled: Any) -> float:
@@ -122,7 +137,7 @@ def benchmark(
         times: dict[str, list[float]] = {name: [] for name in fns}
         names = list(fns)
         for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 if len(times[name]) >= 3 and sum(times[name]) > budget_s:
                     continue
@@ -133,12 +148,70 @@ def benchmark(
         for name in names:
             med = statistics.median(times[name])
             rows.append(
-                BenchRow(batch, name, compile_s[name], med * 1e3, med / base,
-                         _memory_mib(compiled[name]), len(times[name]))
+                BenchRow(
+                    batch,
+                    name,
+                    compile_s[name],
+                    med * 1e3,
+                    med / base,
+                    _memory_mib(compiled[name]),
+                    len(times[name]),
+                )
             )
         if log is not None:
             log(format_benchmark([r for r in rows if r.batch == batch], header=False))
     return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchTarget:
+    """A bound on the ratio of two functions' median times at one batch size.
+
+    ``batch=None`` applies the bound at every batch size.
+    """
+
+    name: str
+    baseline: str
+    bound: float
+    batch: int | None = None
+
+
+# The cost model of DESIGN.md and the per-example issue, as ratios in one run.
+BENCH_TARGETS: tuple[BenchTarget, ...] = (
+    BenchTarget("jbp.backprop", "jax.grad", 1.05),
+    BenchTarget("per_example_norms", "jax.grad", 0.8),
+    BenchTarget("clipped_grad", "jax.grad", 1.15),
+    BenchTarget("sum_grad_squared", "jax.grad", 1.4),
+    BenchTarget("per_example_grads", "vmap(jax.grad)", 1.0),
+    BenchTarget("per_example_norms", "norms via vmap", 1 / 30, 256),
+)
+
+
+def check_targets(
+    rows: Sequence[BenchRow], targets: Sequence[BenchTarget] = BENCH_TARGETS
+) -> list[tuple[BenchTarget, int, float, bool]]:
+    """Each target at each batch size that has both functions:
+    ``(target, batch, measured ratio, met)``."""
+    by = {(r.batch, r.name): r.median_ms for r in rows}
+    out = []
+    for t in targets:
+        for batch in sorted({r.batch for r in rows}):
+            if t.batch is not None and batch != t.batch:
+                continue
+            if (batch, t.name) not in by or (batch, t.baseline) not in by:
+                continue
+            ratio = by[batch, t.name] / by[batch, t.baseline]
+            out.append((t, batch, ratio, ratio <= t.bound))
+    return out
+
+
+def format_targets(checked: Sequence[tuple[BenchTarget, int, float, bool]]) -> str:
+    """One line per :func:`check_targets` result."""
+    return "\n".join(
+        f"batch {batch:>5}: {t.name} / {t.baseline} = {ratio:.3f} "
+        f"(target ≤ {t.bound:.3g}) {'met' if met else 'MISSED'}"
+        for t, batch, ratio, met in checked
+    )
 
 
 def format_benchmark(rows: Sequence[BenchRow], *, header: bool = True) -> str:

@@ -1,0 +1,161 @@
+"""``jbp bench``: time jbp's gradients and per-example quantities against autodiff."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import jbp
+
+from ._args import device, int_at_least, json_safe, names_list
+
+_BENCH_HELP = """\
+Time, side by side and interleaved in one run, jax.grad, jbp.backprop,
+vmap(jax.grad) per-example gradients, per_example_grads, norms via
+vmap(jax.grad), per_example_norms, sum_grad_squared and clipped_grad on an
+MLP (default 784-512-512-10, relu, softmax_xent, float32) at several batch
+sizes. Prints median milliseconds (compile time excluded, reported
+separately), the ratio to jax.grad in the same run, XLA's memory estimate,
+and the cost-model targets (met or MISSED).
+
+Exit status: 0 (a missed target is reported, not an error), 2 on bad arguments."""
+
+
+def _ints(what: str, least_count: int) -> Any:
+    """An argparse type for comma-separated positive integers, at least ``least_count``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(s) for s in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} such as 64,256, got {text!r}"
+            ) from None
+        if len(values) < least_count or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"need at least {least_count} positive {what}, got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def add_bench(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time jbp's gradients and per-example quantities against jax.grad",
+        description=_BENCH_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--sizes",
+        type=_ints("layer widths", 2),
+        default=(784, 512, 512, 10),
+        metavar="LIST",
+        help="MLP layer widths (default 784,512,512,10)",
+    )
+    p.add_argument(
+        "--batches",
+        type=_ints("batch sizes", 1),
+        default=(64, 256, 1024),
+        metavar="LIST",
+        help="batch sizes (default 64,256,1024)",
+    )
+    p.add_argument(
+        "--activation",
+        type=names_list("activation", jbp.activation_names),
+        default=("relu",),
+        metavar="NAME",
+        help="hidden activation (default relu)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="dtype of params and data (default float32)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int_at_least(3),
+        default=30,
+        metavar="N",
+        help="interleaved timing rounds per batch size (default 30)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds after which a slow function stops being timed (default 10)",
+    )
+    p.add_argument(
+        "--only",
+        type=names_list("function", lambda: jbp.BENCH_FUNCTIONS),
+        default=None,
+        metavar="LIST",
+        help="time only these functions (jax.grad always runs)",
+    )
+    p.add_argument(
+        "--json", metavar="PATH", default=None, help="also write the rows and targets to PATH"
+    )
+    p.set_defaults(run=_run_bench, subparser=p)
+
+
+def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if len(args.activation) != 1:
+        parser.error("--activation takes one name")
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    print(
+        f"jbp bench: MLP {'-'.join(map(str, args.sizes))}, {args.activation[0]}, softmax_xent, "
+        f"{args.dtype}; backend {device()}, jax {jax.__version__}, "
+        f"{platform.machine()}, python {platform.python_version()}"
+    )
+    sys.stdout.flush()
+    rows = jbp.benchmark(
+        args.sizes,
+        batches=args.batches,
+        activation=args.activation[0],
+        dtype=jnp.dtype(args.dtype),
+        rounds=args.rounds,
+        budget_s=args.budget,
+        only=args.only,
+    )
+    print(jbp.format_benchmark(rows))
+    checked = jbp.check_targets(rows)
+    if checked:
+        print("\ntargets (ratios measured in this run):")
+        print(jbp.format_targets(checked))
+    if args.json is not None:
+        summary = {
+            "command": "bench",
+            "sizes": list(args.sizes),
+            "activation": args.activation[0],
+            "dtype": args.dtype,
+            "backend": jax.default_backend(),
+            "device": device(),
+            "jax_version": jax.__version__,
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "targets": [
+                {
+                    "name": t.name,
+                    "baseline": t.baseline,
+                    "bound": t.bound,
+                    "batch": batch,
+                    "ratio": ratio,
+                    "met": met,
+                }
+                for t, batch, ratio, met in checked
+            ],
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
+            f.write("\n")
+    return 0

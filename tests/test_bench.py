@@ -1,0 +1,94 @@
+"""``jbp bench`` and the benchmark helpers, end to end on a tiny network (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import jbp
+from jbp.cli import main
+
+
+def test_bench_runs_every_function_and_reports_the_targets(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--sizes", "6,5,3", "--batches", "4,8", "--rounds", "3", "--json", str(path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "jbp bench: MLP 6-5-3, relu, softmax_xent, float32" in out
+    for name in jbp.BENCH_FUNCTIONS:
+        assert out.count(f"  {name} ") == 2, name  # one row per batch size
+    assert "targets (ratios measured in this run):" in out
+    summary = json.loads(path.read_text())
+    assert [r["batch"] for r in summary["rows"]] == [4] * 8 + [8] * 8
+    assert {r["name"] for r in summary["rows"]} == set(jbp.BENCH_FUNCTIONS)
+    for r in summary["rows"]:
+        assert r["median_ms"] > 0 and r["rounds"] >= 3
+    base = {r["batch"]: r["median_ms"] for r in summary["rows"] if r["name"] == "jax.grad"}
+    for r in summary["rows"]:
+        assert r["ratio"] == pytest.approx(r["median_ms"] / base[r["batch"]])
+    # Every per-batch target appears at both batch sizes; the batch-256 one at neither.
+    assert len(summary["targets"]) == 2 * sum(t.batch is None for t in jbp.BENCH_TARGETS)
+
+
+def test_bench_only(capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "--sizes",
+                "4,3",
+                "--batches",
+                "2",
+                "--rounds",
+                "3",
+                "--only",
+                "per_example_norms",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "per_example_norms" in out and "jax.grad" in out
+    assert "clipped_grad" not in out
+
+
+def test_check_targets_uses_ratios_of_the_same_batch():
+    rows = [
+        jbp.BenchRow(64, "jax.grad", 0.0, 10.0, 1.0, 0.0, 3),
+        jbp.BenchRow(64, "per_example_norms", 0.0, 7.0, 0.7, 0.0, 3),
+        jbp.BenchRow(128, "jax.grad", 0.0, 20.0, 1.0, 0.0, 3),
+        jbp.BenchRow(128, "per_example_norms", 0.0, 18.0, 0.9, 0.0, 3),
+    ]
+    target = jbp.BenchTarget("per_example_norms", "jax.grad", 0.8)
+    checked = jbp.check_targets(rows, [target])
+    assert [(b, round(r, 6), met) for _, b, r, met in checked] == [
+        (64, 0.7, True),
+        (128, 0.9, False),
+    ]
+    text = jbp.format_targets(checked)
+    assert "batch    64: per_example_norms / jax.grad = 0.700 (target ≤ 0.8) met" in text
+    assert "batch   128: per_example_norms / jax.grad = 0.900 (target ≤ 0.8) MISSED" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sizes", "5"], "argument --sizes: need at least 2 positive layer widths, got '5'"),
+        (["--batches", "0,3"], "argument --batches: need at least 1 positive batch sizes"),
+        (["--sizes", "a,b"], "expected comma-separated layer widths such as 64,256, got 'a,b'"),
+        (["--only", "nope"], "unknown function 'nope'; known functions: jax.grad, "),
+        (["--rounds", "2"], "argument --rounds: must be at least 3, got 2"),
+        (["--activation", "relu,tanh"], "--activation takes one name"),
+    ],
+)
+def test_bench_bad_arguments(capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: jbp bench")
+    assert message in err
+
+
+def test_benchmark_rejects_unknown_functions():
+    with pytest.raises(ValueError, match=r"unknown benchmark functions \['nope'\]; known: "):
+        jbp.benchmark((3, 2), batches=(2,), only=["nope"])
