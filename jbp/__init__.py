@@ -31,9 +31,14 @@ from ._train import make_step as make_step
 from ._train import targets as targets
 
 __version__ = "0.1.0"
+from ._bench import BENCH_FUNCTIONS as BENCH_FUNCTIONS
+from ._bench import BENCH_TARGETS as BENCH_TARGETS
 from ._bench import BenchRow as BenchRow
+from ._bench import BenchTarget as BenchTarget
 from ._bench import benchmark as benchmark
+from ._bench import check_targets as check_targets
 from ._bench import format_benchmark as format_benchmark
+from ._bench import format_targets as format_targets
 from ._per_example import NoiseScale as NoiseScale
 from ._per_example import clipped_grad as clipped_grad
 from ._per_example import dp_grad as dp_grad
