@@ -15,6 +15,12 @@ from ._data import dataset_names as dataset_names
 from ._data import load_dataset as load_dataset
 from ._fit import FitResult as FitResult
 from ._fit import fit as fit
+from ._label_noise import LabelNoiseStudy as LabelNoiseStudy
+from ._label_noise import auroc as auroc
+from ._label_noise import flip_labels as flip_labels
+from ._label_noise import label_noise_study as label_noise_study
+from ._label_noise import plot_label_noise as plot_label_noise
+from ._label_noise import precision_at_k as precision_at_k
 from ._layers import Activation as Activation
 from ._layers import Dense as Dense
 from ._layers import Layer as Layer

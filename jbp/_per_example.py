@@ -311,15 +311,23 @@ class NoiseScale(NamedTuple):
     grad_sq_norm: Array
 
 
-def gradient_noise_scale(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any], NoiseScale]:
+def gradient_noise_scale(
+    net: Any, loss: str | Loss, *, unbiased: bool = True
+) -> Callable[[Params, Any, Any], NoiseScale]:
     """B_simple = tr(Σ)/‖G‖² from per-example norms and the mean gradient.
 
-    The two-batch-size estimators of McCandlish et al. (2018, App. A.1) with
-    B_small = 1 (each example's ‖g_i‖², from the δ equations) and B_big = B
-    (the mean gradient ḡ of the batch): ``tr(Σ) = B/(B−1) (mean_i ‖g_i‖² −
-    ‖ḡ‖²)`` and ``‖G‖² = ‖ḡ‖² − tr(Σ)/B`` are unbiased; their ratio is not
-    (and ``‖G‖²`` may come out negative on small batches: average the two
-    parts over steps before dividing, as the paper does).
+    ``unbiased=True`` (default): the batch is a sample of a larger data
+    distribution. The two-batch-size estimators of McCandlish et al. (2018,
+    App. A.1) with B_small = 1 (each example's ‖g_i‖², from the δ equations)
+    and B_big = B (the mean gradient ḡ of the batch): ``tr(Σ) = B/(B−1)
+    (mean_i ‖g_i‖² − ‖ḡ‖²)`` and ``‖G‖² = ‖ḡ‖² − tr(Σ)/B`` are unbiased;
+    their ratio is not (and ``‖G‖²`` may come out negative on small batches,
+    or whenever the true gradient is small: average the two parts over steps
+    before dividing, as the paper does).
+
+    ``unbiased=False``: the batch *is* the distribution, e.g. a whole
+    training set, whose noise scale is then exact: ``tr(Σ) = mean_i ‖g_i‖² −
+    ‖ḡ‖²`` and ``‖G‖² = ‖ḡ‖²``, both ≥ 0.
 
     Returns:
       ``fn(params, x, y) -> NoiseScale``; needs a batch of at least 2.
@@ -335,8 +343,12 @@ def gradient_noise_scale(net: Any, loss: str | Loss) -> Callable[[Params, Any, A
         ones = jnp.full((b,), 1.0 / b, x.dtype)
         mean = _layer_quantity(net, params, caches, deltas, "weighted_grads", ones)
         mean_sq = sum(jnp.sum(leaf * leaf) for leaf in jtu.tree_leaves(mean))
-        trace = b / (b - 1) * (jnp.mean(jnp.sum(sq, axis=1)) - mean_sq)
-        g2 = mean_sq - trace / b
+        spread = jnp.mean(jnp.sum(sq, axis=1)) - mean_sq
+        if unbiased:
+            trace = b / (b - 1) * spread
+            g2 = mean_sq - trace / b
+        else:
+            trace, g2 = jnp.maximum(spread, 0), mean_sq
         return NoiseScale(trace / g2, trace, g2)
 
     return fn

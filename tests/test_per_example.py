@@ -157,6 +157,12 @@ def test_gradient_noise_scale_formulas(problem):
     np.testing.assert_allclose(got.grad_sq_norm, gbar_sq - trace / b, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
     if abs(float(got.grad_sq_norm)) > 1e-6 * float(mean_sq_norm):
         np.testing.assert_allclose(got.b_simple, got.trace_cov / got.grad_sq_norm, rtol=1e-12)
+    # The batch as the whole distribution: population covariance trace and ‖ḡ‖².
+    exact = jax.jit(jbp.gradient_noise_scale(net, loss, unbiased=False))(params, x, y)
+    pop_trace = sum(jnp.sum(jnp.var(g, axis=0)) for g in jax.tree.leaves(ref))
+    np.testing.assert_allclose(exact.trace_cov, pop_trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
+    np.testing.assert_allclose(exact.grad_sq_norm, gbar_sq, rtol=1e-10, atol=1e-300)
+    assert exact.trace_cov >= 0 and exact.grad_sq_norm >= 0
 
 
 def test_float32_per_example_norms_documented_tolerance():

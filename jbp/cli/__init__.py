@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import jbp
 
 from ._bench import add_bench
+from ._per_example import add_per_example
 from ._train import add_train
 from ._verify import add_verify
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_verify(subparsers)
     add_train(subparsers)
+    add_per_example(subparsers)
     add_bench(subparsers)
     return parser
 
