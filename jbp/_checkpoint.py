@@ -142,10 +142,10 @@ def _read(path: str) -> tuple[dict[str, Any], list[np.ndarray]]:
         return CheckpointError(f"checkpoint {path} is corrupt or not a jbp checkpoint: {why}")
 
     try:
-        f = np.load(path, allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise corrupt("it holds a single array, not an .npz archive")
-        with f:
+        with open(path, "rb") as fh:  # ours to close, also when np.load fails half way
+            f = np.load(fh, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise corrupt("it holds a single array, not an .npz archive")
             if _META not in f.files:
                 raise corrupt(f"no {_META!r} entry (the file has {sorted(f.files)[:5]})")
             meta = json.loads(str(f[_META]))

@@ -155,17 +155,17 @@ def load_npz(
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
-    try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as err:  # a truncated zip, a pickle, plain text ...
-        raise ValueError(
-            f"{path}: not a readable .npz file ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(
-            f"{path}: holds a single array, not an .npz archive with {x_key!r} and {y_key!r}"
-        )
-    with f:
+    with open(path, "rb") as fh:  # ours to close, also when np.load fails half way
+        try:
+            f = np.load(fh, allow_pickle=False)
+        except Exception as err:  # a truncated zip, a pickle, plain text ...
+            raise ValueError(
+                f"{path}: not a readable .npz file ({type(err).__name__}: {err})"
+            ) from None
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError(
+                f"{path}: holds a single array, not an .npz archive with {x_key!r} and {y_key!r}"
+            )
         missing = [k for k in (x_key, y_key) if k not in f.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; the file has {sorted(f.files)}")

@@ -113,6 +113,10 @@ def _gradient_check(net: Any, fns: Any, params: Any, x: Any, y: Any, rtol: Any) 
     return dataclasses.replace(report, layers=tuple(repr(layer) for layer in net.layers))
 
 
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def _new_epoch() -> dict[str, Any]:
     return {"loss_sum": 0.0, "examples": 0, "steps": 0, "seconds": 0.0, "check": None, "checks": 0}
 
@@ -257,14 +261,15 @@ def fit(
                 new_state, metrics = step_fn(state, xb, yb)
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 progress["seconds"] += time.perf_counter() - t0
-                bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(m[k])]
+                names = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}
+                bad = [names[k] for k in names if not math.isfinite(m[k])]
                 if bad:
                     where = ""
                     if run.saved_step is not None:
                         ckpt = run.path(CHECKPOINT)
                         where = f"; the last good checkpoint is {ckpt} (step {run.saved_step})"
                     raise TrainingError(
-                        f"non-finite {' and '.join(bad)} at step {step} (loss {m['loss']}, "
+                        f"non-finite {_join(bad)} at step {step} (loss {m['loss']}, "
                         f"gradient norm {m['grad_norm']}, parameter norm {m['param_norm']}); "
                         f"training stopped without applying this update{where}",
                         step=step,

@@ -121,6 +121,12 @@ def init_state(net: Any, optimizer: Any, key: Array, *, dtype: Any = jnp.float32
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
 
 
+def _norm(tree: Any) -> Array:
+    """The global L2 norm of a pytree."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in leaves))
+
+
 def make_step(
     net: Any,
     loss: str | Loss,
@@ -171,8 +177,8 @@ def make_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": value,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": _norm(grads),
+            "param_norm": _norm(params),
         }
         return TrainState(params, opt_state, state.step + 1, key), metrics
 
