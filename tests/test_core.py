@@ -17,6 +17,10 @@ PUBLIC = [
     "LeafRow", "Loss", "Report", "Sequential", "TaylorCheck", "activation_names", "backprop",
     "compare", "loss_names", "mlp", "objective", "register_activation", "value_and_backprop",
     "verify",
+    # the trainer and data sets
+    "CheckpointError", "Dataset", "FitResult", "TrainState", "TrainingError", "batches",
+    "dataset_names", "evaluate", "fit", "init_state", "load_checkpoint", "load_dataset",
+    "make_step", "plot_curves", "save_checkpoint", "targets",
 ]
 
 
