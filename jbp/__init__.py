@@ -29,6 +29,13 @@ from ._layers import mlp as mlp
 from ._losses import Loss as Loss
 from ._losses import loss_names as loss_names
 from ._plot import plot_curves as plot_curves
+from ._sharding import batch_sharded as batch_sharded
+from ._sharding import is_main_process as is_main_process
+from ._sharding import make_mesh as make_mesh
+from ._sharding import process_rows as process_rows
+from ._sharding import replicate as replicate
+from ._sharding import replicated as replicated
+from ._sharding import shard_batch as shard_batch
 from ._train import TrainingError as TrainingError
 from ._train import TrainState as TrainState
 from ._train import evaluate as evaluate

@@ -166,7 +166,9 @@ def check_y(loss: Any, out_shape: tuple[int, int], y: Any, single: bool, dtype: 
                 f"{loss.name!r} with this x expects labels of shape {want} (or targets of "
                 f"shape {(width,) if single else (batch, width)})"
             )
-        if not isinstance(y, jax.core.Tracer):
+        # Values can be read only from a concrete array this process holds whole
+        # (not a tracer, nor a global array spread over several hosts).
+        if not isinstance(y, jax.core.Tracer) and getattr(y, "is_fully_addressable", True):
             labels = np.asarray(y)
             if labels.size and (labels.min() < 0 or labels.max() >= width):
                 raise ValueError(

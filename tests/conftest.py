@@ -2,11 +2,17 @@
 
 import os
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+# Four simulated CPU devices for the sharding tests; XLA reads the flag when
+# JAX starts its backend, which no import below does.
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=4".strip()
 
-from jbp import _activations
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from jbp import _activations  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

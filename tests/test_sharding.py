@@ -1,0 +1,115 @@
+"""Data parallelism on 4 simulated CPU devices (conftest sets the XLA flag): sharded
+results equal single-device ones, and the work really is split."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings
+
+import jbp
+import jbp.testing as jt
+
+CPUS = jax.devices("cpu")
+N = 4
+pytestmark = pytest.mark.skipif(len(CPUS) < N, reason="needs 4 CPU devices (see conftest)")
+# Sharded vs one device: only the order of the batch sums differs.
+RTOL = {"float64": 1e-12, "float32": 2e-5}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jbp.make_mesh(CPUS[:N])
+
+
+def _tile(a, reps=N):
+    """A batch N times as long, so that it splits over N devices."""
+    return jnp.concatenate([a] * reps, axis=0)
+
+
+def _close(got, want, dtype):
+    jbp.compare(
+        got, want, rtol=RTOL[jnp.dtype(dtype).name], names=("sharded", "one device")
+    ).raise_if_failed()
+
+
+def test_make_mesh(mesh):
+    assert mesh.axis_names == ("data",) and mesh.devices.shape == (N,)
+    assert jbp.make_mesh(CPUS[:2], axis="batch").axis_names == ("batch",)
+    assert jbp.make_mesh().devices.size == len(jax.devices())
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda m: jbp.make_mesh(len(jax.devices()) + 1),
+            ValueError,
+            r"`devices` is \d+ but JAX sees \d+ \w+ device\(s\); on a CPU, set "
+            r"XLA_FLAGS=--xla_force_host_platform_device_count=",
+        ),
+        (lambda m: jbp.make_mesh(0), ValueError, "`devices` must be at least 1, got 0"),
+        (lambda m: jbp.make_mesh("all"), TypeError, "`devices` must be an int, a list of devices"),
+        (
+            lambda m: jbp.shard_batch((jnp.ones((6, 2)), jnp.ones(6)), m),
+            ValueError,
+            "the batch of 6 examples does not split evenly over 4 devices; use a batch size that "
+            "is a multiple of 4",
+        ),
+        (
+            lambda m: jbp.shard_batch((jnp.ones((8, 2)), jnp.ones(4)), m),
+            ValueError,
+            r"different batch sizes \[4, 8\]",
+        ),
+        (lambda m: jbp.shard_batch(jnp.float32(1.0), m), ValueError, "holds a scalar"),
+        (lambda m: jbp.replicate({}, "mesh"), TypeError, "`mesh` must be a one-axis"),
+        (lambda m: jbp.process_rows(10, m), ValueError, "the batch of 10 examples does not split"),
+    ],
+)
+def test_bad_arguments(mesh, call, error, message):
+    with pytest.raises(error, match=message):
+        call(mesh)
+
+
+def test_process_rows_single_process(mesh):
+    assert jbp.process_rows(12, mesh) == slice(0, 12)
+    assert jbp.is_main_process()
+
+
+@settings(max_examples=8)
+@given(jt.problems(single=False, max_depth=3, max_width=10, max_batch=6))
+def test_sharded_gradients_and_per_example_quantities_equal_one_device(problem):
+    net, loss, params, x, y = problem
+    mesh = jbp.make_mesh(CPUS[:N])
+    x, y = _tile(x), _tile(y)
+    ps, (xs, ys) = jbp.replicate(params, mesh), jbp.shard_batch((x, y), mesh)
+    assert xs.sharding.spec == jax.sharding.PartitionSpec("data")
+    dtype = x.dtype
+    one = jax.devices("cpu")[0]
+    p1, x1, y1 = jax.device_put((params, x, y), one)
+    for fn in (
+        jbp.backprop(net, loss),
+        jbp.per_example_norms(net, loss),
+        jbp.sum_grad_squared(net, loss),
+        jbp.clipped_grad(net, loss, 0.5),
+    ):
+        f = jax.jit(fn)
+        _close(f(ps, xs, ys), f(p1, x1, y1), dtype)
+    norms = jax.jit(jbp.per_example_norms(net, loss))(ps, xs, ys)
+    assert norms.sharding.spec == jax.sharding.PartitionSpec("data")  # stays split per example
+    grads = jax.jit(jbp.backprop(net, loss))(ps, xs, ys)
+    for leaf in jax.tree.leaves(grads):
+        assert leaf.sharding.is_fully_replicated
+    report = jbp.verify(net, loss, ps, xs, ys)  # the verifier runs on the mesh too
+    assert report.ok, report
+
+
+def test_the_batch_sums_become_cross_device_reductions(mesh):
+    """Not vacuous: the compiled program is partitioned, one all-reduce per batch sum."""
+    net = jbp.mlp([5, 7, 3], "tanh")
+    params = jbp.replicate(net.init(jax.random.key(0)), mesh)
+    x, y = jbp.shard_batch((jnp.ones((8, 5), jnp.float32), jnp.zeros(8, jnp.int32)), mesh)
+    hlo = jax.jit(jbp.backprop(net, "softmax_xent")).lower(params, x, y).compile().as_text()
+    assert "all-reduce" in hlo
+    assert "f32[2,5]" in hlo  # each device holds 8 / 4 = 2 rows of x
