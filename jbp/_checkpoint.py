@@ -64,7 +64,7 @@ def _digest(arrays: list[np.ndarray]) -> str:
 
 def _write(f: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
     """Write the archive to an open file (a seam for tests that simulate a crash)."""
-    np.savez(f, **arrays)
+    np.savez(f, **arrays)  # type: ignore[arg-type]
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
@@ -213,7 +213,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any, net: Any) -> tuple[Any, 
                     f"checkpoint {path}: `{jtu.keystr(p)}` is a {got['key']} key of shape "
                     f"{a.shape} but this run uses {jax.random.key_impl(want)} keys"
                 )
-            leaves.append(jax.random.wrap_key_data(a, impl=jax.random.key_impl(want)))
+            leaves.append(jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(want)))
             continue
         want_shape, want_dtype = tuple(np.shape(want)), np.dtype(want.dtype)
         if a.shape != want_shape or a.dtype != want_dtype:

@@ -211,7 +211,8 @@ def fit(
                  "batch_size": batch_size, "seed": seed}  # fmt: skip
     run = RunFolder(run_dir, verbose)
     state = init_state(net, optimizer, jr.key(seed), dtype=dtype)
-    progress, early = _new_epoch(), {"best": None, "bad_epochs": 0}
+    progress: dict[str, Any] = _new_epoch()
+    early: dict[str, Any] = {"best": None, "bad_epochs": 0}
     history: list[dict[str, Any]] = []
     if resume:
         state, extra = run.load(state, net)
@@ -231,7 +232,7 @@ def fit(
     else:
         run.start()
 
-    def extra() -> dict[str, Any]:
+    def checkpoint_meta() -> dict[str, Any]:
         return {"data": data_meta, "epoch_progress": dict(progress),
                 "early_stopping": dict(early), "gradient_source": gradient_source}  # fmt: skip
 
@@ -275,7 +276,7 @@ def fit(
                         step=step,
                         state=state,
                     )
-                if check_fns is not None and step % check_every == 0:
+                if check_fns is not None and check_every is not None and step % check_every == 0:
                     report = _gradient_check(net, check_fns, state.params, xb, yb, check_rtol)
                     if not report.ok:
                         raise TrainingError(
@@ -299,9 +300,9 @@ def fit(
                     break
                 at_end = step % steps_per_epoch == 0
                 if checkpoint_every is not None and step % checkpoint_every == 0 and not at_end:
-                    run.save(state, net, extra())
+                    run.save(state, net, checkpoint_meta())
         if step % steps_per_epoch != 0:  # max_steps stopped the run mid-epoch
-            run.save(state, net, extra())
+            run.save(state, net, checkpoint_meta())
             break
         record = _end_of_epoch(net, loss, state, data, has_test, progress, epoch, gradient_source)
         record["epoch_time"] = time.perf_counter() - epoch_start
@@ -313,7 +314,7 @@ def fit(
         history.append(record)
         progress = _new_epoch()
         run.record(record)  # metrics first: a resume drops records past its checkpoint
-        run.save(state, net, extra())
+        run.save(state, net, checkpoint_meta())
         run.say(_epoch_line(record, epochs))
         epoch, skip = epoch + 1, 0
         if patience is not None and early["bad_epochs"] >= patience:

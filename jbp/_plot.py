@@ -86,7 +86,7 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     if note:
-        fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))
+        fig.get_layout_engine().set(rect=(0, 0.06, 1, 0.94))  # type: ignore[union-attr,call-arg]
         fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize="small")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

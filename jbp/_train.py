@@ -39,7 +39,7 @@ from ._verify import Report
 
 Array = jax.Array
 Params = Any
-StepFn = Callable[["TrainState", Array, Array], tuple["TrainState", dict[str, Array]]]
+StepFn = Callable[["TrainState", Any, Any], tuple["TrainState", dict[str, Array]]]
 
 GRADIENT_SOURCES = ("backprop", "autodiff")
 
@@ -157,7 +157,8 @@ def make_step(
       >>> net, opt = jbp.mlp([2, 4, 2]), optax.sgd(0.1)
       >>> state = jbp.init_state(net, opt, jax.random.key(0))
       >>> step = jbp.make_step(net, "softmax_xent", opt)
-      >>> state, metrics = step(state, jnp.ones((3, 2)), jnp.array([0, 1, 1]))
+      >>> x = jnp.ones((3, 2), jnp.float32)
+      >>> state, metrics = step(state, x, jnp.array([0, 1, 1]))
       >>> int(state.step), sorted(metrics)
       (1, ['grad_norm', 'loss', 'param_norm'])
     """
