@@ -10,9 +10,11 @@ curves, and the largest |parameter difference| after training leaf by leaf
 to ``OUT/train_digits.png``.
 
 On a 2-core CPU, 20 epochs of the default 64-128-64-10 relu MLP (adam, lr 1e-3,
-batch 32) take about 2-4 s a run; in float32 the parameters end within about
-1e-7 of each other (a few float32 ulps: the two gradients agree to rounding,
-not bitwise), in float64 within about 1e-15.
+batch 32, 900 steps) take about 3-5 s a run with compilation (the first run
+also compiles the evaluation) and reach 98.05% test accuracy; the parameters
+end within 1.2e-7 of each other in float32 (about one float32 ulp of the
+largest weights: the two gradients agree to rounding, not bitwise) and within
+6e-16 in float64.
 
     python experiments/train_digits.py [--epochs 20] [--dtype float32] [--out experiments/out]
 """

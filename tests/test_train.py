@@ -65,7 +65,7 @@ def test_step_is_an_sgd_update_on_the_reference_gradient(loss, source):
     x = jax.random.normal(jax.random.key(2), (5, 2), jnp.float64)
     labels = np.array([0, 1, 2, 1, 0])
     y = jbp.targets(net, loss, labels, jnp.float64)
-    new, metrics = jbp.make_step(net, loss, opt, gradient_source=source)(state, x, y)
+    new, metrics = jbp.make_step(net, loss, opt, gradient_source=source, jit=False)(state, x, y)
     f = jbp.objective(net, loss)
     grad = jax.grad(f)(state.params, x, y)  # reference
     want = jtu.tree_map(lambda p, g: p - 0.1 * g, state.params, grad)
@@ -353,23 +353,28 @@ def test_max_steps_stops_mid_epoch(moons):
 # --- resume ------------------------------------------------------------------------------
 
 
+_RESUME = {"epochs": 4, "batch_size": 24, "seed": 5, "check_every": 5, "patience": 3}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(moons):
+    return jbp.fit(_net(), "softmax_xent", optax.adam(0.01), moons, **_RESUME)
+
+
 @pytest.mark.parametrize("stop_at", [4, 6])  # mid-epoch, and at an epoch's end (3 steps each)
-def test_resume_is_bitwise_exact(moons, tmp_path, stop_at):
-    net, kw = _net(), {"epochs": 4, "batch_size": 24, "seed": 5, "check_every": 5, "patience": 3}
-    whole = jbp.fit(net, "softmax_xent", optax.adam(0.01), moons, run_dir=tmp_path / "whole", **kw)
-    part = jbp.fit(net, "softmax_xent", optax.adam(0.01), moons, run_dir=tmp_path / "part",
-                   max_steps=stop_at, **kw)  # fmt: skip
+def test_resume_is_bitwise_exact(moons, tmp_path, uninterrupted, stop_at):
+    net, whole = _net(), uninterrupted
+    part = jbp.fit(net, "softmax_xent", optax.adam(0.01), moons, run_dir=tmp_path,
+                   max_steps=stop_at, **_RESUME)  # fmt: skip
     assert int(part.state.step) == stop_at
-    resumed = jbp.fit(net, "softmax_xent", optax.adam(0.01), moons, run_dir=tmp_path / "part",
-                      resume=True, **kw)  # fmt: skip
+    resumed = jbp.fit(net, "softmax_xent", optax.adam(0.01), moons, run_dir=tmp_path,
+                      resume=True, **_RESUME)  # fmt: skip
     assert int(resumed.state.step) == int(whole.state.step) == 12
     _assert_trees_equal(resumed.state, whole.state)  # params, optimiser state, step and key
     timing = ("step_time", "epoch_time")
     strip = [{k: v for k, v in r.items() if k not in timing} for r in whole.history]
     assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == strip
-    on_disk = [
-        json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-    ]
+    on_disk = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in on_disk] == [1, 2, 3, 4]
 
 
