@@ -194,6 +194,8 @@ def fit(
         ("max_steps", max_steps, True),
     ):
         _positive_int(name, value, optional=optional)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
     if monitor not in MONITORS:
         raise ValueError(f"`monitor` must be 'train_loss' or 'test_loss', got {monitor!r}")
     dtype = check_dtype(dtype)

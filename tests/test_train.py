@@ -166,6 +166,7 @@ def test_binary_single_output_network_trains():
             "`gradient_source` must be one of 'backprop', 'autodiff', got 'numeric'",
         ),
         ({"epochs": 0}, ValueError, "`epochs` must be a positive int, got 0"),
+        ({"seed": -1}, ValueError, "`seed` must be a non-negative int, got -1"),
         ({"batch_size": 2.5}, ValueError, "`batch_size` must be a positive int, got 2.5"),
         ({"check_every": 0}, ValueError, "`check_every` must be a positive int or None, got 0"),
         ({"patience": -1}, ValueError, "`patience` must be a positive int or None, got -1"),

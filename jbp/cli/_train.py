@@ -109,7 +109,8 @@ def add_train(subparsers: Any) -> None:
     add("--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)")
     add("--batch-size", type=int_at_least(1), default=32, metavar="N", help="(default 32)")
     add("--epochs", type=int_at_least(1), default=20, metavar="N", help="(default 20)")
-    add("--seed", type=int, default=0, help="seeds params, batch order and split (default 0)")
+    add("--seed", type=int_at_least(0), default=0,
+        help="seeds params, batch order and split (default 0)")  # fmt: skip
     add("--dtype", choices=DTYPES, default="float32", help="params dtype (default float32)")
     add("--gradient-source", choices=SOURCES, default="backprop",
         help="backprop (δ equations), autodiff (jax.grad), or both (default backprop)")  # fmt: skip
