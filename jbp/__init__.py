@@ -30,6 +30,7 @@ from ._losses import Loss as Loss
 from ._losses import loss_names as loss_names
 from ._plot import plot_curves as plot_curves
 from ._sharding import batch_sharded as batch_sharded
+from ._sharding import data_parallel_step as data_parallel_step
 from ._sharding import is_main_process as is_main_process
 from ._sharding import make_mesh as make_mesh
 from ._sharding import process_rows as process_rows
@@ -46,6 +47,7 @@ from ._train import targets as targets
 __version__ = "0.1.0"
 from ._bench import BENCH_FUNCTIONS as BENCH_FUNCTIONS
 from ._bench import BENCH_TARGETS as BENCH_TARGETS
+from ._bench import MATERIALISING as MATERIALISING
 from ._bench import BenchRow as BenchRow
 from ._bench import BenchTarget as BenchTarget
 from ._bench import benchmark as benchmark

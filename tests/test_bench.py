@@ -25,8 +25,10 @@ def test_bench_runs_every_function_and_reports_the_targets(tmp_path, capsys):
     for r in summary["rows"]:
         assert r["median_ms"] > 0 and r["rounds"] >= 3
     base = {r["batch"]: r["median_ms"] for r in summary["rows"] if r["name"] == "jax.grad"}
-    for r in summary["rows"]:
-        assert r["ratio"] == pytest.approx(r["median_ms"] / base[r["batch"]])
+    for r in summary["rows"]:  # the materialising ones are timed beside jax.grad again
+        if r["name"] not in jbp.MATERIALISING:
+            assert r["ratio"] == pytest.approx(r["median_ms"] / base[r["batch"]])
+        assert r["ratio"] > 0
     # Every per-batch target appears at both batch sizes; the batch-256 one at neither.
     assert len(summary["targets"]) == 2 * sum(t.batch is None for t in jbp.BENCH_TARGETS)
 
