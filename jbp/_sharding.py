@@ -25,7 +25,7 @@ process 0 only (:func:`is_main_process`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -163,3 +163,35 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(tree, sharding)
     out = [jax.make_array_from_process_local_data(sharding, np.asarray(leaf)) for leaf in leaves]
     return jtu.tree_unflatten(treedef, out)
+
+
+def data_parallel_step(step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """Run a training step ``(state, x, y) -> (state, metrics)`` on ``mesh``.
+
+    The state stays replicated on every device; each global batch is split
+    along the mesh's data axis (this process's rows, :func:`process_rows`),
+    or, when its size does not divide by the number of devices (the last
+    batch of an epoch), replicated whole, which gives the same result without
+    the parallelism.
+
+    Args:
+      step: the pure step, e.g. ``jbp.make_step(..., jit=False)``.
+      mesh: a mesh from :func:`make_mesh`.
+
+    Returns:
+      ``fn(state, x, y)`` taking the global batch as host arrays and returning
+      the next state (replicated) and the metrics (replicated).
+    """
+    repl, split = replicated(mesh), batch_sharded(mesh)
+    on_split = jax.jit(step, in_shardings=(repl, split, split), out_shardings=(repl, repl))
+    on_whole = jax.jit(step, in_shardings=(repl, repl, repl), out_shardings=(repl, repl))
+    n = mesh.devices.size
+
+    def run(state: Any, x: Any, y: Any) -> Any:
+        if np.shape(x)[0] % n == 0:
+            rows = process_rows(np.shape(x)[0], mesh)
+            xs, ys = shard_batch((np.asarray(x)[rows], np.asarray(y)[rows]), mesh)
+            return on_split(state, xs, ys)
+        return on_whole(state, *replicate((np.asarray(x), np.asarray(y)), mesh))
+
+    return run

@@ -3,13 +3,18 @@ results equal single-device ones, and the work really is split."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 
 import jbp
 import jbp.testing as jt
+from jbp.cli import main
 
 CPUS = jax.devices("cpu")
 N = 4
@@ -113,3 +118,76 @@ def test_the_batch_sums_become_cross_device_reductions(mesh):
     hlo = jax.jit(jbp.backprop(net, "softmax_xent")).lower(params, x, y).compile().as_text()
     assert "all-reduce" in hlo
     assert "f32[2,5]" in hlo  # each device holds 8 / 4 = 2 rows of x
+
+
+@pytest.fixture(scope="module")
+def moons():
+    # 150 training examples: batches of 32 leave a last batch of 22, which does
+    # not split over 4 devices and takes the replicated path.
+    return jbp.load_dataset("moons", n=188, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_fit_on_the_mesh_equals_fit_on_one_device(moons, mesh, dtype):
+    assert len(moons.y_train) % 32 % N != 0
+    net = jbp.mlp([2, 16, 2], "tanh")
+    kwargs = dict(epochs=3, batch_size=32, seed=1, dtype=dtype, check_every=5)
+    one = jbp.fit(net, "softmax_xent", optax.adam(1e-2), moons, **kwargs)
+    many = jbp.fit(net, "softmax_xent", optax.adam(1e-2), moons, mesh=mesh, **kwargs)
+    for leaf in jax.tree.leaves(many.state.params):
+        assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == N
+    tol = {jnp.float64: 1e-10, jnp.float32: 1e-4}[dtype]  # adam, 15 steps: round-off grows
+    jbp.compare(many.state.params, one.state.params, rtol=tol).raise_if_failed()
+    assert int(many.state.step) == int(one.state.step) == 15
+    for a, b in zip(many.history, one.history, strict=True):
+        assert a["test_accuracy"] == b["test_accuracy"]
+
+
+def test_data_parallel_step_splits_divisible_batches(mesh):
+    net = jbp.mlp([3, 4, 2], "tanh")
+    opt = optax.sgd(0.1)
+    state = jbp.replicate(jbp.init_state(net, opt, jax.random.key(0)), mesh)
+    step = jbp.data_parallel_step(jbp.make_step(net, "softmax_xent", opt, jit=False), mesh)
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    y = np.arange(8, dtype=np.int32) % 2
+    plain = jbp.make_step(net, "softmax_xent", opt)
+    want, want_metrics = plain(jax.device_put(state, CPUS[0]), x, y)
+    got, metrics = step(state, x, y)
+    jbp.compare(got.params, want.params, rtol=1e-6).raise_if_failed()
+    assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-6)
+    got_odd, _ = step(state, x[:7], y[:7])  # 7 rows: replicated, same numbers as one device
+    want_odd, _ = plain(jax.device_put(state, CPUS[0]), x[:7], y[:7])
+    jbp.compare(got_odd.params, want_odd.params, rtol=1e-6).raise_if_failed()
+
+
+def test_cli_train_on_four_devices(capsys):
+    argv = [
+        "train",
+        "--data",
+        "moons",
+        "--hidden",
+        "8",
+        "--epochs",
+        "2",
+        "--devices",
+        "4",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"backprop: test accuracy \d+\.\d\d% \(\d+/200\)", out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--devices", "64"], "--devices: `devices` is 64 but JAX sees"),
+        (
+            ["--devices", "4", "--batch-size", "30"],
+            "--batch-size 30 does not split evenly over --devices 4; use a multiple of 4",
+        ),
+    ],
+)
+def test_cli_devices_errors(capsys, argv, message):
+    assert main(["train", "--data", "xor", *argv]) == 2
+    assert message in capsys.readouterr().err

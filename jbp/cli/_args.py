@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,3 +79,17 @@ def json_safe(value: Any) -> Any:
 def device() -> str:
     backend, kind = jax.default_backend(), jax.devices()[0].device_kind
     return backend if kind == backend else f"{backend} ({kind})"
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Ask XLA for ``n`` CPU devices, unless ``XLA_FLAGS`` already says how many.
+
+    XLA reads ``--xla_force_host_platform_device_count`` once, when JAX starts
+    its backends, so this works only before the first computation (as in a
+    fresh ``jbp`` process); on a GPU/TPU machine the accelerator's devices are
+    used and the flag changes nothing that jbp uses.
+    """
+    flag = "--xla_force_host_platform_device_count"
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={n}".strip()

@@ -15,7 +15,7 @@ import optax
 import jbp
 
 from .._progress import format_duration
-from ._args import DTYPES, device, int_at_least, loss_name
+from ._args import DTYPES, device, int_at_least, loss_name, simulate_cpu_devices
 
 OPTIMIZERS = {
     "sgd": lambda lr: optax.sgd(lr),
@@ -129,6 +129,9 @@ def add_train(subparsers: Any) -> None:
         help="also checkpoint every N steps (default: at epoch ends)")  # fmt: skip
     add("--max-steps", type=int_at_least(1), default=None, metavar="N",
         help="stop after N steps in total")  # fmt: skip
+    add("--devices", type=int_at_least(1), default=None, metavar="N",
+        help="train data-parallel on N devices: the batch split over them, the params "
+        "replicated (on a CPU, N simulated devices; default: one device)")  # fmt: skip
     add("--plot", default=None, metavar="PNG",
         help="write loss and accuracy curves to this PNG (needs matplotlib)")  # fmt: skip
     add("--quiet", action="store_true", help="print the final result only")
@@ -178,6 +181,18 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error("--plot needs matplotlib: pip install 'jbp[experiments]'")
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    mesh = None
+    if args.devices is not None:
+        simulate_cpu_devices(args.devices)
+        try:
+            mesh = jbp.make_mesh(args.devices)
+        except ValueError as err:
+            parser.error(f"--devices: {err}")
+        if args.batch_size % args.devices:
+            parser.error(
+                f"--batch-size {args.batch_size} does not split evenly over --devices "
+                f"{args.devices}; use a multiple of {args.devices}"
+            )
     try:
         data = jbp.load_dataset(args.data, seed=args.seed, test_fraction=args.test_fraction)
     except (OSError, ValueError, TypeError) as err:
@@ -199,6 +214,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             f"batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, {args.dtype}, "
             f"gradients from {' and '.join(sources)}, check every "
             f"{args.check_every or 'never'}, backend {device()}"
+            + (f" × {args.devices} (data-parallel)" if mesh is not None else "")
         )
     results = {}
     for source in sources:
@@ -216,7 +232,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 check_every=args.check_every or None, patience=args.patience,
                 min_delta=args.min_delta, monitor=args.monitor, run_dir=run_dir,
                 resume=args.resume, checkpoint_every=args.checkpoint_every,
-                max_steps=args.max_steps, verbose=not args.quiet,
+                max_steps=args.max_steps, mesh=mesh, verbose=not args.quiet,
             )  # fmt: skip
         except jbp.TrainingError as err:
             print(f"jbp train: {source}: {err}")
