@@ -50,9 +50,12 @@ from ._bench import BENCH_TARGETS as BENCH_TARGETS
 from ._bench import MATERIALISING as MATERIALISING
 from ._bench import BenchRow as BenchRow
 from ._bench import BenchTarget as BenchTarget
+from ._bench import ScalingRow as ScalingRow
 from ._bench import benchmark as benchmark
+from ._bench import benchmark_scaling as benchmark_scaling
 from ._bench import check_targets as check_targets
 from ._bench import format_benchmark as format_benchmark
+from ._bench import format_scaling as format_scaling
 from ._bench import format_targets as format_targets
 from ._per_example import NoiseScale as NoiseScale
 from ._per_example import clipped_grad as clipped_grad

@@ -14,6 +14,7 @@ outputs, excluding the arguments), the same measure for every row.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -259,4 +260,89 @@ def format_benchmark(rows: Sequence[BenchRow], *, header: bool = True) -> str:
             f"{r.batch:>6}  {r.name:<18} {r.median_ms:>10.3f} {r.ratio:>10.2f} "
             f"{r.compile_s:>9.2f} {r.memory_mib:>10.1f} {r.rounds:>6}"
         )
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingRow:
+    """One function on ``devices`` devices at a fixed global batch."""
+
+    devices: int
+    name: str
+    median_ms: float
+    speedup: float  # time on the first device count (1 by default) / time on ``devices``
+    rounds: int
+
+
+def benchmark_scaling(
+    sizes: Sequence[int] = (784, 512, 512, 10),
+    *,
+    batch: int = 1024,
+    devices: Sequence[int] | None = None,
+    activation: str = "relu",
+    loss: str = "softmax_xent",
+    dtype: Any = jnp.float32,
+    rounds: int = 20,
+) -> list[ScalingRow]:
+    """Data-parallel scaling: the same global batch split over 1, 2, 4, … devices.
+
+    Times ``jbp.backprop``, ``per_example_norms``, ``clipped_grad`` and an adam
+    training step (``jbp.make_step``) with params replicated and the batch
+    sharded (:func:`jbp.shard_batch`), interleaved over device counts.
+
+    Args:
+      sizes: MLP layer widths.
+      batch: the global batch; must divide by every device count.
+      devices: device counts (default 1, 2, 4, … up to ``len(jax.devices())``).
+      activation, loss, dtype: the problem.
+      rounds: timing rounds.
+
+    Returns:
+      One :class:`ScalingRow` per device count and function.
+    """
+    import optax
+
+    from ._sharding import make_mesh, replicate, shard_batch
+    from ._train import init_state, make_step
+
+    available = len(jax.devices())
+    if devices is None:
+        devices = [2**k for k in range(available.bit_length()) if 2**k <= available]
+    for n in devices:
+        if n > available or batch % n:
+            raise ValueError(f"cannot split a batch of {batch} over {n} of the {available} devices")
+    net = mlp(list(sizes), activation)
+    opt = optax.adam(1e-3)
+    state = init_state(net, opt, jax.random.key(0), dtype=dtype)
+    x = jax.random.normal(jax.random.key(1), (batch, sizes[0]), dtype)
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, sizes[-1])
+    fns = {
+        "jbp.backprop": lambda s, a, b: backprop(net, loss)(s.params, a, b),
+        "per_example_norms": lambda s, a, b: per_example_norms(net, loss)(s.params, a, b),
+        "clipped_grad": lambda s, a, b: clipped_grad(net, loss, 1.0)(s.params, a, b),
+        "train step (adam)": make_step(net, loss, opt, jit=False),
+    }
+    compiled, args = {}, {}
+    for n in devices:
+        mesh = make_mesh(n)
+        args[n] = (replicate(state, mesh), *shard_batch((x, y), mesh))
+        for name, fn in fns.items():
+            compiled[n, name] = jax.jit(fn).lower(*args[n]).compile()
+    keys = list(compiled)
+    bound = {k: (lambda k=k: compiled[k](*args[k[0]])) for k in keys}
+    times = _time_interleaved(bound, keys, (), rounds, budget_s=math.inf)
+    rows = []
+    for n, name in keys:
+        med = statistics.median(times[n, name])
+        one = statistics.median(times[devices[0], name])
+        rows.append(ScalingRow(n, name, med * 1e3, one / med, len(times[n, name])))
+    return rows
+
+
+def format_scaling(rows: Sequence[ScalingRow]) -> str:
+    """A fixed-width table of :func:`benchmark_scaling` rows."""
+    lines = [f"{'devices':>7}  {'function':<18} {'median ms':>10} {'speedup':>8}"]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        lines.append(f"{r.devices:>7}  {r.name:<18} {r.median_ms:>10.3f} {r.speedup:>8.2f}")
     return "\n".join(lines)

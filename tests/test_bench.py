@@ -94,3 +94,19 @@ def test_bench_bad_arguments(capsys, argv, message):
 def test_benchmark_rejects_unknown_functions():
     with pytest.raises(ValueError, match=r"unknown benchmark functions \['nope'\]; known: "):
         jbp.benchmark((3, 2), batches=(2,), only=["nope"])
+
+
+def test_benchmark_scaling_over_simulated_devices():
+    rows = jbp.benchmark_scaling((6, 5, 3), batch=8, devices=(1, 2, 4), rounds=3)
+    assert [(r.devices, r.name) for r in rows][:4] == [
+        (1, "jbp.backprop"), (1, "per_example_norms"), (1, "clipped_grad"),
+        (1, "train step (adam)"),
+    ]  # fmt: skip
+    assert {r.devices for r in rows} == {1, 2, 4} and len(rows) == 12
+    for r in rows:
+        assert r.median_ms > 0 and r.rounds == 3
+        if r.devices == 1:
+            assert r.speedup == 1.0
+    assert "devices  function" in jbp.format_scaling(rows)
+    with pytest.raises(ValueError, match="cannot split a batch of 6 over 4 of the"):
+        jbp.benchmark_scaling((6, 5, 3), batch=6, devices=(4,))
