@@ -93,8 +93,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Copy every leaf of ``tree`` (params, optimiser state) to every device of ``mesh``."""
-    return jax.device_put(tree, replicated(mesh))
+    """Copy every leaf of ``tree`` (params, optimiser state) to every device of ``mesh``.
+
+    With several processes every process must pass the same values (as they
+    do when every process initialises from the same seed).
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf: Any) -> Any:
+        if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = put(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jtu.tree_map(put, tree)
 
 
 def is_main_process() -> bool:

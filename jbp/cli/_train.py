@@ -132,6 +132,16 @@ def add_train(subparsers: Any) -> None:
     add("--devices", type=int_at_least(1), default=None, metavar="N",
         help="train data-parallel on N devices: the batch split over them, the params "
         "replicated (on a CPU, N simulated devices; default: one device)")  # fmt: skip
+    add("--coordinator", default=None, metavar="HOST:PORT",
+        help="multi-process run: the address of process 0 (with --num-processes and "
+        "--process-id); calls jax.distributed.initialize")  # fmt: skip
+    add("--num-processes", type=int_at_least(1), default=None, metavar="N",
+        help="multi-process run: how many processes take part")  # fmt: skip
+    add("--process-id", type=int_at_least(0), default=None, metavar="I",
+        help="multi-process run: this process's index, 0 to N-1")  # fmt: skip
+    add("--distributed", action="store_true",
+        help="multi-process run configured by the cluster (Slurm, TPU pods, ...): "
+        "jax.distributed.initialize() with no arguments")  # fmt: skip
     add("--plot", default=None, metavar="PNG",
         help="write loss and accuracy curves to this PNG (needs matplotlib)")  # fmt: skip
     add("--quiet", action="store_true", help="print the final result only")
@@ -171,6 +181,37 @@ def _check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         f.write("\n")
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` on every process but process 0."""
+
+
+def _start_distributed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``jax.distributed.initialize`` for a multi-process run.
+
+    Only process 0 prints and writes files; every process loads the whole data
+    set and feeds its own rows of each batch to its own devices.
+    """
+    manual = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in manual) and any(v is None for v in manual):
+        parser.error("--coordinator, --num-processes and --process-id go together")
+    if args.distributed and args.coordinator is not None:
+        parser.error("--distributed reads the cluster's settings: drop --coordinator and co.")
+    if args.coordinator is None and not args.distributed:
+        return
+    if args.process_id is not None and args.process_id >= args.num_processes:
+        parser.error(
+            f"--process-id {args.process_id} must be below --num-processes {args.num_processes}"
+        )
+    # Cross-process collectives on CPU devices need gloo (GPU/TPU bring their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.distributed:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if not jbp.is_main_process():
+        args.quiet, args.plot = True, None
+
+
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.resume and args.run_dir is None:
         parser.error("--resume needs --run-dir, the folder of the run to continue")
@@ -181,9 +222,16 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error("--plot needs matplotlib: pip install 'jbp[experiments]'")
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    processes = args.num_processes or 1
+    if args.devices is not None:
+        if args.devices % processes:
+            parser.error(f"--devices {args.devices} does not split over {processes} processes")
+        if not args.distributed:  # a cluster brings its own devices
+            simulate_cpu_devices(args.devices // processes)
+    _start_distributed(args, parser)  # before anything starts JAX's backends
+    say = print if jbp.is_main_process() else _silent
     mesh = None
     if args.devices is not None:
-        simulate_cpu_devices(args.devices)
         try:
             mesh = jbp.make_mesh(args.devices)
         except ValueError as err:
@@ -253,7 +301,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             what = f"train accuracy {100 * ev['accuracy']:.2f}% (no test split)"
         epochs_done = result.history[-1]["epoch"] if result.history else 0
         stopped = {"early_stopping": ", stopped early", "max_steps": ", stopped at --max-steps"}
-        print(
+        say(
             f"{source}: {what} after {epochs_done} epochs ({int(result.state.step)} steps"
             f"{stopped.get(result.stop_reason, '')}) in {format_duration(seconds)}"
         )
@@ -265,7 +313,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             f"largest |parameter difference| backprop vs autodiff: {worst:.3g} "
             f"({report.n_bitwise} of {len(report.rows)} leaves bitwise identical)"
         )
-        print(note)
+        say(note)
     if args.plot is not None:
         runs = {source: r.history for source, r in results.items()}
         title = f"{data.name}: mlp {sizes} {args.activation}, {args.optimizer} lr {args.lr:g}"
