@@ -128,13 +128,14 @@ register_activation(
     delta=lambda g, z, out: g * (out * (1 - out)),
 )
 
-# tanh' = 1 − tanh²; JAX's rule for lax.tanh: (g + g*ans) * (1 - ans).
-register_activation(
-    "tanh",
-    jnp.tanh,
-    lambda z, out: 1 - out * out,
-    delta=lambda g, z, out: (g + g * out) * (1 - out),
-)
+# tanh' = 1 − tanh². JAX's rule for lax.tanh is (g + g·ans)(1 − ans) in forward
+# mode; jax.grad runs its transpose, t + t·ans with t = g(1 − ans): mirrored here.
+def _tanh_delta(g: Array, z: Array, out: Array) -> Array:
+    t = g * (1 - out)
+    return t + t * out
+
+
+register_activation("tanh", jnp.tanh, lambda z, out: 1 - out * out, delta=_tanh_delta)
 
 # relu' = 1[z > 0] (0 at the kink, as jax.nn.relu).
 register_activation(
@@ -171,8 +172,16 @@ register_activation(
     delta=lambda g, z, out: jnp.where(z > 0, g, g * (out + 1)),
 )
 
-# softplus(z) = log(1 + e^z) in the stable form; softplus' = σ(z).
-register_activation("softplus", jax.nn.softplus, lambda z, out: jax.nn.sigmoid(z))
+# softplus(z) = log(1 + e^z) in the stable form (jnp.logaddexp(z, 0)); softplus' = σ(z),
+# which logaddexp's rule forms as exp(z − softplus(z)) (infinities masked): mirrored.
+def _softplus_delta(g: Array, z: Array, out: Array) -> Array:
+    zero = jnp.zeros_like(z)
+    return g * jnp.exp(jnp.where(z == jnp.inf, zero, z) - jnp.where(out == jnp.inf, zero, out))
+
+
+register_activation(
+    "softplus", jax.nn.softplus, lambda z, out: jax.nn.sigmoid(z), delta=_softplus_delta
+)
 
 _INV_SQRT2 = 1 / math.sqrt(2)
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
@@ -182,11 +191,22 @@ def _gelu(z: Array) -> Array:
     return 0.5 * z * (1 + lax.erf(z * _INV_SQRT2))
 
 
-# gelu'(z) = Φ(z) + z φ(z).
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
+
+
+# gelu'(z) = Φ(z) + z φ(z); the δ in the order of jax.grad's transposed chain
+# (product rule on 0.5·z·(1 + erf(z/√2)), erf' = 2/√π·exp(−u²)).
+def _gelu_delta(g: Array, z: Array, out: Array) -> Array:
+    u = z * _INV_SQRT2
+    through_erf = _TWO_OVER_SQRT_PI * ((0.5 * z) * g) * jnp.exp(-jnp.square(u)) * _INV_SQRT2
+    return through_erf + 0.5 * (g * (1 + lax.erf(u)))
+
+
 register_activation(
     "gelu",
     _gelu,
     lambda z, out: 0.5 * (1 + lax.erf(z * _INV_SQRT2)) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z)),
+    delta=_gelu_delta,
 )
 
 _GELU_C = math.sqrt(2 / math.pi)
@@ -202,7 +222,15 @@ def _gelu_tanh_derivative(z: Array, out: Array) -> Array:
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * z * z)
 
 
-register_activation("gelu_tanh", _gelu_tanh, _gelu_tanh_derivative)
+# The δ in the order of jax.grad's transposed chain through 0.5·z·(1 + tanh(c(z + k z³))).
+def _gelu_tanh_delta(g: Array, z: Array, out: Array) -> Array:
+    t = jnp.tanh(_GELU_C * (z + _GELU_K * z**3))
+    s = ((0.5 * z) * g) * (1 - t)
+    r = _GELU_C * (s + s * t)
+    return (r + (_GELU_K * r) * (3 * z**2)) + 0.5 * (g * (1 + t))
+
+
+register_activation("gelu_tanh", _gelu_tanh, _gelu_tanh_derivative, delta=_gelu_tanh_delta)
 
 
 def _silu(z: Array) -> Array:
@@ -215,5 +243,11 @@ def _silu_derivative(z: Array, out: Array) -> Array:
     return s * (1 + z * (1 - s))
 
 
-register_activation("silu", _silu, _silu_derivative)
+# The δ in the order of jax.grad's product rule on z·σ(z), σ' = σ(1 − σ).
+def _silu_delta(g: Array, z: Array, out: Array) -> Array:
+    s = jax.nn.sigmoid(z)
+    return g * s + (z * g) * (s * (1 - s))
+
+
+register_activation("silu", _silu, _silu_derivative, delta=_silu_delta)
 register_activation("sin", jnp.sin, lambda z, out: jnp.cos(z))

@@ -54,10 +54,7 @@ def forward_backward(
       layer), the output ``(batch, out)`` and the per-layer caches.
     """
     out, caches = net.forward(params, x)
-    delta = loss.delta(out, y)
-    if loss.reduction == "mean":
-        delta = delta * loss.scale(out.shape[0])
-    grads, _ = net.backward(params, caches, delta)
+    grads, _ = net.backward(params, caches, loss.batch_delta(out, y))
     return loss(out, y), grads, out, caches
 
 

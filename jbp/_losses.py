@@ -35,6 +35,9 @@ class Loss:
       integer_labels: whether ``y`` may be integer class labels of shape
         ``(batch,)`` instead of targets shaped like ``a``.
       description: one line for error messages and docs.
+      reduced_delta: optional ``(a, y) -> ∂C/∂a`` of the reduced total, to
+        compute the batch δ_L in another operation order than ``delta`` times
+        :meth:`scale` (e.g. that of ``jax.grad``); see :meth:`batch_delta`.
     """
 
     name: str
@@ -43,6 +46,7 @@ class Loss:
     reduction: str
     integer_labels: bool = False
     description: str = ""
+    reduced_delta: Callable[[Array, Array], Array] | None = None
 
     def __post_init__(self) -> None:
         if self.reduction not in ("sum", "mean"):
@@ -51,6 +55,13 @@ class Loss:
     def scale(self, batch: int) -> float:
         """The factor from ``Σ_i`` to this loss's reduction: 1 or 1/batch."""
         return 1.0 if self.reduction == "sum" else 1.0 / batch
+
+    def batch_delta(self, a: Array, y: Array) -> Array:
+        """δ_L = ∂C/∂a of the reduced total: ``delta(a, y)`` times :meth:`scale`."""
+        if self.reduced_delta is not None:
+            return self.reduced_delta(a, y)
+        delta = self.delta(a, y)
+        return delta if self.reduction == "sum" else delta * self.scale(a.shape[0])
 
     def reduce(self, per_example: Array) -> Array:
         """Reduce per-example values ``(batch,)`` to the scalar total ``C``."""
@@ -75,6 +86,14 @@ def _mse(a: Array, y: Array) -> Array:
 
 def _mse_delta(a: Array, y: Array) -> Array:
     return (2.0 / a.shape[-1]) * (a - y)
+
+
+def _mse_reduced_delta(a: Array, y: Array) -> Array:
+    """2(a − y)/(K·B) in jax.grad's order, as XLA runs it: (1/B)·(1/K) in the
+    array's dtype (XLA turns the division by the constant K into a product)."""
+    one = jnp.ones((), a.dtype)
+    k = (one / a.shape[0]) * (one / a.shape[-1])
+    return 2 * ((a - y) * k)
 
 
 def _sigmoid_bce(a: Array, y: Array) -> Array:
@@ -111,6 +130,7 @@ MSE = Loss(
     _mse_delta,
     "mean",
     description="ℓ_i = mean_k (a_ik − y_ik)², averaged over the batch; δ_L = 2(a − y)/(K·B)",
+    reduced_delta=_mse_reduced_delta,
 )
 SIGMOID_BCE = Loss(
     "sigmoid_bce",

@@ -49,6 +49,33 @@ def test_activation_derivative_is_differentiable(name):
     np.testing.assert_allclose(d2, ref, rtol=1e-10, atol=1e-12)
 
 
+# The δ rules mirror the operation order of JAX's own reverse-mode rules, as
+# written in jax 0.10; a later JAX that reorders a rule changes only this test.
+MIRRORED_JAX = jax.__version__.startswith("0.10.")
+
+
+@pytest.mark.skipif(not MIRRORED_JAX, reason=f"rules mirrored from jax 0.10, not {jax.__version__}")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", _activations.activation_names())
+def test_activation_delta_is_bitwise_jax_vjp(name, dtype):
+    act = _activations.get_activation(name)
+    z = 3 * jax.random.normal(jax.random.key(0), (4096,), dtype)
+    g = jax.random.normal(jax.random.key(1), (4096,), dtype)
+    ref = jax.jit(lambda z, g: jax.vjp(act.f, z)[1](g)[0])(z, g)  # reference
+    got = jax.jit(lambda z, g: act.backward(g, z, act.f(z)))(z, g)
+    assert np.array_equal(np.asarray(got), np.asarray(ref)), float(jnp.max(jnp.abs(got - ref)))
+
+
+@pytest.mark.skipif(not MIRRORED_JAX, reason=f"rules mirrored from jax 0.10, not {jax.__version__}")
+@pytest.mark.parametrize("loss", ["half_sse", "mse"])
+def test_regression_loss_delta_is_bitwise_jax_grad(loss):
+    a = jax.random.normal(jax.random.key(0), (7, 3), jnp.float32)
+    y = jax.random.normal(jax.random.key(1), (7, 3), jnp.float32)
+    fn = _losses.get_loss(loss)
+    ref = jax.grad(lambda a: fn(a, y))(a)  # reference
+    assert np.array_equal(np.asarray(fn.batch_delta(a, y)), np.asarray(ref))
+
+
 def test_register_activation_is_used_by_dense():
     jbp.register_activation("test_cube", lambda z: z**3, lambda z, out: 3 * z**2, overwrite=True)
     assert "test_cube" in jbp.activation_names()

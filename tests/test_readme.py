@@ -16,12 +16,16 @@ def test_readme_python_blocks_run(capsys):
     blocks = _blocks()
     assert len(blocks) >= 2
     scope: dict = {}
+    user_layer: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), scope)
+        if "class Scale" in block:
+            user_layer = dict(scope)  # later blocks reuse the names params, x, y
     out = capsys.readouterr().out
     assert out.count("gradient check: OK") == 2
 
     # The README says: drop `* params["s"]` in delta_in and layer 0 is the first mismatch.
+    scope = user_layer
     scale_cls = scope["Scale"]
 
     class Broken(scale_cls):
