@@ -6,6 +6,18 @@ from ._activations import register_activation as register_activation
 from ._backprop import backprop as backprop
 from ._backprop import objective as objective
 from ._backprop import value_and_backprop as value_and_backprop
+from ._bench import BENCH_FUNCTIONS as BENCH_FUNCTIONS
+from ._bench import BENCH_TARGETS as BENCH_TARGETS
+from ._bench import MATERIALISING as MATERIALISING
+from ._bench import BenchRow as BenchRow
+from ._bench import BenchTarget as BenchTarget
+from ._bench import ScalingRow as ScalingRow
+from ._bench import benchmark as benchmark
+from ._bench import benchmark_scaling as benchmark_scaling
+from ._bench import check_targets as check_targets
+from ._bench import format_benchmark as format_benchmark
+from ._bench import format_scaling as format_scaling
+from ._bench import format_targets as format_targets
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
@@ -28,6 +40,14 @@ from ._layers import Sequential as Sequential
 from ._layers import mlp as mlp
 from ._losses import Loss as Loss
 from ._losses import loss_names as loss_names
+from ._per_example import NoiseScale as NoiseScale
+from ._per_example import clipped_grad as clipped_grad
+from ._per_example import dp_grad as dp_grad
+from ._per_example import grad_variance as grad_variance
+from ._per_example import gradient_noise_scale as gradient_noise_scale
+from ._per_example import per_example_grads as per_example_grads
+from ._per_example import per_example_norms as per_example_norms
+from ._per_example import sum_grad_squared as sum_grad_squared
 from ._plot import plot_curves as plot_curves
 from ._sharding import batch_sharded as batch_sharded
 from ._sharding import data_parallel_step as data_parallel_step
@@ -41,30 +61,9 @@ from ._train import TrainingError as TrainingError
 from ._train import TrainState as TrainState
 from ._train import evaluate as evaluate
 from ._train import init_state as init_state
+from ._train import make_dp_step as make_dp_step
 from ._train import make_step as make_step
 from ._train import targets as targets
-
-__version__ = "0.1.0"
-from ._bench import BENCH_FUNCTIONS as BENCH_FUNCTIONS
-from ._bench import BENCH_TARGETS as BENCH_TARGETS
-from ._bench import MATERIALISING as MATERIALISING
-from ._bench import BenchRow as BenchRow
-from ._bench import BenchTarget as BenchTarget
-from ._bench import ScalingRow as ScalingRow
-from ._bench import benchmark as benchmark
-from ._bench import benchmark_scaling as benchmark_scaling
-from ._bench import check_targets as check_targets
-from ._bench import format_benchmark as format_benchmark
-from ._bench import format_scaling as format_scaling
-from ._bench import format_targets as format_targets
-from ._per_example import NoiseScale as NoiseScale
-from ._per_example import clipped_grad as clipped_grad
-from ._per_example import dp_grad as dp_grad
-from ._per_example import grad_variance as grad_variance
-from ._per_example import gradient_noise_scale as gradient_noise_scale
-from ._per_example import per_example_grads as per_example_grads
-from ._per_example import per_example_norms as per_example_norms
-from ._per_example import sum_grad_squared as sum_grad_squared
 from ._verify import FiniteDifferenceCheck as FiniteDifferenceCheck
 from ._verify import GradientMismatch as GradientMismatch
 from ._verify import LeafRow as LeafRow
@@ -73,3 +72,5 @@ from ._verify import TaylorCheck as TaylorCheck
 from ._verify import compare as compare
 from ._verify import verify as verify
 from ._zoo import random_problem as random_problem
+
+__version__ = "0.1.0"

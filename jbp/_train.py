@@ -35,6 +35,7 @@ from ._backprop import check_net, objective, value_and_backprop
 from ._checks import check_dtype, check_key, check_params, params_dtype
 from ._layers import Sequential
 from ._losses import Loss, get_loss
+from ._per_example import dp_grad
 from ._verify import Report
 
 Array = jax.Array
@@ -174,14 +175,76 @@ def make_step(
     def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
         key, _step_key = jr.split(state.key)
         value, grads = value_and_grad(state.params, x, y)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        return _apply(optimizer, state, key, grads, {"loss": value})
+
+    return jax.jit(step) if jit else step
+
+
+def _apply(
+    optimizer: Any, state: TrainState, key: Array, grads: Any, metrics: dict[str, Array]
+) -> tuple[TrainState, dict[str, Array]]:
+    """The optax update with ``grads``; the next state and the step's metrics."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": _norm(grads), "param_norm": _norm(params)}
+    return TrainState(params, opt_state, state.step + 1, key), metrics
+
+
+def make_dp_step(
+    net: Any,
+    loss: str | Loss,
+    optimizer: Any,
+    *,
+    max_norm: float,
+    noise_multiplier: float,
+    jit: bool = True,
+) -> StepFn:
+    """A DP-SGD training step (Abadi et al. 2016) on the δ equations, built once.
+
+    Each example's gradient is clipped to ``max_norm`` without being formed
+    (:func:`jbp.clipped_grad`: one backward pass and a re-weighted
+    weight-gradient pass), the clipped sum gets Gaussian noise of standard
+    deviation ``noise_multiplier · max_norm`` (:func:`jbp.dp_grad`; divided
+    by B for mean losses), and ``optimizer`` applies the result. The noise
+    key is the step's own half of ``state.key``, split once per step, so a
+    run is reproducible from its seed and a resumed run draws the same noise.
+
+    Args:
+      net, loss, optimizer: as :func:`make_step`.
+      max_norm: the per-example clipping norm (finite, positive).
+      noise_multiplier: σ in units of ``max_norm``, ≥ 0 (0: clipping only).
+      jit: return the step under ``jax.jit`` (default) or the pure function.
+
+    Returns:
+      ``step(state, x, y) -> (state, metrics)`` with the metrics of
+      :func:`make_step` (``grad_norm`` is the noisy gradient's) plus
+      ``"clipped"``, the share of examples whose gradient was clipped, and
+      ``"mean_example_norm"``, the mean unclipped ‖g_i‖.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jbp
+      >>> net, opt = jbp.mlp([2, 4, 2]), optax.sgd(0.1)
+      >>> state = jbp.init_state(net, opt, jax.random.key(0))
+      >>> step = jbp.make_dp_step(net, "softmax_xent", opt, max_norm=1.0, noise_multiplier=1.1)
+      >>> state, metrics = step(state, jnp.ones((3, 2), jnp.float32), jnp.array([0, 1, 1]))
+      >>> sorted(metrics)
+      ['clipped', 'grad_norm', 'loss', 'mean_example_norm', 'param_norm']
+    """
+    net = check_net(net)
+    loss = get_loss(loss)
+    check_optimizer(optimizer)
+    dp = dp_grad(net, loss, max_norm, noise_multiplier)
+    value_fn = objective(net, loss)
+
+    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+        key, step_key = jr.split(state.key)
+        grads, norms = dp(state.params, x, y, step_key)
         metrics = {
-            "loss": value,
-            "grad_norm": _norm(grads),
-            "param_norm": _norm(params),
+            "loss": value_fn(state.params, x, y),
+            "clipped": jnp.mean((norms > max_norm).astype(norms.dtype)),
+            "mean_example_norm": jnp.mean(norms),
         }
-        return TrainState(params, opt_state, state.step + 1, key), metrics
+        return _apply(optimizer, state, key, grads, metrics)
 
     return jax.jit(step) if jit else step
 

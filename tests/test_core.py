@@ -1,6 +1,7 @@
 """Unit tests of the building blocks: activations, losses, layers, the public façade."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +21,33 @@ PUBLIC = [
     # the trainer and data sets
     "CheckpointError", "Dataset", "FitResult", "TrainState", "TrainingError", "batches",
     "dataset_names", "evaluate", "fit", "init_state", "load_checkpoint", "load_dataset",
-    "make_step", "plot_curves", "save_checkpoint", "targets",
-]
+    "make_step", "plot_curves", "save_checkpoint", "targets", "make_dp_step",
+    # per-example analysis
+    "NoiseScale", "clipped_grad", "dp_grad", "grad_variance", "gradient_noise_scale",
+    "per_example_grads", "per_example_norms", "sum_grad_squared",
+    "LabelNoiseStudy", "auroc", "flip_labels", "label_noise_study", "plot_label_noise",
+    "precision_at_k",
+    # devices
+    "batch_sharded", "data_parallel_step", "is_main_process", "make_mesh", "process_rows",
+    "replicate", "replicated", "shard_batch",
+    # benchmarks and sweeps
+    "BENCH_FUNCTIONS", "BENCH_TARGETS", "BenchRow", "BenchTarget", "MATERIALISING",
+    "ScalingRow", "benchmark", "benchmark_scaling", "check_targets", "format_benchmark",
+    "format_scaling", "format_targets", "random_problem",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", PUBLIC)
 def test_public_names(name):
     assert hasattr(jbp, name), name
+
+
+def test_the_public_list_is_complete():
+    exported = {
+        n for n, v in vars(jbp).items()
+        if not n.startswith("_") and not isinstance(v, types.ModuleType)
+    }  # fmt: skip
+    assert exported == set(PUBLIC)
 
 
 @pytest.mark.parametrize("name", _activations.activation_names())
