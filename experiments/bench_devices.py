@@ -23,12 +23,16 @@ import platform
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--simulate", type=int, default=None, metavar="N",
-                        help="simulate N CPU devices (only before JAX starts; CPU only)")
+    parser.add_argument(
+        "--simulate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="simulate N CPU devices (only before JAX starts; CPU only)",
+    )
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--skip-per-example", action="store_true",
-                        help="only the scaling table")
+    parser.add_argument("--skip-per-example", action="store_true", help="only the scaling table")
     args = parser.parse_args(argv)
     if args.simulate:
         flag = "--xla_force_host_platform_device_count"
@@ -40,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from jbp.cli import main as jbp_main
 
     devices = jax.devices()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} × "
-          f"{devices[0].device_kind}, {platform.machine()}, python {platform.python_version()}")
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} × "
+        f"{devices[0].device_kind}, {platform.machine()}, python {platform.python_version()}"
+    )
     if not args.skip_per_example:
         jbp_main(["bench"])
         print()

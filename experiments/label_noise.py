@@ -34,10 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}")
-    print(f"digits, {args.noise:.0%} of training labels flipped, MLP 64-64-10 relu, "
-          f"adam 1e-3, batch 32, {args.epochs} epochs")
-    print(f"{'seed':>4}  {'AUROC ‖g_i‖':>11}  {'AUROC ℓ_i':>9}  {'P@flipped':>9}  "
-          f"{'P@20':>5}  {'test acc':>8}  {'B_simple (first → last epoch)':>30}")
+    print(
+        f"digits, {args.noise:.0%} of training labels flipped, MLP 64-64-10 relu, "
+        f"adam 1e-3, batch 32, {args.epochs} epochs"
+    )
+    print(
+        f"{'seed':>4}  {'AUROC ‖g_i‖':>11}  {'AUROC ℓ_i':>9}  {'P@flipped':>9}  "
+        f"{'P@20':>5}  {'test acc':>8}  {'B_simple (first → last epoch)':>30}"
+    )
     rows = []
     for seed in range(args.seeds):
         data = jbp.load_dataset("digits", seed=seed)
@@ -47,26 +51,32 @@ def main(argv: list[str] | None = None) -> int:
         n_flipped = int(study.flipped.sum())
         rows.append(study)
         first, last = study.history[0]["b_simple"], study.history[-1]["b_simple"]
-        print(f"{seed:>4}  {study.auroc_norm:>11.4f}  {study.auroc_loss:>9.4f}  "
-              f"{study.precision[n_flipped]:>9.3f}  {study.precision[20]:>5.2f}  "
-              f"{study.test_accuracy:>8.4f}  {first:>14.4g} → {last:<12.4g}")
+        print(
+            f"{seed:>4}  {study.auroc_norm:>11.4f}  {study.auroc_loss:>9.4f}  "
+            f"{study.precision[n_flipped]:>9.3f}  {study.precision[20]:>5.2f}  "
+            f"{study.test_accuracy:>8.4f}  {first:>14.4g} → {last:<12.4g}"
+        )
         if seed == 0:
             paths = jbp.plot_label_noise(study, args.out)
             top = os.path.join(args.out, "label_noise_top.txt")
             with open(top, "w", encoding="utf-8") as f:
                 f.write("rank  example  norm  loss  given_label  true_label  flipped\n")
                 for rank, (i, norm, loss, flipped) in enumerate(study.top(20), 1):
-                    f.write(f"{rank} {i} {norm:.6g} {loss:.6g} {study.labels[i]} "
-                            f"{data.y_train[i]} {flipped}\n")
+                    f.write(
+                        f"{rank} {i} {norm:.6g} {loss:.6g} {study.labels[i]} "
+                        f"{data.y_train[i]} {flipped}\n"
+                    )
             paths.append(top)
 
     def spread(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
-    print(f"mean ± sd over {len(rows)} seeds: AUROC by ‖g_i‖ "
-          f"{spread([s.auroc_norm for s in rows])}, by ℓ_i {spread([s.auroc_loss for s in rows])}, "
-          f"test accuracy {spread([s.test_accuracy for s in rows])}")
+    print(
+        f"mean ± sd over {len(rows)} seeds: AUROC by ‖g_i‖ "
+        f"{spread([s.auroc_norm for s in rows])}, by ℓ_i {spread([s.auroc_loss for s in rows])}, "
+        f"test accuracy {spread([s.test_accuracy for s in rows])}"
+    )
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -121,8 +121,10 @@ def print_case(case: Case) -> dict[str, float]:
         "jax.grad": rel_err(case.autodiff, case.seed),
         "finite diff.": rel_err(fd, case.seed),
     }
-    print(f"   worst |x − seed| / max|seed| over all {n} entries: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    print(
+        f"   worst |x − seed| / max|seed| over all {n} entries: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+    )
     for note in case.notes:
         print(f"   {note}")
     return errs
@@ -170,9 +172,17 @@ def case_000() -> Case:
         "no biases, one example",
         "w_n = params[n]['w']ᵀ (params[0] is the Activation on x_1); "
         "the δ of layer params[n] is δ_{n+1}",
-        params, cost, seed, back(gm), back(ga),
-        [("∂c/∂w_1[1,1]", "w_1", (0, 0)), ("∂c/∂w_1[2,3]", "w_1", (1, 2)),
-         ("∂c/∂w_2[4,1]", "w_2", (3, 0)), ("∂c/∂w_3[2,4]", "w_3", (1, 3))],
+        params,
+        cost,
+        seed,
+        back(gm),
+        back(ga),
+        [
+            ("∂c/∂w_1[1,1]", "w_1", (0, 0)),
+            ("∂c/∂w_1[2,3]", "w_1", (1, 2)),
+            ("∂c/∂w_2[4,1]", "w_2", (3, 0)),
+            ("∂c/∂w_3[2,4]", "w_3", (1, 3)),
+        ],
     )
 
 
@@ -220,8 +230,9 @@ def s001_init() -> dict:
 
 
 def s001_to_jbp(p: dict) -> tuple:
-    return tuple({"w": jnp.asarray(p[f"W{l}"].T), "b": jnp.asarray(p[f"b{l}"][:, 0])}
-                 for l in (1, 2, 3))
+    return tuple(
+        {"w": jnp.asarray(p[f"W{l}"].T), "b": jnp.asarray(p[f"b{l}"][:, 0])} for l in (1, 2, 3)
+    )
 
 
 def s001_from_jbp(g: Any) -> dict:
@@ -243,8 +254,11 @@ def case_001() -> Case:
         local = {4: {1: (s - y) * fp(z[4][0, 0])}}  # (δ_1)⁴ = ∂C/∂s · f'(z⁴)
         for l in (3, 2):
             local[l] = {
-                j: sum(local[l + 1][i] * params[f"W{l}"][i - 1, j - 1]
-                       for i in range(1, S001_N[l + 1] + 1)) * fp(z[l][j - 1, 0])
+                j: sum(
+                    local[l + 1][i] * params[f"W{l}"][i - 1, j - 1]
+                    for i in range(1, S001_N[l + 1] + 1)
+                )
+                * fp(z[l][j - 1, 0])
                 for j in range(1, S001_N[l] + 1)
             }
         for l in (1, 2, 3):
@@ -261,12 +275,23 @@ def case_001() -> Case:
         "patterns, at the training run's initial weights",
         "(w_jk)^l = params[l-1]['w'][k-1, j-1] (jbp's w is (W^l)ᵀ); (b_j)^l = "
         "params[l-1]['b'][j-1]",
-        params, s001_cost, seed, s001_from_jbp(gm), s001_from_jbp(ga),
-        [("∂C/∂(w_22)²", "W2", (1, 1)), ("∂C/∂(w_12)²", "W2", (0, 1)),
-         ("∂C/∂(w_21)²", "W2", (1, 0)), ("∂C/∂(w_13)¹", "W1", (0, 2)),
-         ("∂C/∂(w_12)³", "W3", (0, 1)), ("∂C/∂(b_2)²", "b2", (1, 0))],
-        [f"worked example through (z_2)³ and (a_2)³: ∂C/∂(w_22)² = {worked:.12e} "
-         f"(table: {seed['W2'][1, 1]:.12e})"],
+        params,
+        s001_cost,
+        seed,
+        s001_from_jbp(gm),
+        s001_from_jbp(ga),
+        [
+            ("∂C/∂(w_22)²", "W2", (1, 1)),
+            ("∂C/∂(w_12)²", "W2", (0, 1)),
+            ("∂C/∂(w_21)²", "W2", (1, 0)),
+            ("∂C/∂(w_13)¹", "W1", (0, 2)),
+            ("∂C/∂(w_12)³", "W3", (0, 1)),
+            ("∂C/∂(b_2)²", "b2", (1, 0)),
+        ],
+        [
+            f"worked example through (z_2)³ and (a_2)³: ∂C/∂(w_22)² = {worked:.12e} "
+            f"(table: {seed['W2'][1, 1]:.12e})"
+        ],
     )
 
 
@@ -302,7 +327,11 @@ def case_002_chain() -> Case:
         "seed 002 (MIT OCW): the two-neuron chain i_l → σ → σ → o_r, P = −½(d − o_r)²",
         "w_l = params[0]['w'][0,0], w_r = params[1]['w'][0,0]; jbp minimises C = ½(d − o)² = −P, "
         "so ∂P/∂w is shown as −(jbp's gradient)",
-        params, perf, seed, back(gm), back(ga),
+        params,
+        perf,
+        seed,
+        back(gm),
+        back(ga),
         [("∂P/∂w_r", "w_r", (0,)), ("∂P/∂w_l", "w_l", (0,))],
     )
 
@@ -330,9 +359,16 @@ def s002_dP(w: list, X: np.ndarray, D: np.ndarray) -> list:
         for m in range(len(w) - 1, -1, -1):
             dP[m] += np.outer(inputs[m], delta)
             if m:
-                delta = outs[m - 1] * (1 - outs[m - 1]) * np.array(
-                    [sum(w[m][i, j] * delta[j] for j in range(w[m].shape[1]))
-                     for i in range(w[m].shape[0])])
+                delta = (
+                    outs[m - 1]
+                    * (1 - outs[m - 1])
+                    * np.array(
+                        [
+                            sum(w[m][i, j] * delta[j] for j in range(w[m].shape[1]))
+                            for i in range(w[m].shape[0])
+                        ]
+                    )
+                )
     return dP
 
 
@@ -360,16 +396,31 @@ def case_002_multi() -> tuple[Case, float]:
     for _ in range(10):
         w_asc = [wm + alpha * g for wm, g in zip(w_asc, s002_dP(w_asc, X, D), strict=True)]
         p_desc = jtu.tree_map(lambda p, g: p - alpha * g, p_desc, step(p_desc, X, D))
-        worst = max(worst, max(float(np.max(np.abs(np.asarray(p["w"]) - wm)))
-                               for p, wm in zip(p_desc, w_asc, strict=True)))
+        worst = max(
+            worst,
+            max(
+                float(np.max(np.abs(np.asarray(p["w"]) - wm)))
+                for p, wm in zip(p_desc, w_asc, strict=True)
+            ),
+        )
     case = Case(
         "seed 002: more neurons per layer, 3-4-3-2 sigmoid, no biases, 4 samples",
         "w_{l_i→r_j} = params[m]['w'][i, j] (no transpose); shown as ∂P/∂w = −(jbp's gradient)",
-        params, perf, seed, back(gm), back(ga),
-        [("∂P/∂w_{l_1→r_1} (layer 1)", "w1", (0, 0)), ("∂P/∂w_{l_3→r_2} (layer 1)", "w1", (2, 1)),
-         ("∂P/∂w_{l_4→r_3} (layer 2)", "w2", (3, 2)), ("∂P/∂w_{l_2→f_1} (final)", "w3", (1, 0))],
-        [f"ascent w' = w + α∂P/∂w (seed) vs descent w' = w − α∂C/∂w (jbp), 10 steps, α = "
-         f"{alpha}: max |Δw| = {worst:.1e}"],
+        params,
+        perf,
+        seed,
+        back(gm),
+        back(ga),
+        [
+            ("∂P/∂w_{l_1→r_1} (layer 1)", "w1", (0, 0)),
+            ("∂P/∂w_{l_3→r_2} (layer 1)", "w1", (2, 1)),
+            ("∂P/∂w_{l_4→r_3} (layer 2)", "w2", (3, 2)),
+            ("∂P/∂w_{l_2→f_1} (final)", "w3", (1, 0)),
+        ],
+        [
+            f"ascent w' = w + α∂P/∂w (seed) vs descent w' = w − α∂C/∂w (jbp), 10 steps, α = "
+            f"{alpha}: max |Δw| = {worst:.1e}"
+        ],
     )
     return case, worst
 
@@ -394,8 +445,10 @@ def case_003() -> Case:
         return a, z
 
     def cost(p):  # (5) C = ½ (y − a_l)², summed over the rows
-        return sum(0.5 * float(np.sum((y - forward(p, x)[0][l]) ** 2))
-                   for x, y in zip(X[:, None, :], Y[:, None, :], strict=True))
+        return sum(
+            0.5 * float(np.sum((y - forward(p, x)[0][l]) ** 2))
+            for x, y in zip(X[:, None, :], Y[:, None, :], strict=True)
+        )
 
     seed = {k: np.zeros_like(v) for k, v in params.items()}
     for x, y in zip(X[:, None, :], Y[:, None, :], strict=True):  # one row (1, n) at a time
@@ -407,8 +460,10 @@ def case_003() -> Case:
             seed[f"w{i}"] += a[i].T @ delta[i + 1]  # (13)
             seed[f"b{i}"] += delta[i + 1]  # (14)
     net = jbp.mlp(list(sizes), act, final_activation=act)
-    p_jbp = tuple({"w": jnp.asarray(params[f"w{i}"]), "b": jnp.asarray(params[f"b{i}"][0])}
-                  for i in range(1, l))
+    p_jbp = tuple(
+        {"w": jnp.asarray(params[f"w{i}"]), "b": jnp.asarray(params[f"b{i}"][0])}
+        for i in range(1, l)
+    )
     gm, ga = jbp_gradients(net, "half_sse", p_jbp, X, Y)
 
     def back(g):
@@ -420,10 +475,18 @@ def case_003() -> Case:
         "seed 003: 3-5-4-2 sigmoid, row vectors, 3 examples (rows), equations (11)-(14)",
         "w_i = params[i-1]['w'] and b_i = params[i-1]['b'] (jbp's own layout, no transpose); "
         "the δ of layer params[i-1] is the seed's δ_{i+1}",
-        params, cost, seed, back(gm), back(ga),
-        [("∂C/∂w_1[1,1]", "w1", (0, 0)), ("∂C/∂w_2[5,4]", "w2", (4, 3)),
-         ("∂C/∂w_3[4,2]", "w3", (3, 1)), ("∂C/∂b_1[3]", "b1", (0, 2)),
-         ("∂C/∂b_3[1]", "b3", (0, 0))],
+        params,
+        cost,
+        seed,
+        back(gm),
+        back(ga),
+        [
+            ("∂C/∂w_1[1,1]", "w1", (0, 0)),
+            ("∂C/∂w_2[5,4]", "w2", (4, 3)),
+            ("∂C/∂w_3[4,2]", "w3", (3, 1)),
+            ("∂C/∂b_1[3]", "b1", (0, 2)),
+            ("∂C/∂b_3[1]", "b3", (0, 0)),
+        ],
     )
 
 
@@ -455,8 +518,14 @@ class PrependOne(jbp.Layer):
         return {}, delta_out[:, 1:]
 
 
-XOR_NET_W0 = jbp.Sequential([PrependOne(2), jbp.Dense(3, 2, "sigmoid", bias=False),
-                             PrependOne(2), jbp.Dense(3, 1, bias=False)])
+XOR_NET_W0 = jbp.Sequential(
+    [
+        PrependOne(2),
+        jbp.Dense(3, 2, "sigmoid", bias=False),
+        PrependOne(2),
+        jbp.Dense(3, 1, bias=False),
+    ]
+)
 
 
 def s004_forward(W: list, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -480,8 +549,9 @@ def s004_eq15(W: list) -> list:
         w1, a = W[1][n1, 0], a1[:, n1 - 1]
         g0[0, n1 - 1] = w1 * sum(a[p] * (1 - a[p]) * (y[p] - h[p]) for p in range(4))
         for q in (1, 2):
-            g0[q, n1 - 1] = w1 * sum(x[p, q - 1] * a[p] * (1 - a[p]) * (y[p] - h[p])
-                                     for p in range(4))
+            g0[q, n1 - 1] = w1 * sum(
+                x[p, q - 1] * a[p] * (1 - a[p]) * (y[p] - h[p]) for p in range(4)
+            )
         g1[n1, 0] = sum(a[p] * (y[p] - h[p]) for p in range(4))
     g1[0, 0] = sum(y[p] - h[p] for p in range(4))
     return [g0, g1]
@@ -502,23 +572,35 @@ def case_004(W: list) -> Case:
     gm, ga = jbp_gradients(XOR_NET, "sigmoid_bce", s004_to_jbp(W), XOR_X, XOR_Y)
 
     def back(g):  # seed C = log-likelihood = −(sigmoid_bce); rows [bias, weights]
-        return {f"w^{l}": -np.concatenate([np.asarray(g[l]["b"])[None, :],
-                                           np.asarray(g[l]["w"])]) for l in (0, 1)}
+        return {
+            f"w^{l}": -np.concatenate([np.asarray(g[l]["b"])[None, :], np.asarray(g[l]["w"])])
+            for l in (0, 1)
+        }
 
     g_w0 = jax.jit(jbp.backprop(XOR_NET_W0, "sigmoid_bce"))(
-        ({}, {"w": jnp.asarray(W[0])}, {}, {"w": jnp.asarray(W[1])}), XOR_X, XOR_Y)
+        ({}, {"w": jnp.asarray(W[0])}, {}, {"w": jnp.asarray(W[1])}), XOR_X, XOR_Y
+    )
     w0_err = max(float(np.max(np.abs(-np.asarray(g_w0[2 * l + 1]["w"]) - g15[l]))) for l in (0, 1))
     return Case(
         "seed 004: 2-2-1 sigmoid on the 4 XOR points, log-likelihood C, closed form (15)",
         "w^l[n_l, n_{l+1}] with row 0 the bias: jbp w = w^l[1:], b = w^l[0]; c is a "
         "log-likelihood = −(sigmoid_bce of the logits z^L), shown as −(jbp's gradient)",
-        {"w^0": W[0], "w^1": W[1]}, lambda p: s004_likelihood([p["w^0"], p["w^1"]]),
-        seed, back(gm), back(ga),
-        [("∂C/∂w^0_{01} (bias)", "w^0", (0, 0)), ("∂C/∂w^0_{11}", "w^0", (1, 0)),
-         ("∂C/∂w^0_{22}", "w^0", (2, 1)), ("∂C/∂w^1_{0} (bias, v)", "w^1", (0, 0)),
-         ("∂C/∂w^1_{2} (v)", "w^1", (2, 0))],
-        [f"bias as w_0 on a constant input (PrependOne + Dense(bias=False)) vs (15): max |Δ| "
-         f"= {w0_err:.1e}"],
+        {"w^0": W[0], "w^1": W[1]},
+        lambda p: s004_likelihood([p["w^0"], p["w^1"]]),
+        seed,
+        back(gm),
+        back(ga),
+        [
+            ("∂C/∂w^0_{01} (bias)", "w^0", (0, 0)),
+            ("∂C/∂w^0_{11}", "w^0", (1, 0)),
+            ("∂C/∂w^0_{22}", "w^0", (2, 1)),
+            ("∂C/∂w^1_{0} (bias, v)", "w^1", (0, 0)),
+            ("∂C/∂w^1_{2} (v)", "w^1", (2, 0)),
+        ],
+        [
+            f"bias as w_0 on a constant input (PrependOne + Dense(bias=False)) vs (15): max |Δ| "
+            f"= {w0_err:.1e}"
+        ],
     )
 
 
@@ -541,16 +623,19 @@ def train_xor(steps: int, alpha: float, seed: int) -> dict:
     out = {"seed (15), ascent on C": np.array(seed_losses)}
     finals = {}
     for name, vg in runs.items():
+
         def step(p, _, vg=vg):
             c, g = vg(p, x, y)
             return jtu.tree_map(lambda a, b: a - alpha * b, p, g), c
 
         params, losses = jax.jit(lambda p, step=step: jax.lax.scan(step, p, None, length=steps))(
-            s004_to_jbp(s004_init(seed)))
+            s004_to_jbp(s004_init(seed))
+        )
         out[name] = np.append(np.asarray(losses), float(objective(params, x, y)))
         finals[name] = params
-    w_err = max(float(np.max(np.abs(np.asarray(finals["jbp.backprop"][l]["w"]) - W[l][1:])))
-                for l in (0, 1))
+    w_err = max(
+        float(np.max(np.abs(np.asarray(finals["jbp.backprop"][l]["w"]) - W[l][1:]))) for l in (0, 1)
+    )
     return {"losses": out, "w_err": w_err, "W": W}
 
 
@@ -563,10 +648,12 @@ def xor_success_rate(steps: int, alpha: float, inits: int) -> tuple[int, np.ndar
         def step(p, _):
             c, g = vg(p, x, y)
             return jtu.tree_map(lambda a, b: a - alpha * b, p, g), c
+
         return jax.lax.scan(step, p, None, length=steps)[1][-1]
 
-    stacked = jtu.tree_map(lambda *a: jnp.stack(a), *[s004_to_jbp(s004_init(s))
-                                                      for s in range(inits)])
+    stacked = jtu.tree_map(
+        lambda *a: jnp.stack(a), *[s004_to_jbp(s004_init(s)) for s in range(inits)]
+    )
     finals = np.asarray(jax.jit(jax.vmap(run))(stacked))
     return int(np.sum(finals < 0.05)), finals
 
@@ -608,8 +695,11 @@ def plot(curves: dict, title: str, ylabel: str, path: str, hline: float | None =
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = [dict(lw=5, alpha=0.35, color="C0"), dict(lw=1.6, ls="--", color="C3"),
-              dict(lw=1.6, ls=":", color="k")]
+    styles = [
+        dict(lw=5, alpha=0.35, color="C0"),
+        dict(lw=1.6, ls="--", color="C3"),
+        dict(lw=1.6, ls=":", color="k"),
+    ]
     for (name, ys), style in zip(curves.items(), styles, strict=False):
         ax.plot(np.arange(len(ys)), ys, label=f"{name} ({len(ys) - 1} steps)", **style)
     if hline is not None:
@@ -626,8 +716,11 @@ def plot(curves: dict, title: str, ylabel: str, path: str, hline: float | None =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"),
-                        help="folder for the PNGs (default: experiments/out next to this script)")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(__file__), "out"),
+        help="folder for the PNGs (default: experiments/out next to this script)",
+    )
     parser.add_argument("--xor-steps", type=int, default=5000)
     parser.add_argument("--xor-alpha", type=float, default=0.5)
     parser.add_argument("--xor-seed", type=int, default=0)
@@ -637,51 +730,78 @@ def main() -> None:
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, float64")
 
     case_002b, _ = case_002_multi()
-    cases = [case_000(), case_001(), case_002_chain(), case_002b, case_003(),
-             case_004(s004_init(args.xor_seed))]
+    cases = [
+        case_000(),
+        case_001(),
+        case_002_chain(),
+        case_002b,
+        case_003(),
+        case_004(s004_init(args.xor_seed)),
+    ]
     worst = {}
     for case in cases:
         for k, v in print_case(case).items():
             worst[k] = max(worst.get(k, 0.0), v)
     print("\nworst over all seeds: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
 
-    print(f"\n== XOR, 2-2-1 sigmoid, seed 004's rule w ← w + α ∂C/∂w by (15), α = "
-          f"{args.xor_alpha}, {args.xor_steps} steps, init {args.xor_seed}")
+    print(
+        f"\n== XOR, 2-2-1 sigmoid, seed 004's rule w ← w + α ∂C/∂w by (15), α = "
+        f"{args.xor_alpha}, {args.xor_steps} steps, init {args.xor_seed}"
+    )
     xor = train_xor(args.xor_steps, args.xor_alpha, args.xor_seed)
     for name, losses in xor["losses"].items():
         print(f"   {name:<24} −C: start {losses[0]:.6f}, end {losses[-1]:.3e}")
     ref = xor["losses"]["seed (15), ascent on C"]
     for name in ("jbp.backprop", "jax.grad"):
-        print(f"   max |loss − seed loss| over the run, {name}: "
-              f"{np.max(np.abs(xor['losses'][name] - ref)):.1e}")
+        print(
+            f"   max |loss − seed loss| over the run, {name}: "
+            f"{np.max(np.abs(xor['losses'][name] - ref)):.1e}"
+        )
     print(f"   max |w_jbp − w_seed| after the run: {xor['w_err']:.1e}")
     h = s004_forward(xor["W"], XOR_X)[1][:, 0]
     print("   outputs h on (0,0), (0,1), (1,0), (1,1): " + ", ".join(f"{v:.4f}" for v in h))
     solved, _ = xor_success_rate(args.xor_steps, args.xor_alpha, 20)
-    print(f"   inits 0-19 solved (−C < 0.05 after {args.xor_steps} steps, jbp.backprop, vmap): "
-          f"{solved}/20")
+    print(
+        f"   inits 0-19 solved (−C < 0.05 after {args.xor_steps} steps, jbp.backprop, vmap): "
+        f"{solved}/20"
+    )
     path = os.path.join(args.out, "seeds_xor.png")
-    plot(xor["losses"], f"XOR 2-2-1 sigmoid, seed 004 rule (15), α = {args.xor_alpha}",
-         "−C (log-likelihood negated = sigmoid_bce)", path)
+    plot(
+        xor["losses"],
+        f"XOR 2-2-1 sigmoid, seed 004 rule (15), α = {args.xor_alpha}",
+        "−C (log-likelihood negated = sigmoid_bce)",
+        path,
+    )
     print(f"   wrote {path}")
 
-    print(f"\n== seed 001: 4-2-2-1 on (x1 ∧ x2) ∨ (x3 ∧ x4), 16 patterns, ε = {S001_EPSILON}, "
-          f"until C ≤ {S001_C_TOL}")
+    print(
+        f"\n== seed 001: 4-2-2-1 on (x1 ∧ x2) ∨ (x3 ∧ x4), 16 patterns, ε = {S001_EPSILON}, "
+        f"until C ≤ {S001_C_TOL}"
+    )
     run = train_001()
     for name, costs in run["costs"].items():
-        print(f"   {name:<24} C: start {costs[0]:.6f}, terminated after {len(costs) - 1} "
-              f"iterations at C = {costs[-1]:.6f}")
+        print(
+            f"   {name:<24} C: start {costs[0]:.6f}, terminated after {len(costs) - 1} "
+            f"iterations at C = {costs[-1]:.6f}"
+        )
     ref = run["costs"]["seed, matrix form"]
     for name in ("jbp.backprop", "jax.grad"):
         c = run["costs"][name]
         diff = np.max(np.abs(c - ref)) if len(c) == len(ref) else float("nan")
         print(f"   max |C − seed C| over the run, {name}: {diff:.1e}")
     print(f"   max |w_jbp − w_seed| at termination: {run['w_err']:.1e}")
-    print(f"   outputs s (targets {S001_Y[0].astype(int).tolist()}): "
-          + " ".join(f"{v:.2f}" for v in run["outputs"]))
+    print(
+        f"   outputs s (targets {S001_Y[0].astype(int).tolist()}): "
+        + " ".join(f"{v:.2f}" for v in run["outputs"])
+    )
     path = os.path.join(args.out, "seeds_001.png")
-    plot(run["costs"], f"seed 001: 4-2-2-1 sigmoid, ε = {S001_EPSILON}, until C ≤ {S001_C_TOL}",
-         "C = Σ ½(s − y)²", path, hline=S001_C_TOL)
+    plot(
+        run["costs"],
+        f"seed 001: 4-2-2-1 sigmoid, ε = {S001_EPSILON}, until C ≤ {S001_C_TOL}",
+        "C = Σ ½(s − y)²",
+        path,
+        hline=S001_C_TOL,
+    )
     print(f"   wrote {path}")
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
 

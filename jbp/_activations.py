@@ -128,6 +128,7 @@ register_activation(
     delta=lambda g, z, out: g * (out * (1 - out)),
 )
 
+
 # tanh' = 1 − tanh². JAX's rule for lax.tanh is (g + g·ans)(1 − ans) in forward
 # mode; jax.grad runs its transpose, t + t·ans with t = g(1 − ans): mirrored here.
 def _tanh_delta(g: Array, z: Array, out: Array) -> Array:
@@ -172,6 +173,7 @@ register_activation(
     delta=lambda g, z, out: jnp.where(z > 0, g, g * (out + 1)),
 )
 
+
 # softplus(z) = log(1 + e^z) in the stable form (jnp.logaddexp(z, 0)); softplus' = σ(z),
 # which logaddexp's rule forms as exp(z − softplus(z)) (infinities masked): mirrored.
 def _softplus_delta(g: Array, z: Array, out: Array) -> Array:
@@ -205,7 +207,9 @@ def _gelu_delta(g: Array, z: Array, out: Array) -> Array:
 register_activation(
     "gelu",
     _gelu,
-    lambda z, out: 0.5 * (1 + lax.erf(z * _INV_SQRT2)) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z)),
+    lambda z, out: (
+        0.5 * (1 + lax.erf(z * _INV_SQRT2)) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z))
+    ),
     delta=_gelu_delta,
 )
 

@@ -17,8 +17,8 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,8 @@ from ._per_example import (
     per_example_norms,
     sum_grad_squared,
 )
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +97,14 @@ def _memory_mib(compiled: Any) -> float:
 
 
 def _time_interleaved(
-    compiled: dict[str, Any],
-    names: Sequence[str],
+    compiled: Mapping[K, Callable[..., Any]],
+    names: Sequence[K],
     args: tuple[Any, ...],
     rounds: int,
     budget_s: float,
-) -> dict[str, list[float]]:
+) -> dict[K, list[float]]:
     """Seconds per call of each function, timed in rotating order, round by round."""
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[K, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         order = list(names[r % len(names) :]) + list(names[: r % len(names)])
         for name in order:

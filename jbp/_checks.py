@@ -23,7 +23,9 @@ def check_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"`{name}` must be a floating dtype such as jnp.float32, got {dtype!r}") from None
+        raise TypeError(
+            f"`{name}` must be a floating dtype such as jnp.float32, got {dtype!r}"
+        ) from None
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"`{name}` must be a floating dtype such as jnp.float32, got {dt.name}")
     if dt.itemsize == 8 and not jax.config.read("jax_enable_x64"):
@@ -92,7 +94,7 @@ def check_params(net: Any, params: Any) -> None:
         expected = _expected_params(layer, dtype)
         got_def = jtu.tree_structure(p)
         exp_def = jtu.tree_structure(expected)
-        if got_def != exp_def:
+        if got_def != exp_def:  # type: ignore[operator]  # PyTreeDef has __eq__
             raise ValueError(
                 f"`params[{i}]` has structure {got_def} but layer {i} ({layer!r}) expects "
                 f"{exp_def}; build params with net.init"
@@ -159,11 +161,11 @@ def check_y(loss: Any, out_shape: tuple[int, int], y: Any, single: bool, dtype: 
         raise TypeError(f"`y` has complex dtype {dt.name}; targets must be real")
     batch, width = out_shape
     if loss.integer_labels and jnp.issubdtype(dt, jnp.integer):
-        want = () if single else (batch,)
-        if tuple(y.shape) != want:
+        labels_shape: tuple[int, ...] = () if single else (batch,)
+        if tuple(y.shape) != labels_shape:
             raise ValueError(
                 f"`y` holds integer labels of shape {tuple(y.shape)} but loss "
-                f"{loss.name!r} with this x expects labels of shape {want} (or targets of "
+                f"{loss.name!r} with this x expects labels of shape {labels_shape} (or targets of "
                 f"shape {(width,) if single else (batch, width)})"
             )
         # Values can be read only from a concrete array this process holds whole

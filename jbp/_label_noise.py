@@ -297,7 +297,7 @@ def plot_label_noise(study: LabelNoiseStudy, out_dir: str | os.PathLike) -> list
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
     logn = np.log10(np.maximum(study.norms, 1e-12))
-    bins = np.linspace(logn.min(), logn.max(), 40)
+    bins = np.linspace(logn.min(), logn.max(), 40).tolist()
     ax.hist(logn[~study.flipped], bins=bins, alpha=0.6, label=f"clean ({(~study.flipped).sum()})")
     ax.hist(logn[study.flipped], bins=bins, alpha=0.6, label=f"flipped ({study.flipped.sum()})")
     ax.set_xlabel("log10 ‖g_i‖ (per-example gradient norm, end of training)")

@@ -44,8 +44,14 @@ def _has_params(p: Params) -> bool:
 
 
 def _per_example_method(layer: Any, name: str) -> Callable[..., Any] | None:
-    method = getattr(layer, name, None)
-    if method is None and name == "per_example_grads":
+    """The layer's own ``name`` method, or None (then it is formed from g_i)."""
+    return getattr(layer, name, None)
+
+
+def _grads_method(layer: Any) -> Callable[..., Any]:
+    """The layer's ``per_example_grads``, which every layer with params needs."""
+    method = getattr(layer, "per_example_grads", None)
+    if method is None:
         raise TypeError(
             f"layer {layer!r} has parameters but no per_example_grads(params, cache, delta_out); "
             "implement it to use per-example analysis"
@@ -75,7 +81,7 @@ def _backward_deltas(
 
 def _layer_quantity(net, params, caches, delta_outs, name: str, *extra: Any) -> list[Any]:
     """``name`` for each layer: the layer's own method, or from its g_i."""
-    results = []
+    results: list[Any] = []
     for layer, p, cache, d in zip(net.layers, params, caches, delta_outs, strict=True):
         if not _has_params(p):
             results.append(None)
@@ -84,10 +90,14 @@ def _layer_quantity(net, params, caches, delta_outs, name: str, *extra: Any) -> 
         if method is not None:
             results.append(method(p, cache, d, *extra))
             continue
-        g = _per_example_method(layer, "per_example_grads")(p, cache, d)
+        g = _grads_method(layer)(p, cache, d)
         if name == "per_example_sq_norms":
-            results.append(sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
-                               for leaf in jtu.tree_leaves(g)))
+            results.append(
+                sum(
+                    jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
+                    for leaf in jtu.tree_leaves(g)
+                )
+            )
         elif name == "sum_grad_squared":
             results.append(jtu.tree_map(lambda leaf: jnp.sum(leaf * leaf, axis=0), g))
         elif name == "weighted_grads":
@@ -121,8 +131,7 @@ def per_example_grads(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any]
         x, y = prepare(net, loss, params, x, y)
         caches, deltas = _backward_deltas(net, loss, params, x, y)
         per_layer = [
-            None if d is None or not _has_params(p)
-            else _per_example_method(layer, "per_example_grads")(p, cache, d)
+            None if d is None or not _has_params(p) else _grads_method(layer)(p, cache, d)
             for layer, p, cache, d in zip(net.layers, params, caches, deltas, strict=True)
         ]
         return _fill(params, per_layer)
@@ -199,7 +208,9 @@ def grad_variance(
         x, y = prepare(net, loss, params, x, y)
         b = x.shape[0]
         if b - ddof < 1:
-            raise ValueError(f"`x` has batch {b}; a variance with ddof={ddof} needs at least {ddof + 1}")
+            raise ValueError(
+                f"`x` has batch {b}; a variance with ddof={ddof} needs at least {ddof + 1}"
+            )
         caches, deltas = _backward_deltas(net, loss, params, x, y)
         sq = _layer_quantity(net, params, caches, deltas, "sum_grad_squared")
         ones = jnp.ones((b,), x.dtype)
@@ -211,7 +222,10 @@ def grad_variance(
 
         return _fill(
             params,
-            [None if s is None else jtu.tree_map(var, s, t) for s, t in zip(sq, total, strict=True)],
+            [
+                None if s is None else jtu.tree_map(var, s, t)
+                for s, t in zip(sq, total, strict=True)
+            ],
         )
 
     return fn

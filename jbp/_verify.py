@@ -161,7 +161,7 @@ class Report:
         bad = [r for r in self.rows if not r.ok]
         if not bad:
             return None
-        return min(bad, key=lambda r: (r.layer if r.layer is not None else math.inf))
+        return min(bad, key=lambda r: r.layer if r.layer is not None else math.inf)
 
     def raise_if_failed(self) -> Report:
         """Raise :class:`GradientMismatch` unless :attr:`ok`; returns self."""
@@ -201,7 +201,11 @@ class Report:
                 f"{'ok' if fd.ok else 'FAIL'}"
             )
         if self.taylor is not None:
-            order = "n/a (linear to roundoff)" if math.isnan(self.taylor.order) else f"{self.taylor.order:.2f}"
+            order = (
+                "n/a (linear to roundoff)"
+                if math.isnan(self.taylor.order)
+                else f"{self.taylor.order:.2f}"
+            )
             lines.append(
                 f"Taylor remainder: observed order {order} (expected 2, need ≥ "
                 f"{TAYLOR_MIN_ORDER}): {'ok' if self.taylor.ok else 'FAIL'}"
@@ -222,7 +226,8 @@ def _layer_of(path: tuple[Any, ...]) -> int | None:
 
 
 def _precision() -> str:
-    value = jax.config.jax_default_matmul_precision
+    # The attribute (not config.read) sees jax.default_matmul_precision(...) contexts.
+    value = getattr(jax.config, "jax_default_matmul_precision", None)
     return str(value) if value is not None else "default"
 
 
@@ -256,12 +261,12 @@ def compare(
       ValueError: if the two trees have different structures.
     """
     ta, tb = jtu.tree_structure(tested), jtu.tree_structure(reference)
-    if ta != tb:
-        raise ValueError(
-            f"`tested` and `reference` have different tree structures: {ta} vs {tb}"
-        )
+    if ta != tb:  # type: ignore[operator]  # PyTreeDef has __eq__
+        raise ValueError(f"`tested` and `reference` have different tree structures: {ta} vs {tb}")
     paths = [path for path, _ in jtu.tree_leaves_with_path(tested)]
-    host = jax.device_get(list(zip(jtu.tree_leaves(tested), jtu.tree_leaves(reference), strict=True)))
+    host = jax.device_get(
+        list(zip(jtu.tree_leaves(tested), jtu.tree_leaves(reference), strict=True))
+    )
     refs = [np.asarray(b) for _, b in host]
     dtype = np.result_type(*[r.dtype for r in refs]).name if refs else "float32"
     if rtol is None:
@@ -277,21 +282,46 @@ def compare(
         name = prefix + jtu.keystr(path)
         layer = _layer_of(path)
         if a.shape != b.shape:
-            rows.append(LeafRow(name, layer, tuple(b.shape), math.nan, math.nan, math.inf, False,
-                                False, f"shape {tuple(a.shape)} vs reference {tuple(b.shape)}"))
+            rows.append(
+                LeafRow(
+                    name,
+                    layer,
+                    tuple(b.shape),
+                    math.nan,
+                    math.nan,
+                    math.inf,
+                    False,
+                    False,
+                    f"shape {tuple(a.shape)} vs reference {tuple(b.shape)}",
+                )
+            )
             continue
         bitwise = a.dtype == b.dtype and a.tobytes() == b.tobytes()
         finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
         if not finite:
             side = names[0] if not np.all(np.isfinite(a)) else names[1]
-            rows.append(LeafRow(name, layer, tuple(b.shape), math.nan, leaf_scale, math.nan,
-                                False, False, f"non-finite values in {side}"))
+            rows.append(
+                LeafRow(
+                    name,
+                    layer,
+                    tuple(b.shape),
+                    math.nan,
+                    leaf_scale,
+                    math.nan,
+                    False,
+                    False,
+                    f"non-finite values in {side}",
+                )
+            )
             continue
         err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
         scale = leaf_scale if leaf_scale > 0 else global_scale
         rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-        rows.append(LeafRow(name, layer, tuple(b.shape), err, scale, rel, bitwise,
-                            rel <= rtol or err <= atol))
+        rows.append(
+            LeafRow(
+                name, layer, tuple(b.shape), err, scale, rel, bitwise, rel <= rtol or err <= atol
+            )
+        )
     return Report(tuple(rows), names, float(rtol), dtype, _precision(), jax.default_backend())
 
 
@@ -306,13 +336,17 @@ def _to64(tree: Any) -> Any:
 def _unit_direction(key: jax.Array, params: Any) -> Any:
     leaves, treedef = jtu.tree_flatten(params)
     keys = jax.random.split(key, max(len(leaves), 1))
-    vs = [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=False)]
+    vs = [
+        jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=False)
+    ]
     norm = jnp.sqrt(sum(jnp.sum(v * v) for v in vs))
     return jtu.tree_unflatten(treedef, [v / norm for v in vs])
 
 
 def _dot(a: Any, b: Any) -> float:
-    return float(sum(jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True)))
+    return float(
+        sum(jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b), strict=True))
+    )
 
 
 def _axpy(h: float, v: Any, p: Any) -> Any:
@@ -433,7 +467,11 @@ def verify(
     fd = taylor = None
     if finite_differences:
         fd, taylor = finite_difference_checks(
-            net, loss, params, x, y,
+            net,
+            loss,
+            params,
+            x,
+            y,
             key=jax.random.key(0) if key is None else key,
             directions=directions,
         )

@@ -119,7 +119,9 @@ def test_loss_delta_is_gradient_of_per_example(name):
     else:
         ys = [jax.random.normal(jax.random.fold_in(key, 1), (7, 4), jnp.float64)]
     for y in ys:
-        ref = jax.vmap(jax.grad(lambda ai, yi: loss.per_example(ai[None], yi[None])[0]))(a, y)  # reference
+        ref = jax.vmap(jax.grad(lambda ai, yi: loss.per_example(ai[None], yi[None])[0]))(
+            a, y
+        )  # reference
         np.testing.assert_allclose(loss.delta(a, y), ref, rtol=1e-12, atol=1e-14)
 
 
@@ -195,8 +197,13 @@ def test_single_example_and_list_params():
 
 def test_activation_layers_anywhere():
     net = jbp.Sequential(
-        [jbp.Activation("sin"), jbp.Dense(3, 4, "relu"), jbp.Activation("tanh"),
-         jbp.Dense(4, 2, bias=False), jbp.Activation("sigmoid")]
+        [
+            jbp.Activation("sin"),
+            jbp.Dense(3, 4, "relu"),
+            jbp.Activation("tanh"),
+            jbp.Dense(4, 2, bias=False),
+            jbp.Activation("sigmoid"),
+        ]
     )
     p = net.init(jax.random.key(0), jnp.float64)
     assert p[0] == {} and p[2] == {} and p[4] == {}

@@ -31,7 +31,9 @@ FNS = ["backprop", "objective", "value_and_backprop"]
 
 @pytest.mark.parametrize("fn", FNS)
 def test_x_feature_mismatch(fn, params):
-    with pytest.raises(ValueError, match=r"`x` has 5 features but the first layer expects fan_in=4"):
+    with pytest.raises(
+        ValueError, match=r"`x` has 5 features but the first layer expects fan_in=4"
+    ):
         _both(fn)(params, jnp.ones((5, 5), jnp.float64), Y)
 
 
@@ -50,13 +52,19 @@ def test_x_feature_mismatch_under_jit_and_vmap(params):
 
 
 def test_x_rank(params):
-    with pytest.raises(ValueError, match=r"`x` must have shape \(batch, fan_in\) or \(fan_in,\), got shape \(2, 5, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`x` must have shape \(batch, fan_in\) or \(fan_in,\), got shape \(2, 5, 4\)",
+    ):
         jbp.backprop(NET, "half_sse")(params, jnp.ones((2, 5, 4), jnp.float64), Y)
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
 def test_x_integer(params, dtype):
-    with pytest.raises(TypeError, match=r"`x` has dtype (int32|bool); inputs must be floating: cast with x.astype\(float64\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"`x` has dtype (int32|bool); inputs must be floating: cast with x.astype\(float64\)",
+    ):
         jbp.backprop(NET, "half_sse")(params, jnp.ones((5, 4), dtype), Y)
 
 
@@ -77,12 +85,16 @@ def test_empty_batch(params):
 
 @pytest.mark.parametrize("fn", FNS)
 def test_y_shape_mismatch(fn, params):
-    with pytest.raises(ValueError, match=r"`y` has shape \(5, 3\) but the network output has shape \(5, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"`y` has shape \(5, 3\) but the network output has shape \(5, 2\)"
+    ):
         _both(fn)(params, X, jnp.zeros((5, 3)))
 
 
 def test_y_batch_mismatch(params):
-    with pytest.raises(ValueError, match=r"`y` has shape \(4, 2\) but the network output has shape \(5, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"`y` has shape \(4, 2\) but the network output has shape \(5, 2\)"
+    ):
         jbp.backprop(NET, "half_sse")(params, X, jnp.zeros((4, 2)))
 
 
@@ -99,12 +111,18 @@ def test_y_complex(params):
 
 
 def test_softmax_labels_wrong_shape(params):
-    with pytest.raises(ValueError, match=r"`y` holds integer labels of shape \(5, 1\) but loss 'softmax_xent' .* expects labels of shape \(5,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`y` holds integer labels of shape \(5, 1\) but loss 'softmax_xent' .* expects labels of shape \(5,\)",
+    ):
         jbp.backprop(NET, "softmax_xent")(params, X, jnp.zeros((5, 1), jnp.int32))
 
 
 def test_softmax_labels_out_of_range(params):
-    with pytest.raises(ValueError, match=r"`y` has labels in \[0, 2\] but the network has 2 outputs, so labels must lie in \[0, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"`y` has labels in \[0, 2\] but the network has 2 outputs, so labels must lie in \[0, 1\]",
+    ):
         jbp.backprop(NET, "softmax_xent")(params, X, jnp.array([0, 1, 2, 0, 1]))
 
 
@@ -119,31 +137,43 @@ def test_params_wrong_length(params):
 
 
 def test_params_not_a_tuple(params):
-    with pytest.raises(TypeError, match=r"`params` must be a tuple with one entry per layer .* got dict"):
+    with pytest.raises(
+        TypeError, match=r"`params` must be a tuple with one entry per layer .* got dict"
+    ):
         jbp.backprop(NET, "half_sse")({"w": 1}, X, Y)
 
 
 def test_params_wrong_tree(params):
     bad = (params[0], {"w": params[1]["w"]})
-    with pytest.raises(ValueError, match=r"`params\[1\]` has structure .* but layer 1 \(Dense\(fan_in=3, fan_out=2.*\) expects"):
+    with pytest.raises(
+        ValueError,
+        match=r"`params\[1\]` has structure .* but layer 1 \(Dense\(fan_in=3, fan_out=2.*\) expects",
+    ):
         jbp.backprop(NET, "half_sse")(bad, X, Y)
 
 
 def test_params_wrong_shape(params):
     bad = (params[0], {"w": params[1]["w"].T, "b": params[1]["b"]})
-    with pytest.raises(ValueError, match=re.escape("`params[1]['w']` has shape (2, 3) but layer 1")):
+    with pytest.raises(
+        ValueError, match=re.escape("`params[1]['w']` has shape (2, 3) but layer 1")
+    ):
         jbp.backprop(NET, "half_sse")(bad, X, Y)
 
 
 def test_params_dtype_mixture(params):
     bad = (params[0], {"w": params[1]["w"].astype(jnp.float32), "b": params[1]["b"]})
-    with pytest.raises(TypeError, match=r"`params` mixes dtypes: params\[0\]\['b'\] is float64 but params\[1\]\['w'\] is float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"`params` mixes dtypes: params\[0\]\['b'\] is float64 but params\[1\]\['w'\] is float32",
+    ):
         jbp.backprop(NET, "half_sse")(bad, X, Y)
 
 
 def test_params_integer(params):
     bad = jax.tree.map(lambda a: a.astype(jnp.int32), params)
-    with pytest.raises(TypeError, match=r"`params\[0\]\['b'\]` has dtype int32; params must be real floating"):
+    with pytest.raises(
+        TypeError, match=r"`params\[0\]\['b'\]` has dtype int32; params must be real floating"
+    ):
         jbp.backprop(NET, "half_sse")(bad, X, Y)
 
 
@@ -154,7 +184,9 @@ def test_params_not_arrays(params):
 
 
 def test_unknown_activation_lists_known():
-    with pytest.raises(ValueError, match=r"unknown activation 'sigmod'; known activations: .*sigmoid.*tanh"):
+    with pytest.raises(
+        ValueError, match=r"unknown activation 'sigmod'; known activations: .*sigmoid.*tanh"
+    ):
         jbp.Dense(2, 3, "sigmod")
     with pytest.raises(ValueError, match=r"unknown activation 'rel'"):
         jbp.Activation("rel")
@@ -163,7 +195,10 @@ def test_unknown_activation_lists_known():
 
 
 def test_unknown_loss_lists_known():
-    with pytest.raises(ValueError, match=r"unknown loss 'hinge'; known losses: half_sse, mse, sigmoid_bce, softmax_xent"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown loss 'hinge'; known losses: half_sse, mse, sigmoid_bce, softmax_xent",
+    ):
         jbp.backprop(NET, "hinge")
     with pytest.raises(ValueError, match=r"unknown loss"):
         jbp.objective(NET, "hinge")
@@ -184,9 +219,15 @@ def test_layers_not_layers():
 
 
 def test_incompatible_consecutive_layers():
-    with pytest.raises(ValueError, match=r"`layers\[2\]` \(.*\) expects fan_in=4 but the layers before it give 3 features"):
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[2\]` \(.*\) expects fan_in=4 but the layers before it give 3 features",
+    ):
         jbp.Sequential([jbp.Dense(2, 3), jbp.Activation("tanh"), jbp.Dense(4, 1)])
-    with pytest.raises(ValueError, match=r"`layers\[1\]` \(.*\) expects fan_in=4 but the layers before it give 3 features"):
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[1\]` \(.*\) expects fan_in=4 but the layers before it give 3 features",
+    ):
         jbp.Sequential([jbp.Dense(2, 3), jbp.Dense(4, 1)])
 
 
@@ -197,7 +238,9 @@ def test_dense_sizes(bad):
 
 
 def test_init_dtype_errors():
-    with pytest.raises(TypeError, match=r"`dtype` must be a floating dtype such as jnp.float32, got int32"):
+    with pytest.raises(
+        TypeError, match=r"`dtype` must be a floating dtype such as jnp.float32, got int32"
+    ):
         NET.init(jax.random.key(0), jnp.int32)
     with pytest.raises(TypeError, match=r"`key` must be a PRNG key"):
         NET.init(0)
@@ -220,7 +263,9 @@ def test_net_not_a_network():
 
 
 def test_register_activation_errors():
-    with pytest.raises(ValueError, match=r"activation 'tanh' is already registered; pass overwrite=True"):
+    with pytest.raises(
+        ValueError, match=r"activation 'tanh' is already registered; pass overwrite=True"
+    ):
         jbp.register_activation("tanh", jnp.tanh, lambda z, out: 1 - out**2)
     with pytest.raises(TypeError, match=r"`f` and `derivative` must be callables"):
         jbp.register_activation("nope", 1, 2)
@@ -232,7 +277,9 @@ def test_loss_reduction_error():
 
 
 def test_compare_structure_mismatch():
-    with pytest.raises(ValueError, match=r"`tested` and `reference` have different tree structures"):
+    with pytest.raises(
+        ValueError, match=r"`tested` and `reference` have different tree structures"
+    ):
         jbp.compare({"a": jnp.ones(2)}, {"b": jnp.ones(2)})
 
 

@@ -110,7 +110,9 @@ def test_clipping_actually_clips():
     max_norm = float(jnp.median(norms))
     clipped_per_example = jbp.per_example_grads(net, "half_sse")(params, x, y)
     c = jnp.minimum(1.0, max_norm / norms)
-    clipped_norms = _ref_norms(jax.tree.map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)), clipped_per_example))
+    clipped_norms = _ref_norms(
+        jax.tree.map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)), clipped_per_example)
+    )
     assert jnp.all(clipped_norms <= max_norm * (1 + 1e-12))
     assert jnp.sum(norms > max_norm) >= 7  # the test is not vacuous: half are clipped
     got, _ = jbp.clipped_grad(net, "half_sse", max_norm)(params, x, y)
@@ -133,7 +135,12 @@ def test_dp_grad_noise():
     _assert_close(again, noisy, rtol=0)
     other, _ = f(params, x, y, jax.random.key(4))
     assert not jbp.compare(other, noisy).ok
-    noise = jnp.concatenate([jnp.ravel(n - c) for n, c in zip(jax.tree.leaves(noisy), jax.tree.leaves(clipped), strict=True)])
+    noise = jnp.concatenate(
+        [
+            jnp.ravel(n - c)
+            for n, c in zip(jax.tree.leaves(noisy), jax.tree.leaves(clipped), strict=True)
+        ]
+    )
     expected_std = 2.0 * 0.5 / 8  # σ·C, over B for a mean loss
     assert noise.size > 900
     np.testing.assert_allclose(jnp.std(noise), expected_std, rtol=0.1)
@@ -154,13 +161,17 @@ def test_gradient_noise_scale_formulas(problem):
     np.testing.assert_allclose(trace, cov_trace, rtol=1e-8, atol=1e-300)
     got = jax.jit(jbp.gradient_noise_scale(net, loss))(params, x, y)
     np.testing.assert_allclose(got.trace_cov, trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
-    np.testing.assert_allclose(got.grad_sq_norm, gbar_sq - trace / b, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
+    np.testing.assert_allclose(
+        got.grad_sq_norm, gbar_sq - trace / b, rtol=1e-8, atol=1e-14 * float(mean_sq_norm)
+    )
     if abs(float(got.grad_sq_norm)) > 1e-6 * float(mean_sq_norm):
         np.testing.assert_allclose(got.b_simple, got.trace_cov / got.grad_sq_norm, rtol=1e-12)
     # The batch as the whole distribution: population covariance trace and ‖ḡ‖².
     exact = jax.jit(jbp.gradient_noise_scale(net, loss, unbiased=False))(params, x, y)
     pop_trace = sum(jnp.sum(jnp.var(g, axis=0)) for g in jax.tree.leaves(ref))
-    np.testing.assert_allclose(exact.trace_cov, pop_trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
+    np.testing.assert_allclose(
+        exact.trace_cov, pop_trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm)
+    )
     np.testing.assert_allclose(exact.grad_sq_norm, gbar_sq, rtol=1e-10, atol=1e-300)
     assert exact.trace_cov >= 0 and exact.grad_sq_norm >= 0
 
@@ -202,8 +213,13 @@ def test_user_layer_per_example_fallbacks():
     y = jax.random.normal(jax.random.key(2), (6, 2), jnp.float64)
     ref = _reference_per_example(net, "mse", params, x, y)
     _assert_close(jbp.per_example_grads(net, "mse")(params, x, y), ref)
-    np.testing.assert_allclose(jbp.per_example_norms(net, "mse")(params, x, y), _ref_norms(ref), rtol=1e-12)
-    _assert_close(jbp.sum_grad_squared(net, "mse")(params, x, y), jax.tree.map(lambda g: jnp.sum(g * g, 0), ref))
+    np.testing.assert_allclose(
+        jbp.per_example_norms(net, "mse")(params, x, y), _ref_norms(ref), rtol=1e-12
+    )
+    _assert_close(
+        jbp.sum_grad_squared(net, "mse")(params, x, y),
+        jax.tree.map(lambda g: jnp.sum(g * g, 0), ref),
+    )
     got, _ = jbp.clipped_grad(net, "mse", 0.1)(params, x, y)
     c = jnp.minimum(1.0, 0.1 / _ref_norms(ref)) / 6
     _assert_close(got, jax.tree.map(lambda g: jnp.tensordot(c, g, axes=1), ref))
@@ -213,7 +229,9 @@ def test_user_layer_without_per_example_grads_is_a_clear_error():
     net = jbp.Sequential([jbp.Dense(3, 4, "tanh"), Scale(4), jbp.Dense(4, 2)])
     params = net.init(jax.random.key(0), jnp.float64)
     x, y = jnp.ones((2, 3)), jnp.ones((2, 2))
-    with pytest.raises(TypeError, match=r"layer Scale\(features=4\) has parameters but no per_example_grads"):
+    with pytest.raises(
+        TypeError, match=r"layer Scale\(features=4\) has parameters but no per_example_grads"
+    ):
         jbp.per_example_norms(net, "mse")(params, x, y)
 
 
@@ -232,9 +250,13 @@ def test_per_example_argument_errors():
         jbp.dp_grad(net, "mse", 1.0, -1)
     with pytest.raises(ValueError, match=r"`ddof` must be 0 or 1, got 2"):
         jbp.grad_variance(net, "mse", ddof=2)
-    with pytest.raises(ValueError, match=r"`x` has batch 1; a variance with ddof=1 needs at least 2"):
+    with pytest.raises(
+        ValueError, match=r"`x` has batch 1; a variance with ddof=1 needs at least 2"
+    ):
         jbp.grad_variance(net, "mse", ddof=1)(params, x, y)
-    with pytest.raises(ValueError, match=r"`x` has batch 1; the gradient noise scale needs at least 2"):
+    with pytest.raises(
+        ValueError, match=r"`x` has batch 1; the gradient noise scale needs at least 2"
+    ):
         jbp.gradient_noise_scale(net, "mse")(params, x, y)
     with pytest.raises(ValueError, match=r"`x` has 4 features"):
         jbp.per_example_norms(net, "mse")(params, jnp.ones((2, 4)), jnp.ones((2, 2)))

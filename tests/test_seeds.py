@@ -478,19 +478,27 @@ def s002_multi(w: list, i: np.ndarray, d: np.ndarray) -> tuple[list, float]:
     inputs, o = [], i
     for wm in w:
         inputs.append(o)
-        o = np.array([_sigmoid(sum(o[a] * wm[a, j] for a in range(len(o)))) for j in
-                      range(wm.shape[1])])
+        o = np.array(
+            [_sigmoid(sum(o[a] * wm[a, j] for a in range(len(o)))) for j in range(wm.shape[1])]
+        )
     outs = [*inputs[1:], o]  # outs[m]: outputs of layer m's neurons
     delta = [None] * len(w)
     delta[-1] = np.array([ok * (1 - ok) * (dk - ok) for ok, dk in zip(o, d, strict=True)])
     for m in range(len(w) - 2, -1, -1):
-        delta[m] = np.array([
-            outs[m][a] * (1 - outs[m][a])
-            * sum(w[m + 1][a, j] * delta[m + 1][j] for j in range(w[m + 1].shape[1]))
-            for a in range(w[m].shape[1])
-        ])
-    dP = [np.array([[inputs[m][a] * delta[m][j] for j in range(wm.shape[1])]
-                    for a in range(wm.shape[0])]) for m, wm in enumerate(w)]
+        delta[m] = np.array(
+            [
+                outs[m][a]
+                * (1 - outs[m][a])
+                * sum(w[m + 1][a, j] * delta[m + 1][j] for j in range(w[m + 1].shape[1]))
+                for a in range(w[m].shape[1])
+            ]
+        )
+    dP = [
+        np.array(
+            [[inputs[m][a] * delta[m][j] for j in range(wm.shape[1])] for a in range(wm.shape[0])]
+        )
+        for m, wm in enumerate(w)
+    ]
     return dP, -0.5 * float(np.sum((d - o) ** 2))
 
 
@@ -531,8 +539,10 @@ def test_002_ascent_on_P_equals_descent_on_half_sse():
         p_desc = _descend(p_desc, autodiff(p_desc, x, y), alpha)
         p_asc = jtu.tree_map(lambda p, g: p + alpha * g, p_asc, grad_P(p_asc, x, y))
         assert jbp.compare(p_jbp, tuple({"w": wm} for wm in w), rtol=1e-12).ok
-        assert all(bool(jnp.all(a == b)) for a, b in
-                   zip(jtu.tree_leaves(p_asc), jtu.tree_leaves(p_desc), strict=True))
+        assert all(
+            bool(jnp.all(a == b))
+            for a, b in zip(jtu.tree_leaves(p_asc), jtu.tree_leaves(p_desc), strict=True)
+        )
 
 
 def test_002_misreading_sign_fails():
@@ -769,11 +779,13 @@ def s004_equation_15(W: list, X: np.ndarray, Y: np.ndarray, *, upper: int | None
     g0, g1 = np.empty_like(W[0]), np.empty_like(W[1])
     for n1 in (1, 2):
         w1 = W[1][n1, 0]  # w^1_{n_1}: hidden node n_1 to the single output
-        g0[0, n1 - 1] = w1 * sum(a[1][p, n1 - 1] * (1 - a[1][p, n1 - 1]) * (y[p] - h[p])
-                                 for p in ps)
+        g0[0, n1 - 1] = w1 * sum(
+            a[1][p, n1 - 1] * (1 - a[1][p, n1 - 1]) * (y[p] - h[p]) for p in ps
+        )
         for q in (1, 2):
-            g0[q, n1 - 1] = w1 * sum(X[p, q - 1] * a[1][p, n1 - 1] * (1 - a[1][p, n1 - 1])
-                                     * (y[p] - h[p]) for p in ps)
+            g0[q, n1 - 1] = w1 * sum(
+                X[p, q - 1] * a[1][p, n1 - 1] * (1 - a[1][p, n1 - 1]) * (y[p] - h[p]) for p in ps
+            )
         g1[n1, 0] = sum(a[1][p, n1 - 1] * (y[p] - h[p]) for p in ps)
     g1[0, 0] = sum(y[p] - h[p] for p in ps)
     return [g0, g1]
@@ -781,13 +793,16 @@ def s004_equation_15(W: list, X: np.ndarray, Y: np.ndarray, *, upper: int | None
 
 def s004_nets(sizes: tuple, act: str) -> dict:
     last = len(sizes) - 2
-    with_b = [jbp.Dense(sizes[i], sizes[i + 1], act if i < last else "identity")
-              for i in range(len(sizes) - 1)]
+    with_b = [
+        jbp.Dense(sizes[i], sizes[i + 1], act if i < last else "identity")
+        for i in range(len(sizes) - 1)
+    ]
     with_w0 = []
     for i in range(len(sizes) - 1):
-        with_w0 += [PrependOne(sizes[i]),
-                    jbp.Dense(sizes[i] + 1, sizes[i + 1], act if i < last else "identity",
-                              bias=False)]
+        with_w0 += [
+            PrependOne(sizes[i]),
+            jbp.Dense(sizes[i] + 1, sizes[i + 1], act if i < last else "identity", bias=False),
+        ]
     unfused = [*with_b[:-1], jbp.Dense(sizes[-2], sizes[-1], "sigmoid")]
     return {
         "bias": (jbp.Sequential(with_b), "sigmoid_bce"),
@@ -811,8 +826,15 @@ def s004_draw(rng: np.random.Generator, sizes: tuple, big_p: int) -> tuple:
 def _agree_004(seed_dC: list, sizes: tuple, act: str, W: list, X, Y, what: str) -> None:
     """∂C/∂w (seed, log-likelihood) = −jbp's gradient, for all three jbp encodings."""
     for kind, (net, loss) in s004_nets(sizes, act).items():
-        _agree(s004_to_jbp(kind, seed_dC, -1.0), net, loss, _tree(s004_to_jbp(kind, W)), X, Y,
-               f"{what}, jbp {kind}")
+        _agree(
+            s004_to_jbp(kind, seed_dC, -1.0),
+            net,
+            loss,
+            _tree(s004_to_jbp(kind, W)),
+            X,
+            Y,
+            f"{what}, jbp {kind}",
+        )
 
 
 @pytest.mark.parametrize("act", ["sigmoid", "tanh"])
@@ -859,8 +881,9 @@ def test_004_bias_as_w0_equals_separate_bias(draw):
     for l in range(len(W)):
         np.testing.assert_allclose(g_w0[2 * l + 1]["w"][0], g_b[l]["b"], rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(g_w0[2 * l + 1]["w"][1:], g_b[l]["w"], rtol=1e-13, atol=1e-15)
-    report = jbp.verify(nets["w0"][0], "sigmoid_bce", _tree(s004_to_jbp("w0", W)), x, y,
-                        finite_differences=True)
+    report = jbp.verify(
+        nets["w0"][0], "sigmoid_bce", _tree(s004_to_jbp("w0", W)), x, y, finite_differences=True
+    )
     assert report.ok, str(report)
 
 
@@ -891,8 +914,11 @@ def test_004_misreadings_fail():
     right = s004_equation_15(W, X, Y)
     _assert_disagree(s004_equation_15(W, X, Y, upper=2), right, "(15) with p = 1..2")
     W2, X2, Y2 = s004_draw(_rng(4, 51), (2, 3, 2), big_p=4)
-    _assert_disagree(s004_equation_14(W2, X2, Y2, "tanh", literal=True),
-                     s004_equation_14(W2, X2, Y2, "tanh"), "(14) as printed")
+    _assert_disagree(
+        s004_equation_14(W2, X2, Y2, "tanh", literal=True),
+        s004_equation_14(W2, X2, Y2, "tanh"),
+        "(14) as printed",
+    )
     net, loss = s004_nets((2, 2, 1), "sigmoid")["bias"]
     g = _grad_fns(net, loss)[0](_tree(s004_to_jbp("bias", W)), X, Y)
     _assert_disagree(g, s004_to_jbp("bias", right), "∂C/∂w of the log-likelihood as jbp's")
