@@ -81,7 +81,7 @@ def test_check_targets_uses_ratios_of_the_same_batch():
         (["--sizes", "a,b"], "expected comma-separated layer widths such as 64,256, got 'a,b'"),
         (["--only", "nope"], "unknown function 'nope'; known functions: jax.grad, "),
         (["--rounds", "2"], "argument --rounds: must be at least 3, got 2"),
-        (["--activation", "relu,tanh"], "--activation takes one name"),
+        (["--activation", "relu,tanh"], "unknown activation 'relu,tanh'; known: "),
     ],
 )
 def test_bench_bad_arguments(capsys, argv, message):

@@ -53,6 +53,43 @@ def int_at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
+def hidden_widths(text: str) -> tuple[int, ...]:
+    """Comma-separated hidden layer widths, or ``none`` for no hidden layer."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    widths = []
+    for part in text.split(","):
+        try:
+            width = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated layer widths such as 128,64, got {text!r}"
+            ) from None
+        if width < 1:
+            raise argparse.ArgumentTypeError(f"layer widths must be at least 1, got {width}")
+        widths.append(width)
+    return tuple(widths)
+
+
+def positive_float(text: str) -> float:
+    """A positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def activation_name(text: str) -> str:
+    """One registered activation name."""
+    if text not in jbp.activation_names():
+        known = ", ".join(jbp.activation_names())
+        raise argparse.ArgumentTypeError(f"unknown activation {text!r}; known: {known}")
+    return text
+
+
 def table(rows: Sequence[tuple[str, ...]]) -> str:
     """Fixed-width columns: the first left-aligned, the rest right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 import jbp
 
-from ._args import device, int_at_least, json_safe, names_list
+from ._args import activation_name, device, int_at_least, json_safe, names_list
 
 _BENCH_HELP = """\
 Time, side by side and interleaved in one run, jax.grad, jbp.backprop,
@@ -70,8 +70,8 @@ def add_bench(subparsers: Any) -> None:
     )
     p.add_argument(
         "--activation",
-        type=names_list("activation", jbp.activation_names),
-        default=("relu",),
+        type=activation_name,
+        default="relu",
         metavar="NAME",
         help="hidden activation (default relu)",
     )
@@ -109,12 +109,10 @@ def add_bench(subparsers: Any) -> None:
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if len(args.activation) != 1:
-        parser.error("--activation takes one name")
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     print(
-        f"jbp bench: MLP {'-'.join(map(str, args.sizes))}, {args.activation[0]}, softmax_xent, "
+        f"jbp bench: MLP {'-'.join(map(str, args.sizes))}, {args.activation}, softmax_xent, "
         f"{args.dtype}; backend {device()}, jax {jax.__version__}, "
         f"{platform.machine()}, python {platform.python_version()}"
     )
@@ -122,7 +120,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     rows = jbp.benchmark(
         args.sizes,
         batches=args.batches,
-        activation=args.activation[0],
+        activation=args.activation,
         dtype=jnp.dtype(args.dtype),
         rounds=args.rounds,
         budget_s=args.budget,
@@ -137,7 +135,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         summary = {
             "command": "bench",
             "sizes": list(args.sizes),
-            "activation": args.activation[0],
+            "activation": args.activation,
             "dtype": args.dtype,
             "backend": jax.default_backend(),
             "device": device(),

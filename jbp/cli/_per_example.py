@@ -11,8 +11,7 @@ import jax
 
 import jbp
 
-from ._args import device, int_at_least, json_safe, names_list
-from ._train import _hidden, _positive_float
+from ._args import activation_name, device, hidden_widths, int_at_least, json_safe, positive_float
 
 _HELP = """\
 Flip a share of the training labels of a data set (default: 10% of digits),
@@ -56,12 +55,16 @@ def add_per_example(subparsers: Any) -> None:
         "--noise", type=_fraction, default=0.1, help="share of labels flipped (default 0.1)"
     )
     p.add_argument(
-        "--hidden", type=_hidden, default=(64,), metavar="LIST", help="hidden widths (default 64)"
+        "--hidden",
+        type=hidden_widths,
+        default=(64,),
+        metavar="LIST",
+        help="hidden widths (default 64)",
     )
     p.add_argument(
         "--activation",
-        type=names_list("activation", jbp.activation_names),
-        default=("relu",),
+        type=activation_name,
+        default="relu",
         metavar="NAME",
         help="hidden activation (default relu)",
     )
@@ -69,7 +72,7 @@ def add_per_example(subparsers: Any) -> None:
     p.add_argument(
         "--batch-size", type=int_at_least(1), default=32, help="examples per step (default 32)"
     )
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="adam's rate (default 1e-3)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="adam's rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seeds split, flips, init (default 0)")
     p.add_argument(
         "--top-k", type=int_at_least(1), default=10, metavar="K", help="examples listed (10)"
@@ -81,8 +84,6 @@ def add_per_example(subparsers: Any) -> None:
 
 
 def _run_per_example(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if len(args.activation) != 1:
-        parser.error("--activation takes one name")
     try:
         data = jbp.load_dataset(args.data, seed=args.seed)
     except (OSError, ValueError, TypeError) as err:
@@ -92,7 +93,7 @@ def _run_per_example(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     sizes = "-".join(map(str, (data.n_features, *args.hidden, data.n_classes)))
     print(
         f"jbp per-example: {data.name}, {data.x_train.shape[0]} training examples, "
-        f"{args.noise:.0%} of labels flipped; MLP {sizes} {args.activation[0]}, adam "
+        f"{args.noise:.0%} of labels flipped; MLP {sizes} {args.activation}, adam "
         f"{args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}; "
         f"backend {device()}, jax {jax.__version__}"
     )
@@ -110,7 +111,7 @@ def _run_per_example(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         data,
         noise=args.noise,
         hidden=args.hidden,
-        activation=args.activation[0],
+        activation=args.activation,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,

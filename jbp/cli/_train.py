@@ -15,7 +15,16 @@ import optax
 import jbp
 
 from .._progress import format_duration
-from ._args import DTYPES, device, int_at_least, loss_name, simulate_cpu_devices
+from ._args import (
+    DTYPES,
+    activation_name,
+    device,
+    hidden_widths,
+    int_at_least,
+    loss_name,
+    positive_float,
+    simulate_cpu_devices,
+)
 
 OPTIMIZERS = {
     "sgd": lambda lr: optax.sgd(lr),
@@ -52,40 +61,6 @@ Exit status: 0 on success, 1 if training stopped on an error (gradient
 mismatch, non-finite values), 2 on bad arguments, data or checkpoints."""
 
 
-def _hidden(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none"):
-        return ()
-    widths = []
-    for part in text.split(","):
-        try:
-            width = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated layer widths such as 128,64, got {text!r}"
-            ) from None
-        if width < 1:
-            raise argparse.ArgumentTypeError(f"layer widths must be at least 1, got {width}")
-        widths.append(width)
-    return tuple(widths)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def _activation(text: str) -> str:
-    if text not in jbp.activation_names():
-        known = ", ".join(jbp.activation_names())
-        raise argparse.ArgumentTypeError(f"unknown activation {text!r}; known: {known}")
-    return text
-
-
 def add_train(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
@@ -99,14 +74,14 @@ def add_train(subparsers: Any) -> None:
         "(default digits)")  # fmt: skip
     add("--test-fraction", type=float, default=0.2, metavar="F",
         help="share of examples held out for testing (default 0.2; xor tests on its 4 points)")  # fmt: skip
-    add("--hidden", type=_hidden, default=(128, 64), metavar="LIST",
+    add("--hidden", type=hidden_widths, default=(128, 64), metavar="LIST",
         help="hidden layer widths, comma-separated, or none (default 128,64)")  # fmt: skip
-    add("--activation", type=_activation, default="relu", metavar="NAME",
+    add("--activation", type=activation_name, default="relu", metavar="NAME",
         help="activation of the hidden layers (default relu)")  # fmt: skip
     add("--loss", type=loss_name, default="softmax_xent", metavar="NAME",
         help=f"one of {', '.join(jbp.loss_names())} (default softmax_xent)")  # fmt: skip
     add("--optimizer", choices=tuple(OPTIMIZERS), default="adam", help="(default adam)")
-    add("--lr", type=_positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    add("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
     add("--batch-size", type=int_at_least(1), default=32, metavar="N", help="(default 32)")
     add("--epochs", type=int_at_least(1), default=20, metavar="N", help="(default 20)")
     add("--seed", type=int_at_least(0), default=0,
