@@ -1,4 +1,4 @@
-"""jbp: hand-written backpropagation from the δ equations, checked against jax.grad."""
+"""jbp: hand-written backpropagation from the δ equations, checked against JAX autodiff."""
 
 from ._activations import ActivationFn as ActivationFn
 from ._activations import activation_names as activation_names
@@ -25,8 +25,6 @@ from ._data import Dataset as Dataset
 from ._data import batches as batches
 from ._data import dataset_names as dataset_names
 from ._data import load_dataset as load_dataset
-from ._fit import FitResult as FitResult
-from ._fit import fit as fit
 from ._label_noise import LabelNoiseStudy as LabelNoiseStudy
 from ._label_noise import auroc as auroc
 from ._label_noise import flip_labels as flip_labels
@@ -64,6 +62,8 @@ from ._train import init_state as init_state
 from ._train import make_dp_step as make_dp_step
 from ._train import make_step as make_step
 from ._train import targets as targets
+from ._train_loop import FitResult as FitResult
+from ._train_loop import fit as fit
 from ._verify import FiniteDifferenceCheck as FiniteDifferenceCheck
 from ._verify import GradientMismatch as GradientMismatch
 from ._verify import LeafRow as LeafRow

@@ -4,7 +4,7 @@ Every activation is a pair ``(f, f')`` plus the rule that turns an upstream
 gradient ``g = ∂C/∂out`` into ``δ = ∂C/∂z = g ⊙ f'(z)``. Where JAX has its own
 derivative rule for the primitive we use in ``f``, the δ rule is written in the
 same operation order, so that under ``jit`` the manual gradient is often bitwise
-identical to ``jax.grad``.
+identical to JAX's own autodiff.
 
 Users add their own with :func:`register_activation`.
 """
@@ -73,7 +73,7 @@ def register_activation(
 
     Returns:
       The registered :class:`ActivationFn`. ``jbp.verify`` checks it against
-      ``jax.grad`` like any built-in one.
+      autodiff like any built-in one.
 
     Example:
       >>> import jax.numpy as jnp, jbp
@@ -130,7 +130,7 @@ register_activation(
 
 
 # tanh' = 1 − tanh². JAX's rule for lax.tanh is (g + g·ans)(1 − ans) in forward
-# mode; jax.grad runs its transpose, t + t·ans with t = g(1 − ans): mirrored here.
+# mode; reverse-mode autodiff runs its transpose, t + t·ans with t = g(1 − ans): mirrored here.
 def _tanh_delta(g: Array, z: Array, out: Array) -> Array:
     t = g * (1 - out)
     return t + t * out
@@ -196,7 +196,7 @@ def _gelu(z: Array) -> Array:
 _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
 
 
-# gelu'(z) = Φ(z) + z φ(z); the δ in the order of jax.grad's transposed chain
+# gelu'(z) = Φ(z) + z φ(z); the δ in the order of autodiff's transposed chain
 # (product rule on 0.5·z·(1 + erf(z/√2)), erf' = 2/√π·exp(−u²)).
 def _gelu_delta(g: Array, z: Array, out: Array) -> Array:
     u = z * _INV_SQRT2
@@ -226,7 +226,7 @@ def _gelu_tanh_derivative(z: Array, out: Array) -> Array:
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * z * z)
 
 
-# The δ in the order of jax.grad's transposed chain through 0.5·z·(1 + tanh(c(z + k z³))).
+# The δ in the order of autodiff's transposed chain through 0.5·z·(1 + tanh(c(z + k z³))).
 def _gelu_tanh_delta(g: Array, z: Array, out: Array) -> Array:
     t = jnp.tanh(_GELU_C * (z + _GELU_K * z**3))
     s = ((0.5 * z) * g) * (1 - t)
@@ -247,7 +247,7 @@ def _silu_derivative(z: Array, out: Array) -> Array:
     return s * (1 + z * (1 - s))
 
 
-# The δ in the order of jax.grad's product rule on z·σ(z), σ' = σ(1 − σ).
+# The δ in the order of autodiff's product rule on z·σ(z), σ' = σ(1 − σ).
 def _silu_delta(g: Array, z: Array, out: Array) -> Array:
     s = jax.nn.sigmoid(z)
     return g * s + (z * g) * (s * (1 - s))

@@ -1,7 +1,7 @@
 """The objective and its gradient by the δ equations alone.
 
-``backprop(net, loss)`` returns a function with ``jax.grad(objective(net,
-loss))``'s call shape, ``(params, x, y) -> grads``, computed by a forward pass
+``backprop(net, loss)`` returns a function with the call shape of autodiff's
+``grad(objective(net, loss))``, ``(params, x, y) -> grads``, computed by a forward pass
 that keeps each layer's cache and a backward pass that runs each layer's δ
 rule in reverse. No autodiff transformation is used on this path.
 """
@@ -63,7 +63,7 @@ def _like(params: Params, grads: tuple[Params, ...]) -> Params:
 
 
 def objective(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any], Array]:
-    """The scalar objective ``C(params, x, y)``; ``jax.grad`` of it is the reference.
+    """The scalar objective ``C(params, x, y)``; its autodiff gradient is the reference.
 
     Args:
       net: a :class:`Sequential` network.
@@ -114,7 +114,7 @@ def backprop(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any], Params]
 
     Returns:
       ``grad_fn(params, x, y) -> grads`` with the call shape of
-      ``jax.grad(objective(net, loss))``: ``grads`` is shaped like ``params``
+      ``grad(objective(net, loss))`` (JAX autodiff): ``grads`` is shaped like ``params``
       and is ``∂C/∂θ`` of the reduced loss (sum or mean over the batch).
       Composes with ``jit``, ``vmap`` (e.g. ``in_axes=(None, 0, 0)`` gives
       unscaled per-example gradients) and ``jacfwd``.

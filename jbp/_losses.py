@@ -37,7 +37,7 @@ class Loss:
       description: one line for error messages and docs.
       reduced_delta: optional ``(a, y) -> ∂C/∂a`` of the reduced total, to
         compute the batch δ_L in another operation order than ``delta`` times
-        :meth:`scale` (e.g. that of ``jax.grad``); see :meth:`batch_delta`.
+        :meth:`scale` (e.g. that of JAX autodiff); see :meth:`batch_delta`.
     """
 
     name: str
@@ -89,7 +89,7 @@ def _mse_delta(a: Array, y: Array) -> Array:
 
 
 def _mse_reduced_delta(a: Array, y: Array) -> Array:
-    """2(a − y)/(K·B) in jax.grad's order, as XLA runs it: (1/B)·(1/K) in the
+    """2(a − y)/(K·B) in JAX autodiff's order, as XLA runs it: (1/B)·(1/K) in the
     array's dtype (XLA turns the division by the constant K into a product)."""
     one = jnp.ones((), a.dtype)
     k = (one / a.shape[0]) * (one / a.shape[-1])

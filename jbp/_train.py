@@ -9,7 +9,7 @@ and a gradient source:
 - ``"autodiff"``: ``jax.value_and_grad(jbp.objective(...))``, the reference.
 
 The step knows nothing of devices or data loading, so it runs as it is under
-``jax.jit`` with sharded inputs. :func:`fit` (in ``_fit.py``) is the loop
+``jax.jit`` with sharded inputs. :func:`fit` (in ``_train_loop.py``) is the loop
 around it.
 
 Labels: the trainer is for classification. Data sets hold integer labels
