@@ -31,11 +31,6 @@ from ._label_noise import flip_labels as flip_labels
 from ._label_noise import label_noise_study as label_noise_study
 from ._label_noise import plot_label_noise as plot_label_noise
 from ._label_noise import precision_at_k as precision_at_k
-from ._layers import Activation as Activation
-from ._layers import Dense as Dense
-from ._layers import Layer as Layer
-from ._layers import Sequential as Sequential
-from ._layers import mlp as mlp
 from ._losses import Loss as Loss
 from ._losses import loss_names as loss_names
 from ._per_example import NoiseScale as NoiseScale
@@ -72,5 +67,20 @@ from ._verify import TaylorCheck as TaylorCheck
 from ._verify import compare as compare
 from ._verify import verify as verify
 from ._zoo import random_problem as random_problem
+from .layers import Activation as Activation
+from .layers import AvgPool as AvgPool
+from .layers import Conv as Conv
+from .layers import Dense as Dense
+from .layers import Flatten as Flatten
+from .layers import GlobalAvgPool as GlobalAvgPool
+from .layers import Layer as Layer
+from .layers import LayerNorm as LayerNorm
+from .layers import MaxPool as MaxPool
+from .layers import Parallel as Parallel
+from .layers import Residual as Residual
+from .layers import RMSNorm as RMSNorm
+from .layers import Sequential as Sequential
+from .layers import ShapeError as ShapeError
+from .layers import mlp as mlp
 
 __version__ = "0.1.0"

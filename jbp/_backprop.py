@@ -14,8 +14,8 @@ from typing import Any
 import jax
 
 from ._checks import check_params, check_x, check_y, params_dtype
-from ._layers import Sequential
 from ._losses import Loss, get_loss
+from .layers import Sequential
 
 Array = jax.Array
 Params = Any
@@ -37,9 +37,11 @@ def prepare(net: Sequential, loss: Loss, params: Params, x: Any, y: Any) -> tupl
     get a batch axis of 1)."""
     check_params(net, params)
     x, single = check_x(net, params, x)
-    out_shape = jax.eval_shape(lambda p, a: net.forward(p, a)[0], params, x).shape
-    if len(out_shape) != 2:
-        raise ValueError(f"the network output has shape {out_shape}; expected (batch, out)")
+    out_shape = (x.shape[0], *net.output_shape(tuple(x.shape[1:])))
+    if len(out_shape) < 2:
+        raise ValueError(
+            f"the network output has shape {out_shape}; a loss needs (batch, outputs...)"
+        )
     y = check_y(loss, out_shape, y, single, params_dtype(params) or x.dtype)
     return x, y
 

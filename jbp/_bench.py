@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._backprop import backprop, objective
-from ._layers import mlp
 from ._per_example import (
     clipped_grad,
     per_example_grads,
     per_example_norms,
     sum_grad_squared,
 )
+from .layers import mlp
 
 K = TypeVar("K", bound=Hashable)
 

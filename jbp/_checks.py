@@ -118,9 +118,29 @@ def _as_array(value: Any, name: str) -> Array:
         raise TypeError(f"`{name}` must be an array, got {type(value).__name__}") from None
 
 
+def example_rank(net: Any) -> int | None:
+    """The rank of one input example ``net`` takes: fixed by its first layers
+    (a 2-D Conv: 3), 1 when no layer constrains it (an MLP: vectors), None when a
+    rank-changing layer such as ``Flatten`` comes first (any rank ≥ 1)."""
+    from .layers._base import in_rank, keeps_rank
+
+    rank = in_rank(net)
+    if rank is not None:
+        return int(rank)
+    return 1 if keeps_rank(net) else None
+
+
+def _example(rank: int) -> str:
+    from .layers._conv import example_axes
+
+    return "(fan_in,)" if rank == 1 else example_axes(rank - 1)
+
+
 def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
-    """Validate inputs; returns ``x`` as ``(batch, fan_in)`` and whether it was a
-    single example ``(fan_in,)``."""
+    """Validate inputs; returns ``x`` batched, ``(batch, *in_shape)``, and whether
+    it was a single example (no batch axis). Every layer's shape is checked."""
+    from .layers._base import ShapeError
+
     x = _as_array(x, "x")
     dt = jnp.dtype(x.dtype)
     if jnp.issubdtype(dt, jnp.complexfloating):
@@ -135,38 +155,60 @@ def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
         raise TypeError(
             f"`x` has dtype {dt.name} but params are {pdt.name}; cast x with x.astype({pdt.name})"
         )
-    if x.ndim not in (1, 2):
+    rank = example_rank(net)
+    if rank is None:
+        if x.ndim == 0:
+            raise ValueError("`x` is a scalar; give a batch (batch, ...) of inputs")
+        single = x.ndim == 1
+    elif x.ndim == rank:
+        single = True
+    elif x.ndim == rank + 1:
+        single = False
+    else:
+        one = _example(rank)
+        batch = "(batch, fan_in)" if rank == 1 else "(batch, " + one[1:]
         raise ValueError(
-            f"`x` must have shape (batch, fan_in) or (fan_in,), got shape {tuple(x.shape)}"
+            f"`x` must have shape {batch} or {one}, got shape {tuple(x.shape)}"
+            + ("" if rank == 1 else f": this network's first layers take examples of rank {rank}")
         )
-    single = x.ndim == 1
     if single:
-        x = x[None, :]
+        x = x[None]
     if x.shape[0] == 0:
         raise ValueError("`x` has an empty batch (shape (0, ...)); give at least one example")
-    fan_in = net.fan_in
-    if fan_in is not None and x.shape[1] != fan_in:
+    fan_in = getattr(net, "fan_in", None)
+    if fan_in is not None and x.shape[-1] != fan_in:
         raise ValueError(
-            f"`x` has {x.shape[1]} features but the first layer expects fan_in={fan_in}"
+            f"`x` has {x.shape[-1]} features but the first layer expects fan_in={fan_in}"
         )
+    try:
+        net.output_shape(tuple(x.shape[1:]))
+    except ShapeError as e:
+        raise ShapeError(
+            e.layer, f"{e.detail}; `x` has examples of shape {tuple(x.shape[1:])}", e.where
+        ) from None
     return x, single
 
 
-def check_y(loss: Any, out_shape: tuple[int, int], y: Any, single: bool, dtype: Any) -> Array:
-    """Validate targets for ``loss`` against the network output ``(batch, out)``;
-    returns ``y`` batched (and, for real-valued targets, cast to ``dtype``)."""
+def check_y(loss: Any, out_shape: tuple[int, ...], y: Any, single: bool, dtype: Any) -> Array:
+    """Validate targets for ``loss`` against the network output ``(batch, *out)``;
+    returns ``y`` batched (and, for real-valued targets, cast to ``dtype``).
+
+    Targets have the output's shape; a loss with ``integer_labels`` also takes
+    integer labels of the output's shape without its last (class) axis."""
     y = _as_array(y, "y")
     dt = jnp.dtype(y.dtype)
     if jnp.issubdtype(dt, jnp.complexfloating):
         raise TypeError(f"`y` has complex dtype {dt.name}; targets must be real")
-    batch, width = out_shape
+    out_shape = tuple(out_shape)
+    width = out_shape[-1] if len(out_shape) > 1 else 1
+    want = out_shape[1:] if single else out_shape
     if loss.integer_labels and jnp.issubdtype(dt, jnp.integer):
-        labels_shape: tuple[int, ...] = () if single else (batch,)
+        labels_shape = want[:-1]
         if tuple(y.shape) != labels_shape:
             raise ValueError(
                 f"`y` holds integer labels of shape {tuple(y.shape)} but loss "
                 f"{loss.name!r} with this x expects labels of shape {labels_shape} (or targets of "
-                f"shape {(width,) if single else (batch, width)})"
+                f"shape {want})"
             )
         # Values can be read only from a concrete array this process holds whole
         # (not a tracer, nor a global array spread over several hosts).
@@ -178,11 +220,14 @@ def check_y(loss: Any, out_shape: tuple[int, int], y: Any, single: bool, dtype: 
                     f"{width} outputs, so labels must lie in [0, {width - 1}]"
                 )
         return y[None] if single else y
-    want = (width,) if single else (batch, width)
     if tuple(y.shape) != want:
         hint = ""
-        if not single and tuple(y.shape) == (batch,) and width == 1:
-            hint = "; add the output axis with y[:, None]"
+        if not single and tuple(y.shape) == want[:-1] and width == 1:
+            hint = (
+                "; add the output axis with y[..., None]"
+                if len(want) > 2
+                else ("; add the output axis with y[:, None]")
+            )
         elif loss.integer_labels:
             hint = f"; loss {loss.name!r} also takes integer labels of shape {want[:-1]}"
         raise ValueError(
@@ -190,4 +235,4 @@ def check_y(loss: Any, out_shape: tuple[int, int], y: Any, single: bool, dtype: 
         )
     if not jnp.issubdtype(dt, jnp.inexact) or dt != jnp.dtype(dtype):
         y = y.astype(dtype)
-    return y[None, :] if single else y
+    return y[None] if single else y

@@ -24,10 +24,10 @@ import numpy as np
 import optax
 
 from ._data import Dataset, batches
-from ._layers import Sequential, mlp
 from ._losses import get_loss
 from ._per_example import gradient_noise_scale, per_example_norms
 from ._train import evaluate, init_state, make_step
+from .layers import Sequential, mlp
 
 _CHUNK = 512  # examples per jitted call when scoring a whole training set
 

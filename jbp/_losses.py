@@ -1,5 +1,11 @@
 """Losses: per-example value, batch reduction and output δ, side by side.
 
+Outputs may have any rank, ``(batch, *out)``: ``ℓ_i`` runs over all of an
+example's elements (``half_sse``, ``sigmoid_bce``: summed; ``mse``: averaged).
+``softmax_xent`` treats the last axis as classes and every other axis of an
+example as positions (tokens, pixels): ``ℓ_i`` is the mean over the example's
+positions, so C = mean_i ℓ_i is also the mean over all positions.
+
 A loss is ``ℓ_i`` per example plus a reduction: the total is ``C = Σ_i ℓ_i``
 (``"sum"``) or ``C = mean_i ℓ_i`` (``"mean"``). ``delta(a, y)`` is the
 per-example ``∂ℓ_i/∂a_i``, unscaled; the batch δ_L handed to the last layer is
@@ -14,6 +20,7 @@ softplus / logsumexp and their δ in the fused form ``σ(a) − y`` /
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -28,12 +35,12 @@ class Loss:
 
     Attributes:
       name: registry name.
-      per_example: ``(a, y) -> ℓ``, ``a`` of shape ``(batch, out)``, returns
+      per_example: ``(a, y) -> ℓ``, ``a`` of shape ``(batch, *out)``, returns
         ``(batch,)``.
-      delta: ``(a, y) -> ∂ℓ_i/∂a_i``, shape ``(batch, out)``, unscaled.
+      delta: ``(a, y) -> ∂ℓ_i/∂a_i``, shaped like ``a``, unscaled.
       reduction: ``"sum"`` or ``"mean"`` over the batch.
       integer_labels: whether ``y`` may be integer class labels of shape
-        ``(batch,)`` instead of targets shaped like ``a``.
+        ``(batch, *out[:-1])`` instead of targets shaped like ``a``.
       description: one line for error messages and docs.
       reduced_delta: optional ``(a, y) -> ∂C/∂a`` of the reduced total, to
         compute the batch δ_L in another operation order than ``delta`` times
@@ -74,47 +81,65 @@ class Loss:
         return self.reduce(self.per_example(a, y))
 
 
+def _example_axes(a: Array) -> tuple[int, ...]:
+    """Every axis of one example (all but the batch axis)."""
+    return tuple(range(1, a.ndim))
+
+
 def _half_sse(a: Array, y: Array) -> Array:
     r = a - y
-    return 0.5 * jnp.sum(r * r, axis=-1)
+    return 0.5 * jnp.sum(r * r, axis=_example_axes(a))
 
 
 def _mse(a: Array, y: Array) -> Array:
     r = a - y
-    return jnp.mean(r * r, axis=-1)
+    return jnp.mean(r * r, axis=_example_axes(a))
+
+
+def _elements(a: Array) -> int:
+    return math.prod(a.shape[1:])
 
 
 def _mse_delta(a: Array, y: Array) -> Array:
-    return (2.0 / a.shape[-1]) * (a - y)
+    return (2.0 / _elements(a)) * (a - y)
 
 
 def _mse_reduced_delta(a: Array, y: Array) -> Array:
     """2(a − y)/(K·B) in JAX autodiff's order, as XLA runs it: (1/B)·(1/K) in the
     array's dtype (XLA turns the division by the constant K into a product)."""
     one = jnp.ones((), a.dtype)
-    k = (one / a.shape[0]) * (one / a.shape[-1])
+    k = (one / a.shape[0]) * (one / _elements(a))
     return 2 * ((a - y) * k)
 
 
 def _sigmoid_bce(a: Array, y: Array) -> Array:
-    return jnp.sum(jax.nn.softplus(a) - y * a, axis=-1)
+    return jnp.sum(jax.nn.softplus(a) - y * a, axis=_example_axes(a))
 
 
 def _targets(a: Array, y: Array) -> Array:
-    """Integer labels ``(batch,)`` to one-hot ``(batch, classes)``; else ``y``."""
+    """Integer labels ``(batch, *positions)`` to one-hot ``(batch, *positions,
+    classes)``; else ``y``."""
     if jnp.issubdtype(y.dtype, jnp.integer):
         return jax.nn.one_hot(y, a.shape[-1], dtype=a.dtype)
     return y
 
 
+def _positions(a: Array) -> int:
+    """Positions per example of a ``(batch, *positions, classes)`` output (1 for
+    ``(batch, classes)``)."""
+    return math.prod(a.shape[1:-1])
+
+
 def _softmax_xent(a: Array, y: Array) -> Array:
     t = _targets(a, y)
-    return -jnp.sum(t * jax.nn.log_softmax(a, axis=-1), axis=-1)
+    token = -jnp.sum(t * jax.nn.log_softmax(a, axis=-1), axis=-1)
+    return jnp.mean(token, axis=tuple(range(1, token.ndim))) if token.ndim > 1 else token
 
 
 def _softmax_xent_delta(a: Array, y: Array) -> Array:
     t = _targets(a, y)
-    return jax.nn.softmax(a, axis=-1) * jnp.sum(t, axis=-1, keepdims=True) - t
+    delta = jax.nn.softmax(a, axis=-1) * jnp.sum(t, axis=-1, keepdims=True) - t
+    return delta / _positions(a) if a.ndim > 2 else delta
 
 
 HALF_SSE = Loss(

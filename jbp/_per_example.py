@@ -4,7 +4,8 @@ For a batch, the backward pass already holds every example's activation a_i
 and δ_i at every layer. From them each parameterised layer forms, without
 materialising g_i = ∂ℓ_i/∂θ:
 
-- ‖g_i‖² (Dense: ‖a_i‖²‖δ_i‖² + ‖δ_i‖²),
+- ‖g_i‖² (Dense: ‖a_i‖²‖δ_i‖² + ‖δ_i‖²; layers that sum over positions,
+  such as Conv, take the Gram form or materialise g_i, whichever is cheaper),
 - Σ_i g_i² elementwise (Dense: (a²)ᵀ(δ²)),
 - Σ_i c_i g_i for per-example weights c (Dense: aᵀ(c ⊙ δ)), which gives
   clipping in one backward pass plus one re-weighted weight-gradient pass.
@@ -14,10 +15,16 @@ gradient is ``Σ_i g_i`` (``"sum"`` losses) or ``mean_i g_i`` (``"mean"``).
 Wrap the returned functions in ``jax.jit``: the weight-gradient matmuls that
 a quantity does not need are then removed by XLA.
 
-A user layer takes part by implementing ``per_example_grads(params, cache,
-delta_out)``; ``per_example_sq_norms``, ``sum_grad_squared`` and
-``weighted_grads`` are optional (without them jbp materialises that layer's
-g_i). ``delta_out`` holds the per-example ``∂ℓ_i/∂out`` in row ``i``.
+Each built-in parameterised layer names the factorisation of each of its
+leaves (``grad_factors``: outer products ``Σ_t ã_it ⊗ δ_it`` for Dense and
+Conv, elementwise products for norm layers and biases) and every quantity
+is written once per factorisation (:mod:`jbp.layers._factors`). Combinators
+are transparent: the δ recursion of the whole tree visits every leaf layer.
+A user layer takes part by implementing ``grad_factors``, or
+``per_example_grads(params, cache, delta_out)`` with optional
+``per_example_sq_norms``, ``sum_grad_squared`` and ``weighted_grads``
+(without them jbp materialises that layer's g_i). ``delta_out`` holds the
+per-example ``∂ℓ_i/∂out`` in row ``i``.
 """
 
 from __future__ import annotations
@@ -32,88 +39,105 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._backprop import check_net, prepare
-from ._layers import Sequential
 from ._losses import Loss, get_loss
+from .layers import Sequential
+from .layers._base import has_params
+from .layers._factors import check_method, is_factor, per_example_grad, sq_norm, sum_sq, weighted
 
 Array = jax.Array
 Params = Any
 
 
-def _has_params(p: Params) -> bool:
-    return bool(jtu.tree_leaves(p))
-
-
-def _per_example_method(layer: Any, name: str) -> Callable[..., Any] | None:
-    """The layer's own ``name`` method, or None (then it is formed from g_i)."""
-    return getattr(layer, name, None)
-
-
 def _grads_method(layer: Any) -> Callable[..., Any]:
-    """The layer's ``per_example_grads``, which every layer with params needs."""
+    """The layer's ``per_example_grads``, which every layer with params needs
+    unless it gives ``grad_factors``."""
     method = getattr(layer, "per_example_grads", None)
     if method is None:
         raise TypeError(
             f"layer {layer!r} has parameters but no per_example_grads(params, cache, delta_out); "
-            "implement it to use per-example analysis"
+            "implement it (or grad_factors) to use per-example analysis"
         )
     return method
 
 
-def _backward_deltas(
-    net: Sequential, loss: Loss, params: Params, x: Array, y: Array
-) -> tuple[tuple[Any, ...], list[Array | None]]:
-    """Forward, then the δ recursion with the unscaled per-example output δ.
-
-    Returns the caches and, per layer, ``delta_out`` = ∂(Σ_i ℓ_i)/∂out (row i
-    is example i's ∂ℓ_i/∂out). ``None`` for layers before the first with params.
-    """
-    out, caches = net.forward(params, x)
-    delta = loss.delta(out, y)
-    n = len(net.layers)
-    first = next((i for i in range(n) if _has_params(params[i])), n)
-    delta_outs: list[Array | None] = [None] * n
-    for i in reversed(range(first, n)):
-        delta_outs[i] = delta
-        if i > first:
-            _, delta = net.layers[i].backward(params[i], caches[i], delta)
-    return caches, delta_outs
+def _factor_map(fn: Callable[[Any], Any], factors: Any) -> Any:
+    return jtu.tree_map(fn, factors, is_leaf=is_factor)
 
 
-def _layer_quantity(net, params, caches, delta_outs, name: str, *extra: Any) -> list[Any]:
-    """``name`` for each layer: the layer's own method, or from its g_i."""
-    results: list[Any] = []
-    for layer, p, cache, d in zip(net.layers, params, caches, delta_outs, strict=True):
-        if not _has_params(p):
-            results.append(None)
-            continue
-        method = _per_example_method(layer, name)
-        if method is not None:
-            results.append(method(p, cache, d, *extra))
-            continue
-        g = _grads_method(layer)(p, cache, d)
+def _tree_sum(values: list[Array]) -> Array:
+    return sum(values[1:], values[0])
+
+
+def _leaf_quantity(
+    name: str, layer: Any, p: Params, cache: Any, d: Array, *extra: Any, method: str
+) -> Any:
+    """``name`` of one leaf layer: by its factors, its own method, or from its g_i."""
+    if not has_params(p):
+        return p
+    grad_factors = getattr(layer, "grad_factors", None)
+    if grad_factors is not None:
+        factors = grad_factors(p, cache, d)
+        if name == "per_example_grads":
+            return _factor_map(per_example_grad, factors)
         if name == "per_example_sq_norms":
-            results.append(
-                sum(
-                    jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
-                    for leaf in jtu.tree_leaves(g)
-                )
-            )
-        elif name == "sum_grad_squared":
-            results.append(jtu.tree_map(lambda leaf: jnp.sum(leaf * leaf, axis=0), g))
-        elif name == "weighted_grads":
-            results.append(jtu.tree_map(partial(jnp.tensordot, extra[0], axes=1), g))
-        else:  # pragma: no cover - internal names only
-            raise AssertionError(name)
-    return results
+            leaves = jtu.tree_leaves(factors, is_leaf=is_factor)
+            return _tree_sum([sq_norm(f, method) for f in leaves])
+        if name == "sum_grad_squared":
+            return _factor_map(sum_sq, factors)
+        return _factor_map(lambda f: weighted(f, extra[0], method), factors)
+    own = getattr(layer, name, None)
+    if own is not None:
+        return own(p, cache, d, *extra)
+    g = _grads_method(layer)(p, cache, d)
+    if name == "per_example_sq_norms":
+        return _tree_sum(
+            [jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in jtu.tree_leaves(g)]
+        )
+    if name == "sum_grad_squared":
+        return jtu.tree_map(lambda leaf: jnp.sum(leaf * leaf, axis=0), g)
+    return jtu.tree_map(partial(jnp.tensordot, extra[0], axes=1), g)
 
 
-def _fill(params: Params, per_layer: list[Any]) -> Params:
-    out = tuple({} if q is None else q for q in per_layer)
-    return list(out) if isinstance(params, list) else out
+class _Pass(NamedTuple):
+    """One forward pass and the unscaled per-example output δ, ready for quantities."""
+
+    net: Sequential
+    params: Params
+    caches: tuple[Any, ...]
+    delta: Array
+
+    def quantity(self, name: str, *extra: Any, method: str = "auto") -> tuple[Any, ...]:
+        """``name`` for every leaf layer, in a tree like params (``{}`` where a layer
+        has no params), by the δ recursion of the whole network."""
+
+        def at_leaf(layer: Any, p: Params, cache: Any, d: Array) -> Any:
+            return _leaf_quantity(name, layer, p, cache, d, *extra, method=method)
+
+        results, _ = self.net.backward_walk(self.params, self.caches, self.delta, at_leaf)
+        return results
+
+
+def _forward(net: Sequential, loss: Loss, params: Params, x: Array, y: Array) -> _Pass:
+    out, caches = net.forward(params, x)
+    return _Pass(net, params, caches, loss.delta(out, y))
+
+
+def _like(params: Params, per_layer: tuple[Any, ...]) -> Params:
+    return list(per_layer) if isinstance(params, list) else per_layer
 
 
 def _setup(net: Any, loss: str | Loss) -> tuple[Sequential, Loss]:
     return check_net(net), get_loss(loss)
+
+
+def _sq_norms(run: _Pass, batch: int, dtype: Any, method: str) -> Array:
+    """Squared norms per top-level layer, ``(batch, layers)``."""
+    per_layer = run.quantity("per_example_sq_norms", method=method)
+    cols = []
+    for q in per_layer:
+        leaves = jtu.tree_leaves(q)
+        cols.append(_tree_sum(leaves) if leaves else jnp.zeros((batch,), dtype))
+    return jnp.stack(cols, axis=1)
 
 
 def per_example_grads(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any], Params]:
@@ -123,50 +147,44 @@ def per_example_grads(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any]
       ``fn(params, x, y) -> grads``: like ``params`` with a leading batch axis
       on every leaf (Dense ``w``: ``(batch, fan_in, fan_out)``). The batch
       gradient is the sum or mean over that axis, by the loss's reduction. A
-      single example ``x`` of shape ``(fan_in,)`` gives a batch axis of 1.
+      single example (no batch axis) gives a batch axis of 1.
     """
     net, loss = _setup(net, loss)
 
     def fn(params: Params, x: Any, y: Any) -> Params:
         x, y = prepare(net, loss, params, x, y)
-        caches, deltas = _backward_deltas(net, loss, params, x, y)
-        per_layer = [
-            None if d is None or not _has_params(p) else _grads_method(layer)(p, cache, d)
-            for layer, p, cache, d in zip(net.layers, params, caches, deltas, strict=True)
-        ]
-        return _fill(params, per_layer)
+        return _like(params, _forward(net, loss, params, x, y).quantity("per_example_grads"))
 
     return fn
 
 
-def _sq_norms(net, loss, params, x, y) -> tuple[Array, tuple[Any, ...], list[Any]]:
-    """Per-layer squared norms ``(batch, layers)`` plus the caches and δs."""
-    caches, deltas = _backward_deltas(net, loss, params, x, y)
-    per_layer = _layer_quantity(net, params, caches, deltas, "per_example_sq_norms")
-    zeros = jnp.zeros((x.shape[0],), x.dtype)
-    sq = jnp.stack([zeros if q is None else q for q in per_layer], axis=1)
-    return sq, caches, deltas
-
-
 def per_example_norms(
-    net: Any, loss: str | Loss, *, per_layer: bool = False
+    net: Any, loss: str | Loss, *, per_layer: bool = False, method: str = "auto"
 ) -> Callable[[Params, Any, Any], Array]:
-    """‖g_i‖ for every example, without forming g_i (Dense: ‖a_i‖²‖δ_i‖²).
+    """‖g_i‖ for every example, without forming g_i where that is cheaper.
+
+    Dense on ``(batch, features)``: ``‖g_i(w)‖² = ‖a_i‖²‖δ_i‖²``. Layers whose
+    gradient sums over positions t (Conv, Dense on sequences) take the Gram
+    ("ghost") form ``Σ_{t,s} (a_it·a_is)(δ_it·δ_is)`` or materialise g_i from
+    their patches, whichever costs fewer flops (see :mod:`jbp.layers._factors`).
 
     Args:
       net, loss: the network and loss.
-      per_layer: return one norm per layer instead of the total.
+      per_layer: return one norm per top-level layer instead of the total.
+      method: ``"auto"`` (the cheaper form per layer), ``"gram"`` or
+        ``"materialise"`` (one form everywhere; both give the same norms).
 
     Returns:
       ``fn(params, x, y)``: ``(batch,)`` norms over all parameters, or
-      ``(batch, layers)`` per-layer norms (0 for parameterless layers) whose
-      squares add up to the squared total.
+      ``(batch, layers)`` norms per entry of ``net.layers`` (0 for
+      parameterless ones) whose squares add up to the squared total.
     """
     net, loss = _setup(net, loss)
+    check_method(method)
 
     def fn(params: Params, x: Any, y: Any) -> Array:
         x, y = prepare(net, loss, params, x, y)
-        sq, _, _ = _sq_norms(net, loss, params, x, y)
+        sq = _sq_norms(_forward(net, loss, params, x, y), x.shape[0], x.dtype, method)
         return jnp.sqrt(sq) if per_layer else jnp.sqrt(jnp.sum(sq, axis=1))
 
     return fn
@@ -176,14 +194,14 @@ def sum_grad_squared(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any],
     """The elementwise second moment ``Σ_i g_i²`` (BackPACK's SumGradSquared).
 
     Returns:
-      ``fn(params, x, y)``: like ``params``; Dense ``w``: ``(a²)ᵀ(δ²)``.
+      ``fn(params, x, y)``: like ``params``; Dense ``w`` on ``(batch, features)``:
+      ``(a²)ᵀ(δ²)``, no g_i formed. (Layers that sum over positions form g_i.)
     """
     net, loss = _setup(net, loss)
 
     def fn(params: Params, x: Any, y: Any) -> Params:
         x, y = prepare(net, loss, params, x, y)
-        caches, deltas = _backward_deltas(net, loss, params, x, y)
-        return _fill(params, _layer_quantity(net, params, caches, deltas, "sum_grad_squared"))
+        return _like(params, _forward(net, loss, params, x, y).quantity("sum_grad_squared"))
 
     return fn
 
@@ -211,22 +229,15 @@ def grad_variance(
             raise ValueError(
                 f"`x` has batch {b}; a variance with ddof={ddof} needs at least {ddof + 1}"
             )
-        caches, deltas = _backward_deltas(net, loss, params, x, y)
-        sq = _layer_quantity(net, params, caches, deltas, "sum_grad_squared")
-        ones = jnp.ones((b,), x.dtype)
-        total = _layer_quantity(net, params, caches, deltas, "weighted_grads", ones)
+        run = _forward(net, loss, params, x, y)
+        sq = run.quantity("sum_grad_squared")
+        total = run.quantity("weighted_grads", jnp.ones((b,), x.dtype))
 
         def var(s: Array, t: Array) -> Array:
             mean = t / b
             return jnp.maximum((s - b * mean * mean) / (b - ddof), 0)
 
-        return _fill(
-            params,
-            [
-                None if s is None else jtu.tree_map(var, s, t)
-                for s, t in zip(sq, total, strict=True)
-            ],
-        )
+        return _like(params, jtu.tree_map(var, sq, total))
 
     return fn
 
@@ -246,17 +257,20 @@ def clip_factors(norms: Array, max_norm: Any) -> Array:
 
 
 def clipped_grad(
-    net: Any, loss: str | Loss, max_norm: float
+    net: Any, loss: str | Loss, max_norm: float, *, method: str = "auto"
 ) -> Callable[[Params, Any, Any], tuple[Params, Array]]:
     """The per-example-clipped gradient in one backward pass (ghost clipping).
 
     ``Σ_i min(1, max_norm/‖g_i‖) g_i`` for ``"sum"`` losses, and that over B
-    for ``"mean"`` losses. The norms come from (a_i, δ_i); the clipped sum is
-    one re-weighted weight-gradient pass ``aᵀ(c ⊙ δ)`` per layer.
+    for ``"mean"`` losses. The norms come from (a_i, δ_i) as in
+    :func:`per_example_norms`; the clipped sum is one re-weighted
+    weight-gradient pass ``aᵀ(c ⊙ δ)`` per layer, or, for a layer whose norm
+    materialised g_i, ``Σ_i c_i g_i`` from them.
 
     Args:
       net, loss: the network and loss.
       max_norm: the clipping threshold (``math.inf`` gives the plain gradient).
+      method: how squared norms are formed (see :func:`per_example_norms`).
 
     Returns:
       ``fn(params, x, y) -> (grads, norms)``: ``grads`` like ``params``;
@@ -264,20 +278,20 @@ def clipped_grad(
     """
     net, loss = _setup(net, loss)
     _check_max_norm(max_norm)
+    check_method(method)
 
     def fn(params: Params, x: Any, y: Any) -> tuple[Params, Array]:
         x, y = prepare(net, loss, params, x, y)
-        sq, caches, deltas = _sq_norms(net, loss, params, x, y)
-        norms = jnp.sqrt(jnp.sum(sq, axis=1))
+        run = _forward(net, loss, params, x, y)
+        norms = jnp.sqrt(jnp.sum(_sq_norms(run, x.shape[0], x.dtype, method), axis=1))
         c = clip_factors(norms, max_norm) * loss.scale(x.shape[0])
-        per_layer = _layer_quantity(net, params, caches, deltas, "weighted_grads", c)
-        return _fill(params, per_layer), norms
+        return _like(params, run.quantity("weighted_grads", c, method=method)), norms
 
     return fn
 
 
 def dp_grad(
-    net: Any, loss: str | Loss, max_norm: float, noise_multiplier: float
+    net: Any, loss: str | Loss, max_norm: float, noise_multiplier: float, *, method: str = "auto"
 ) -> Callable[[Params, Any, Any, Array], tuple[Params, Array]]:
     """A DP-SGD gradient: clip each g_i to ``max_norm``, sum, add Gaussian noise.
 
@@ -294,7 +308,7 @@ def dp_grad(
         raise ValueError("`max_norm` must be finite for DP-SGD: the noise scales with it")
     if not isinstance(noise_multiplier, (int, float)) or noise_multiplier < 0:
         raise ValueError(f"`noise_multiplier` must be a number ≥ 0, got {noise_multiplier!r}")
-    clipped = clipped_grad(net, loss, max_norm)
+    clipped = clipped_grad(net, loss, max_norm, method=method)
 
     def fn(params: Params, x: Any, y: Any, key: Array) -> tuple[Params, Array]:
         grads, norms = clipped(params, x, y)
@@ -353,9 +367,9 @@ def gradient_noise_scale(
         b = x.shape[0]
         if b < 2:
             raise ValueError(f"`x` has batch {b}; the gradient noise scale needs at least 2")
-        sq, caches, deltas = _sq_norms(net, loss, params, x, y)
-        ones = jnp.full((b,), 1.0 / b, x.dtype)
-        mean = _layer_quantity(net, params, caches, deltas, "weighted_grads", ones)
+        run = _forward(net, loss, params, x, y)
+        sq = _sq_norms(run, b, x.dtype, "auto")
+        mean = run.quantity("weighted_grads", jnp.full((b,), 1.0 / b, x.dtype))
         mean_sq = sum(jnp.sum(leaf * leaf) for leaf in jtu.tree_leaves(mean))
         spread = jnp.mean(jnp.sum(sq, axis=1)) - mean_sq
         if unbiased:

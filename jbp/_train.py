@@ -33,10 +33,10 @@ import optax
 
 from ._backprop import check_net, objective, value_and_backprop
 from ._checks import check_dtype, check_key, check_params, params_dtype
-from ._layers import Sequential
 from ._losses import Loss, get_loss
 from ._per_example import dp_grad
 from ._verify import Report
+from .layers import Sequential
 
 Array = jax.Array
 Params = Any

@@ -17,8 +17,9 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._activations import activation_names
-from ._layers import _HE_ACTIVATIONS, Activation, Dense, Sequential
 from ._losses import loss_names
+from .layers import Activation, Dense, Sequential
+from .layers._dense import HE_ACTIVATIONS as _HE_ACTIVATIONS
 
 BIAS_STD = 0.5  # std of the noise that makes zero-initialised biases nonzero
 SINGLE_EXAMPLE_P = 0.125  # chance that x is one example (fan_in,) instead of a batch

@@ -1,0 +1,28 @@
+"""Layers and combinators: each layer's forward, δ rule and per-example factors together.
+
+One module per family: ``_dense`` (Dense, Activation), ``_conv`` (Conv),
+``_pool`` (MaxPool, AvgPool, GlobalAvgPool, Flatten), ``_norm`` (LayerNorm,
+RMSNorm), ``_combinators`` (Sequential, Residual, Parallel, mlp). The protocol
+is in ``_base``; the per-example quantities, written once per kind of
+weight-gradient factorisation (:class:`Outer`, :class:`Elementwise`), in
+``_factors``. Everything public is re-exported by ``jbp``.
+"""
+
+from ._base import Layer as Layer
+from ._base import ShapeError as ShapeError
+from ._combinators import Parallel as Parallel
+from ._combinators import Residual as Residual
+from ._combinators import Sequential as Sequential
+from ._combinators import mlp as mlp
+from ._conv import Conv as Conv
+from ._dense import Activation as Activation
+from ._dense import Dense as Dense
+from ._factors import Elementwise as Elementwise
+from ._factors import Factorised as Factorised
+from ._factors import Outer as Outer
+from ._norm import LayerNorm as LayerNorm
+from ._norm import RMSNorm as RMSNorm
+from ._pool import AvgPool as AvgPool
+from ._pool import Flatten as Flatten
+from ._pool import GlobalAvgPool as GlobalAvgPool
+from ._pool import MaxPool as MaxPool

@@ -1,0 +1,200 @@
+"""The layer protocol, shape errors, and the backward walk that combinators share.
+
+A layer is a small immutable (hashable, static) object with:
+
+- ``init(key, dtype) -> params``: a pytree, ``{}`` for parameterless layers;
+- ``output_shape(in_shape) -> out_shape``: shapes of one example (no batch
+  axis), computed without tracing; a mismatch raises :class:`ShapeError`;
+- ``forward(params, a) -> (out, cache)``: ``a`` of shape ``(batch, *in_shape)``;
+- ``backward(params, cache, delta_out) -> (grads, delta_in)``: the δ rule,
+  ``delta_out = ∂C/∂out``, ``delta_in = ∂C/∂a``, ``grads`` shaped like params.
+
+Two optional class attributes say how a layer constrains the rank of its
+input: ``in_rank`` (the rank of one example it needs, e.g. 3 for a 2-D
+convolution on ``(height, width, channels)``; ``None``: any) and
+``keeps_rank`` (``False`` for layers such as ``Flatten`` whose output rank
+differs from their input's).
+
+Combinators (``Sequential``, ``Residual``, ``Parallel``) also implement
+``backward_walk(params, cache, delta_out, at_leaf)``: their δ recursion with
+``at_leaf(layer, params, cache, delta_out)`` computed at every leaf layer in
+place of its gradient. That one recursion gives the gradient (``at_leaf=None``)
+and every per-example quantity (norms, Σg², re-weighted sums), so a combinator's
+per-example quantities are its children's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = Any
+Shape = tuple[int, ...]
+AtLeaf = Callable[[Any, Params, Any, Array], Any]
+
+
+class ShapeError(ValueError):
+    """A layer cannot take an input of some shape.
+
+    The message names the layer (and where it sits in the network, e.g.
+    ``layers[1].block.layers[0]``), what it expects and what it was given.
+    """
+
+    def __init__(self, layer: Any, detail: str, where: tuple[str, ...] = ()) -> None:
+        self.layer, self.detail, self.where = layer, detail, where
+        place = f"`{'.'.join(where)}` " if where else ""
+        super().__init__(f"{place}({layer!r}) {detail}")
+
+    def within(self, part: str) -> ShapeError:
+        """The same error, one level further out (``part`` names the child)."""
+        return ShapeError(self.layer, self.detail, (part, *self.where))
+
+
+class Layer:
+    """Base class for layers (optional: any object with the protocol works).
+
+    Subclasses are frozen dataclasses implementing ``init``, ``forward`` and
+    ``backward``, and ideally ``output_shape`` (the default finds it with
+    ``jax.eval_shape`` of ``forward``, which traces). A layer that maps the
+    last axis from ``fan_in`` to ``fan_out`` features may expose them, so that
+    a :class:`Sequential` checks consecutive widths when it is built.
+    """
+
+    in_rank: int | None = None
+    keeps_rank: bool = True
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        raise NotImplementedError
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        """The shape of one output example for one input example ``in_shape``."""
+        return traced_output_shape(self, in_shape)
+
+    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+        raise NotImplementedError
+
+    def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
+        raise NotImplementedError
+
+
+def traced_output_shape(layer: Any, in_shape: Shape) -> Shape:
+    """``output_shape`` by ``jax.eval_shape`` of ``init`` and ``forward`` (abstract,
+    nothing runs), for layers that do not say their own."""
+
+    def run(key: Array) -> Array:
+        params = layer.init(key, jnp.float32)
+        return layer.forward(params, jnp.zeros((1, *in_shape), jnp.float32))[0]
+
+    try:
+        out = jax.eval_shape(run, jax.random.key(0))
+    except (TypeError, ValueError) as e:
+        raise ShapeError(layer, f"cannot take inputs of shape {in_shape}: {e}") from None
+    return tuple(out.shape[1:])
+
+
+def output_shape(layer: Any, in_shape: Shape) -> Shape:
+    """The layer's ``output_shape``, or the traced one for a bare protocol object."""
+    method = getattr(layer, "output_shape", None)
+    shape = method(tuple(in_shape)) if method is not None else traced_output_shape(layer, in_shape)
+    return tuple(int(s) for s in shape)
+
+
+def in_rank(layer: Any) -> int | None:
+    """The rank of one input example the layer needs (None: any)."""
+    return getattr(layer, "in_rank", None)
+
+
+def keeps_rank(layer: Any) -> bool:
+    """Whether the layer's output has its input's rank (unknown layers: yes)."""
+    return bool(getattr(layer, "keeps_rank", True))
+
+
+def first_rank(layers: Sequence[Any]) -> int | None:
+    """The input rank a chain of layers needs: the first fixed ``in_rank`` reached
+    through rank-keeping layers (None if none is, or a rank-changing layer comes first)."""
+    for layer in layers:
+        rank = in_rank(layer)
+        if rank is not None:
+            return rank
+        if not keeps_rank(layer):
+            return None
+    return None
+
+
+def backward_walk(
+    layer: Any, params: Params, cache: Any, delta_out: Array, at_leaf: AtLeaf | None
+) -> tuple[Any, Array]:
+    """``layer.backward``, with ``at_leaf(layer, params, cache, delta_out)`` at every
+    leaf layer in place of its gradient (``at_leaf=None``: the gradient itself)."""
+    walk = getattr(layer, "backward_walk", None)
+    if walk is not None:
+        return walk(params, cache, delta_out, at_leaf)
+    grads, delta_in = layer.backward(params, cache, delta_out)
+    return (grads if at_leaf is None else at_leaf(layer, params, cache, delta_out)), delta_in
+
+
+def is_layer(obj: Any) -> bool:
+    """Whether ``obj`` has the layer protocol's three methods."""
+    return all(callable(getattr(obj, m, None)) for m in ("init", "forward", "backward"))
+
+
+def check_layers(layers: Any, name: str) -> tuple[Any, ...]:
+    """A non-empty tuple of hashable layers, or a clear error naming ``name``."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"`{name}` must be a sequence of layers, got {type(layers).__name__}")
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError(f"`{name}` is empty: a network needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not is_layer(layer):
+            raise TypeError(
+                f"`{name}[{i}]` is {layer!r}, which is not a layer: a layer needs "
+                "init(key, dtype), forward(params, a) and backward(params, cache, delta_out)"
+            )
+        try:
+            hash(layer)
+        except TypeError:
+            raise TypeError(
+                f"`{name}[{i}]` ({type(layer).__name__}) is not hashable; make it a "
+                "frozen dataclass"
+            ) from None
+    return layers
+
+
+def positive_ints(value: Any, name: str, rank: int | None = None) -> tuple[int, ...]:
+    """An int or a sequence of ints, each ≥ 1, as a tuple (an int is repeated
+    ``rank`` times, or taken as one entry when ``rank`` is None)."""
+    items = (value,) * (rank or 1) if isinstance(value, int) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"`{name}` must be an int or a tuple of ints, got {value!r}")
+    items = tuple(items)
+    if (
+        not items
+        or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in items)
+        or (rank is not None and len(items) != rank)
+    ):
+        want = f"{rank} positive ints" if rank is not None else "positive ints"
+        raise ValueError(f"`{name}` must be a positive int or a tuple of {want}, got {value!r}")
+    return items
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` if it is an int ≥ 1, else a clear error naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return value
+
+
+def last_axis(v: Array, ndim: int) -> Array:
+    """A ``(features,)`` vector shaped to broadcast against a rank-``ndim`` array
+    (explicitly: jbp runs under ``jax_numpy_rank_promotion="raise"``)."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+def has_params(params: Params) -> bool:
+    """Whether a params pytree has any leaves."""
+    return bool(jax.tree_util.tree_leaves(params))

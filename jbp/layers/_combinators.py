@@ -1,0 +1,397 @@
+"""Combinators: networks as trees of layers (stax's serial, residual and fan-out).
+
+| combinator | forward | params | δ rule |
+|---|---|---|---|
+| ``Sequential(layers)`` | children in order | tuple, one per child | children in reverse |
+| ``Residual(block)`` | ``a + block(a)`` | the block's | ``δ_out + block.backward(δ_out)`` |
+| ``Parallel(branches, merge)`` | every branch on the same input, outputs summed or concatenated on the last axis | tuple, one per branch | δ split by the merge, the branches' input δs summed |
+
+Every combinator's per-example quantities are its children's: each implements
+``backward_walk`` (see :mod:`jbp.layers._base`), its δ recursion with a
+per-leaf computation in place of the gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+
+from .._checks import check_dtype, check_key
+from ._base import (
+    AtLeaf,
+    Params,
+    Shape,
+    ShapeError,
+    backward_walk,
+    check_layers,
+    first_rank,
+    in_rank,
+    keeps_rank,
+    output_shape,
+)
+from ._dense import Dense
+
+Array = jax.Array
+
+
+def _split_init(layers: Sequence[Any], key: Array, dtype: Any) -> tuple[Params, ...]:
+    dtype = check_dtype(dtype)
+    check_key(key)
+    keys = jr.split(key, len(layers))
+    return tuple(layer.init(k, dtype) for layer, k in zip(layers, keys, strict=True))
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class Sequential:
+    """Layers applied in order; backward runs their δ rules in reverse. Nests.
+
+    Args:
+      layers: a non-empty sequence of layers (any of which may be a combinator).
+
+    ``params`` is a tuple with one entry per layer. ``apply`` takes a batch
+    ``(batch, *in_shape)`` or a single example ``in_shape``. Consecutive
+    layers that declare ``fan_in``/``fan_out`` widths are checked when the
+    network is built; every shape is checked when ``init`` is given
+    ``in_shape`` and whenever the network is called.
+    """
+
+    layers: tuple[Any, ...]
+
+    def __init__(self, layers: Sequence[Any]) -> None:
+        layers = check_layers(layers, "layers")
+        width = None
+        for i, layer in enumerate(layers):
+            fan_in = getattr(layer, "fan_in", None)
+            if fan_in is not None and width is not None and fan_in != width:
+                raise ValueError(
+                    f"`layers[{i}]` ({layer!r}) expects fan_in={fan_in} but the layers before "
+                    f"it give {width} features"
+                )
+            fan_out = getattr(layer, "fan_out", None)
+            width = fan_out if fan_out is not None else (None if _opaque(layer) else width)
+        object.__setattr__(self, "layers", layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def fan_in(self) -> int | None:
+        """Input features (last axis) of the first layer that declares them, when
+        the layers before it keep the last axis; None otherwise."""
+        for layer in self.layers:
+            fan_in = getattr(layer, "fan_in", None)
+            if fan_in is not None:
+                return int(fan_in)
+            if _opaque(layer):
+                return None
+        return None
+
+    @property
+    def fan_out(self) -> int | None:
+        """Output features (last axis) of the last layer that declares them, when
+        the layers after it keep the last axis; None otherwise."""
+        for layer in reversed(self.layers):
+            fan_out = getattr(layer, "fan_out", None)
+            if fan_out is not None:
+                return int(fan_out)
+            if _opaque(layer):
+                return None
+        return None
+
+    @property
+    def in_rank(self) -> int | None:
+        """The rank of one input example the layers need (None: not fixed by them)."""
+        return first_rank(self.layers)
+
+    @property
+    def keeps_rank(self) -> bool:
+        return all(keeps_rank(layer) for layer in self.layers)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        """The output shape of one example; a :class:`ShapeError` names the first
+        layer that cannot take what the layers before it give."""
+        shape = tuple(in_shape)
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = output_shape(layer, shape)
+            except ShapeError as e:
+                raise e.within(f"layers[{i}]") from None
+        return shape
+
+    def init(
+        self, key: Array, dtype: Any = jnp.float32, *, in_shape: Shape | None = None
+    ) -> tuple[Params, ...]:
+        """Initial params: a tuple, one entry per layer; ``key`` split once per layer.
+
+        With ``in_shape`` (one example's shape, no batch axis) every layer's
+        shape is checked first.
+        """
+        if in_shape is not None:
+            self.output_shape(tuple(in_shape))
+        return _split_init(self.layers, key, dtype)
+
+    def forward(self, params: Sequence[Params], a: Array) -> tuple[Array, tuple[Any, ...]]:
+        """Run every layer on a batch; returns the output and the per-layer caches."""
+        caches = []
+        for layer, p in zip(self.layers, params, strict=True):
+            a, cache = layer.forward(p, a)
+            caches.append(cache)
+        return a, tuple(caches)
+
+    def backward_walk(
+        self,
+        params: Sequence[Params],
+        caches: Sequence[Any],
+        delta_out: Array,
+        at_leaf: AtLeaf | None,
+    ) -> tuple[tuple[Any, ...], Array]:
+        results: list[Any] = [None] * len(self.layers)
+        delta = delta_out
+        for i in reversed(range(len(self.layers))):
+            results[i], delta = backward_walk(self.layers[i], params[i], caches[i], delta, at_leaf)
+        return tuple(results), delta
+
+    def backward(
+        self, params: Sequence[Params], caches: Sequence[Any], delta_out: Array
+    ) -> tuple[tuple[Params, ...], Array]:
+        """Run the δ rules in reverse; returns per-layer grads and ``∂C/∂x``."""
+        return self.backward_walk(params, caches, delta_out, None)
+
+    def apply(self, params: Sequence[Params], x: Array) -> Array:
+        """Network output for a batch ``(batch, *in_shape)`` or one example ``in_shape``."""
+        from .._checks import check_params, check_x
+
+        check_params(self, params)
+        x, single = check_x(self, params, x)
+        out, _ = self.forward(params, x)
+        return out[0] if single else out
+
+
+def _opaque(layer: Any) -> bool:
+    """Whether a layer without declared widths may change the last axis: one that
+    fixes or changes the rank (Conv, pooling, Flatten) or a combinator."""
+    return in_rank(layer) is not None or not keeps_rank(layer) or hasattr(layer, "backward_walk")
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class Residual:
+    """``out = a + block(a)``: a skip connection around ``block``.
+
+    Args:
+      block: a layer or combinator whose output shape equals its input shape.
+
+    Params are the block's. δ rule: ``∂C/∂a = δ_out + block.backward(δ_out)``:
+    the skip path hands δ_out back unchanged.
+    """
+
+    block: Any
+
+    def __post_init__(self) -> None:
+        (block,) = check_layers([self.block], "block")
+        fan_in, fan_out = getattr(block, "fan_in", None), getattr(block, "fan_out", None)
+        if fan_in is not None and fan_out is not None and fan_in != fan_out:
+            raise ValueError(
+                f"`block` ({block!r}) maps {fan_in} features to {fan_out}; a residual block "
+                "must keep the shape of its input"
+            )
+
+    @property
+    def in_rank(self) -> int | None:
+        return in_rank(self.block)
+
+    keeps_rank = True
+
+    @property
+    def fan_in(self) -> int | None:
+        """The block's width (input and output), when it declares one."""
+        width = getattr(self.block, "fan_in", None)
+        return width if width is not None else getattr(self.block, "fan_out", None)
+
+    fan_out = fan_in
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        try:
+            out = output_shape(self.block, in_shape)
+        except ShapeError as e:
+            raise e.within("block") from None
+        if out != tuple(in_shape):
+            raise ShapeError(
+                self,
+                f"has a block that maps inputs of shape {tuple(in_shape)} to {out}; a residual "
+                "block must keep the shape of its input",
+            )
+        return out
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        return self.block.init(key, dtype)
+
+    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+        out, cache = self.block.forward(params, a)
+        return a + out, cache
+
+    def backward_walk(
+        self, params: Params, cache: Any, delta_out: Array, at_leaf: AtLeaf | None
+    ) -> tuple[Any, Array]:
+        results, delta = backward_walk(self.block, params, cache, delta_out, at_leaf)
+        return results, delta_out + delta
+
+    def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
+        return self.backward_walk(params, cache, delta_out, None)
+
+
+_MERGES = ("sum", "concat")
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """Every branch sees the same input; outputs summed or concatenated.
+
+    Args:
+      branches: a non-empty sequence of layers or combinators.
+      merge: ``"sum"`` (outputs of one shape, added) or ``"concat"`` (outputs
+        concatenated on the last axis; all other axes must agree).
+
+    Params: a tuple, one entry per branch. δ rule: each branch gets δ_out
+    (``"sum"``) or its slice of δ_out's last axis (``"concat"``); ``∂C/∂a`` is
+    the sum of the branches' input δs.
+    """
+
+    branches: tuple[Any, ...]
+    merge: str = "sum"
+
+    def __init__(self, branches: Sequence[Any], merge: str = "sum") -> None:
+        branches = check_layers(branches, "branches")
+        if merge not in _MERGES:
+            raise ValueError(f"`merge` must be 'sum' or 'concat', got {merge!r}")
+        object.__setattr__(self, "branches", branches)
+        object.__setattr__(self, "merge", merge)
+
+    @property
+    def in_rank(self) -> int | None:
+        return next((r for r in map(in_rank, self.branches) if r is not None), None)
+
+    @property
+    def keeps_rank(self) -> bool:
+        return all(keeps_rank(b) for b in self.branches)
+
+    @property
+    def fan_in(self) -> int | None:
+        """Input features of the first branch that declares them (all branches see
+        the same input)."""
+        return next((w for b in self.branches if (w := getattr(b, "fan_in", None))), None)
+
+    @property
+    def fan_out(self) -> int | None:
+        """Output features: a branch's (``"sum"``) or their total (``"concat"``), when known."""
+        widths = [getattr(b, "fan_out", None) for b in self.branches]
+        if self.merge == "sum":
+            return next((w for w in widths if w is not None), None)
+        return None if None in widths else sum(widths)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        outs = []
+        for j, branch in enumerate(self.branches):
+            try:
+                outs.append(output_shape(branch, in_shape))
+            except ShapeError as e:
+                raise e.within(f"branches[{j}]") from None
+        first = outs[0]
+        for j, out in enumerate(outs[1:], start=1):
+            if self.merge == "sum" and out != first:
+                raise ShapeError(
+                    self,
+                    f"sums its branches' outputs, but branches[0] gives shape {first} and "
+                    f"branches[{j}] gives {out}",
+                )
+            if self.merge == "concat" and (len(out) != len(first) or out[:-1] != first[:-1]):
+                raise ShapeError(
+                    self,
+                    f"concatenates its branches' outputs on the last axis, so all other axes "
+                    f"must agree, but branches[0] gives shape {first} and branches[{j}] gives "
+                    f"{out}",
+                )
+            if self.merge == "concat" and not out:
+                raise ShapeError(self, "cannot concatenate scalar outputs")
+        if self.merge == "sum":
+            return first
+        return (*first[:-1], sum(out[-1] for out in outs))
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> tuple[Params, ...]:
+        return _split_init(self.branches, key, dtype)
+
+    def forward(self, params: Sequence[Params], a: Array) -> tuple[Array, Any]:
+        outs, caches = [], []
+        for branch, p in zip(self.branches, params, strict=True):
+            out, cache = branch.forward(p, a)
+            outs.append(out)
+            caches.append(cache)
+        if self.merge == "sum":
+            merged = outs[0]
+            for out in outs[1:]:
+                merged = merged + out
+        else:
+            merged = jnp.concatenate(outs, axis=-1)
+        widths = tuple(int(out.shape[-1]) for out in outs)
+        return merged, (tuple(caches), widths)
+
+    def backward_walk(
+        self, params: Sequence[Params], cache: Any, delta_out: Array, at_leaf: AtLeaf | None
+    ) -> tuple[tuple[Any, ...], Array]:
+        caches, widths = cache
+        if self.merge == "sum":
+            deltas = [delta_out] * len(self.branches)
+        else:
+            starts = [sum(widths[:j]) for j in range(len(widths))]
+            deltas = [delta_out[..., s : s + w] for s, w in zip(starts, widths, strict=True)]
+        results, delta_in = [], None
+        for branch, p, c, d in zip(self.branches, params, caches, deltas, strict=True):
+            result, d_in = backward_walk(branch, p, c, d, at_leaf)
+            results.append(result)
+            delta_in = d_in if delta_in is None else delta_in + d_in
+        return tuple(results), delta_in
+
+    def backward(
+        self, params: Sequence[Params], cache: Any, delta_out: Array
+    ) -> tuple[tuple[Params, ...], Array]:
+        return self.backward_walk(params, cache, delta_out, None)
+
+
+def mlp(
+    sizes: Sequence[int],
+    activation: str = "relu",
+    *,
+    final_activation: str = "identity",
+    bias: bool = True,
+) -> Sequential:
+    """A multilayer perceptron of Dense layers (``equinox.nn.MLP``'s convention).
+
+    Args:
+      sizes: layer widths ``[fan_in, hidden..., fan_out]``, at least two.
+      activation: activation of the hidden layers.
+      final_activation: activation of the last layer (default ``"identity"``).
+      bias: whether every layer has a bias.
+
+    Example:
+      >>> import jbp
+      >>> jbp.mlp([4, 2, 2, 1], "sigmoid", final_activation="sigmoid")  # doctest: +ELLIPSIS
+      Sequential(layers=(Dense(fan_in=4, fan_out=2, activation='sigmoid', bias=True), ...))
+    """
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"`sizes` needs at least two entries [fan_in, fan_out], got {sizes}")
+    n = len(sizes) - 1
+    return Sequential(
+        [
+            Dense(sizes[i], sizes[i + 1], activation if i < n - 1 else final_activation, bias=bias)
+            for i in range(n)
+        ]
+    )

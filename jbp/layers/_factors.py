@@ -1,0 +1,221 @@
+"""Per-example quantities written once per kind of weight-gradient factorisation.
+
+Almost every parameter gradient is one of a few forms, built from a layer's
+cache and its δ alone (kfac-jax's lesson; see DESIGN.md):
+
+- :class:`Outer`: ``g_i = Σ_t ã_it ⊗ δ_it`` (Dense on any rank: ã = the input;
+  Conv: ã = unfolded patches, one outer product per channel group);
+- :class:`Elementwise`: ``g_i = Σ_t u_it ⊙ δ_it`` (biases: u = 1; norm-layer
+  scales: u = the normalised input).
+
+A parameterised layer says which form each of its leaves takes in
+``grad_factors(params, cache, delta_out)`` (a pytree like params whose
+leaves are factors); the functions here turn factors into per-example
+gradients, squared norms, ``Σ_i g_i²`` and ``Σ_i c_i g_i``. Rows of ``delta``
+hold each example's unscaled ``∂ℓ_i/∂z``.
+
+Squared norms of an :class:`Outer` factor with T positions per example have
+two forms: materialise ``g_i`` (about ``2·B·G·T·I·O`` flops and ``B·G·I·O``
+numbers) or the Gram ("ghost") form ``Σ_{t,s} (ã_it·ã_is)(δ_it·δ_is)`` (about
+``2·B·G·T²·(I + O)`` flops and ``B·G·T²`` numbers). ``method="auto"`` takes the
+Gram form when ``T·(I + O) < I·O``, the smaller flop count (which also makes
+its memory the smaller: ``T² < I·O``), the mixed ghost norm of Bu et al.
+(2022). With one position (Dense on ``(batch, features)``) the Gram form is
+``‖ã_i‖²‖δ_i‖²``, the cheapest of all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax import lax
+
+Array = jax.Array
+Params = Any
+
+METHODS = ("auto", "gram", "materialise")
+
+
+class Outer(NamedTuple):
+    """``g_i = Σ_t ã_it ⊗ δ_it`` per channel group.
+
+    Attributes:
+      a: ``(batch, T, groups, I)``, the inputs (or patches) ã.
+      delta: ``(batch, T, groups, O)``.
+      shape: the leaf's shape, a reshape of ``(I, groups·O)`` (group-major
+        output axis, as a grouped convolution's kernel).
+    """
+
+    a: Array
+    delta: Array
+    shape: tuple[int, ...]
+
+
+class Elementwise(NamedTuple):
+    """``g_i = Σ_t u_it ⊙ δ_it``.
+
+    Attributes:
+      u: ``(batch, T, F)``, or None for ones (a bias).
+      delta: ``(batch, T, F)``.
+      shape: the leaf's shape, a reshape of ``(F,)``.
+    """
+
+    u: Array | None
+    delta: Array
+    shape: tuple[int, ...]
+
+
+Factor = Outer | Elementwise
+
+
+def is_factor(x: Any) -> bool:
+    return isinstance(x, (Outer, Elementwise))
+
+
+def check_method(method: Any) -> str:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    return method
+
+
+def norm_method(f: Outer, method: str = "auto") -> str:
+    """``"gram"`` or ``"materialise"`` for an outer factor (see the module docs)."""
+    if method != "auto":
+        return method
+    _, t, _, i = f.a.shape
+    o = f.delta.shape[-1]
+    return "gram" if t == 1 or t * (i + o) < i * o else "materialise"
+
+
+def _outer_to_leaf(g: Array, shape: tuple[int, ...], batched: bool) -> Array:
+    """``(..., G, I, O)`` to the leaf layout ``(..., *shape)``."""
+    g = jnp.moveaxis(g, -3, -2)  # (..., I, G, O)
+    lead = g.shape[:1] if batched else ()
+    return g.reshape(lead + shape)
+
+
+def _per_example_outer(f: Outer) -> Array:
+    """``(batch, G, I, O)``."""
+    if f.a.shape[1] == 1:
+        return f.a[:, 0, :, :, None] * f.delta[:, 0, :, None, :]
+    return lax.dot_general(f.a, f.delta, (((1,), (1,)), ((0, 2), (0, 2))))
+
+
+def _per_example_elementwise(f: Elementwise) -> Array:
+    """``(batch, F)``."""
+    if f.delta.shape[1] == 1:
+        return f.delta[:, 0] if f.u is None else f.u[:, 0] * f.delta[:, 0]
+    return jnp.sum(f.delta if f.u is None else f.u * f.delta, axis=1)
+
+
+def per_example_grad(f: Factor) -> Array:
+    """``g_i`` for every example: ``(batch, *shape)``."""
+    if isinstance(f, Outer):
+        return _outer_to_leaf(_per_example_outer(f), f.shape, batched=True)
+    g = _per_example_elementwise(f)
+    return g.reshape(g.shape[:1] + f.shape)
+
+
+def _sum_rows(x: Array) -> Array:
+    return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
+
+
+def sq_norm(f: Factor, method: str = "auto") -> Array:
+    """``‖g_i‖²`` for every example, ``(batch,)``."""
+    if isinstance(f, Elementwise):
+        g = _per_example_elementwise(f)
+        return jnp.sum(g * g, axis=1)
+    if norm_method(f, method) == "materialise":
+        g = _per_example_outer(f)
+        return _sum_rows(g * g)
+    if f.a.shape[1] == 1:
+        a, d = f.a[:, 0], f.delta[:, 0]
+        return jnp.sum(jnp.sum(a * a, axis=-1) * jnp.sum(d * d, axis=-1), axis=1)
+    grams = (((3,), (3,)), ((0, 2), (0, 2)))  # (batch, G, T, T)
+    return _sum_rows(lax.dot_general(f.a, f.a, grams) * lax.dot_general(f.delta, f.delta, grams))
+
+
+_CONTRACT_BATCH = (((0,), (0,)), ((), ()))
+
+
+def sum_sq(f: Factor) -> Array:
+    """``Σ_i g_i²`` elementwise, shaped like the leaf."""
+    if isinstance(f, Elementwise):
+        g = _per_example_elementwise(f)
+        return jnp.sum(g * g, axis=0).reshape(f.shape)
+    if f.a.shape[1] == 1 and f.a.shape[2] == 1:  # (a²)ᵀ(δ²): no g_i formed
+        a, d = f.a[:, 0, 0], f.delta[:, 0, 0]
+        return lax.dot_general(a * a, d * d, _CONTRACT_BATCH).reshape(f.shape)
+    g = _per_example_outer(f)
+    return _outer_to_leaf(jnp.sum(g * g, axis=0), f.shape, batched=False)
+
+
+def weighted(f: Factor, c: Array, method: str = "auto") -> Array:
+    """``Σ_i c_i g_i`` for weights ``c`` of shape ``(batch,)``, shaped like the leaf.
+
+    Where the squared norm of this factor materialises ``g_i`` (``method``
+    resolves as in :func:`sq_norm`), the sum reuses them (``Σ_i c_i g_i``, one
+    cheap contraction that XLA shares with the norm's); else it is one
+    re-weighted weight-gradient pass, ``ãᵀ(c ⊙ δ)``.
+    """
+    if isinstance(f, Elementwise):
+        g = _per_example_elementwise(f)
+        return jnp.tensordot(c, g, axes=1).reshape(f.shape)
+    if norm_method(f, method) == "materialise":
+        g = jnp.tensordot(c, _per_example_outer(f), axes=1)
+        return _outer_to_leaf(g, f.shape, batched=False)
+    if f.a.shape[1] == 1 and f.a.shape[2] == 1:
+        d = f.delta[:, 0, 0] * c[:, None]
+        return lax.dot_general(f.a[:, 0, 0], d, _CONTRACT_BATCH).reshape(f.shape)
+    d = f.delta * c[:, None, None, None]
+    g = lax.dot_general(f.a, d, (((0, 1), (0, 1)), ((2,), (2,))))  # (G, I, O)
+    return _outer_to_leaf(g, f.shape, batched=False)
+
+
+def _factors(layer: Any, params: Params, cache: Any, delta_out: Array) -> Any:
+    return layer.grad_factors(params, cache, delta_out)
+
+
+def _map(fn: Any, factors: Any) -> Any:
+    return jtu.tree_map(fn, factors, is_leaf=is_factor)
+
+
+def _leaves(factors: Any) -> list[Factor]:
+    return jtu.tree_leaves(factors, is_leaf=is_factor)
+
+
+class Factorised:
+    """Mixin: the per-example methods of a layer that implements ``grad_factors``.
+
+    ``grad_factors(params, cache, delta_out)`` returns a pytree like params
+    whose leaves are :class:`Outer` or :class:`Elementwise` factors; every
+    method below takes the arguments of ``backward`` (``delta_out`` holds each
+    example's unscaled ``∂ℓ_i/∂out`` in its row).
+    """
+
+    def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Any:
+        raise NotImplementedError
+
+    def per_example_grads(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        """``g_i``: like params with a leading batch axis on every leaf."""
+        return _map(per_example_grad, _factors(self, params, cache, delta_out))
+
+    def per_example_sq_norms(
+        self, params: Params, cache: Any, delta_out: Array, *, method: str = "auto"
+    ) -> Array:
+        """``‖g_i‖²`` over this layer's params, ``(batch,)``."""
+        leaves = _leaves(_factors(self, params, cache, delta_out))
+        return sum((sq_norm(f, method) for f in leaves[1:]), sq_norm(leaves[0], method))
+
+    def sum_grad_squared(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        """``Σ_i g_i²`` elementwise, like params."""
+        return _map(sum_sq, _factors(self, params, cache, delta_out))
+
+    def weighted_grads(
+        self, params: Params, cache: Any, delta_out: Array, c: Array, *, method: str = "auto"
+    ) -> Params:
+        """``Σ_i c_i g_i``, like params; ``c`` is ``(batch,)``."""
+        return _map(lambda f: weighted(f, c, method), _factors(self, params, cache, delta_out))

@@ -1,0 +1,176 @@
+"""LayerNorm and RMSNorm over the last axis, with their full δ rules.
+
+With F features, ``r = 1/√(v + eps)`` and the normalised ``x̂``:
+
+- LayerNorm: ``μ = mean(a)``, ``v = mean((a − μ)²)`` (biased), ``x̂ = (a − μ)·r``,
+  ``out = x̂ ⊙ scale + bias``;
+  ``∂C/∂a = r·(g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`` with ``g = δ_out ⊙ scale``.
+- RMSNorm: ``v = mean(a²)``, ``x̂ = a·r``, ``out = x̂ ⊙ scale``;
+  ``∂C/∂a = r·(g − x̂ ⊙ mean(g ⊙ x̂))``.
+
+The ``mean(g)`` term comes from μ and the ``x̂ ⊙ mean(g ⊙ x̂)`` term from v;
+dropping either is the classic bug. Per example, ``g_i(scale) = Σ_t x̂_it ⊙
+δ_it`` and ``g_i(bias) = Σ_t δ_it``: elementwise factors.
+
+BatchNorm is not here on purpose: its statistics mix the examples of a batch,
+so an example's gradient is not a function of that example alone and
+per-example gradients (the point of jbp's per-example analysis) are undefined.
+Dropout is left out too: it needs a random key in the forward pass, which the
+layer protocol does not carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jax import lax
+
+from .._checks import check_dtype, check_key
+from ._base import Layer, Params, Shape, ShapeError, last_axis, positive_int
+from ._factors import Elementwise, Factorised
+
+Array = jax.Array
+
+
+def _check_eps(eps: Any) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"`eps` must be a positive number, got {eps!r}")
+
+
+class _Norm(Factorised, Layer):
+    """Shared shape logic and factors of the norm layers (last axis, ``features``)."""
+
+    features: int
+
+    @property
+    def fan_in(self) -> int:
+        return self.features
+
+    @property
+    def fan_out(self) -> int:
+        return self.features
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if not in_shape or in_shape[-1] != self.features:
+            raise ShapeError(
+                self,
+                f"normalises {self.features} features on the last axis, got shape "
+                f"{tuple(in_shape)}",
+            )
+        return tuple(in_shape)
+
+    def _rows(self, x: Array) -> Array:
+        return x.reshape(x.shape[0], -1, self.features)
+
+    def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        xhat = cache[0]
+        d = self._rows(delta_out)
+        factors: dict[str, Any] = {}
+        if "scale" in params:
+            factors["scale"] = Elementwise(self._rows(xhat), d, (self.features,))
+        if "bias" in params:
+            factors["bias"] = Elementwise(None, d, (self.features,))
+        return factors
+
+
+def _sum_leading(x: Array) -> Array:
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class LayerNorm(_Norm):
+    """Layer normalisation over the last axis.
+
+    Args:
+      features: the size of the last axis.
+      eps: added to the (biased) variance.
+      scale, bias: whether to learn ``scale`` (init 1) and ``bias`` (init 0).
+
+    Params: ``{"scale": (features,), "bias": (features,)}`` (each optional).
+    """
+
+    features: int
+    eps: float = dataclasses.field(default=1e-5, kw_only=True)
+    scale: bool = dataclasses.field(default=True, kw_only=True)
+    bias: bool = dataclasses.field(default=True, kw_only=True)
+
+    def __post_init__(self) -> None:
+        positive_int(self.features, "features")
+        _check_eps(self.eps)
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        dtype = check_dtype(dtype)
+        check_key(key)
+        params = {}
+        if self.scale:
+            params["scale"] = jnp.ones((self.features,), dtype)
+        if self.bias:
+            params["bias"] = jnp.zeros((self.features,), dtype)
+        return params
+
+    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+        mu = jnp.mean(a, axis=-1, keepdims=True)
+        centred = a - mu
+        r = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        xhat = centred * r
+        out = xhat
+        if self.scale:
+            out = out * last_axis(params["scale"], a.ndim)
+        if self.bias:
+            out = out + last_axis(params["bias"], a.ndim)
+        return out, (xhat, r)
+
+    def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
+        xhat, r = cache
+        grads = {}
+        g = delta_out
+        if self.scale:
+            grads["scale"] = _sum_leading(delta_out * xhat)
+            g = delta_out * last_axis(params["scale"], delta_out.ndim)
+        if self.bias:
+            grads["bias"] = _sum_leading(delta_out)
+        mean_g = jnp.mean(g, axis=-1, keepdims=True)
+        mean_gx = jnp.mean(g * xhat, axis=-1, keepdims=True)
+        return grads, r * (g - mean_g - xhat * mean_gx)
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class RMSNorm(_Norm):
+    """Root-mean-square normalisation over the last axis (no centring, no bias).
+
+    Args:
+      features: the size of the last axis.
+      eps: added to the mean square.
+
+    Params: ``{"scale": (features,)}``, init 1.
+    """
+
+    features: int
+    eps: float = dataclasses.field(default=1e-6, kw_only=True)
+
+    def __post_init__(self) -> None:
+        positive_int(self.features, "features")
+        _check_eps(self.eps)
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        dtype = check_dtype(dtype)
+        check_key(key)
+        return {"scale": jnp.ones((self.features,), dtype)}
+
+    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+        r = lax.rsqrt(jnp.mean(a * a, axis=-1, keepdims=True) + self.eps)
+        xhat = a * r
+        return xhat * last_axis(params["scale"], a.ndim), (xhat, r)
+
+    def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
+        xhat, r = cache
+        grads = {"scale": _sum_leading(delta_out * xhat)}
+        g = delta_out * last_axis(params["scale"], delta_out.ndim)
+        mean_gx = jnp.mean(g * xhat, axis=-1, keepdims=True)
+        return grads, r * (g - xhat * mean_gx)
