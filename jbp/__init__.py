@@ -66,6 +66,7 @@ from ._verify import Report as Report
 from ._verify import TaylorCheck as TaylorCheck
 from ._verify import compare as compare
 from ._verify import verify as verify
+from ._verify_layer import check_layer as check_layer
 from ._zoo import random_problem as random_problem
 from .layers import Activation as Activation
 from .layers import AvgPool as AvgPool
