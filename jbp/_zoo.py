@@ -17,14 +17,27 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._activations import activation_names
+from ._architectures import FAMILIES, NumpyPicker, cnn, resnet
 from ._losses import loss_names
-from .layers import Activation, Dense, Sequential
+from .layers import (
+    Activation,
+    AvgPool,
+    Conv,
+    Dense,
+    LayerNorm,
+    MaxPool,
+    Parallel,
+    Residual,
+    RMSNorm,
+    Sequential,
+)
 from .layers._dense import HE_ACTIVATIONS as _HE_ACTIVATIONS
 
 BIAS_STD = 0.5  # std of the noise that makes zero-initialised biases nonzero
 SINGLE_EXAMPLE_P = 0.125  # chance that x is one example (fan_in,) instead of a batch
 ACTIVATION_LAYER_P = 0.25  # chance of a parameterless Activation layer in each gap
 MAX_BATCH = 32
+MAX_BATCH_IMAGES = 8  # conv and residual problems: small batches keep a sweep fast
 
 
 class Problem(NamedTuple):
@@ -59,18 +72,45 @@ def n_params(params: Any) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jtu.tree_leaves(params))
 
 
-def describe(net: Sequential) -> str:
+def _dims(shape: Any) -> str:
+    return "×".join(str(v) for v in shape)
+
+
+def _layer(layer: Any) -> str:
+    """One layer in a few characters, e.g. ``Conv(2→4, 3×3, s2, VALID, relu)``."""
+    if isinstance(layer, Dense):
+        bias = ", b" if layer.bias else ""
+        return f"Dense({layer.fan_in}→{layer.fan_out}, {layer.activation}{bias})"
+    if isinstance(layer, Activation):
+        return layer.name
+    if isinstance(layer, Conv):
+        extra = [f"s{_dims(layer.stride)}"] if set(layer.stride) != {1} else []
+        extra += [f"d{_dims(layer.dilation)}"] if set(layer.dilation) != {1} else []
+        extra += [f"g{layer.groups}"] if layer.groups > 1 else []
+        pad = layer.padding if isinstance(layer.padding, str) else f"pad{list(layer.padding)}"
+        bias = ", b" if layer.bias else ""
+        return (
+            f"Conv({layer.in_channels}→{layer.out_channels}, {_dims(layer.kernel_size)}, "
+            + ", ".join([*extra, pad, layer.activation])
+            + f"{bias})"
+        )
+    if isinstance(layer, (MaxPool, AvgPool)):
+        return f"{type(layer).__name__}({_dims(layer.window)}, s{_dims(layer.stride)}, {layer.padding})"
+    if isinstance(layer, Sequential):
+        return "[" + " → ".join(_layer(child) for child in layer.layers) + "]"
+    if isinstance(layer, Residual):
+        return f"Residual{_layer(layer.block) if isinstance(layer.block, Sequential) else '[' + _layer(layer.block) + ']'}"
+    if isinstance(layer, Parallel):
+        return f"Parallel-{layer.merge}[" + " | ".join(_layer(b) for b in layer.branches) + "]"
+    if isinstance(layer, (LayerNorm, RMSNorm)):
+        return f"{type(layer).__name__}({layer.features})"
+    return repr(layer)
+
+
+def describe(net: Sequential, in_shape: Any = None) -> str:
     """A compact one-line architecture, e.g. ``x(3) → Dense(3→2, tanh, b) → sin``."""
-    parts = [f"x({net.fan_in})"]
-    for layer in net.layers:
-        if isinstance(layer, Dense):
-            bias = ", b" if layer.bias else ""
-            parts.append(f"Dense({layer.fan_in}→{layer.fan_out}, {layer.activation}{bias})")
-        elif isinstance(layer, Activation):
-            parts.append(layer.name)
-        else:
-            parts.append(repr(layer))
-    return " → ".join(parts)
+    shape = (net.fan_in,) if in_shape is None else in_shape
+    return " → ".join([f"x({_dims(shape)})", *(_layer(layer) for layer in net.layers)])
 
 
 def _check_int(name: str, value: Any, least: int) -> None:
@@ -105,10 +145,11 @@ def _numpy_params(net: Sequential, dtype: Any, rng: np.random.Generator) -> tupl
         def fill(leaf: Any, layer: Any = layer) -> jax.Array:
             shape = tuple(leaf.shape)
             if len(shape) >= 2:
+                fan_in = math.prod(shape[:-1])  # Dense (fan_in, fan_out); Conv (*k, I, O)
                 if isinstance(layer, Dense) and layer.activation in _HE_ACTIVATIONS:
-                    std = math.sqrt(2.0 / shape[0])
+                    std = math.sqrt(2.0 / fan_in)
                 else:
-                    std = math.sqrt(2.0 / (shape[0] + shape[-1]))
+                    std = math.sqrt(2.0 / (fan_in + shape[-1]))
             else:
                 std = BIAS_STD
             return _array(rng.normal(0.0, std, shape), leaf.dtype)
@@ -160,17 +201,24 @@ def random_problem(
     activation_layers: bool = True,
     activations: Sequence[str] | None = None,
     params_from_init: bool = False,
+    arch: str = "mlp",
 ) -> Problem:
     """Draw one random gradient problem from ``rng``.
 
-    The architecture: ``depth`` Dense layers, ``depth`` uniform in
+    The architecture, for ``arch="mlp"`` (the default): ``depth`` Dense layers, ``depth`` uniform in
     ``[min_depth, max_depth]``; every width (input, hidden, output) uniform in
     ``[1, max_width]`` (the output at least 2 for ``softmax_xent``); each Dense
     layer's activation drawn from ``activations`` and its bias on or off with
     even odds; with ``activation_layers``, a parameterless ``jbp.Activation``
     in each gap (before the first Dense layer, between two, after the last)
-    with probability 1/4. The data: batch uniform in ``[1, 32]``, or with
-    probability 1/8 a single example ``x`` of shape ``(fan_in,)``;
+    with probability 1/4. ``arch="cnn"``: a 1-D or 2-D convolutional network
+    of 1 to ``max_depth`` convolutions (random kernels, strides, paddings,
+    dilations, groups, pooling, norm layers, up to ``max_width`` channels) and
+    a Flatten, global-pooling or feature-map head; ``arch="resnet"``: residual
+    and ``Parallel`` (sum or concat) blocks on vectors or images (see
+    :mod:`jbp._architectures`). The data: batch uniform in ``[1, 32]`` (``[1,
+    8]`` for cnn and resnet), or with probability 1/8 a single example ``x``
+    of the input shape;
     ``x ~ N(0, 1)``; targets by loss: N(0, 1) for ``half_sse`` and ``mse``,
     uniform in [0, 1] (sometimes exactly 0/1) for ``sigmoid_bce``, integer
     labels or Dirichlet probability targets for ``softmax_xent``.
@@ -188,6 +236,7 @@ def random_problem(
       activation_layers: whether to insert parameterless Activation layers.
       activations: the activation names to draw from (default every
         registered name, ``jbp.activation_names()``).
+      arch: the family, ``"mlp"``, ``"cnn"`` or ``"resnet"``.
       params_from_init: take params from ``net.init(jax.random.key(seed))``
         with zero biases perturbed by N(0, 0.5²), instead of drawing the same
         distributions with numpy (the default: ``jax.random`` compiles a kernel
@@ -206,6 +255,8 @@ def random_problem(
       >>> jbp.verify(p.net, p.loss, p.params, p.x, p.y).ok
       True
     """
+    if arch not in FAMILIES:
+        raise ValueError(f"`arch` must be one of {', '.join(map(repr, FAMILIES))}, got {arch!r}")
     _check_int("min_depth", min_depth, 1)
     _check_int("max_depth", max_depth, 1)
     _check_int("max_width", max_width, 1)
@@ -227,6 +278,43 @@ def random_problem(
     if loss is None:
         choices = [n for n in known_losses if max_width >= 2 or n != "softmax_xent"]
         loss = _pick(rng, choices)
+    if arch == "mlp":
+        net, in_shape = _mlp(rng, loss, names, min_depth, max_depth, max_width, activation_layers)
+        max_batch = MAX_BATCH
+    else:
+        pick = NumpyPicker(rng)
+        fan_out = int(rng.integers(2 if loss == "softmax_xent" else 1, max(max_width, 2) + 1))
+        recipe = cnn if arch == "cnn" else resnet
+        width = {"max_channels": max_width} if arch == "cnn" else {"max_width": max_width}
+        net, in_shape = recipe(
+            pick, max_blocks=max_depth, activations=names, fan_out=fan_out, **width
+        )
+        max_batch = MAX_BATCH_IMAGES
+
+    single = rng.random() < SINGLE_EXAMPLE_P
+    batch = int(rng.integers(1, max_batch + 1))
+    if params_from_init:
+        params = _init_params(net, dtype, rng)
+    else:
+        params = _numpy_params(net, dtype, rng)
+    x_shape = in_shape if single else (batch, *in_shape)
+    x = _array(rng.standard_normal(x_shape), dtype)
+    out_shape = net.output_shape(in_shape)
+    y, kind = _targets(loss, rng, out_shape if single else (batch, *out_shape), dtype)
+    shape = "single example" if single else f"batch={batch}"
+    description = f"{jnp.dtype(dtype).name} {loss} {shape}, {kind}: {describe(net, in_shape)}"
+    return Problem(net, loss, params, x, y, description)
+
+
+def _mlp(
+    rng: np.random.Generator,
+    loss: str,
+    names: Sequence[str],
+    min_depth: int,
+    max_depth: int,
+    max_width: int,
+    activation_layers: bool,
+) -> tuple[Sequential, tuple[int, ...]]:
     depth = int(rng.integers(min_depth, max_depth + 1))
     sizes = [int(w) for w in rng.integers(1, max_width + 1, depth + 1)]
     if loss == "softmax_xent":
@@ -237,18 +325,4 @@ def random_problem(
             layers.append(Activation(_pick(rng, names)))
         if i < depth:
             layers.append(Dense(sizes[i], sizes[i + 1], _pick(rng, names), bias=rng.random() < 0.5))
-    net = Sequential(layers)
-
-    single = rng.random() < SINGLE_EXAMPLE_P
-    batch = int(rng.integers(1, MAX_BATCH + 1))
-    if params_from_init:
-        params = _init_params(net, dtype, rng)
-    else:
-        params = _numpy_params(net, dtype, rng)
-    x_shape = (sizes[0],) if single else (batch, sizes[0])
-    x = _array(rng.standard_normal(x_shape), dtype)
-    y_shape = (sizes[-1],) if single else (batch, sizes[-1])
-    y, kind = _targets(loss, rng, y_shape, dtype)
-    shape = "single example" if single else f"batch={batch}"
-    description = f"{jnp.dtype(dtype).name} {loss} {shape}, {kind}: {describe(net)}"
-    return Problem(net, loss, params, x, y, description)
+    return Sequential(layers), (sizes[0],)

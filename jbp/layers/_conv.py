@@ -211,10 +211,22 @@ class Conv(Factorised, Layer):
                 pad, out_spatial, self.stride, k_eff, spatial, strict=True
             )
         )
+        # Input rows past the last window read nothing: a negative high pad. Crop
+        # them instead (XLA's CPU convolution mishandles negative padding in float32).
+        a_read = lax.slice(
+            a,
+            (0,) * a.ndim,
+            (
+                a.shape[0],
+                *(n_ + min(hi, 0) for n_, (_, hi) in zip(spatial, w_pad, strict=True)),
+                a.shape[-1],
+            ),
+        )
+        w_pad = tuple((lo, max(hi, 0)) for lo, hi in w_pad)
         swapped = (n + 1, 0, *range(1, n + 1))  # (channels as batch, batch as features, spatial)
         grads = {
             "w": lax.conv_general_dilated(
-                a,
+                a_read,
                 delta,
                 window_strides=self.dilation,
                 padding=w_pad,
@@ -241,16 +253,30 @@ class Conv(Factorised, Layer):
                 pad, out_spatial, self.stride, k_eff, spatial, strict=True
             )
         )
+        # A pad larger than the dilated kernel makes a negative pad here: pad by 0
+        # and crop the result instead (as above, XLA's CPU convolution mishandles
+        # negative padding in float32; JAX's own transpose rule hits that bug).
         delta_in = lax.conv_general_dilated(
             delta,
             w,
             window_strides=(1,) * n,
-            padding=a_pad,
+            padding=tuple((max(lo, 0), max(hi, 0)) for lo, hi in a_pad),
             lhs_dilation=self.stride,
             rhs_dilation=self.dilation,
             dimension_numbers=_dn(data, (n, n + 1, *range(n)), data),
             feature_group_count=self.groups,
         )
+        if any(lo < 0 or hi < 0 for lo, hi in a_pad):
+            start = (0, *(max(-lo, 0) for lo, _ in a_pad), 0)
+            delta_in = lax.slice(
+                delta_in,
+                start,
+                (
+                    a.shape[0],
+                    *(st + n_ for st, n_ in zip(start[1:-1], spatial, strict=True)),
+                    a.shape[-1],
+                ),
+            )
         return grads, delta_in
 
     def patches(self, a: Array) -> Array:
