@@ -21,14 +21,22 @@ from .._progress import Progress, format_duration
 from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
 DEFAULT_COUNT = 100
+ARCHS = ("mlp", "cnn", "resnet")
+# Default (max depth, max width) per family: Dense layers and widths for mlp,
+# blocks and channels (or widths) for cnn and resnet.
+LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8)}
 
 
 _VERIFY_HELP = """\
-Draw random architectures (Dense and Activation layers, any registered
-activation, bias on or off, batches of 1-32 or a single example) and check
-jbp.backprop against jax.grad on each with jbp.verify. Problem i of a seed is
-the same architecture for every dtype: jbp.random_problem(
-np.random.default_rng((seed, i)), dtype=..., ...).
+Draw random architectures and check jbp.backprop against jax.grad on each with
+jbp.verify. Families (--arch): mlp (Dense and Activation layers, any
+registered activation, bias on or off, batches of 1-32 or a single example),
+cnn (1-D and 2-D convolutions with random kernels, strides, paddings,
+dilations and groups, pooling, norm layers, and a Flatten, global-pooling or
+feature-map head), resnet (residual and Parallel sum/concat blocks on vectors
+or images); all (the default) takes them in turn. Problem i of a seed is the
+same architecture for every dtype: jbp.random_problem(
+np.random.default_rng((seed, i)), dtype=..., arch=..., ...).
 
 Mode: by default both gradients run under jax.jit, the way users run them, so
 the share of bitwise-identical leaves is that of compiled code. One compile
@@ -61,25 +69,31 @@ def add_verify(subparsers: Any) -> None:
         help="comma-separated dtypes (default float32,float64)",
     )
     p.add_argument(
+        "--arch",
+        choices=(*ARCHS, "all"),
+        default="all",
+        help="architecture family (default all: mlp, cnn and resnet in turn)",
+    )
+    p.add_argument(
         "--min-depth",
         type=int_at_least(1),
         default=1,
         metavar="D",
-        help="fewest Dense layers (default 1)",
+        help="fewest Dense layers of an mlp (default 1)",
     )
     p.add_argument(
         "--max-depth",
         type=int_at_least(1),
-        default=6,
+        default=None,
         metavar="D",
-        help="most Dense layers (default 6)",
+        help="most Dense layers (mlp, default 6) or blocks (cnn, resnet, default 3)",
     )
     p.add_argument(
         "--max-width",
         type=int_at_least(1),
-        default=32,
+        default=None,
         metavar="W",
-        help="largest layer width (default 32)",
+        help="largest width (mlp, default 32) or channel count (cnn, resnet, default 8)",
     )
     p.add_argument(
         "--loss",
@@ -116,11 +130,25 @@ def add_verify(subparsers: Any) -> None:
     p.set_defaults(run=_run_verify, subparser=p)
 
 
+def _arch(args: argparse.Namespace, index: int) -> str:
+    return ARCHS[index % len(ARCHS)] if args.arch == "all" else args.arch
+
+
+def _limits(args: argparse.Namespace, arch: str) -> tuple[int, int]:
+    """``(max_depth, max_width)`` for ``arch``: the flags, or the family's defaults."""
+    depth, width = LIMITS[arch]
+    return (
+        depth if args.max_depth is None else args.max_depth,
+        width if args.max_width is None else args.max_width,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Outcome:
     """One verified problem."""
 
     dtype: str
+    arch: str
     index: int
     description: str
     n_params: int
@@ -142,25 +170,36 @@ class _Outcome:
 
 def _sampler_call(args: argparse.Namespace, index: int, dtype: str) -> str:
     """The Python call that rebuilds problem ``index`` on its own."""
+    arch = _arch(args, index)
     kw = [f"dtype={dtype!r}"]
+    if arch != "mlp":
+        kw.append(f"arch={arch!r}")
     if args.loss is not None:
         kw.append(f"loss={args.loss!r}")
-    for name, default in (("min_depth", 1), ("max_depth", 6), ("max_width", 32)):
-        if getattr(args, name) != default:
-            kw.append(f"{name}={getattr(args, name)}")
+    max_depth, max_width = _limits(args, arch)
+    for name, value, default in (
+        ("min_depth", args.min_depth, 1),
+        ("max_depth", max_depth, 6),
+        ("max_width", max_width, 32),
+    ):
+        if value != default:
+            kw.append(f"{name}={value}")
     if args.activations is not None:
         kw.append(f"activations={list(args.activations)!r}")
     return f"jbp.random_problem(np.random.default_rng(({args.seed}, {index})), {', '.join(kw)})"
 
 
 def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
+    arch = _arch(args, index)
+    max_depth, max_width = _limits(args, arch)
     problem = jbp.random_problem(
         np.random.default_rng((args.seed, index)),
         dtype=dtype,
+        arch=arch,
         loss=args.loss,
-        min_depth=args.min_depth,
-        max_depth=args.max_depth,
-        max_width=args.max_width,
+        min_depth=min(args.min_depth, max_depth),
+        max_depth=max_depth,
+        max_width=max_width,
         activations=args.activations,
     )
     start = time.perf_counter()
@@ -179,6 +218,7 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
         error = "verification raised:\n" + "".join(traceback.format_exception_only(e)).rstrip()
     return _Outcome(
         dtype,
+        arch,
         index,
         problem.description,
         problem.n_params,
@@ -208,6 +248,7 @@ def _dtype_summary(outcomes: list[_Outcome], seconds: float) -> dict[str, Any]:
         "bitwise_share": bitwise / leaves if leaves else math.nan,
         "seconds": seconds,
         "verify_seconds": sum(o.seconds for o in outcomes),
+        "by_arch": _arch_summary(outcomes),
     }
     if any(r.finite_differences is not None for r in reports):
         summary["finite_differences_failed"] = sum(
@@ -218,6 +259,44 @@ def _dtype_summary(outcomes: list[_Outcome], seconds: float) -> dict[str, Any]:
         summary["taylor_failed"] = sum(r.taylor is not None and not r.taylor.ok for r in reports)
         summary["taylor_min_order"] = min(finite, default=math.nan)
     return summary
+
+
+def _arch_summary(outcomes: list[_Outcome]) -> dict[str, dict[str, Any]]:
+    """Tried, failed, worst error and bitwise share of each family."""
+    out = {}
+    for arch in ARCHS:
+        mine = [o for o in outcomes if o.arch == arch]
+        if not mine:
+            continue
+        reports = [o.report for o in mine if o.report is not None]
+        leaves = sum(len(r.rows) for r in reports)
+        bitwise = sum(r.n_bitwise for r in reports)
+        out[arch] = {
+            "tried": len(mine),
+            "failed": sum(not o.ok for o in mine),
+            "worst_rel_err": max(o.rel_err for o in mine),
+            "leaves": leaves,
+            "bitwise_leaves": bitwise,
+            "bitwise_share": bitwise / leaves if leaves else math.nan,
+        }
+    return out
+
+
+def _format_by_arch(summaries: dict[str, dict[str, Any]]) -> str:
+    rows = [("dtype", "arch", "tried", "failed", "worst rel err", "bitwise leaves")]
+    for dtype, s in summaries.items():
+        for arch, a in s["by_arch"].items():
+            rows.append(
+                (
+                    dtype,
+                    arch,
+                    str(a["tried"]),
+                    str(a["failed"]),
+                    f"{a['worst_rel_err']:.2e}",
+                    f"{a['bitwise_leaves']}/{a['leaves']} ({100 * a['bitwise_share']:.1f}%)",
+                )
+            )
+    return table(rows)
 
 
 def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
@@ -247,6 +326,8 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
             )
         )
     lines = [table(rows)]
+    if any(len(s["by_arch"]) > 1 for s in summaries.values()):
+        lines.append(_format_by_arch(summaries))
     for dtype, s in summaries.items():
         w = s["worst_problem"]
         lines.append(
@@ -266,6 +347,7 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
 def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
     return {
         "dtype": o.dtype,
+        "arch": o.arch,
         "index": o.index,
         "n_params": o.n_params,
         "description": o.description,
@@ -276,9 +358,9 @@ def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
 
 
 def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.min_depth > args.max_depth:
+    if args.max_depth is not None and args.min_depth > args.max_depth:
         parser.error(f"--min-depth {args.min_depth} is larger than --max-depth {args.max_depth}")
-    if args.loss == "softmax_xent" and args.max_width < 2:
+    if args.loss == "softmax_xent" and args.max_width is not None and args.max_width < 2:
         parser.error("--loss softmax_xent needs at least 2 outputs: use --max-width 2 or more")
     dtypes = tuple(dict.fromkeys(args.dtype))  # keep order, drop repeats
     if "float64" in dtypes or args.finite_differences:
@@ -286,10 +368,15 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     mode = "jit" if args.jit else "eager (no jit)"
     if not args.quiet:
         acts = ", ".join(args.activations) if args.activations else "all registered"
+        archs = ARCHS if args.arch == "all" else (args.arch,)
+        limits = ", ".join(
+            f"{a} depth {min(args.min_depth, _limits(args, a)[0]) if a == 'mlp' else 1}-"
+            f"{_limits(args, a)[0]} width 1-{_limits(args, a)[1]}"
+            for a in archs
+        )
         print(
             f"jbp verify: {args.count} random architectures per dtype, seed {args.seed}, "
-            f"depth {args.min_depth}-{args.max_depth}, width 1-{args.max_width}, "
-            f"loss {args.loss or 'drawn per problem'}, activations {acts}"
+            f"{limits}, loss {args.loss or 'drawn per problem'}, activations {acts}"
         )
         print(
             f"mode {mode}, finite differences {'on' if args.finite_differences else 'off'}, "
@@ -337,6 +424,7 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "count": args.count,
             "dtypes": list(dtypes),
             "seed": args.seed,
+            "arch": args.arch,
             "min_depth": args.min_depth,
             "max_depth": args.max_depth,
             "max_width": args.max_width,
