@@ -12,11 +12,25 @@ hypothesis. Use the strategies to check your own layers' backward rules:
         jbp.verify(net, loss, params, x, y).raise_if_failed()
 """
 
+from jbp._architectures import Architecture as Architecture
+
 from ._strategies import activations as activations
 from ._strategies import architectures as architectures
 from ._strategies import batch_sizes as batch_sizes
+from ._strategies import cnns as cnns
 from ._strategies import dtypes as dtypes
 from ._strategies import losses as losses
 from ._strategies import problems as problems
+from ._strategies import resnets as resnets
 
-__all__ = ["activations", "architectures", "batch_sizes", "dtypes", "losses", "problems"]
+__all__ = [
+    "Architecture",
+    "activations",
+    "architectures",
+    "batch_sizes",
+    "cnns",
+    "dtypes",
+    "losses",
+    "problems",
+    "resnets",
+]

@@ -21,6 +21,9 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
 import jbp
+from jbp._architectures import Architecture
+from jbp._architectures import cnn as _cnn_recipe
+from jbp._architectures import resnet as _resnet_recipe
 
 # What kind of target each built-in loss takes.
 _REAL, _UNIT, _CLASSES = "real", "unit interval", "classes"
@@ -36,6 +39,11 @@ def _check_range(lo: int, hi: int, lo_name: str, hi_name: str, least: int = 0) -
             raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
     if lo > hi:
         raise ValueError(f"`{lo_name}`={lo} is larger than `{hi_name}`={hi}")
+
+
+def _check_int(name: str, value: Any, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
 
 
 def _names(names: Sequence[Any] | str, what: str) -> tuple[Any, ...]:
@@ -200,6 +208,144 @@ def architectures(
 _activations_strategy = activations  # `architectures` shadows the name with its argument
 
 
+class _HypothesisPicker:
+    """The architecture recipes' choices, drawn by hypothesis (and so shrinking:
+    integers towards their low end, choices towards the first option, chances
+    towards no)."""
+
+    def __init__(self, draw: Any) -> None:
+        self.draw = draw
+
+    def integer(self, lo: int, hi: int) -> int:
+        return int(self.draw(st.integers(lo, hi)))
+
+    def choice(self, options: Sequence[Any]) -> Any:
+        return self.draw(st.sampled_from(tuple(options)))
+
+    def chance(self, p: float) -> bool:
+        return bool(self.draw(st.integers(0, 99)) >= round(100 * (1 - p)))
+
+
+def _family_args(
+    max_blocks: int, max_width: int, fan_out: int | None, activations: Sequence[str] | None
+) -> tuple[tuple[str, ...], SearchStrategy[int]]:
+    _check_int("max_blocks", max_blocks, 1)
+    _check_int("max_width", max_width, 1)
+    if fan_out is not None:
+        _check_int("fan_out", fan_out, 1)
+    names = _names(jbp.activation_names() if activations is None else activations, "activation")
+    for name in names:
+        jbp.Activation(name)
+    outs = st.just(fan_out) if fan_out is not None else st.integers(1, max(max_width, 2))
+    return names, outs
+
+
+def _check_dims(dims: Sequence[int]) -> tuple[int, ...]:
+    dims = tuple(dims)
+    if not dims or any(d not in (1, 2, 3) for d in dims):
+        raise ValueError(f"`dims` must hold spatial ranks among 1, 2 and 3, got {dims!r}")
+    return dims
+
+
+def cnns(
+    *,
+    max_blocks: int = 3,
+    max_channels: int = 6,
+    fan_out: int | None = None,
+    activations: Sequence[str] | None = None,
+    dims: Sequence[int] = (1, 2),
+    max_size: int = 8,
+    feature_map_outputs: bool = True,
+) -> SearchStrategy[Architecture]:
+    """Random convolutional networks with their input shape.
+
+    Each of 1 to ``max_blocks`` blocks is a :class:`jbp.Conv` (kernel 1–3 per
+    axis, stride 1–2, SAME/VALID/explicit padding, dilation 1–2, groups
+    dividing the channels, bias or not, a drawn activation) followed by
+    nothing, a max or average pool, a LayerNorm/RMSNorm over channels, or an
+    Activation; the head is Flatten → Dense, GlobalAvgPool → Dense or (with
+    ``feature_map_outputs``) a 1×1 Conv whose feature maps are the outputs.
+
+    Args:
+      max_blocks: the most convolutions before the head.
+      max_channels: the most channels of the input and of every convolution.
+      fan_out: output features (channels, for a feature-map head); drawn if None.
+      activations: names to draw from; default every registered one.
+      dims: spatial ranks to draw from: 1 (signals ``(length, channels)``), 2
+        (images ``(height, width, channels)``), 3.
+      max_size: the largest input extent per spatial axis (at least 3).
+      feature_map_outputs: allow the feature-map head.
+
+    Returns:
+      A strategy of :class:`Architecture` ``(net, in_shape)``; pass it as
+      ``problems(nets=...)``. Shrinks towards one small 1-D convolution.
+    """
+    names, outs = _family_args(max_blocks, max_channels, fan_out, activations)
+    dims = _check_dims(dims)
+    _check_int("max_size", max_size, 3)
+
+    @st.composite
+    def draw_cnn(draw: Any) -> Architecture:
+        return _cnn_recipe(
+            _HypothesisPicker(draw),
+            max_blocks=max_blocks,
+            max_channels=max_channels,
+            activations=names,
+            fan_out=draw(outs),
+            dims=dims,
+            max_size=max_size,
+            allow_maps=feature_map_outputs,
+        )
+
+    return draw_cnn()
+
+
+def resnets(
+    *,
+    max_blocks: int = 3,
+    max_width: int = 6,
+    fan_out: int | None = None,
+    activations: Sequence[str] | None = None,
+    dims: Sequence[int] = (1, 2),
+    max_size: int = 6,
+) -> SearchStrategy[Architecture]:
+    """Random residual and branching networks, on vectors or images.
+
+    Vectors: a Dense stem, then 1 to ``max_blocks`` blocks, each a
+    :class:`jbp.Residual` (around a Dense, two Dense, a norm and two Dense, or
+    a :class:`jbp.Parallel` sum that nests another Residual), a Parallel
+    concatenation or a Parallel sum; then a Dense head. Images: a Conv stem,
+    residual conv blocks (optionally pre-normed), Inception-style Parallel
+    concatenations of 1×1 and 3×3 convolutions, or pooling; then a Flatten or
+    GlobalAvgPool head.
+
+    Args:
+      max_blocks: the most blocks after the stem.
+      max_width: the largest width (vectors) or channel count (images, capped at 6).
+      fan_out, activations, dims, max_size: as for :func:`cnns`.
+
+    Returns:
+      A strategy of :class:`Architecture` ``(net, in_shape)``.
+    """
+    names, outs = _family_args(max_blocks, max_width, fan_out, activations)
+    dims = _check_dims(dims)
+    _check_int("max_size", max_size, 3)
+
+    @st.composite
+    def draw_resnet(draw: Any) -> Architecture:
+        return _resnet_recipe(
+            _HypothesisPicker(draw),
+            max_blocks=max_blocks,
+            max_width=max_width,
+            activations=names,
+            fan_out=draw(outs),
+            dims=dims,
+            max_size=max_size,
+        )
+
+    return draw_resnet()
+
+
 def _target_kind(loss: str | jbp.Loss) -> str:
     name = loss.name if isinstance(loss, jbp.Loss) else loss
     if name in _TARGETS:
@@ -207,25 +353,20 @@ def _target_kind(loss: str | jbp.Loss) -> str:
     return _CLASSES if getattr(loss, "integer_labels", False) else _REAL
 
 
-def _output_width(net: jbp.Sequential, params: Any, x: jax.Array) -> int:
-    if net.fan_out is not None:
-        return net.fan_out
-    x2 = x if x.ndim == 2 else x[None]
-    return int(jax.eval_shape(lambda p, a: net.forward(p, a)[0], params, x2).shape[-1])
-
-
 def _draw_params(net: jbp.Sequential, dtype: np.dtype, rng: np.random.Generator) -> Any:
     """Params shaped like ``net.init``'s, filled by numpy (no XLA compile per shape).
 
-    Leaves of rank >= 2 get Glorot normal values, N(0, 2/(shape[0] + shape[-1]))
-    (``w`` of a Dense layer is ``(fan_in, fan_out)``); smaller leaves such as
-    biases get N(0, 0.5²), so that they are nonzero.
+    Leaves of rank >= 2 get Glorot normal values, N(0, 2/(fan_in + fan_out))
+    with ``fan_out = shape[-1]`` and ``fan_in`` the product of the other axes
+    (Dense ``w`` ``(fan_in, fan_out)``; Conv ``w`` ``(*kernel, in, out)``);
+    smaller leaves such as biases and norm scales get N(0, 0.5²), so that they
+    are nonzero.
     """
     shapes = jax.eval_shape(lambda key: net.init(key, dtype), jax.random.key(0))
 
     def fill(leaf: Any) -> jax.Array:
         shape = tuple(leaf.shape)
-        std = math.sqrt(2.0 / (shape[0] + shape[-1])) if len(shape) >= 2 else _BIAS_STD
+        std = math.sqrt(2.0 / (math.prod(shape[:-1]) + shape[-1])) if len(shape) >= 2 else _BIAS_STD
         return jnp.asarray(rng.normal(0.0, std, shape), dtype=leaf.dtype)
 
     return jtu.tree_map(fill, shapes)
@@ -272,7 +413,8 @@ def problems(
     *,
     dtypes: Sequence[str] | SearchStrategy[Any] | None = None,
     losses: Sequence[str | jbp.Loss] | SearchStrategy[Any] | None = None,
-    nets: jbp.Sequential | SearchStrategy[jbp.Sequential] | None = None,
+    nets: jbp.Sequential | SearchStrategy[Any] | None = None,
+    in_shape: Sequence[int] | None = None,
     min_depth: int = 1,
     max_depth: int = 6,
     min_width: int = 1,
@@ -306,8 +448,12 @@ def problems(
       dtypes: dtype names, or a strategy of dtypes (default :func:`dtypes`).
       losses: loss names or ``jbp.Loss`` objects, or a strategy of them
         (default every built-in loss).
-      nets: a network or a strategy of networks, e.g. ones holding your own
-        layers; default :func:`architectures` with the arguments below.
+      nets: a network, or a strategy of networks (e.g. ones holding your own
+        layers) or of :class:`Architecture` pairs such as :func:`cnns` and
+        :func:`resnets` draw; default :func:`architectures` with the
+        arguments below.
+      in_shape: the shape of one input example for networks given without
+        one; default ``(net.fan_in,)``.
       min_depth, max_depth, min_width, max_width, activations,
         activation_layers, bias: passed to :func:`architectures`.
       min_batch, max_batch, single: passed to :func:`batch_sizes`.
@@ -317,9 +463,10 @@ def problems(
     Returns:
       A strategy of ``(net, loss, params, x, y)``: ``loss`` as drawn (a name or
       a ``jbp.Loss``); ``params`` a tuple, one entry per layer, in the drawn
-      dtype; ``x`` of shape ``(batch, fan_in)``, or ``(fan_in,)`` for a single
-      example; ``y`` of shape ``(batch, fan_out)`` / ``(fan_out,)``, or integer
-      labels of shape ``(batch,)`` / ``()``.
+      dtype; ``x`` of shape ``(batch, *in_shape)``, or ``in_shape`` for a
+      single example (an MLP: ``(batch, fan_in)`` / ``(fan_in,)``); ``y``
+      shaped like the network output, or integer labels of that shape without
+      its last (class) axis.
 
     Example:
       >>> import jbp, jbp.testing
@@ -362,8 +509,16 @@ def problems(
             net = draw(architectures(fan_out=out, **arch))
         else:
             net = draw(nets)
-        if net.fan_in is None:
-            raise ValueError(f"cannot draw inputs for {net!r}: no layer declares `fan_in`")
+        if isinstance(net, Architecture):
+            net, shape = net
+        elif in_shape is not None:
+            shape = tuple(in_shape)
+        elif net.fan_in is not None:
+            shape = (net.fan_in,)
+        else:
+            raise ValueError(
+                f"cannot draw inputs for {net!r}: no layer declares `fan_in`; pass `in_shape`"
+            )
         batch = draw(batch_st)
         rng = np.random.default_rng(draw(_SEEDS))
         if params_from_init:
@@ -371,12 +526,12 @@ def problems(
             params = _perturb(params, rng)
         else:
             params = _draw_params(net, dtype, rng)
-        shape = (net.fan_in,) if batch is None else (batch, net.fan_in)
-        x = jnp.asarray(rng.standard_normal(shape), dtype=dtype)
-        width = _output_width(net, params, x)
+        x_shape = shape if batch is None else (batch, *shape)
+        x = jnp.asarray(rng.standard_normal(x_shape), dtype=dtype)
+        out_shape = net.output_shape(shape)
         if kind == _CLASSES:
-            assume(width >= 2)  # one class: softmax_xent's gradient is identically zero
-        y_shape = (width,) if batch is None else (batch, width)
+            assume(out_shape[-1] >= 2)  # one class: softmax_xent's gradient is identically zero
+        y_shape = out_shape if batch is None else (batch, *out_shape)
         y = _targets(draw, kind, rng, y_shape, dtype)
         return net, loss, params, x, y
 
