@@ -108,6 +108,13 @@ def save_checkpoint(
         checked on load.
       extra: JSON-serialisable metadata returned by :func:`load_checkpoint`.
     """
+    write_checkpoint(path, state, network_description(net), extra)
+
+
+def write_checkpoint(
+    path: str | os.PathLike, state: Any, network: str, extra: dict[str, Any] | None
+) -> None:
+    """:func:`save_checkpoint` with the network's description already made."""
     leaves_with_path, treedef = jtu.tree_flatten_with_path(state)
     arrays, leaves_meta = [], []
     for p, leaf in leaves_with_path:
@@ -123,7 +130,7 @@ def save_checkpoint(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "network": network_description(net),
+        "network": network,
         "treedef": str(treedef),
         "leaves": leaves_meta,
         "sha256": _digest(arrays),
@@ -190,9 +197,14 @@ def load_checkpoint(path: str | os.PathLike, like: Any, net: Any) -> tuple[Any, 
       CheckpointError: a missing, corrupt or unreadable file, an unknown
         format version, or a checkpoint of another network or state structure.
     """
+    return read_checkpoint(path, like, network_description(net))
+
+
+def read_checkpoint(path: str | os.PathLike, like: Any, network: str) -> tuple[Any, dict[str, Any]]:
+    """:func:`load_checkpoint` with the network's description already made."""
     path = os.fspath(path)
     meta, arrays = _read(path)
-    want_net = network_description(net)
+    want_net = network
     if meta["network"] != want_net:
         raise CheckpointError(
             f"checkpoint {path} does not match the network: it was written for "
@@ -238,9 +250,12 @@ class RunFolder:
     Args:
       run_dir: the folder, or None to write nothing.
       verbose: print progress lines.
+      net: the run's network (checked by the caller); its description is
+        made once and stored in, and checked against, every checkpoint.
     """
 
-    def __init__(self, run_dir: str | os.PathLike | None, verbose: bool) -> None:
+    def __init__(self, run_dir: str | os.PathLike | None, verbose: bool, net: Any) -> None:
+        self.network = network_description(net)
         self.dir = None if run_dir is None else os.fspath(run_dir)
         self.main = jax.process_index() == 0
         self.verbose = verbose and self.main
@@ -304,16 +319,16 @@ class RunFolder:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def save(self, state: Any, net: Any, extra: dict[str, Any]) -> None:
-        """Checkpoint ``state`` atomically."""
+    def save(self, state: Any, extra: dict[str, Any]) -> None:
+        """Checkpoint ``state`` (a :class:`TrainState`) atomically."""
         if self.dir is not None and self.main:
-            save_checkpoint(self.path(CHECKPOINT), state, net, extra=extra)
-            self.saved_step = int(state.step)
+            write_checkpoint(self.path(CHECKPOINT), state, self.network, extra)
+            self.saved_step = int(jax.device_get(state.step))
 
-    def load(self, like: Any, net: Any) -> tuple[Any, dict[str, Any]]:
+    def load(self, like: Any) -> tuple[Any, dict[str, Any]]:
         """Read the run's checkpoint (every process reads it)."""
         if not self.has_checkpoint:
             raise CheckpointError(f"{self.dir} holds no {CHECKPOINT} to resume")
-        state, extra = load_checkpoint(self.path(CHECKPOINT), like, net)
-        self.saved_step = int(state.step)
+        state, extra = read_checkpoint(self.path(CHECKPOINT), like, self.network)
+        self.saved_step = int(jax.device_get(state.step))
         return state, extra

@@ -2,16 +2,23 @@
 
 Generated: :func:`xor`, :func:`moons`, :func:`spirals` (seeded). Real:
 :func:`digits`, scikit-learn's shipped 8×8 handwritten digits (1797 images,
-10 classes; no download), split and standardised. User data: :func:`load_npz`
+10 classes; no download), split and standardised, as 64 features or as
+``(8, 8, 1)`` images. User data: :func:`load_npz` (flat features or images)
 and :func:`load_csv`. Every data set is a :class:`Dataset` of float32 inputs
 and integer labels (``y`` as class indices). :func:`load_dataset` is the one
 public entry point: a name or a path.
+
+Images are channels last, ``(n, height, width, channels)``, as everywhere in
+jbp. Standardisation uses the training split's statistics only: per feature
+for flat data, per channel (one mean and standard deviation over every pixel
+of the training images) for images.
 """
 
 from __future__ import annotations
 
 import csv
 import inspect
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -23,9 +30,10 @@ class Dataset(NamedTuple):
     """A train/test split.
 
     Attributes:
-      x_train: ``(n_train, features)`` float32.
+      x_train: ``(n_train, *input_shape)`` float32: ``(n_train, features)``
+        for flat data, ``(n_train, height, width, channels)`` for images.
       y_train: ``(n_train,)`` int32 class labels.
-      x_test: ``(n_test, features)`` float32.
+      x_test: ``(n_test, *input_shape)`` float32.
       y_test: ``(n_test,)`` int32.
       n_classes: number of classes.
       name: a short description.
@@ -39,8 +47,17 @@ class Dataset(NamedTuple):
     name: str
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input example: ``(features,)`` for flat data,
+        ``(height, width, channels)`` for images."""
+        return tuple(int(s) for s in self.x_train.shape[1:])
+
+    @property
     def n_features(self) -> int:
-        return int(self.x_train.shape[1])
+        """The number of input values in one example, ``prod(input_shape)``:
+        the features of flat data, ``height·width·channels`` of images (the
+        width an MLP sees after ``jbp.Flatten``)."""
+        return math.prod(self.input_shape)
 
 
 def _split(
@@ -59,14 +76,22 @@ def _split(
     test, train = order[:n_test], order[n_test:]
     x = x.astype(np.float64)
     if standardize:
-        mean = x[train].mean(axis=0)
-        std = x[train].std(axis=0)
-        x = (x - mean) / np.where(std > 0, std, 1.0)
+        x = _standardize(x, train)
     y = y.astype(np.int32)
     n_classes = int(y.max()) + 1 if y.size else 0
     return Dataset(
         x[train].astype(np.float32), y[train], x[test].astype(np.float32), y[test], n_classes, name
     )
+
+
+def _standardize(x: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Zero mean and unit variance on the ``train`` rows: per feature for flat
+    ``(n, features)``; per channel, over every position, for ``(n, ..., channels)``.
+    A constant feature or channel (standard deviation 0) is only centred."""
+    axes = 0 if x.ndim == 2 else tuple(range(x.ndim - 1))
+    mean = x[train].mean(axis=axes)
+    std = x[train].std(axis=axes)
+    return (x - mean) / np.where(std > 0, std, 1.0)
 
 
 def xor() -> Dataset:
@@ -115,20 +140,36 @@ def spirals(
     return _split(x, label, test_fraction, seed, True, f"spirals(n={n}, classes={classes})")
 
 
-def digits(*, test_fraction: float = 0.2, seed: int = 0, standardize: bool = True) -> Dataset:
-    """scikit-learn's 8×8 digits (1797 × 64, 10 classes), split and standardised.
+def digits(
+    *, test_fraction: float = 0.2, seed: int = 0, standardize: bool = True, images: bool = False
+) -> Dataset:
+    """scikit-learn's 8×8 digits (1797 examples, 10 classes), split and standardised.
 
-    The standardisation statistics come from the training split only.
+    Args:
+      test_fraction, seed: the split (the same examples and labels in both forms).
+      standardize: zero mean, unit variance with the training split's statistics.
+      images: ``False`` (default): 64 features per example, ``(n, 64)``,
+        standardised per pixel. ``True``: ``(n, 8, 8, 1)`` images, channels
+        last, standardised with one mean and standard deviation over all
+        pixels of the training images (per channel; digits have one), so
+        every pixel keeps its place on one scale, as a convolution expects.
     """
     from sklearn.datasets import load_digits  # ships with scikit-learn: no download
 
+    if not isinstance(images, bool):
+        raise TypeError(f"`images` must be True or False, got {images!r}")
     data = load_digits()
-    return _split(data.data, data.target, test_fraction, seed, standardize, "digits")
+    x = data.images[..., None] if images else data.data
+    name = "digits (8×8 images)" if images else "digits"
+    return _split(x, data.target, test_fraction, seed, standardize, name)
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray]:
-    if x.ndim != 2:
-        raise ValueError(f"{path}: features must be 2-D (examples, features), got shape {x.shape}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{path}: features must be 2-D (examples, features), got shape {x.shape}; images "
+            "may be (examples, height, width) or (examples, height, width, channels)"
+        )
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
             f"{path}: labels must be 1-D with one per example ({x.shape[0]}), got shape {y.shape}"
@@ -150,8 +191,20 @@ def load_npz(
     test_fraction: float = 0.2,
     seed: int = 0,
     standardize: bool = True,
+    add_channel: bool | None = None,
 ) -> Dataset:
-    """Load features ``x_key`` and integer labels ``y_key`` from an ``.npz`` file."""
+    """Load inputs ``x_key`` and integer labels ``y_key`` from an ``.npz`` file.
+
+    ``x`` is ``(n, features)`` (flat data), ``(n, height, width)`` (grayscale
+    images: a channel axis is added, giving ``(n, height, width, 1)``), or
+    ``(n, ..., channels)`` of rank 4 or more (images, channels last, kept as
+    they are). ``add_channel=False`` keeps a rank-3 ``x`` as it is (e.g.
+    signals ``(n, length, channels)``); ``True`` adds a trailing channel axis
+    to ``x`` of any rank. Flat data is standardised per feature, images per
+    channel (see the module docstring).
+    """
+    if add_channel is not None and not isinstance(add_channel, bool):
+        raise TypeError(f"`add_channel` must be True, False or None, got {add_channel!r}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -176,6 +229,8 @@ def load_npz(
                 f"{path}: could not read arrays ({type(err).__name__}: {err})"
             ) from None
     x, y = _check_xy(x, y, path)
+    if add_channel or (add_channel is None and x.ndim == 3):
+        x = x[..., None]
     return _split(x, y, test_fraction, seed, standardize, os.path.basename(path))
 
 
@@ -286,27 +341,33 @@ def load_dataset(
     """A built-in data set by name, or a user's ``.npz`` / ``.csv`` file by path.
 
     Args:
-      name: ``"digits"`` (scikit-learn's 8×8 digits, 64 features, 10 classes),
-        ``"moons"`` (2 features, 2 classes), ``"spirals"`` (2 features, 3
-        classes by default), ``"xor"`` (the four points; train = test, so
-        ``seed`` and ``test_fraction`` do not apply), or a path ending in
-        ``.npz`` (arrays ``x`` ``(n, features)`` and ``y`` ``(n,)``) or
-        ``.csv`` (numeric columns, labels in the last).
+      name: ``"digits"`` (scikit-learn's 8×8 digits, 64 features, or with
+        ``images=True`` ``(8, 8, 1)`` images; 10 classes), ``"moons"`` (2
+        features, 2 classes), ``"spirals"`` (2 features, 3 classes by
+        default), ``"xor"`` (the four points; train = test, so ``seed`` and
+        ``test_fraction`` do not apply), or a path ending in ``.npz``
+        (arrays ``x`` ``(n, features)`` or images ``(n, height, width)`` /
+        ``(n, height, width, channels)``, and ``y`` ``(n,)``) or ``.csv``
+        (numeric columns, labels in the last).
       seed: seeds the generated points and the train/test split.
       test_fraction: the share of examples held out for testing.
       **options: passed to the loader: ``n``, ``noise`` (moons, spirals),
-        ``classes`` (spirals), ``standardize`` (digits, files), ``x_key``,
-        ``y_key`` (.npz), ``label_column``, ``header`` (.csv).
+        ``classes`` (spirals), ``images`` (digits), ``standardize`` (digits,
+        files), ``x_key``, ``y_key``, ``add_channel`` (.npz),
+        ``label_column``, ``header`` (.csv).
 
     Returns:
-      A :class:`Dataset`: float32 features, int32 labels, standardised with
-      the training split's statistics (except xor).
+      A :class:`Dataset`: float32 inputs, int32 labels, standardised with
+      the training split's statistics (except xor): per feature for flat
+      data, per channel for images.
 
     Example:
       >>> import jbp
       >>> data = jbp.load_dataset("moons", n=100, seed=1)
       >>> data.x_train.shape, data.x_test.shape, data.n_classes
       ((80, 2), (20, 2), 2)
+      >>> jbp.load_dataset("digits", images=True).input_shape
+      (8, 8, 1)
     """
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"`name` must be a data set name or a file path, got {type(name).__name__}")

@@ -32,11 +32,12 @@ import numpy as np
 import optax
 
 from ._backprop import check_net, objective, value_and_backprop
-from ._checks import check_dtype, check_key, check_params, params_dtype
+from ._checks import check_dtype, check_key, check_params, example_rank, params_dtype
 from ._losses import Loss, get_loss
 from ._per_example import dp_grad
 from ._verify import Report
-from .layers import Sequential
+from .layers import Sequential, ShapeError
+from .layers._conv import example_axes
 
 Array = jax.Array
 Params = Any
@@ -116,7 +117,11 @@ def init_state(net: Any, optimizer: Any, key: Array, *, dtype: Any = jnp.float32
     net = check_net(net)
     check_optimizer(optimizer)
     check_key(key)
-    dtype = check_dtype(dtype)
+    return fresh_state(net, optimizer, key, check_dtype(dtype))
+
+
+def fresh_state(net: Sequential, optimizer: Any, key: Array, dtype: Any) -> TrainState:
+    """:func:`init_state` on arguments already checked."""
     params_key, key = jr.split(key)
     params = net.init(params_key, dtype)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
@@ -167,6 +172,12 @@ def make_step(
     loss = get_loss(loss)
     check_optimizer(optimizer)
     check_gradient_source(gradient_source)
+    step = build_step(net, loss, optimizer, gradient_source)
+    return jax.jit(step) if jit else step
+
+
+def build_step(net: Sequential, loss: Loss, optimizer: Any, gradient_source: str) -> StepFn:
+    """:func:`make_step`'s pure step, on arguments already checked."""
     if gradient_source == "backprop":
         value_and_grad = value_and_backprop(net, loss)
     else:
@@ -177,7 +188,7 @@ def make_step(
         value, grads = value_and_grad(state.params, x, y)
         return _apply(optimizer, state, key, grads, {"loss": value})
 
-    return jax.jit(step) if jit else step
+    return step
 
 
 def _apply(
@@ -267,23 +278,37 @@ def targets(net: Any, loss: str | Loss, labels: Any, dtype: Any = np.float32) ->
     loss = get_loss(loss)
     labels = np.asarray(labels)
     check_labels(net, loss, labels)
-    out = net.fan_out
-    if loss.integer_labels and out is not None and out > 1:
+    return class_targets(loss, labels, net.fan_out, dtype)
+
+
+def class_targets(loss: Loss, labels: np.ndarray, outputs: int | None, dtype: Any) -> np.ndarray:
+    """:func:`targets` for checked labels and a network with ``outputs`` outputs."""
+    if loss.integer_labels and (outputs is None or outputs > 1):
         return labels.astype(np.int32)
-    if out == 1:
+    if outputs == 1:
         return labels.astype(dtype)[:, None]
-    return np.eye(out, dtype=dtype)[labels]
+    if outputs is None:
+        raise ValueError(
+            f"loss {loss.name!r} takes one-hot targets but the network does not declare its "
+            "number of outputs (no Dense at its end); end it with a Dense layer"
+        )
+    return np.eye(outputs, dtype=dtype)[labels]
 
 
 def check_labels(net: Sequential, loss: Loss, labels: np.ndarray, name: str = "labels") -> None:
     """Labels are integers the network's outputs can express."""
+    check_class_labels(loss, labels, net.fan_out, name)
+
+
+def check_class_labels(loss: Loss, labels: Any, outputs: int | None, name: str) -> None:
+    """Labels are integer classes that ``outputs`` outputs can express (None: unknown)."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
             f"`{name}` must be integer class labels of shape (n,), got {labels.dtype.name} "
             f"of shape {labels.shape}"
         )
-    out = net.fan_out
+    out = outputs
     if out is None or not labels.size:
         return
     if out == 1 and loss.integer_labels:
@@ -299,6 +324,43 @@ def check_labels(net: Sequential, loss: Loss, labels: np.ndarray, name: str = "l
             f"{'s' if out > 1 else ''} express{'' if out > 1 else 'es'} classes 0..{classes - 1}; "
             f"give the last layer {hi + 1} outputs"
         )
+
+
+def check_examples(net: Sequential, shape: tuple[int, ...], name: str) -> int:
+    """Inputs of shape ``(n, *example)`` fit ``net`` and it maps each example to
+    one score per class; returns the number of outputs.
+
+    Args:
+      net: the network.
+      shape: the inputs' shape, batch axis first.
+      name: the argument, for messages (e.g. ``"data.x_train"``).
+    """
+    shape = tuple(int(s) for s in shape)
+    rank = example_rank(net)
+    if rank is not None and len(shape) - 1 != rank:
+        want = "vectors (fan_in,)" if rank == 1 else f"examples {example_axes(rank - 1)}"
+        hint = "; put jbp.Flatten() first to feed them to Dense layers" if rank == 1 else ""
+        raise ValueError(
+            f"`{name}` has examples of shape {shape[1:]} but the network's first layers take "
+            f"{want}{hint}"
+        )
+    if net.fan_in is not None and shape[-1] != net.fan_in:
+        raise ValueError(
+            f"`{name}` has {shape[-1]} features but the first layer expects fan_in={net.fan_in}"
+        )
+    try:
+        out = net.output_shape(shape[1:])
+    except ShapeError as e:
+        raise ValueError(
+            f"`{name}` has examples of shape {shape[1:]}, which the network cannot take: {e}"
+        ) from None
+    if len(out) != 1:
+        raise ValueError(
+            f"the network maps one example of `{name}` to shape {out}, but a classifier needs "
+            "one score per class, shape (classes,): end it with jbp.Flatten() or "
+            "jbp.GlobalAvgPool() and a Dense layer"
+        )
+    return out[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -322,7 +384,8 @@ def evaluate(
     Args:
       net, loss: the network and loss.
       params: the network's parameters.
-      x: ``(n, fan_in)`` inputs.
+      x: ``(n, fan_in)`` inputs, or ``(n, *example_shape)`` (e.g. images
+        ``(n, height, width, channels)``) for a network that takes them.
       labels: ``(n,)`` integer class labels.
       batch_size: examples per forward pass.
 
@@ -335,26 +398,34 @@ def evaluate(
     net = check_net(net)
     loss = get_loss(loss)
     x, labels = np.asarray(x), np.asarray(labels)
-    check_labels(net, loss, labels)
+    check_class_labels(loss, labels, None, "labels")
     n = int(labels.shape[0])
-    if x.ndim != 2 or x.shape[0] != n:
+    if x.ndim < 2 or x.shape[0] != n:
         raise ValueError(
             f"`x` must have shape (n, features) with n={n} (one row per label), got {x.shape}"
         )
     check_params(net, params)
-    if net.fan_in is not None and x.shape[1] != net.fan_in:
-        raise ValueError(
-            f"`x` has {x.shape[1]} features but the first layer expects fan_in={net.fan_in}"
-        )
+    outputs = check_examples(net, x.shape, "x")
+    check_class_labels(loss, labels, outputs, "labels")
     x = x.astype(params_dtype(params) or np.float32)
-    dtype = x.dtype
-    y = targets(net, loss, labels, dtype)
-    total, correct = 0.0, 0
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        s, c = _evaluate_chunk(net, loss, params, x[sl], y[sl], labels[sl].astype(np.int32))
-        total += float(s)
-        correct += int(c)
+    y = class_targets(loss, labels, outputs, x.dtype)
+    return evaluate_checked(net, loss, params, x, y, labels.astype(np.int32), batch_size)
+
+
+def evaluate_checked(
+    net: Sequential, loss: Loss, params: Params, x: Any, y: Any, labels: Any, batch_size: int
+) -> dict[str, float]:
+    """:func:`evaluate` on checked arrays: ``x`` in the params' dtype, ``y`` the
+    loss's targets, ``labels`` int32. Reads the device once, at the end."""
+    n = int(labels.shape[0])
     if n == 0:
         return {"loss": math.nan, "accuracy": math.nan, "n": 0}
+    sums = [
+        _evaluate_chunk(net, loss, params, x[sl], y[sl], labels[sl])
+        for sl in (slice(start, start + batch_size) for start in range(0, n, batch_size))
+    ]
+    total, correct = 0.0, 0
+    for s, c in jax.device_get(sums):
+        total += float(s)
+        correct += int(c)
     return {"loss": total / n, "accuracy": correct / n, "n": n}

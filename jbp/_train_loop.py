@@ -8,20 +8,39 @@ batch order of an epoch is a function of ``(seed, epoch)`` only, so a run
 resumed from step ``k`` skips the batches of its epoch already done and
 reaches step ``n`` with bitwise the same state as an uninterrupted run. All
 output goes through a :class:`RunFolder`, which writes on process 0 only.
+
+The loop does not wait for the device after each step. Each step is
+dispatched with the state and a first-bad-step marker that stay on the device
+(:func:`guarded_step`): the step that first gives a non-finite loss, gradient
+or parameter norm is recorded there and no update is applied from then on, so
+the state on the device stays the last good one. The host reads the marker
+and the pending steps' metrics together, at most every ``READ_EVERY`` steps
+and before anything that needs them (a gradient check, a checkpoint, the end
+of an epoch or of the run), and then raises :class:`TrainingError` naming
+the first bad step and carrying that last good state.
+
+:func:`fit` checks its arguments once, at this public boundary, into a
+:class:`_Plan` and a :class:`_Data`; everything inside takes those.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
+import operator
 import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import jax.tree_util as jtu
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh
 
 from ._backprop import backprop, check_net, objective
@@ -32,19 +51,23 @@ from ._losses import Loss, get_loss
 from ._progress import Progress
 from ._sharding import data_parallel_step, replicate
 from ._train import (
+    StepFn,
     TrainingError,
     TrainState,
+    build_step,
+    check_class_labels,
+    check_examples,
     check_gradient_source,
-    check_labels,
     check_optimizer,
-    evaluate,
-    init_state,
-    make_step,
-    targets,
+    class_targets,
+    evaluate_checked,
+    fresh_state,
 )
-from ._verify import Report, compare
+from ._verify import compare
 
 MONITORS = ("train_loss", "test_loss")
+READ_EVERY = 50  # most steps dispatched between two host reads of the metrics
+_WATCHED = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +94,39 @@ class FitResult:
     run_dir: str | None
 
 
+class Carry(NamedTuple):
+    """What the guarded step carries on the device from one step to the next.
+
+    Attributes:
+      state: the :class:`TrainState`, the last good one once a step has failed.
+      bad_step: int32 scalar, -1 while every step has been finite, else the
+        first step whose loss, gradient norm or parameter norm was not.
+    """
+
+    state: TrainState
+    bad_step: jax.Array
+
+
+GuardedStep = Callable[[Carry, Any, Any], tuple[Carry, dict[str, jax.Array]]]
+
+
+def guarded_step(step: StepFn) -> GuardedStep:
+    """``step`` on a :class:`Carry`: once a step is non-finite, its update and
+    every later one are dropped on the device (the state is selected, bitwise,
+    from the one before) and the marker keeps that step's number."""
+
+    def run(carry: Carry, x: Any, y: Any) -> tuple[Carry, dict[str, jax.Array]]:
+        new, metrics = step(carry.state, x, y)
+        finite = functools.reduce(operator.and_, (jnp.isfinite(metrics[k]) for k in _WATCHED))
+        clean = carry.bad_step < 0
+        keep = finite & clean
+        state = jtu.tree_map(lambda a, b: lax.select(keep, a, b), new, carry.state)
+        bad_step = jnp.where(clean & ~finite, carry.state.step, carry.bad_step)
+        return Carry(state, bad_step), metrics
+
+    return run
+
+
 def _positive_int(name: str, value: Any, *, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -79,48 +135,360 @@ def _positive_int(name: str, value: Any, *, optional: bool = False) -> None:
         raise ValueError(f"`{name}` must be {what}, got {value!r}")
 
 
-def _check_data(data: Any, net: Any, loss: Loss) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """:func:`fit`'s arguments but the data and run folder, checked when built:
+    ``net`` becomes a :class:`Sequential`, ``loss`` a :class:`Loss`, ``dtype``
+    a floating dtype."""
+
+    net: Any
+    loss: Any
+    optimizer: Any
+    epochs: int
+    batch_size: int
+    seed: int
+    dtype: Any
+    gradient_source: str
+    check_every: int | None
+    check_rtol: float | None
+    patience: int | None
+    min_delta: float
+    monitor: str
+    checkpoint_every: int | None
+    max_steps: int | None
+    mesh: Mesh | None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "net", check_net(self.net))
+        object.__setattr__(self, "loss", get_loss(self.loss))
+        check_optimizer(self.optimizer)
+        check_gradient_source(self.gradient_source)
+        for name in ("epochs", "batch_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("check_every", "patience", "checkpoint_every", "max_steps"):
+            _positive_int(name, getattr(self, name), optional=True)
+        seed = self.seed
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"`monitor` must be 'train_loss' or 'test_loss', got {self.monitor!r}")
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """One split as the loop uses it: inputs in the params' dtype, the loss's
+    targets and the int32 labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    labels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    """The data set, checked against the plan's network and loss.
+
+    ``meta`` is what a checkpoint records of it (the batch order depends on it).
+    """
+
+    train: _Split
+    test: _Split | None
+    meta: dict[str, Any]
+
+
+def _check_data(data: Any, plan: _Plan) -> _Data:
     names = ("x_train", "y_train", "x_test", "y_test")
     if not all(hasattr(data, n) for n in names):
         raise TypeError(
             "`data` must be a jbp.Dataset (x_train, y_train, x_test, y_test, ...), e.g. from "
             f"jbp.load_dataset, got {type(data).__name__}"
         )
+    splits = []
     for xs, ys in (("x_train", "y_train"), ("x_test", "y_test")):
         x, y = np.asarray(getattr(data, xs)), np.asarray(getattr(data, ys))
-        if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise ValueError(
-                f"`data.{xs}` must have shape (n, features) and `data.{ys}` shape (n,), got "
-                f"{x.shape} and {y.shape}"
+                f"`data.{xs}` must have shape (n, features) or (n, *example_shape) and "
+                f"`data.{ys}` shape (n,), got {x.shape} and {y.shape}"
             )
-        if net.fan_in is not None and x.shape[1] != net.fan_in:
-            raise ValueError(
-                f"`data.{xs}` has {x.shape[1]} features but the first layer expects "
-                f"fan_in={net.fan_in}"
-            )
-        check_labels(net, loss, y, name=f"data.{ys}")
-    if np.asarray(data.y_train).shape[0] == 0:
+        outputs = check_examples(plan.net, x.shape, f"data.{xs}")
+        check_class_labels(plan.loss, y, outputs, f"data.{ys}")
+        targets = class_targets(plan.loss, y, outputs, plan.dtype)
+        splits.append(_Split(x.astype(plan.dtype), targets, y.astype(np.int32)))
+    train, test = splits
+    if not train.labels.size:
         raise ValueError("`data.x_train` is empty: need at least one training example")
+    if plan.monitor == "test_loss" and not test.labels.size:
+        raise ValueError("`monitor='test_loss'` but `data` has no test split")
+    meta = {"name": str(getattr(data, "name", "")), "n_train": int(train.labels.size),
+            "batch_size": plan.batch_size, "seed": plan.seed}  # fmt: skip
+    return _Data(train, test if test.labels.size else None, meta)
 
 
-def _gradient_check(net: Any, fns: Any, params: Any, x: Any, y: Any, rtol: Any) -> Report:
-    manual, reference = fns
-    with jax.default_matmul_precision("highest"):
-        report = compare(
-            manual(params, x, y),
-            reference(params, x, y),
-            rtol=rtol,
-            names=("manual (jbp.backprop)", "autodiff (jax.grad)"),
-        )
-    return dataclasses.replace(report, layers=tuple(repr(layer) for layer in net.layers))
+@dataclasses.dataclass
+class _Tally:
+    """The current epoch so far; a checkpoint keeps it as ``epoch_progress``."""
+
+    loss_sum: float = 0.0  # Σ over the epoch's steps of C / loss.scale(batch)
+    examples: int = 0
+    steps: int = 0
+    seconds: float = 0.0  # dispatching steps and waiting for them
+    check: float | None = None  # worst relative error of the live checks
+    checks: int = 0
+
+
+@dataclasses.dataclass
+class _Early:
+    """Early stopping's state; a checkpoint keeps it as ``early_stopping``."""
+
+    best: float | None = None
+    bad_epochs: int = 0
+
+    def update(self, value: float, min_delta: float) -> None:
+        if math.isfinite(value) and (self.best is None or value < self.best - min_delta):
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
 
 
 def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _new_epoch() -> dict[str, Any]:
-    return {"loss_sum": 0.0, "examples": 0, "steps": 0, "seconds": 0.0, "check": None, "checks": 0}
+def _compile_step(plan: _Plan) -> GuardedStep:
+    step = guarded_step(build_step(plan.net, plan.loss, plan.optimizer, plan.gradient_source))
+    return jax.jit(step) if plan.mesh is None else data_parallel_step(step, plan.mesh)
+
+
+def _check_fns(plan: _Plan) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    if plan.check_every is None:
+        return None
+    return (
+        jax.jit(backprop(plan.net, plan.loss)),
+        jax.jit(jax.grad(objective(plan.net, plan.loss))),  # reference
+    )
+
+
+class _Loop:
+    """One :func:`fit` run: the checked plan and data, the run folder, and what
+    changes as it trains (the device carry, the step, the epoch's tally, early
+    stopping, the history and the steps whose metrics are not read yet)."""
+
+    def __init__(self, plan: _Plan, data: _Data, run: RunFolder) -> None:
+        self.plan, self.data, self.run = plan, data, run
+        self.steps_per_epoch = math.ceil(data.meta["n_train"] / plan.batch_size)
+        self.step_fn = _compile_step(plan)
+        self.check_fns = _check_fns(plan)
+        self.step = 0
+        self.tally, self.early = _Tally(), _Early()
+        self.history: list[dict[str, Any]] = []
+        self.pending: list[tuple[int, int, dict[str, jax.Array]]] = []
+        self.last_loss: float | None = None
+        self.carry = Carry(
+            fresh_state(plan.net, plan.optimizer, jr.key(plan.seed), plan.dtype),
+            jnp.full((), -1, jnp.int32),
+        )
+
+    def begin(self, resume: bool) -> None:
+        """A fresh run, or the state, tally and history of the run being resumed."""
+        state = self.carry.state
+        if resume:
+            state, extra = self.run.load(state)
+            if extra.get("data") != self.data.meta:
+                raise ValueError(
+                    f"cannot resume {self.run.path(CHECKPOINT)}: it was written for data "
+                    f"{extra.get('data')} but this run has {self.data.meta}; the batch order "
+                    "depends on the data, batch size and seed"
+                )
+            self.tally = _Tally(**extra["epoch_progress"])
+            self.early = _Early(**extra["early_stopping"])
+            self.step = int(jax.device_get(state.step))
+            self.history = self.run.history(self.step)
+        elif self.run.has_checkpoint:
+            raise ValueError(
+                f"{self.run.dir} already holds a run ({CHECKPOINT}); pass resume=True to "
+                "continue it, or choose a new `run_dir`"
+            )
+        else:
+            self.run.start()
+        self.carry = self.carry._replace(state=state)
+        if self.plan.mesh is not None:
+            self.carry = replicate(self.carry, self.plan.mesh)
+
+    def train(self) -> FitResult:
+        """Epochs until ``epochs``, ``max_steps`` or early stopping."""
+        plan, per_epoch = self.plan, self.steps_per_epoch
+        epoch, skip = divmod(self.step, per_epoch)
+        if self.step:
+            self.run.say(
+                f"resumed at step {self.step} (epoch {epoch + 1}, batch {skip + 1}/{per_epoch})"
+            )
+        stop = "max_steps" if self._past_max_steps() else "epochs"
+        while stop == "epochs" and epoch < plan.epochs:
+            started = time.perf_counter()
+            if self._run_epoch(epoch, skip):
+                stop = "max_steps"
+            if self.step % per_epoch:  # max_steps stopped the run mid-epoch
+                self._save()
+                break
+            self._end_epoch(epoch, started)
+            epoch, skip = epoch + 1, 0
+            if plan.patience is not None and self.early.bad_epochs >= plan.patience:
+                stop = "early_stopping"
+                self.run.say(
+                    f"early stopping: {plan.monitor} has not decreased by more than "
+                    f"{plan.min_delta} for {plan.patience} epochs (best {self.early.best:.4g})"
+                )
+        self._flush()
+        return FitResult(self.carry.state, tuple(self.history), stop, self.run.dir)
+
+    def _past_max_steps(self) -> bool:
+        return self.plan.max_steps is not None and self.step >= self.plan.max_steps
+
+    def _run_epoch(self, epoch: int, skip: int) -> bool:
+        """The epoch's steps from batch ``skip`` on; True if ``max_steps`` stopped it."""
+        plan, train = self.plan, self.data.train
+        order = batches(train.x, train.y, plan.batch_size, seed=plan.seed, epoch=epoch)
+        label = f"epoch {epoch + 1}/{plan.epochs}"
+        with Progress(total=self.steps_per_epoch, label=label, quiet=not self.run.verbose) as bar:
+            bar.update(skip)
+            for xb, yb in itertools.islice(order, skip, None):
+                self._take_step(xb, yb)
+                bar.update(note=None if self.last_loss is None else f"loss {self.last_loss:.4g}")
+                if self._past_max_steps():
+                    return True
+                every = plan.checkpoint_every
+                if (
+                    every is not None
+                    and self.step % every == 0
+                    and self.step % self.steps_per_epoch
+                ):
+                    self._save()
+        return False
+
+    def _take_step(self, xb: np.ndarray, yb: np.ndarray) -> None:
+        """Dispatch one step; the host waits for it only when something reads."""
+        before = self.carry
+        started = time.perf_counter()
+        self.carry, metrics = self.step_fn(before, xb, yb)
+        self.tally.seconds += time.perf_counter() - started
+        self.pending.append((self.step, len(xb), metrics))
+        every = self.plan.check_every
+        if every is not None and self.step % every == 0:
+            self._flush()  # a non-finite step, this one included, is reported first
+            self._gradient_check(before.state, xb, yb)
+        self.step += 1
+        if len(self.pending) >= READ_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Read the marker and the pending steps' metrics (one host read); raise
+        :class:`TrainingError` at the first non-finite step, else tally them."""
+        if not self.pending:
+            return
+        started = time.perf_counter()
+        bad_step, metrics = jax.device_get((self.carry.bad_step, [m for *_, m in self.pending]))
+        self.tally.seconds += time.perf_counter() - started
+        pending, self.pending = self.pending, []
+        if int(bad_step) >= 0:
+            bad = next(
+                m for (step, *_), m in zip(pending, metrics, strict=True) if step == bad_step
+            )
+            raise self._non_finite(int(bad_step), bad)
+        for (_, n, _), m in zip(pending, metrics, strict=True):
+            self.tally.loss_sum += float(m["loss"]) / self.plan.loss.scale(n)
+            self.tally.examples += n
+            self.tally.steps += 1
+        self.last_loss = float(metrics[-1]["loss"])
+
+    def _non_finite(self, step: int, metrics: dict[str, Any]) -> TrainingError:
+        m = {k: float(v) for k, v in metrics.items()}
+        bad = [_WATCHED[k] for k in _WATCHED if not math.isfinite(m[k])]
+        where = ""
+        if self.run.saved_step is not None:
+            ckpt = self.run.path(CHECKPOINT)
+            where = f"; the last good checkpoint is {ckpt} (step {self.run.saved_step})"
+        return TrainingError(
+            f"non-finite {_join(bad)} at step {step} (loss {m['loss']}, gradient norm "
+            f"{m['grad_norm']}, parameter norm {m['param_norm']}); training stopped without "
+            f"applying this update{where}",
+            step=step,
+            state=self.carry.state,
+        )
+
+    def _gradient_check(self, state: TrainState, x: Any, y: Any) -> None:
+        """Compare the δ equations with autodiff on this batch; raise on a mismatch."""
+        assert self.check_fns is not None
+        manual, reference = self.check_fns
+        with jax.default_matmul_precision("highest"):
+            report = compare(
+                manual(state.params, x, y),
+                reference(state.params, x, y),
+                rtol=self.plan.check_rtol,
+                names=("manual (jbp.backprop)", "autodiff (jax.grad)"),
+            )
+        report = dataclasses.replace(report, layers=tuple(map(repr, self.plan.net.layers)))
+        if not report.ok:
+            raise TrainingError(
+                f"gradient check failed at step {self.step}: jbp.backprop and jax.grad "
+                f"disagree on the current batch (worst rel err {report.max_rel_err:.2e}, "
+                f"tolerance {report.rtol:.0e}); training stopped\n{report}",
+                step=self.step,
+                state=state,
+                report=report,
+            )
+        self.tally.check = max(self.tally.check or 0.0, report.max_rel_err)
+        self.tally.checks += 1
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "data": self.data.meta,
+            "epoch_progress": dataclasses.asdict(self.tally),
+            "early_stopping": dataclasses.asdict(self.early),
+            "gradient_source": self.plan.gradient_source,
+        }
+
+    def _save(self) -> None:
+        """Checkpoint the state, once every step before it is known to be finite."""
+        self._flush()
+        self.run.save(self.carry.state, self._meta())
+
+    def _end_epoch(self, epoch: int, started: float) -> None:
+        self._flush()
+        record = self._record(epoch)
+        record["epoch_time"] = time.perf_counter() - started
+        self.early.update(record[self.plan.monitor], self.plan.min_delta)
+        self.history.append(record)
+        self.tally = _Tally()
+        self.run.record(record)  # metrics first: a resume drops records past its checkpoint
+        self.run.save(self.carry.state, self._meta())
+        self.run.say(_epoch_line(record, self.plan.epochs))
+
+    def _record(self, epoch: int) -> dict[str, Any]:
+        plan, tally, params = self.plan, self.tally, self.carry.state.params
+
+        def evaluate(split: _Split | None) -> dict[str, Any]:
+            if split is None:
+                return {}
+            return evaluate_checked(
+                plan.net, plan.loss, params, split.x, split.y, split.labels, 4096
+            )
+
+        train, test = evaluate(self.data.train), evaluate(self.data.test)
+        return {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "gradient_source": plan.gradient_source,
+            "batch_loss": tally.loss_sum / max(tally.examples, 1),
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "test_loss": test.get("loss"),
+            "test_accuracy": test.get("accuracy"),
+            "grad_check_max_rel_err": tally.check,
+            "grad_checks": tally.checks,
+            "step_time": tally.seconds / max(tally.steps, 1),
+        }
 
 
 def fit(
@@ -188,178 +556,18 @@ def fit(
         checkpoint stays as it was.
       CheckpointError: resuming from a missing, corrupt or mismatched checkpoint.
     """
-    net = check_net(net)
-    loss = get_loss(loss)
-    check_optimizer(optimizer)
-    check_gradient_source(gradient_source)
-    for name, value, optional in (
-        ("epochs", epochs, False),
-        ("batch_size", batch_size, False),
-        ("check_every", check_every, True),
-        ("patience", patience, True),
-        ("checkpoint_every", checkpoint_every, True),
-        ("max_steps", max_steps, True),
-    ):
-        _positive_int(name, value, optional=optional)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
-    if monitor not in MONITORS:
-        raise ValueError(f"`monitor` must be 'train_loss' or 'test_loss', got {monitor!r}")
-    dtype = check_dtype(dtype)
-    _check_data(data, net, loss)
-    has_test = np.asarray(data.y_test).shape[0] > 0
-    if monitor == "test_loss" and not has_test:
-        raise ValueError("`monitor='test_loss'` but `data` has no test split")
+    plan = _Plan(
+        net=net, loss=loss, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
+        seed=seed, dtype=dtype, gradient_source=gradient_source, check_every=check_every,
+        check_rtol=check_rtol, patience=patience, min_delta=min_delta, monitor=monitor,
+        checkpoint_every=checkpoint_every, max_steps=max_steps, mesh=mesh,
+    )  # fmt: skip
+    checked = _check_data(data, plan)
     if resume and run_dir is None:
         raise ValueError("`resume=True` needs the `run_dir` of the run to continue")
-
-    x_train = np.asarray(data.x_train).astype(dtype)
-    y_train = targets(net, loss, data.y_train, dtype)
-    n_train = int(x_train.shape[0])
-    data_meta = {"name": str(getattr(data, "name", "")), "n_train": n_train,
-                 "batch_size": batch_size, "seed": seed}  # fmt: skip
-    run = RunFolder(run_dir, verbose)
-    state = init_state(net, optimizer, jr.key(seed), dtype=dtype)
-    progress: dict[str, Any] = _new_epoch()
-    early: dict[str, Any] = {"best": None, "bad_epochs": 0}
-    history: list[dict[str, Any]] = []
-    if resume:
-        state, extra = run.load(state, net)
-        if extra.get("data") != data_meta:
-            raise ValueError(
-                f"cannot resume {run.path(CHECKPOINT)}: it was written for data "
-                f"{extra.get('data')} but this run has {data_meta}; the batch order depends "
-                "on the data, batch size and seed"
-            )
-        progress, early = extra["epoch_progress"], extra["early_stopping"]
-        history = run.history(int(state.step))
-    elif run.has_checkpoint:
-        raise ValueError(
-            f"{run.dir} already holds a run ({CHECKPOINT}); pass resume=True to continue it, "
-            "or choose a new `run_dir`"
-        )
-    else:
-        run.start()
-
-    def checkpoint_meta() -> dict[str, Any]:
-        return {"data": data_meta, "epoch_progress": dict(progress),
-                "early_stopping": dict(early), "gradient_source": gradient_source}  # fmt: skip
-
-    if mesh is None:
-        step_fn = make_step(net, loss, optimizer, gradient_source=gradient_source)
-    else:
-        state = replicate(state, mesh)
-        step_fn = data_parallel_step(
-            make_step(net, loss, optimizer, gradient_source=gradient_source, jit=False), mesh
-        )
-    check_fns = None
-    if check_every is not None:
-        check_fns = (
-            jax.jit(backprop(net, loss)),
-            jax.jit(jax.grad(objective(net, loss))),  # reference
-        )
-    steps_per_epoch = math.ceil(n_train / batch_size)
-    step = int(state.step)
-    epoch, skip = divmod(step, steps_per_epoch)
-    if step:
-        run.say(f"resumed at step {step} (epoch {epoch + 1}, batch {skip + 1}/{steps_per_epoch})")
-    stop_reason = "max_steps" if max_steps is not None and step >= max_steps else "epochs"
-    while stop_reason == "epochs" and epoch < epochs:
-        epoch_start = time.perf_counter()
-        order = batches(x_train, y_train, batch_size, seed=seed, epoch=epoch)
-        label = f"epoch {epoch + 1}/{epochs}"
-        with Progress(total=steps_per_epoch, label=label, quiet=not run.verbose) as bar:
-            bar.update(skip)
-            for i, (xb, yb) in enumerate(order):
-                if i < skip:
-                    continue
-                t0 = time.perf_counter()
-                new_state, metrics = step_fn(state, xb, yb)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                progress["seconds"] += time.perf_counter() - t0
-                names = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}
-                bad = [names[k] for k in names if not math.isfinite(m[k])]
-                if bad:
-                    where = ""
-                    if run.saved_step is not None:
-                        ckpt = run.path(CHECKPOINT)
-                        where = f"; the last good checkpoint is {ckpt} (step {run.saved_step})"
-                    raise TrainingError(
-                        f"non-finite {_join(bad)} at step {step} (loss {m['loss']}, "
-                        f"gradient norm {m['grad_norm']}, parameter norm {m['param_norm']}); "
-                        f"training stopped without applying this update{where}",
-                        step=step,
-                        state=state,
-                    )
-                if check_fns is not None and check_every is not None and step % check_every == 0:
-                    report = _gradient_check(net, check_fns, state.params, xb, yb, check_rtol)
-                    if not report.ok:
-                        raise TrainingError(
-                            f"gradient check failed at step {step}: jbp.backprop and jax.grad "
-                            f"disagree on the current batch (worst rel err "
-                            f"{report.max_rel_err:.2e}, tolerance {report.rtol:.0e}); training "
-                            f"stopped\n{report}",
-                            step=step,
-                            state=state,
-                            report=report,
-                        )
-                    progress["check"] = max(progress["check"] or 0.0, report.max_rel_err)
-                    progress["checks"] += 1
-                state, step = new_state, step + 1
-                progress["loss_sum"] += m["loss"] / loss.scale(len(xb))
-                progress["examples"] += len(xb)
-                progress["steps"] += 1
-                bar.update(note=f"loss {m['loss']:.4g}")
-                if max_steps is not None and step >= max_steps:
-                    stop_reason = "max_steps"
-                    break
-                at_end = step % steps_per_epoch == 0
-                if checkpoint_every is not None and step % checkpoint_every == 0 and not at_end:
-                    run.save(state, net, checkpoint_meta())
-        if step % steps_per_epoch != 0:  # max_steps stopped the run mid-epoch
-            run.save(state, net, checkpoint_meta())
-            break
-        record = _end_of_epoch(net, loss, state, data, has_test, progress, epoch, gradient_source)
-        record["epoch_time"] = time.perf_counter() - epoch_start
-        value = record[monitor]
-        if math.isfinite(value) and (early["best"] is None or value < early["best"] - min_delta):
-            early["best"], early["bad_epochs"] = value, 0
-        else:
-            early["bad_epochs"] += 1
-        history.append(record)
-        progress = _new_epoch()
-        run.record(record)  # metrics first: a resume drops records past its checkpoint
-        run.save(state, net, checkpoint_meta())
-        run.say(_epoch_line(record, epochs))
-        epoch, skip = epoch + 1, 0
-        if patience is not None and early["bad_epochs"] >= patience:
-            stop_reason = "early_stopping"
-            run.say(
-                f"early stopping: {monitor} has not decreased by more than {min_delta} for "
-                f"{patience} epochs (best {early['best']:.4g})"
-            )
-    return FitResult(state, tuple(history), stop_reason, run.dir)
-
-
-def _end_of_epoch(
-    net: Any, loss: Loss, state: TrainState, data: Any, has_test: bool,
-    progress: dict[str, Any], epoch: int, gradient_source: str,
-) -> dict[str, Any]:  # fmt: skip
-    train = evaluate(net, loss, state.params, data.x_train, data.y_train)
-    test = evaluate(net, loss, state.params, data.x_test, data.y_test) if has_test else {}
-    return {
-        "epoch": epoch + 1,
-        "step": int(state.step),
-        "gradient_source": gradient_source,
-        "batch_loss": progress["loss_sum"] / max(progress["examples"], 1),
-        "train_loss": train["loss"],
-        "train_accuracy": train["accuracy"],
-        "test_loss": test.get("loss"),
-        "test_accuracy": test.get("accuracy"),
-        "grad_check_max_rel_err": progress["check"],
-        "grad_checks": progress["checks"],
-        "step_time": progress["seconds"] / max(progress["steps"], 1),
-    }
+    loop = _Loop(plan, checked, RunFolder(run_dir, verbose, plan.net))
+    loop.begin(resume)
+    return loop.train()
 
 
 def _epoch_line(r: dict[str, Any], epochs: int) -> str:
