@@ -82,8 +82,9 @@ class FitResult:
         ``train_accuracy``, ``test_loss``, ``test_accuracy`` (mean ℓ_i and
         accuracy at the epoch's end; None without a test split),
         ``grad_check_max_rel_err`` (worst over the epoch's live checks, None
-        if none ran), ``grad_checks``, ``step_time`` (seconds per step, the
-        first epoch's including compilation) and ``epoch_time``.
+        if none ran), ``grad_checks``, ``step_time`` (seconds per step spent
+        dispatching steps and waiting for the device, the first epoch's
+        including compilation) and ``epoch_time``.
       stop_reason: ``"epochs"``, ``"early_stopping"`` or ``"max_steps"``.
       run_dir: the run folder, or None.
     """
@@ -517,10 +518,12 @@ def fit(
     """Train ``net`` on a data set with optax, evaluating on its test split.
 
     Args:
-      net: the network; fan_in must match the features, the outputs the classes.
+      net: the network; it must take the data's examples (features, or
+        images ``(height, width, channels)``) and give one score per class.
       loss: a loss name or :class:`Loss` (labels become targets by ``jbp.targets``).
       optimizer: any ``optax.GradientTransformation``.
-      data: a :class:`Dataset` (integer labels), e.g. ``jbp.load_dataset("digits")``.
+      data: a :class:`Dataset` (integer labels), e.g. ``jbp.load_dataset("digits")``
+        or ``jbp.load_dataset("digits", images=True)``.
       epochs: passes over the training split, in total (a resumed run's included).
       batch_size: examples per step; the last batch of an epoch may be smaller.
       seed: seeds the initial params and the batch order.
@@ -553,7 +556,10 @@ def fit(
     Raises:
       TrainingError: a gradient-check mismatch, or a non-finite loss, gradient
         or parameter at some step; that update is not applied and the last
-        checkpoint stays as it was.
+        checkpoint stays as it was. A non-finite step is caught on the device
+        and reported at the next host read (at most ``READ_EVERY`` steps
+        later, sooner at a check, checkpoint or epoch end), naming the first
+        bad step, with ``state`` the state before it.
       CheckpointError: resuming from a missing, corrupt or mismatched checkpoint.
     """
     plan = _Plan(

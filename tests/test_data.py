@@ -327,3 +327,92 @@ def test_batches_bad_arguments():
         next(jbp.batches(x, y, 4, seed=0))
     with pytest.raises(ValueError, match="`batch_size` must be a positive int, got 0"):
         next(jbp.batches(x, np.arange(10), 0, seed=0))
+
+
+# --- images ---------------------------------------------------------------------
+
+
+def test_digits_as_images_are_the_same_examples_split_and_labels():
+    flat = jbp.load_dataset("digits", seed=1, standardize=False)
+    images = jbp.load_dataset("digits", seed=1, standardize=False, images=True)
+    assert images.x_train.shape == (flat.x_train.shape[0], 8, 8, 1)
+    assert images.x_test.shape == (flat.x_test.shape[0], 8, 8, 1)
+    assert images.input_shape == (8, 8, 1) and flat.input_shape == (64,)
+    assert images.n_features == flat.n_features == 64
+    assert images.x_train.dtype == np.float32 and images.n_classes == 10
+    for split in ("train", "test"):  # row-major pixels: the image is the flat row reshaped
+        np.testing.assert_array_equal(
+            getattr(images, f"x_{split}").reshape(-1, 64), getattr(flat, f"x_{split}")
+        )
+        np.testing.assert_array_equal(getattr(images, f"y_{split}"), getattr(flat, f"y_{split}"))
+
+
+def test_digit_images_are_standardised_over_all_training_pixels():
+    data = jbp.load_dataset("digits", seed=1, images=True)
+    raw = jbp.load_dataset("digits", seed=1, images=True, standardize=False)
+    # one mean and std over every pixel of the training images, not per pixel
+    assert abs(float(data.x_train.mean())) < 1e-5
+    assert abs(float(data.x_train.std()) - 1.0) < 1e-5
+    mean, std = raw.x_train.astype(np.float64).mean(), raw.x_train.astype(np.float64).std()
+    np.testing.assert_allclose(data.x_test, (raw.x_test - mean) / std, rtol=1e-5, atol=1e-5)
+    # a pixel that is always 0 (the corners) is one value, not left at 0 as per-pixel scaling does
+    corner = data.x_train[:, 0, 0, 0]
+    assert np.all(corner == corner[0]) and corner[0] < -0.5
+    # the flat form keeps today's per-pixel standardisation
+    flat = jbp.load_dataset("digits", seed=1)
+    np.testing.assert_allclose(flat.x_train.mean(axis=0), 0.0, atol=1e-5)
+
+
+def test_images_is_a_digits_option_only():
+    with pytest.raises(TypeError, match=r"`images` must be True or False, got 'yes'"):
+        jbp.load_dataset("digits", images="yes")
+    with pytest.raises(
+        TypeError,
+        match=r"load_dataset\('moons'\) got unknown options \['images'\]; it accepts: n, noise",
+    ):
+        jbp.load_dataset("moons", images=True)
+
+
+def test_npz_images_get_a_channel_axis_and_keep_their_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 5, 4))  # (n, height, width): grayscale images
+    y = np.arange(20) % 2
+    path = _npz(tmp_path, "gray.npz", x=x, y=y)
+    data = jbp.load_dataset(path, test_fraction=0.25, standardize=False)
+    assert data.x_train.shape == (15, 5, 4, 1) and data.input_shape == (5, 4, 1)
+    assert data.n_features == 20
+    # the same split as the flat file of the same examples, pixel for pixel
+    flat = jbp.load_dataset(
+        _npz(tmp_path, "flat.npz", x=x.reshape(20, -1), y=y), test_fraction=0.25, standardize=False
+    )
+    np.testing.assert_array_equal(data.x_train.reshape(15, -1), flat.x_train)
+    np.testing.assert_array_equal(data.y_test, flat.y_test)
+    kept = jbp.load_dataset(path, add_channel=False, standardize=False)
+    assert kept.input_shape == (5, 4)  # e.g. signals (length, channels)
+    signal = jbp.load_dataset(_npz(tmp_path, "sig.npz", x=x[:, :, 0], y=y), add_channel=True)
+    assert signal.input_shape == (5, 1)
+
+
+def test_npz_colour_images_are_standardised_per_channel(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 3, 3, 2)) * np.array([1.0, 10.0]) + np.array([5.0, -3.0])
+    data = jbp.load_dataset(
+        _npz(tmp_path, "rgb.npz", x=x, y=np.arange(40) % 4), test_fraction=0.25, seed=2
+    )
+    assert data.input_shape == (3, 3, 2)  # rank 4: kept as it is
+    np.testing.assert_allclose(data.x_train.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(data.x_train.std(axis=(0, 1, 2)), 1.0, atol=1e-5)
+    # per channel, not per pixel: one pixel's values across the training images are not 0-mean
+    assert np.max(np.abs(data.x_train.mean(axis=0))) > 0.05
+
+
+def test_npz_add_channel_must_be_a_bool_or_none(tmp_path):
+    path = _npz(tmp_path, "gray.npz", x=np.ones((4, 2, 2)), y=np.arange(4) % 2)
+    with pytest.raises(TypeError, match=r"`add_channel` must be True, False or None, got 1"):
+        jbp.load_dataset(path, add_channel=1)
+    with pytest.raises(
+        ValueError,
+        match=r"bad.npz: features must be 2-D \(examples, features\), got shape \(4,\); images "
+        r"may be \(examples, height, width\) or \(examples, height, width, channels\)",
+    ):
+        jbp.load_dataset(_npz(tmp_path, x=np.ones(4), y=np.zeros(4)))

@@ -329,6 +329,67 @@ def test_divergence_stops_the_run(moons):
         )
 
 
+def test_a_nan_read_late_names_the_first_bad_step_and_its_state(moons):
+    """18 steps an epoch and no check or checkpoint: the host reads only at the
+    epoch's end, 15 steps after the NaN, and still names step 2 and hands back
+    bitwise the state before it."""
+    data = _with_nan(moons, 4, at_step=2)
+    with pytest.raises(jbp.TrainingError, match=r"non-finite loss.* at step 2 \(loss nan") as info:
+        jbp.fit(_net(), "softmax_xent", optax.sgd(0.1), data, epochs=2, batch_size=4)
+    assert info.value.step == 2 and int(info.value.state.step) == 2
+    good = jbp.fit(_net(), "softmax_xent", optax.sgd(0.1), data, epochs=2, batch_size=4,
+                   max_steps=2)  # fmt: skip
+    _assert_trees_equal(info.value.state, good.state)
+
+
+def test_the_guarded_step_freezes_the_state_at_the_first_non_finite_step():
+    from jbp._train_loop import Carry, guarded_step
+
+    net, opt = _net(), optax.sgd(0.1)
+    step = jax.jit(guarded_step(jbp.make_step(net, "softmax_xent", opt, jit=False)))
+    state = jbp.init_state(net, opt, jax.random.key(0))
+    carry = Carry(state, jnp.asarray(-1, jnp.int32))
+    x, y = np.ones((3, 2), np.float32), np.array([0, 1, 1])
+    carry, metrics = step(carry, x, y)
+    assert int(carry.bad_step) == -1 and int(carry.state.step) == 1
+    assert all(isinstance(v, jax.Array) for v in metrics.values())  # nothing read on the host
+    good = carry.state
+    carry, metrics = step(carry, np.full((3, 2), np.nan, np.float32), y)
+    assert int(carry.bad_step) == 1 and np.isnan(float(metrics["loss"]))
+    _assert_trees_equal(carry.state, good)  # the update was dropped
+    carry, metrics = step(carry, x, y)  # a finite batch later changes nothing
+    assert int(carry.bad_step) == 1 and np.isfinite(float(metrics["loss"]))
+    _assert_trees_equal(carry.state, good)
+
+
+def test_fit_reads_the_device_at_epoch_ends_not_every_step(moons, monkeypatch):
+    """Every host read of a device array goes through ``ArrayImpl._value`` (float,
+    int, np.asarray, device_get). Count the batches drawn when each read happens:
+    a loop that waits for every step reads after batches 1, 2, 3, ..."""
+    from jbp import _train_loop
+
+    array_type = type(jnp.zeros(()))
+    value = array_type._value
+    drawn, reads = [0], []
+
+    def read(self):
+        reads.append(drawn[0])
+        return value.fget(self)
+
+    def counted(*args, **kwargs):
+        for batch in jbp.batches(*args, **kwargs):
+            drawn[0] += 1
+            yield batch
+
+    monkeypatch.setattr(array_type, "_value", property(read))
+    monkeypatch.setattr(_train_loop, "batches", counted)
+    float(jnp.ones(()) + 1)  # the counter sees a read (else this test could not fail)
+    assert reads == [0]
+    result = jbp.fit(_net(), "softmax_xent", optax.sgd(0.1), moons, epochs=2, batch_size=4)
+    assert int(result.state.step) == 36 == drawn[0]  # 18 steps an epoch
+    assert sorted(set(reads)) == [0, 18, 36]  # only at the epoch ends (the evaluation too)
+
+
 # --- early stopping and max_steps -----------------------------------------------------
 
 

@@ -71,6 +71,22 @@ def hidden_widths(text: str) -> tuple[int, ...]:
     return tuple(widths)
 
 
+def channel_counts(text: str) -> tuple[int, ...]:
+    """Comma-separated channel counts of convolution layers, at least one."""
+    counts = []
+    for part in text.split(","):
+        try:
+            count = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated channel counts such as 32,64, got {text!r}"
+            ) from None
+        if count < 1:
+            raise argparse.ArgumentTypeError(f"channel counts must be at least 1, got {count}")
+        counts.append(count)
+    return tuple(counts)
+
+
 def positive_float(text: str) -> float:
     """A positive finite number."""
     try:

@@ -1,9 +1,10 @@
-"""``jbp train``: train an MLP with optax on hand-written gradients."""
+"""``jbp train``: train an MLP or a CNN with optax on hand-written gradients."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from .._progress import format_duration
 from ._args import (
     DTYPES,
     activation_name,
+    channel_counts,
     device,
     hidden_widths,
     int_at_least,
@@ -34,17 +36,27 @@ OPTIMIZERS = {
     "adamw": lambda lr: optax.adamw(lr),
 }
 SOURCES = ("backprop", "autodiff", "both")
-# Arguments that must be the same to resume a run (the others may change).
+MODELS = ("mlp", "cnn")
+# Arguments that must be the same to resume a run (the others may change);
+# --channels too for a cnn.
 _RESUME_KEYS = (
-    "data", "test_fraction", "hidden", "activation", "loss", "optimizer", "lr",
+    "data", "test_fraction", "model", "hidden", "activation", "loss", "optimizer", "lr",
     "batch_size", "seed", "dtype", "gradient_source",
 )  # fmt: skip
+# What a config.json written before a key existed meant by its absence.
+_OLD_DEFAULTS = {"model": "mlp"}
 
 _TRAIN_HELP = """\
-Train an MLP classifier on a data set with optax, on gradients from jbp's
+Train a classifier on a data set with optax, on gradients from jbp's
 hand-written δ equations (--gradient-source backprop, the default), from
 jax.grad (autodiff), or both runs side by side from the same seed. The input
-and output widths come from the data; --hidden sets the layers between.
+and output widths come from the data; --hidden sets the Dense layers between.
+
+--model mlp (default): Dense layers (image data is flattened first).
+--model cnn: 3x3 convolutions, --channels wide (SAME padding, the first with
+stride 1, each later one with stride 2), then Flatten and the Dense layers.
+It needs images: --data digits (as 8x8x1 images) or a .npz whose x is
+(n, height, width) or (n, height, width, channels).
 
 Every --check-every steps the two gradient sources are compared on the
 current batch with jbp.compare, and the run stops (exit status 1) with the
@@ -64,7 +76,7 @@ mismatch, non-finite values), 2 on bad arguments, data or checkpoints."""
 def add_train(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train an MLP with optax on hand-written gradients",
+        help="train an MLP or a CNN with optax on hand-written gradients",
         description=_TRAIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -74,8 +86,14 @@ def add_train(subparsers: Any) -> None:
         "(default digits)")  # fmt: skip
     add("--test-fraction", type=float, default=0.2, metavar="F",
         help="share of examples held out for testing (default 0.2; xor tests on its 4 points)")  # fmt: skip
+    add("--model", choices=MODELS, default="mlp",
+        help="mlp (Dense layers) or cnn (3x3 convolutions, then the Dense layers; needs "
+        "images) (default mlp)")  # fmt: skip
+    add("--channels", type=channel_counts, default=(32, 64), metavar="LIST",
+        help="--model cnn: the convolutions' output channels, comma-separated "
+        "(default 32,64)")  # fmt: skip
     add("--hidden", type=hidden_widths, default=(128, 64), metavar="LIST",
-        help="hidden layer widths, comma-separated, or none (default 128,64)")  # fmt: skip
+        help="hidden Dense layer widths, comma-separated, or none (default 128,64)")  # fmt: skip
     add("--activation", type=activation_name, default="relu", metavar="NAME",
         help="activation of the hidden layers (default relu)")  # fmt: skip
     add("--loss", type=loss_name, default="softmax_xent", metavar="NAME",
@@ -126,6 +144,8 @@ def add_train(subparsers: Any) -> None:
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     config = {k: getattr(args, k) for k in _RESUME_KEYS}
     config["hidden"] = list(config["hidden"])
+    if args.model == "cnn":
+        config["channels"] = list(args.channels)
     return config
 
 
@@ -139,10 +159,11 @@ def _check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         except (OSError, ValueError) as err:
             parser.error(f"--resume: cannot read {path} ({type(err).__name__}: {err})")
         for key, value in _config(args).items():
-            if saved.get(key) != value:
+            used = saved.get(key, _OLD_DEFAULTS.get(key))
+            if used != value:
                 parser.error(
                     f"--{key.replace('_', '-')} is {value!r} but the run being resumed used "
-                    f"{saved.get(key)!r} ({path}); resume with the same value"
+                    f"{used!r} ({path}); resume with the same value"
                 )
         return
     if os.path.exists(os.path.join(args.run_dir, "config.json")):
@@ -187,7 +208,78 @@ def _start_distributed(args: argparse.Namespace, parser: argparse.ArgumentParser
         args.quiet, args.plot = True, None
 
 
-def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def build_net(
+    model: str,
+    input_shape: tuple[int, ...],
+    classes: int,
+    *,
+    hidden: tuple[int, ...],
+    activation: str,
+    channels: tuple[int, ...],
+) -> tuple[jbp.Sequential, str]:
+    """The network ``jbp train`` trains, and a line that describes it.
+
+    ``mlp``: ``jbp.mlp`` over the features (after a ``jbp.Flatten`` for
+    images). ``cnn``: one 3×3 (3×…×3 for other ranks) ``jbp.Conv`` per entry
+    of ``channels``, SAME padding, stride 1 for the first and 2 for the rest,
+    then ``jbp.Flatten`` and the Dense layers. Public ``jbp`` names only.
+    """
+    if model == "mlp":
+        sizes = [math.prod(input_shape), *hidden, classes]
+        net = jbp.mlp(sizes, activation)
+        if len(input_shape) == 1:
+            return net, f"mlp {sizes} {activation}"
+        return jbp.Sequential([jbp.Flatten(), *net.layers]), f"flatten + mlp {sizes} {activation}"
+    kernel = (3,) * (len(input_shape) - 1)
+    convs, width = [], input_shape[-1]
+    for i, out in enumerate(channels):
+        convs.append(jbp.Conv(width, out, kernel, activation, stride=1 if i == 0 else 2))
+        width = out
+    sizes = [math.prod(jbp.Sequential(convs).output_shape(input_shape)), *hidden, classes]
+    head = jbp.mlp(sizes, activation)
+    text = (
+        f"cnn: {'x'.join(map(str, kernel))} conv {list(channels)} (stride 1"
+        f"{', then 2' if len(channels) > 1 else ''}) + flatten + mlp {sizes} {activation}"
+    )
+    return jbp.Sequential([*convs, jbp.Flatten(), *head.layers]), text
+
+
+def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> jbp.Dataset:
+    """The data set; digits as images for a cnn. Bad data: a usage error."""
+    options = {"images": True} if args.model == "cnn" and args.data == "digits" else {}
+    try:
+        data = jbp.load_dataset(
+            args.data, seed=args.seed, test_fraction=args.test_fraction, **options
+        )
+    except (OSError, ValueError, TypeError) as err:
+        parser.error(f"--data: {err}")
+    if args.model == "cnn" and len(data.input_shape) < 2:
+        parser.error(
+            f"--model cnn needs images, examples of shape (height, width, channels), but "
+            f"{data.name} has examples of shape {data.input_shape}; use --data digits or a .npz "
+            "file whose x is (n, height, width) or (n, height, width, channels), or --model mlp"
+        )
+    return data
+
+
+def _make_mesh(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The data-parallel mesh for --devices, or None."""
+    if args.devices is None:
+        return None
+    try:
+        mesh = jbp.make_mesh(args.devices)
+    except ValueError as err:
+        parser.error(f"--devices: {err}")
+    if args.batch_size % args.devices:
+        parser.error(
+            f"--batch-size {args.batch_size} does not split evenly over --devices "
+            f"{args.devices}; use a multiple of {args.devices}"
+        )
+    return mesh
+
+
+def _start(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Check the flags that need no data, and start JAX (devices, processes)."""
     if args.resume and args.run_dir is None:
         parser.error("--resume needs --run-dir, the folder of the run to continue")
     if args.plot is not None:
@@ -204,41 +296,57 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if not args.distributed:  # a cluster brings its own devices
             simulate_cpu_devices(args.devices // processes)
     _start_distributed(args, parser)  # before anything starts JAX's backends
-    say = print if jbp.is_main_process() else _silent
-    mesh = None
-    if args.devices is not None:
-        try:
-            mesh = jbp.make_mesh(args.devices)
-        except ValueError as err:
-            parser.error(f"--devices: {err}")
-        if args.batch_size % args.devices:
-            parser.error(
-                f"--batch-size {args.batch_size} does not split evenly over --devices "
-                f"{args.devices}; use a multiple of {args.devices}"
-            )
-    try:
-        data = jbp.load_dataset(args.data, seed=args.seed, test_fraction=args.test_fraction)
-    except (OSError, ValueError, TypeError) as err:
-        parser.error(f"--data: {err}")
-    sizes = [data.n_features, *args.hidden, data.n_classes]
-    net = jbp.mlp(sizes, args.activation)
-    sources = (
-        ("backprop", "autodiff") if args.gradient_source == "both" else (args.gradient_source,)
+
+
+def _describe(args: argparse.Namespace, data: jbp.Dataset, model: str, mesh: Any) -> None:
+    shape = data.input_shape
+    inputs = f"{shape[0]} features" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images"
+    print(
+        f"jbp train: {data.name}: {len(data.y_train)} train / {len(data.y_test)} test "
+        f"examples, {inputs}, {data.n_classes} classes"
     )
+    print(
+        f"{model}, {args.loss}, {args.optimizer} lr {args.lr:g}, "
+        f"batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, {args.dtype}, "
+        f"gradients from {' and '.join(_sources(args))}, check every "
+        f"{args.check_every or 'never'}, backend {device()}"
+        + (f" × {args.devices} (data-parallel)" if mesh is not None else "")
+    )
+
+
+def _sources(args: argparse.Namespace) -> tuple[str, ...]:
+    both = args.gradient_source == "both"
+    return ("backprop", "autodiff") if both else (args.gradient_source,)
+
+
+def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any) -> str:
+    """The result line's accuracy part: on the test split, else on the training split."""
+    params = result.state.params
+    ev = jbp.evaluate(net, args.loss, params, data.x_test, data.y_test)
+    if ev["n"]:
+        correct = round(ev["accuracy"] * ev["n"])
+        return (
+            f"test accuracy {100 * ev['accuracy']:.2f}% ({correct}/{ev['n']}), "
+            f"test loss {ev['loss']:.4f}"
+        )
+    ev = jbp.evaluate(net, args.loss, params, data.x_train, data.y_train)
+    return f"train accuracy {100 * ev['accuracy']:.2f}% (no test split)"
+
+
+def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _start(args, parser)
+    say = print if jbp.is_main_process() else _silent
+    mesh = _make_mesh(args, parser)
+    data = _load_data(args, parser)
+    net, model = build_net(
+        args.model, data.input_shape, data.n_classes,
+        hidden=args.hidden, activation=args.activation, channels=args.channels,
+    )  # fmt: skip
+    sources = _sources(args)
     if args.run_dir is not None and jax.process_index() == 0:
         _check_config(args, parser)
     if not args.quiet:
-        print(
-            f"jbp train: {data.name}: {len(data.y_train)} train / {len(data.y_test)} test "
-            f"examples, {data.n_features} features, {data.n_classes} classes"
-        )
-        print(
-            f"mlp {sizes} {args.activation}, {args.loss}, {args.optimizer} lr {args.lr:g}, "
-            f"batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, {args.dtype}, "
-            f"gradients from {' and '.join(sources)}, check every "
-            f"{args.check_every or 'never'}, backend {device()}"
-            + (f" × {args.devices} (data-parallel)" if mesh is not None else "")
-        )
+        _describe(args, data, model, mesh)
     results = {}
     for source in sources:
         run_dir = args.run_dir
@@ -264,22 +372,21 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             parser.error(str(err))
         seconds = time.perf_counter() - start
         results[source] = result
-        ev = jbp.evaluate(net, args.loss, result.state.params, data.x_test, data.y_test)
-        if ev["n"]:
-            correct = round(ev["accuracy"] * ev["n"])
-            what = (
-                f"test accuracy {100 * ev['accuracy']:.2f}% ({correct}/{ev['n']}), "
-                f"test loss {ev['loss']:.4f}"
-            )
-        else:
-            ev = jbp.evaluate(net, args.loss, result.state.params, data.x_train, data.y_train)
-            what = f"train accuracy {100 * ev['accuracy']:.2f}% (no test split)"
         epochs_done = result.history[-1]["epoch"] if result.history else 0
         stopped = {"early_stopping": ", stopped early", "max_steps": ", stopped at --max-steps"}
         say(
-            f"{source}: {what} after {epochs_done} epochs ({int(result.state.step)} steps"
-            f"{stopped.get(result.stop_reason, '')}) in {format_duration(seconds)}"
+            f"{source}: {_outcome(args, net, data, result)} after {epochs_done} epochs "
+            f"({int(result.state.step)} steps{stopped.get(result.stop_reason, '')}) in "
+            f"{format_duration(seconds)}"
         )
+    _compare_and_plot(args, data, model, results, say)
+    return 0
+
+
+def _compare_and_plot(
+    args: argparse.Namespace, data: jbp.Dataset, model: str, results: dict[str, Any], say: Any
+) -> None:
+    """With both sources: the largest parameter difference; with --plot: the curves."""
     note = None
     if len(results) == 2:
         report = jbp.compare(results["backprop"].state.params, results["autodiff"].state.params)
@@ -291,6 +398,5 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         say(note)
     if args.plot is not None:
         runs = {source: r.history for source, r in results.items()}
-        title = f"{data.name}: mlp {sizes} {args.activation}, {args.optimizer} lr {args.lr:g}"
+        title = f"{data.name}: {model}, {args.optimizer} lr {args.lr:g}"
         print(f"curves: {jbp.plot_curves(runs, args.plot, title=title, note=note)}")
-    return 0
