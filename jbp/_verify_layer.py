@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from ._checks import check_dtype, check_key
 from ._per_example import _leaf_quantity
@@ -30,17 +31,20 @@ def _default_dtype() -> Any:
     return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
-def _perturb(params: Any, key: Array) -> Any:
-    """Noise on every leaf ``init`` filled with one constant (zero biases, unit
-    scales), so that a rule that ignores such a leaf's value is caught."""
-    leaves, treedef = jtu.tree_flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    out = []
-    for leaf, k in zip(leaves, keys, strict=False):
-        if leaf.size and bool(jnp.all(leaf == leaf.reshape(-1)[0])):
-            leaf = leaf + 0.5 * jax.random.normal(k, leaf.shape, leaf.dtype)
-        out.append(leaf)
-    return jtu.tree_unflatten(treedef, out)
+def _random_params(layer: Any, dtype: Any, rng: np.random.Generator) -> Any:
+    """Params with the tree and shapes of ``layer.init`` (found without running it)
+    and random values: Glorot normal for leaves of rank ≥ 2 (``fan_in`` the
+    product of all axes but the last), N(0, 0.5²) for the rest, so that biases
+    and norm scales are nonzero and not one constant (a rule that ignores such
+    a leaf's value is caught)."""
+    shapes = jax.eval_shape(lambda key: layer.init(key, dtype), jax.random.key(0))
+
+    def fill(leaf: Any) -> Array:
+        shape = tuple(leaf.shape)
+        std = math.sqrt(2.0 / (math.prod(shape[:-1]) + shape[-1])) if len(shape) >= 2 else 0.5
+        return jnp.asarray(rng.normal(0.0, std, shape), leaf.dtype)
+
+    return jtu.tree_map(fill, shapes)
 
 
 def _failed(name: str, note: str) -> LeafRow:
@@ -80,7 +84,10 @@ def check_layer(
       in_shape: the shape of one input example, without the batch axis.
       dtype: params, input and δ dtype; default float64 when
         ``jax_enable_x64`` is on, else float32.
-      key: PRNG key for params, input, output δ and weights (default key 0).
+      key: PRNG key; params, input, output δ and the weights of
+        ``weighted_grads`` are drawn from it (default key 0). Params have the
+        tree and shapes of ``layer.init`` and random values: Glorot normal for
+        leaves of rank ≥ 2, N(0, 0.5²) for the rest.
       batch: examples in the random batch.
       rtol: relative tolerance (default by dtype, as :func:`jbp.compare`).
 
@@ -105,16 +112,16 @@ def check_layer(
         raise ValueError(f"`batch` must be a positive int, got {batch!r}")
     in_shape = tuple(in_shape)
     out_shape = output_shape(layer, in_shape)
-    k_init, k_noise, k_x, k_delta, k_c = jax.random.split(key, 5)
-    params = _perturb(layer.init(k_init, dtype), k_noise)
-    x = jax.random.normal(k_x, (batch, *in_shape), dtype)
-    delta_out = jax.random.normal(k_delta, (batch, *out_shape), dtype)
 
+    # Values by numpy from a seed drawn with the key: jax.random would compile its
+    # kernels for every new shape (seconds per layer on a CPU).
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
+    params = _random_params(layer, dtype, rng)
+    x = jnp.asarray(rng.standard_normal((batch, *in_shape)), dtype)
+    delta_out = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
+    c = jnp.asarray(rng.uniform(0.5, 1.5, batch), dtype)
     with jax.default_matmul_precision("highest"):
-        rows = list(_backward_rows(layer, params, x, delta_out, out_shape, rtol))
-        if has_params(params):
-            c = jax.random.uniform(k_c, (batch,), dtype, 0.5, 1.5)
-            rows += _per_example_rows(layer, params, x, delta_out, c, rtol)
+        rows = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol)
         precision = _precision()
     return Report(
         tuple(rows),
@@ -127,37 +134,43 @@ def check_layer(
     )
 
 
-def _backward_rows(
-    layer: Any, params: Any, x: Array, delta_out: Array, out_shape: tuple[int, ...], rtol: Any
-) -> list[LeafRow]:
-    out, cache = layer.forward(params, x)
-    rows: list[LeafRow] = []
-    if tuple(out.shape[1:]) != out_shape:
-        rows.append(
-            _failed(
-                "output_shape",
-                f"forward gives {tuple(out.shape[1:])}, output_shape says {out_shape}",
-            )
-        )
-        return rows
-    grads, delta_in = layer.backward(params, cache, delta_out)
+def _reference(layer: Any, params: Any, x: Array, delta_out: Array, c: Array) -> dict[str, Any]:
+    """What autodiff says each rule should give: ``jax.vjp`` of ``forward`` for the
+    batch and, for each example alone, ``vmap`` of it."""
     _, vjp = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)  # reference
-    ref_grads, ref_delta_in = vjp(delta_out)
-    if has_params(params):
-        rows += _rows(grads, ref_grads, "backward grads", rtol)
-    rows += _rows(delta_in, ref_delta_in, "backward delta_in", rtol)
-    return rows
+    grads, delta_in = vjp(delta_out)
+    ref = {"backward grads": grads, "backward delta_in": delta_in}
+    if not has_params(params):
+        return ref
 
-
-def _per_example_rows(
-    layer: Any, params: Any, x: Array, delta_out: Array, c: Array, rtol: Any
-) -> list[LeafRow]:
     def one(a: Array, d: Array) -> Any:
         _, vjp = jax.vjp(lambda p: layer.forward(p, a[None])[0], params)  # reference
         return vjp(d[None])[0]
 
-    ref = jax.vmap(one)(x, delta_out)
+    g = jax.vmap(one)(x, delta_out)
+    sq = _sum_leaves(g)
+    return {
+        **ref,
+        "per_example_grads": g,
+        **{_norm_label(m): sq for m in METHODS},
+        "sum_grad_squared": jtu.tree_map(lambda v: jnp.sum(v * v, axis=0), g),
+        "weighted_grads": jtu.tree_map(lambda v: jnp.tensordot(c, v, axes=1), g),
+    }
+
+
+def _norm_label(method: str) -> str:
+    return "per_example_sq_norms" + ("" if method == "auto" else f"[{method}]")
+
+
+def _manual(
+    layer: Any, params: Any, x: Array, delta_out: Array, c: Array, methods: tuple[str, ...]
+) -> dict[str, Any]:
+    """What the layer's own rules give, by the same names as :func:`_reference`."""
     _, cache = layer.forward(params, x)
+    grads, delta_in = layer.backward(params, cache, delta_out)
+    got = {"backward grads": grads, "backward delta_in": delta_in}
+    if not has_params(params):
+        return got
 
     def quantity(name: str, *extra: Any, method: str = "auto") -> Any:
         def at_leaf(leaf: Any, p: Any, cache: Any, d: Array) -> Any:
@@ -165,25 +178,46 @@ def _per_example_rows(
 
         return backward_walk(layer, params, cache, delta_out, at_leaf)[0]
 
-    rows = _rows(quantity("per_example_grads"), ref, "per_example_grads", rtol)
-    ref_sq = _sum_leaves(ref)
+    got["per_example_grads"] = quantity("per_example_grads")
+    for m in methods:
+        got[_norm_label(m)] = _sum_leaves_of(quantity("per_example_sq_norms", method=m))
+    got["sum_grad_squared"] = quantity("sum_grad_squared")
+    got["weighted_grads"] = quantity("weighted_grads", c)
+    return got
+
+
+def _compare_rules(
+    layer: Any,
+    params: Any,
+    x: Array,
+    delta_out: Array,
+    c: Array,
+    out_shape: tuple[int, ...],
+    rtol: Any,
+) -> list[LeafRow]:
+    shape = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x).shape
+    if tuple(shape[1:]) != out_shape:
+        return [
+            _failed(
+                "output_shape", f"forward gives {tuple(shape[1:])}, output_shape says {out_shape}"
+            )
+        ]
     factorised = getattr(layer, "grad_factors", None) is not None or hasattr(layer, "backward_walk")
-    for method in METHODS if factorised else ("auto",):
-        got = _sum_leaves_of(quantity("per_example_sq_norms", method=method))
-        label = "per_example_sq_norms" + ("" if method == "auto" else f"[{method}]")
-        rows += _rows(got, ref_sq, label, rtol)
-    rows += _rows(
-        quantity("sum_grad_squared"),
-        jtu.tree_map(lambda g: jnp.sum(g * g, axis=0), ref),
-        "sum_grad_squared",
-        rtol,
-    )
-    rows += _rows(
-        quantity("weighted_grads", c),
-        jtu.tree_map(lambda g: jnp.tensordot(c, g, axes=1), ref),
-        "weighted_grads",
-        rtol,
-    )
+    methods = METHODS if factorised else ("auto",)
+    # Fresh closures, compiled anew: a rule edited since the last check is never
+    # served from jit's cache.
+    ref = jax.jit(lambda *args: _reference(layer, *args))(params, x, delta_out, c)
+    try:
+        got = jax.jit(lambda *args: _manual(layer, *args, methods))(params, x, delta_out, c)
+    except Exception as e:  # a first draft that crashes is a failed check, not a crash
+        return [_failed("backward", f"raised {type(e).__name__}: {e}")]
+    names = ["backward grads", "backward delta_in"] if has_params(params) else ["backward delta_in"]
+    if has_params(params):
+        names += ["per_example_grads", *map(_norm_label, methods), "sum_grad_squared"]
+        names.append("weighted_grads")
+    rows: list[LeafRow] = []
+    for name in names:
+        rows += _rows(got[name], ref[name], name, rtol)
     return rows
 
 
