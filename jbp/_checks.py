@@ -183,8 +183,15 @@ def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
     try:
         net.output_shape(tuple(x.shape[1:]))
     except ShapeError as e:
+        hint = ""
+        if single and rank is not None and rank > 1:
+            try:  # a batch of one-channel images given without the channel axis?
+                net.output_shape((*x.shape[2:], 1))
+                hint = f"; if `x` is a batch of {x.shape[1]} one-channel examples, add the channel axis: x[..., None]"
+            except ShapeError:
+                pass
         raise ShapeError(
-            e.layer, f"{e.detail}; `x` has examples of shape {tuple(x.shape[1:])}", e.where
+            e.layer, f"{e.detail}; `x` has examples of shape {tuple(x.shape[1:])}{hint}", e.where
         ) from None
     return x, single
 

@@ -46,8 +46,8 @@ class ShapeError(ValueError):
 
     def __init__(self, layer: Any, detail: str, where: tuple[str, ...] = ()) -> None:
         self.layer, self.detail, self.where = layer, detail, where
-        place = f"`{'.'.join(where)}` " if where else ""
-        super().__init__(f"{place}({layer!r}) {detail}")
+        name = f"`{'.'.join(where)}` ({layer!r})" if where else repr(layer)
+        super().__init__(f"{name} {detail}")
 
     def within(self, part: str) -> ShapeError:
         """The same error, one level further out (``part`` names the child)."""

@@ -195,7 +195,10 @@ class Residual:
     block: Any
 
     def __post_init__(self) -> None:
-        (block,) = check_layers([self.block], "block")
+        try:
+            (block,) = check_layers([self.block], "block")
+        except (TypeError, ValueError) as e:
+            raise type(e)(str(e).replace("`block[0]`", "`block`")) from None
         fan_in, fan_out = getattr(block, "fan_in", None), getattr(block, "fan_out", None)
         if fan_in is not None and fan_out is not None and fan_in != fan_out:
             raise ValueError(

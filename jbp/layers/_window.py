@@ -32,6 +32,7 @@ def normalise_padding(padding: Any, rank: int, name: str = "padding") -> str | P
                 f"`{name}` must be 'SAME', 'VALID', an int or (lo, hi) pairs, got {padding!r}"
             )
         return upper
+    given = padding
     if isinstance(padding, int) and not isinstance(padding, bool):
         padding = [padding] * rank
     try:
@@ -47,8 +48,8 @@ def normalise_padding(padding: Any, rank: int, name: str = "padding") -> str | P
     )
     if not ok:
         raise ValueError(
-            f"`{name}` must be 'SAME', 'VALID', a non-negative int, or {rank} non-negative ints "
-            f"or (lo, hi) pairs (one per spatial axis), got {padding!r}"
+            f"`{name}` must be 'SAME', 'VALID', a non-negative int, or a sequence of "
+            f"{rank} non-negative ints or (lo, hi) pairs, one per spatial axis, got {given!r}"
         )
     return tuple((int(lo), int(hi)) for lo, hi in pairs)  # type: ignore[misc]
 

@@ -1,0 +1,299 @@
+"""Bad input to the layers, combinators and CNN entry points: one clear message each,
+naming the argument or layer, what it expects and what it got, before any tracing."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbp
+
+CNN = jbp.Sequential(
+    [jbp.Conv(1, 4, (3, 3), "relu"), jbp.MaxPool((2, 2)), jbp.Flatten(), jbp.Dense(4 * 4 * 4, 3)]
+)
+PARAMS = CNN.init(jax.random.key(0))
+LABELS = jnp.zeros((5,), jnp.int32)
+KEY = jax.random.key(0)
+
+
+def _backprop(x, y=LABELS):
+    return jbp.backprop(CNN, "softmax_xent")(PARAMS, x, y)
+
+
+def test_images_of_the_wrong_rank():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "`x` must have shape (batch, height, width, channels) or (height, width, channels), "
+            "got shape (8, 8): this network's first layers take examples of rank 3"
+        ),
+    ):
+        _backprop(jnp.ones((8, 8), jnp.float32))
+    with pytest.raises(ValueError, match=r"got shape \(2, 5, 8, 8, 1\)"):
+        _backprop(jnp.ones((2, 5, 8, 8, 1), jnp.float32))
+
+
+def test_images_without_their_channel_axis_get_a_hint():
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[0\]` \(Conv\(in_channels=1, .*\) expects 1 input channels \(the last "
+        r"axis\), got shape \(5, 8, 8\); `x` has examples of shape \(5, 8, 8\); if `x` is a batch "
+        r"of 5 one-channel examples, add the channel axis: x\[\.\.\., None\]",
+    ):
+        _backprop(jnp.ones((5, 8, 8), jnp.float32))
+
+
+def test_images_with_the_wrong_channel_count():
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[0\]` \(Conv\(in_channels=1, .*\) expects 1 input channels \(the last "
+        r"axis\), got shape \(8, 8, 3\); `x` has examples of shape \(8, 8, 3\)$",
+    ):
+        _backprop(jnp.ones((5, 8, 8, 3), jnp.float32))
+
+
+def test_images_of_another_size_reach_a_dense_layer_of_the_wrong_width():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "expects fan_in=64 features on the last axis, got 100 features (input shape (100,))"
+        ),
+    ):
+        _backprop(jnp.ones((5, 10, 10, 1), jnp.float32))
+
+
+def test_a_flatten_followed_by_a_layer_expecting_another_width():
+    net = jbp.Sequential([jbp.Conv(1, 2, (3, 3)), jbp.Flatten(), jbp.Dense(10, 2)])
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[2\]` \(Dense\(fan_in=10, .*\) expects fan_in=10 features on the last "
+        r"axis, got 32 features \(input shape \(32,\)\)",
+    ):
+        net.init(KEY, in_shape=(4, 4, 1))
+    assert net.init(KEY, in_shape=(5, 1, 1))  # 5·1·2 = 10 features fit
+
+
+def test_a_residual_block_that_changes_the_shape():
+    with pytest.raises(
+        ValueError,
+        match=r"`block` \(Dense\(fan_in=4, fan_out=3.*\) maps 4 features to 3; a residual block "
+        "must keep the shape of its input",
+    ):
+        jbp.Residual(jbp.Dense(4, 3))
+    net = jbp.Sequential([jbp.Residual(jbp.Conv(2, 4, 3))])
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[0\]` \(Residual\(block=Conv\(.*\)\)\) has a block that maps inputs of "
+        r"shape \(5, 2\) to \(5, 4\); a residual block must keep the shape of its input",
+    ):
+        net.init(KEY, in_shape=(5, 2))
+
+
+def test_nested_errors_name_the_path():
+    net = jbp.Sequential(
+        [jbp.Dense(3, 4), jbp.Residual(jbp.Sequential([jbp.LayerNorm(4), jbp.Conv(4, 4, 3)]))]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[1\]\.block\.layers\[1\]` \(Conv\(.*\)\) has a 1-D kernel, so it expects "
+        r"examples \(length, channels\) of rank 2, got shape \(4,\)",
+    ):
+        net.output_shape((3,))
+
+
+def test_concatenated_branches_with_mismatched_leading_shapes():
+    par = jbp.Parallel([jbp.Conv(2, 3, 3, stride=2), jbp.Conv(2, 3, 3)], "concat")
+    with pytest.raises(
+        ValueError,
+        match=r"^Parallel\(.*\) concatenates its branches' outputs on the last axis, so all "
+        r"other axes must agree, but branches\[0\] gives shape \(4, 3\) and branches\[1\] gives "
+        r"\(8, 3\)$",
+    ):
+        par.output_shape((8, 2))
+    with pytest.raises(
+        ValueError, match=r"sums its branches' outputs, but branches\[0\] gives shape \(3,\)"
+    ):
+        jbp.Parallel([jbp.Dense(2, 3), jbp.Dense(2, 4)]).output_shape((2,))
+
+
+@pytest.mark.parametrize(
+    ("layer", "in_shape", "message"),
+    [
+        (
+            jbp.Conv(1, 1, 5, padding="VALID"),
+            (3, 1),
+            r"leaves an empty output \(0,\) for spatial size \(3,\): the dilated kernel \(5,\) "
+            r"does not fit in the padded input; use a smaller kernel, stride or dilation, more "
+            r"padding, or 'SAME'",
+        ),
+        (
+            jbp.Conv(1, 1, 2, dilation=4, padding="VALID"),
+            (4, 1),
+            r"the dilated kernel \(5,\) does not fit",
+        ),
+        (
+            jbp.MaxPool(4),
+            (3, 1),
+            r"leaves an empty output \(0,\) for spatial size \(3,\): the window \(4,\) does not "
+            r"fit in the padded input",
+        ),
+        (jbp.AvgPool((2, 4)), (4, 3, 1), r"empty output \(2, 0\)"),
+    ],
+)
+def test_a_kernel_stride_window_or_padding_that_leaves_an_empty_output(layer, in_shape, message):
+    with pytest.raises(ValueError, match=message):
+        jbp.Sequential([layer]).init(KEY, in_shape=in_shape)
+
+
+def test_groups_that_do_not_divide_the_channels():
+    with pytest.raises(
+        ValueError,
+        match=r"`groups`=2 does not divide `in_channels`=3; each group needs the same number",
+    ):
+        jbp.Conv(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match=r"`groups`=2 does not divide `out_channels`=3"):
+        jbp.Conv(4, 3, 3, groups=2)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: jbp.Conv(1, 2, 0), r"`kernel_size` must be a positive int or a tuple of positive"),
+        (lambda: jbp.Conv(1, 2, "3"), r"`kernel_size` must be an int or a tuple of ints, got '3'"),
+        (
+            lambda: jbp.Conv(1, 2, (3, 3), stride=(1, 2, 3)),
+            r"`stride` must be a positive int or a tuple of 2 positive ints, got \(1, 2, 3\)",
+        ),
+        (lambda: jbp.Conv(1, 2, 3, dilation=0), r"`dilation` must be a positive int"),
+        (lambda: jbp.Conv(0, 2, 3), r"`in_channels` must be a positive int, got 0"),
+        (lambda: jbp.Conv(1, 2, 3, groups=0), r"`groups` must be a positive int, got 0"),
+        (
+            lambda: jbp.Conv(1, 2, 3, padding="FULL"),
+            r"`padding` must be 'SAME', 'VALID', an int or \(lo, hi\) pairs, got 'FULL'",
+        ),
+        (
+            lambda: jbp.Conv(1, 2, 3, padding=-1),
+            r"`padding` must be .* a sequence of 1 non-negative ints or \(lo, hi\) pairs, one per "
+            r"spatial axis, got -1",
+        ),
+        (lambda: jbp.Conv(1, 2, (3, 3), padding=((1, 2),)), r"got \(\(1, 2\),\)"),
+        (lambda: jbp.Conv(1, 2, 3, "sigmod"), r"unknown activation 'sigmod'"),
+        (lambda: jbp.MaxPool(0), r"`window` must be a positive int or a tuple of positive ints"),
+        (lambda: jbp.AvgPool((2, 2), stride=(1,)), r"`stride` must be .* tuple of 2 positive"),
+        (lambda: jbp.LayerNorm(0), r"`features` must be a positive int, got 0"),
+        (lambda: jbp.LayerNorm(4, eps=0), r"`eps` must be a positive number, got 0"),
+        (lambda: jbp.RMSNorm(4, eps=-1.0), r"`eps` must be a positive number, got -1.0"),
+        (lambda: jbp.Parallel([jbp.Dense(2, 2)], merge="max"), r"`merge` must be 'sum' or "),
+        (lambda: jbp.Parallel([]), r"`branches` is empty: a network needs at least one layer"),
+        (lambda: jbp.Parallel([jbp.Dense(2, 2), 3]), r"`branches\[1\]` is 3, which is not a"),
+        (lambda: jbp.Residual("tanh"), r"`block` is 'tanh', which is not a layer"),
+    ],
+)
+def test_bad_layer_arguments(make, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("layer", "in_shape", "message"),
+    [
+        (
+            jbp.MaxPool((2, 2)),
+            (8, 1),
+            r"MaxPool\(.*\) pools 2 spatial axes, so it expects examples \(height, width, "
+            r"channels\) of rank 3, got shape \(8, 1\); give window=\(2,\)",
+        ),
+        (
+            jbp.GlobalAvgPool(),
+            (3,),
+            r"averages over spatial axes, so it expects examples \(\*spatial, channels\) of rank",
+        ),
+        (
+            jbp.LayerNorm(4),
+            (2, 3),
+            r"LayerNorm\(features=4.*\) normalises 4 features on the last axis, got shape \(2, 3\)",
+        ),
+        (jbp.Conv(2, 2, (3, 3)), (5, 5, 3), r"expects 2 input channels \(the last axis\)"),
+    ],
+)
+def test_layers_name_what_they_expect(layer, in_shape, message):
+    with pytest.raises(ValueError, match=message):
+        layer.output_shape(in_shape)
+
+
+def test_consecutive_widths_are_checked_when_a_network_is_built():
+    with pytest.raises(
+        ValueError,
+        match=r"`layers\[1\]` \(LayerNorm\(features=5.*\) expects fan_in=5 but the layers before "
+        "it give 4 features",
+    ):
+        jbp.Sequential([jbp.Dense(3, 4), jbp.LayerNorm(5)])
+    # a layer that may change the last axis resets what is known
+    jbp.Sequential([jbp.Dense(3, 4), jbp.Conv(4, 6, 1), jbp.Dense(6, 2)])
+
+
+def test_image_labels_of_the_wrong_shape():
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "`y` holds integer labels of shape (2,) but loss 'softmax_xent' with this x expects "
+            "labels of shape (2, 4, 4) (or targets of shape (2, 4, 4, 3))"
+        ),
+    ):
+        net = jbp.Sequential([jbp.Conv(1, 3, (3, 3))])
+        p = net.init(KEY)
+        jbp.backprop(net, "softmax_xent")(p, jnp.ones((2, 4, 4, 1), jnp.float32), LABELS[:2])
+
+
+def test_check_layer_and_per_example_arguments():
+    with pytest.raises(ValueError, match=r"`batch` must be a positive int, got 0"):
+        jbp.check_layer(jbp.Dense(2, 2), (2,), batch=0)
+    with pytest.raises(
+        ValueError, match=r"Dense\(fan_in=2.*\) expects fan_in=2 features on the last axis"
+    ):
+        jbp.check_layer(jbp.Dense(2, 2), (3,))
+    with pytest.raises(
+        ValueError, match=r"`method` must be one of 'auto', 'gram', 'materialise', got 'ghost'"
+    ):
+        jbp.per_example_norms(CNN, "mse", method="ghost")
+    with pytest.raises(ValueError, match=r"`method` must be one of"):
+        jbp.clipped_grad(CNN, "mse", 1.0, method="fast")
+
+
+def test_strategy_and_zoo_arguments():
+    import jbp.testing as jt
+
+    with pytest.raises(ValueError, match=r"`max_blocks` must be an int >= 1, got 0"):
+        jt.cnns(max_blocks=0)
+    with pytest.raises(ValueError, match=r"`dims` must hold spatial ranks among 1, 2 and 3"):
+        jt.cnns(dims=(4,))
+    with pytest.raises(ValueError, match=r"`max_size` must be an int >= 3, got 2"):
+        jt.resnets(max_size=2)
+    with pytest.raises(
+        ValueError, match=r"`arch` must be one of 'mlp', 'cnn', 'resnet', got 'rnn'"
+    ):
+        jbp.random_problem(np.random.default_rng(0), dtype=jnp.float32, arch="rnn")
+
+
+def test_a_bad_layer_draft_is_a_failed_check_not_a_crash():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Crashes(jbp.Layer):
+        def init(self, key, dtype=jnp.float32):
+            return {}
+
+        def output_shape(self, in_shape):
+            return in_shape
+
+        def forward(self, params, a):
+            return a, None
+
+        def backward(self, params, cache, delta_out):
+            raise ValueError("not written yet")
+
+    report = jbp.check_layer(Crashes(), (3,))
+    assert not report.ok
+    assert "raised ValueError: not written yet" in str(report)
