@@ -359,14 +359,14 @@ class _Loop:
                 bar.update(note=None if self.last_loss is None else f"loss {self.last_loss:.4g}")
                 if self._past_max_steps():
                     return True
-                every = plan.checkpoint_every
-                if (
-                    every is not None
-                    and self.step % every == 0
-                    and self.step % self.steps_per_epoch
-                ):
+                if self._checkpoint_due():
                     self._save()
         return False
+
+    def _checkpoint_due(self) -> bool:
+        """A ``checkpoint_every`` step inside an epoch (its end checkpoints anyway)."""
+        every = self.plan.checkpoint_every
+        return every is not None and self.step % every == 0 and self.step % self.steps_per_epoch > 0
 
     def _take_step(self, xb: np.ndarray, yb: np.ndarray) -> None:
         """Dispatch one step; the host waits for it only when something reads."""
@@ -392,11 +392,10 @@ class _Loop:
         bad_step, metrics = jax.device_get((self.carry.bad_step, [m for *_, m in self.pending]))
         self.tally.seconds += time.perf_counter() - started
         pending, self.pending = self.pending, []
-        if int(bad_step) >= 0:
-            bad = next(
-                m for (step, *_), m in zip(pending, metrics, strict=True) if step == bad_step
-            )
-            raise self._non_finite(int(bad_step), bad)
+        first_bad = int(bad_step)
+        if first_bad >= 0:  # it is among the pending steps: the last read saw none
+            bad = next(m for (k, *_), m in zip(pending, metrics, strict=True) if k == first_bad)
+            raise self._non_finite(first_bad, bad)
         for (_, n, _), m in zip(pending, metrics, strict=True):
             self.tally.loss_sum += float(m["loss"]) / self.plan.loss.scale(n)
             self.tally.examples += n
