@@ -402,7 +402,8 @@ def evaluate(
     n = int(labels.shape[0])
     if x.ndim < 2 or x.shape[0] != n:
         raise ValueError(
-            f"`x` must have shape (n, features) with n={n} (one row per label), got {x.shape}"
+            f"`x` must have shape (n, features) or (n, *example_shape) with n={n} (one example "
+            f"per label), got {x.shape}"
         )
     check_params(net, params)
     outputs = check_examples(net, x.shape, "x")

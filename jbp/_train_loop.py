@@ -556,9 +556,9 @@ def fit(
       TrainingError: a gradient-check mismatch, or a non-finite loss, gradient
         or parameter at some step; that update is not applied and the last
         checkpoint stays as it was. A non-finite step is caught on the device
-        and reported at the next host read (at most ``READ_EVERY`` steps
-        later, sooner at a check, checkpoint or epoch end), naming the first
-        bad step, with ``state`` the state before it.
+        and reported at the next host read (at most 50 steps later, sooner
+        at a check, checkpoint or epoch end), naming the first bad step, with
+        ``state`` the state before it.
       CheckpointError: resuming from a missing, corrupt or mismatched checkpoint.
     """
     plan = _Plan(

@@ -104,9 +104,35 @@ def test_fit_and_evaluate_reject_flat_data_for_a_cnn():
     with pytest.raises(ValueError, match=r"`x` has examples of shape \(2,\) but the network"):
         jbp.evaluate(_cnn(), "softmax_xent", params, moons.x_test, moons.y_test)
     with pytest.raises(
-        ValueError, match=r"`x` must have shape \(n, features\) with n=8 \(one row per label\)"
+        ValueError,
+        match=r"`x` must have shape \(n, features\) or \(n, \*example_shape\) with n=8 \(one "
+        r"example per label\), got \(8,\)",
     ):
         jbp.evaluate(_cnn(), "softmax_xent", params, np.ones(8, np.float32), np.arange(8) % 3)
+    with pytest.raises(
+        ValueError,
+        match=r"`data.x_train` must have shape \(n, features\) or \(n, \*example_shape\) and "
+        r"`data.y_train` shape \(n,\), got \(40,\) and \(32,\)",
+    ):
+        jbp.fit(_cnn(), "softmax_xent", optax.sgd(0.1), moons._replace(x_train=np.ones(40)))
+
+
+def test_a_network_without_a_dense_end_takes_its_width_from_the_shapes(bars):
+    """GlobalAvgPool last: no declared fan_out, so the classes come from output_shape."""
+    net = jbp.Sequential([jbp.Conv(1, 3, (3, 3)), jbp.GlobalAvgPool()])
+    assert net.fan_out is None
+    params = net.init(jax.random.key(0))
+    ev = jbp.evaluate(net, "mse", params, bars.x_test, bars.y_test)  # one-hot targets of width 3
+    out = np.asarray(net.apply(params, bars.x_test))
+    assert ev["accuracy"] == np.mean(out.argmax(1) == bars.y_test)
+    want = np.mean(np.mean((out - np.eye(3)[bars.y_test]) ** 2, axis=1))
+    np.testing.assert_allclose(ev["loss"], want, rtol=1e-5)
+    with pytest.raises(
+        ValueError,
+        match=r"loss 'mse' takes one-hot targets but the network does not declare its number of "
+        r"outputs \(no Dense at its end\); end it with a Dense layer",
+    ):
+        jbp.targets(net, "mse", bars.y_test)
 
 
 # --- jbp train --model cnn ----------------------------------------------------------
