@@ -18,7 +18,12 @@ largest weights: the two gradients agree to rounding, not bitwise) and within
 
 ``--model cnn`` trains the CNN of ``jbp train --model cnn`` on the digits as
 8×8×1 images instead: two 3×3 relu convolutions (32 and 64 channels, the second
-with stride 2), Flatten, then the same Dense layers (1024-128-64-10).
+with stride 2), Flatten, then the same Dense layers (1024-128-64-10). It reaches
+99.16% test accuracy in both runs (about 11 s and 5 s; the first compiles the
+evaluation too). The per-epoch losses of the two runs agree to 1e-7, but the
+parameters end 7e-4 apart in float32: over 900 adam steps the relu convolutions
+amplify the rounding differences of the two gradients; in float64 they end
+2.4e-14 apart.
 
     python experiments/train_digits.py [--model mlp|cnn] [--epochs 20] [--dtype float32]
         [--out experiments/out]
