@@ -279,16 +279,17 @@ class Conv(Factorised, Layer):
             )
         return grads, delta_in
 
-    def patches(self, a: Array) -> Array:
-        """The unfolded input ``(batch, T, groups, K·I/groups)``: for every output
-        position t, the window it reads (kernel offsets row-major, then channels
-        within the group), so that ``z_t = patch_t · w`` per group."""
+    def patches(self, a: Array) -> tuple[Array, ...]:
+        """The unfolded input as one block per kernel offset (row-major): block k is
+        ``(batch, T, groups, in_channels // groups)``, the input that offset k of
+        the kernel meets at each of the T output positions, so that ``z_t =
+        Σ_k block_k[t] · w[k]`` per group. Their concatenation on the last axis
+        is the patch matrix, in the layout of ``w``'s ``(*kernel, in)`` axes;
+        kept apart, no copy of the stacked patches is ever made."""
         pad = self._pads(a.shape[1:-1])
         views = win.slices(a, self.kernel_size, self.stride, self.dilation, pad)
-        p = jnp.stack(views, axis=-2)  # (B, *O, K, C)
-        b, k, g = a.shape[0], len(views), self.groups
-        p = p.reshape(b, -1, k, g, self.in_channels // g)
-        return jnp.transpose(p, (0, 1, 3, 2, 4)).reshape(b, p.shape[1], g, -1)
+        b, g = a.shape[0], self.groups
+        return tuple(v.reshape(b, -1, g, self.in_channels // g) for v in views)
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
         a = cache[0]

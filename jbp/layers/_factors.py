@@ -4,7 +4,8 @@ Almost every parameter gradient is one of a few forms, built from a layer's
 cache and its δ alone (kfac-jax's lesson; see DESIGN.md):
 
 - :class:`Outer`: ``g_i = Σ_t ã_it ⊗ δ_it`` (Dense on any rank: ã = the input;
-  Conv: ã = unfolded patches, one outer product per channel group);
+  Conv: ã = unfolded patches, one outer product per channel group, the patches
+  given as one block per kernel offset and never stacked);
 - :class:`Elementwise`: ``g_i = Σ_t u_it ⊙ δ_it`` (biases: u = 1; norm-layer
   scales: u = the normalised input).
 
@@ -43,15 +44,22 @@ class Outer(NamedTuple):
     """``g_i = Σ_t ã_it ⊗ δ_it`` per channel group.
 
     Attributes:
-      a: ``(batch, T, groups, I)``, the inputs (or patches) ã.
+      a: the inputs ã, ``(batch, T, groups, I)``, or a tuple of column blocks
+        ``(batch, T, groups, I_k)`` whose concatenation on the last axis is ã
+        (Conv: one block per kernel offset, so the unfolded patches are never
+        stacked into one array; every quantity is formed block by block).
       delta: ``(batch, T, groups, O)``.
       shape: the leaf's shape, a reshape of ``(I, groups·O)`` (group-major
         output axis, as a grouped convolution's kernel).
     """
 
-    a: Array
+    a: Any
     delta: Array
     shape: tuple[int, ...]
+
+    @property
+    def blocks(self) -> tuple[Array, ...]:
+        return tuple(self.a) if isinstance(self.a, (tuple, list)) else (self.a,)
 
 
 class Elementwise(NamedTuple):
@@ -85,7 +93,8 @@ def norm_method(f: Outer, method: str = "auto") -> str:
     """``"gram"`` or ``"materialise"`` for an outer factor (see the module docs)."""
     if method != "auto":
         return method
-    _, t, _, i = f.a.shape
+    t = f.delta.shape[1]
+    i = sum(block.shape[-1] for block in f.blocks)
     o = f.delta.shape[-1]
     return "gram" if t == 1 or t * (i + o) < i * o else "materialise"
 
@@ -97,11 +106,19 @@ def _outer_to_leaf(g: Array, shape: tuple[int, ...], batched: bool) -> Array:
     return g.reshape(lead + shape)
 
 
-def _per_example_outer(f: Outer) -> Array:
-    """``(batch, G, I, O)``."""
-    if f.a.shape[1] == 1:
-        return f.a[:, 0, :, :, None] * f.delta[:, 0, :, None, :]
-    return lax.dot_general(f.a, f.delta, (((1,), (1,)), ((0, 2), (0, 2))))
+_PER_EXAMPLE = (((1,), (1,)), ((0, 2), (0, 2)))  # contract T; batch over (example, group)
+
+
+def _per_example_blocks(f: Outer) -> list[Array]:
+    """``g_i`` block by block: ``(batch, G, I_k, O)`` each."""
+    if f.delta.shape[1] == 1:
+        d = f.delta[:, 0, :, None, :]
+        return [a[:, 0, :, :, None] * d for a in f.blocks]
+    return [lax.dot_general(a, f.delta, _PER_EXAMPLE) for a in f.blocks]
+
+
+def _concat(parts: list[Array], axis: int) -> Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 def _per_example_elementwise(f: Elementwise) -> Array:
@@ -114,7 +131,7 @@ def _per_example_elementwise(f: Elementwise) -> Array:
 def per_example_grad(f: Factor) -> Array:
     """``g_i`` for every example: ``(batch, *shape)``."""
     if isinstance(f, Outer):
-        return _outer_to_leaf(_per_example_outer(f), f.shape, batched=True)
+        return _outer_to_leaf(_concat(_per_example_blocks(f), 2), f.shape, batched=True)
     g = _per_example_elementwise(f)
     return g.reshape(g.shape[:1] + f.shape)
 
@@ -123,19 +140,24 @@ def _sum_rows(x: Array) -> Array:
     return jnp.sum(x.reshape(x.shape[0], -1), axis=1)
 
 
+def _add(values: list[Array]) -> Array:
+    return sum(values[1:], values[0])
+
+
 def sq_norm(f: Factor, method: str = "auto") -> Array:
     """``‖g_i‖²`` for every example, ``(batch,)``."""
     if isinstance(f, Elementwise):
         g = _per_example_elementwise(f)
         return jnp.sum(g * g, axis=1)
     if norm_method(f, method) == "materialise":
-        g = _per_example_outer(f)
-        return _sum_rows(g * g)
-    if f.a.shape[1] == 1:
-        a, d = f.a[:, 0], f.delta[:, 0]
-        return jnp.sum(jnp.sum(a * a, axis=-1) * jnp.sum(d * d, axis=-1), axis=1)
+        return _add([_sum_rows(g * g) for g in _per_example_blocks(f)])
+    if f.delta.shape[1] == 1:
+        a2 = _add([jnp.sum(a[:, 0] * a[:, 0], axis=-1) for a in f.blocks])
+        d = f.delta[:, 0]
+        return jnp.sum(a2 * jnp.sum(d * d, axis=-1), axis=1)
     grams = (((3,), (3,)), ((0, 2), (0, 2)))  # (batch, G, T, T)
-    return _sum_rows(lax.dot_general(f.a, f.a, grams) * lax.dot_general(f.delta, f.delta, grams))
+    a = _concat(list(f.blocks), 3)  # one Gram of the whole ã: one matmul, not one per block
+    return _sum_rows(lax.dot_general(a, a, grams) * lax.dot_general(f.delta, f.delta, grams))
 
 
 _CONTRACT_BATCH = (((0,), (0,)), ((), ()))
@@ -146,11 +168,13 @@ def sum_sq(f: Factor) -> Array:
     if isinstance(f, Elementwise):
         g = _per_example_elementwise(f)
         return jnp.sum(g * g, axis=0).reshape(f.shape)
-    if f.a.shape[1] == 1 and f.a.shape[2] == 1:  # (a²)ᵀ(δ²): no g_i formed
-        a, d = f.a[:, 0, 0], f.delta[:, 0, 0]
-        return lax.dot_general(a * a, d * d, _CONTRACT_BATCH).reshape(f.shape)
-    g = _per_example_outer(f)
-    return _outer_to_leaf(jnp.sum(g * g, axis=0), f.shape, batched=False)
+    if f.delta.shape[1] == 1 and f.delta.shape[2] == 1:  # (a²)ᵀ(δ²): no g_i formed
+        d = f.delta[:, 0, 0]
+        d2 = d * d
+        parts = [lax.dot_general(a[:, 0, 0] * a[:, 0, 0], d2, _CONTRACT_BATCH) for a in f.blocks]
+        return _concat(parts, 0).reshape(f.shape)
+    parts = [jnp.sum(g * g, axis=0) for g in _per_example_blocks(f)]
+    return _outer_to_leaf(_concat(parts, 1), f.shape, batched=False)
 
 
 def weighted(f: Factor, c: Array, method: str = "auto") -> Array:
@@ -158,21 +182,23 @@ def weighted(f: Factor, c: Array, method: str = "auto") -> Array:
 
     Where the squared norm of this factor materialises ``g_i`` (``method``
     resolves as in :func:`sq_norm`), the sum reuses them (``Σ_i c_i g_i``, one
-    cheap contraction that XLA shares with the norm's); else it is one
-    re-weighted weight-gradient pass, ``ãᵀ(c ⊙ δ)``.
+    cheap contraction after the products XLA shares with the norm's); else it
+    is one re-weighted weight-gradient pass, ``ãᵀ(c ⊙ δ)``.
     """
     if isinstance(f, Elementwise):
         g = _per_example_elementwise(f)
         return jnp.tensordot(c, g, axes=1).reshape(f.shape)
     if norm_method(f, method) == "materialise":
-        g = jnp.tensordot(c, _per_example_outer(f), axes=1)
-        return _outer_to_leaf(g, f.shape, batched=False)
-    if f.a.shape[1] == 1 and f.a.shape[2] == 1:
+        parts = [jnp.tensordot(c, g, axes=1) for g in _per_example_blocks(f)]
+        return _outer_to_leaf(_concat(parts, 1), f.shape, batched=False)
+    if f.delta.shape[1] == 1 and f.delta.shape[2] == 1:
         d = f.delta[:, 0, 0] * c[:, None]
-        return lax.dot_general(f.a[:, 0, 0], d, _CONTRACT_BATCH).reshape(f.shape)
+        parts = [lax.dot_general(a[:, 0, 0], d, _CONTRACT_BATCH) for a in f.blocks]
+        return _concat(parts, 0).reshape(f.shape)
     d = f.delta * c[:, None, None, None]
-    g = lax.dot_general(f.a, d, (((0, 1), (0, 1)), ((2,), (2,))))  # (G, I, O)
-    return _outer_to_leaf(g, f.shape, batched=False)
+    contract = (((0, 1), (0, 1)), ((2,), (2,)))  # (G, I_k, O)
+    parts = [lax.dot_general(a, d, contract) for a in f.blocks]
+    return _outer_to_leaf(_concat(parts, 1), f.shape, batched=False)
 
 
 def _factors(layer: Any, params: Params, cache: Any, delta_out: Array) -> Any:
