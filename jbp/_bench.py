@@ -31,7 +31,7 @@ from ._per_example import (
     per_example_norms,
     sum_grad_squared,
 )
-from .layers import mlp
+from .layers import Conv, Dense, Flatten, Sequential, mlp
 
 K = TypeVar("K", bound=Hashable)
 
@@ -69,6 +69,33 @@ BENCH_FUNCTIONS: tuple[str, ...] = (
     "sum_grad_squared",
     "clipped_grad",
 )
+
+
+# The CNN benchmark's rows (issue 9), a subset of BENCH_FUNCTIONS.
+CNN_BENCH_FUNCTIONS: tuple[str, ...] = (
+    "jax.grad",
+    "jbp.backprop",
+    "norms via vmap",
+    "per_example_norms",
+    "clipped_grad",
+    "sum_grad_squared",
+)
+CNN_IN_SHAPE = (32, 32, 3)
+
+
+def _cnn() -> Sequential:
+    """The benchmark CNN, exactly the network of the PyTorch reference figures:
+    (32, 32, 3) → Conv 3→32 3×3 SAME relu → Conv 32→64 3×3 stride 2 SAME relu →
+    Conv 64→64 3×3 stride 2 SAME relu → Flatten → Dense 4096→10."""
+    return Sequential(
+        [
+            Conv(3, 32, (3, 3), "relu"),
+            Conv(32, 64, (3, 3), "relu", stride=2),
+            Conv(64, 64, (3, 3), "relu", stride=2),
+            Flatten(),
+            Dense(4096, 10),
+        ]
+    )
 
 
 def _functions(net: Any, loss: str, max_norm: float) -> dict[str, Callable[..., Any]]:
@@ -122,7 +149,8 @@ def _time_interleaved(
 def benchmark(
     sizes: Sequence[int] = (784, 512, 512, 10),
     *,
-    batches: Sequence[int] = (64, 256, 1024),
+    arch: str = "mlp",
+    batches: Sequence[int] | None = None,
     activation: str = "relu",
     loss: str = "softmax_xent",
     dtype: Any = jnp.float32,
@@ -134,8 +162,13 @@ def benchmark(
     """Time jbp's gradient functions and their autodiff counterparts side by side.
 
     Args:
-      sizes: MLP layer widths.
-      batches: batch sizes to run.
+      sizes: MLP layer widths (``arch="mlp"``).
+      arch: ``"mlp"`` (an MLP of ``sizes``) or ``"cnn"``: the CNN on ``(B, 32, 32,
+        3)`` images, Conv 3→32 3×3 SAME relu, Conv 32→64 3×3 stride 2 SAME relu,
+        Conv 64→64 3×3 stride 2 SAME relu, Flatten, Dense 4096→10 (``sizes`` and
+        ``activation`` unused), timing :data:`CNN_BENCH_FUNCTIONS` by default.
+      batches: batch sizes to run (default 64, 256, 1024 for the MLP; 32, 128
+        for the CNN).
       activation, loss, dtype: the problem.
       rounds: interleaved timing rounds per batch size.
       budget_s: a function stops being timed once it has 3 rounds and its
@@ -146,7 +179,16 @@ def benchmark(
     Returns:
       One :class:`BenchRow` per function and batch size.
     """
-    net = mlp(list(sizes), activation)
+    if arch not in ("mlp", "cnn"):
+        raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    if arch == "cnn":
+        net, in_shape = _cnn(), CNN_IN_SHAPE
+        batches = (32, 128) if batches is None else batches
+        only = CNN_BENCH_FUNCTIONS if only is None else only
+    else:
+        net, in_shape = mlp(list(sizes), activation), (sizes[0],)
+        batches = (64, 256, 1024) if batches is None else batches
+    classes = net.output_shape(in_shape)[-1]
     params = net.init(jax.random.key(0), dtype)
     fns = _functions(net, loss, max_norm=1.0)
     if only is not None:
@@ -156,11 +198,11 @@ def benchmark(
         fns = {k: v for k, v in fns.items() if k == "jax.grad" or k in only}
     rows = []
     for batch in batches:
-        x = jax.random.normal(jax.random.key(1), (batch, sizes[0]), dtype)
+        x = jax.random.normal(jax.random.key(1), (batch, *in_shape), dtype)
         if loss == "softmax_xent":
-            y = jax.random.randint(jax.random.key(2), (batch,), 0, sizes[-1])
+            y = jax.random.randint(jax.random.key(2), (batch,), 0, classes)
         else:
-            y = jax.random.uniform(jax.random.key(2), (batch, sizes[-1]), dtype)
+            y = jax.random.uniform(jax.random.key(2), (batch, classes), dtype)
         compiled, compile_s = {}, {}
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -218,6 +260,16 @@ BENCH_TARGETS: tuple[BenchTarget, ...] = (
     BenchTarget("sum_grad_squared", "jax.grad", 1.4),
     BenchTarget("per_example_grads", "vmap(jax.grad)", 1.0),
     BenchTarget("per_example_norms", "norms via vmap", 1 / 30, 256),
+)
+
+
+# The CNN's targets (issue 9), as ratios in one run; PyTorch on the same network
+# and kind of 2-core CPU: the best per-example norms 1.28–1.59× autograd.
+BENCH_TARGETS_CNN: tuple[BenchTarget, ...] = (
+    BenchTarget("jbp.backprop", "jax.grad", 1.05),
+    BenchTarget("per_example_norms", "jax.grad", 1.2),
+    BenchTarget("clipped_grad", "jax.grad", 1.35),
+    BenchTarget("per_example_norms", "norms via vmap", 1.0),
 )
 
 

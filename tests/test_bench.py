@@ -110,3 +110,29 @@ def test_benchmark_scaling_over_simulated_devices():
     assert "devices  function" in jbp.format_scaling(rows)
     with pytest.raises(ValueError, match="cannot split a batch of 6 over 4 of the"):
         jbp.benchmark_scaling((6, 5, 3), batch=6, devices=(4,))
+
+
+def test_bench_cnn_times_the_cnn_rows_and_checks_its_targets(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--arch", "cnn", "--batches", "2", "--rounds", "3", "--json", str(path)]
+    assert main([*argv, "--only", "per_example_norms,norms via vmap"]) == 0
+    out = capsys.readouterr().out
+    assert "jbp bench: CNN (32,32,3) conv32-conv64/2-conv64/2-dense10, relu" in out
+    summary = json.loads(path.read_text())
+    assert summary["arch"] == "cnn"
+    assert [r["name"] for r in summary["rows"]] == [
+        "jax.grad",
+        "norms via vmap",
+        "per_example_norms",
+    ]
+    assert {(t["name"], t["baseline"]) for t in summary["targets"]} == {
+        ("per_example_norms", "jax.grad"),
+        ("per_example_norms", "norms via vmap"),
+    }
+    assert set(jbp.CNN_BENCH_FUNCTIONS) <= set(jbp.BENCH_FUNCTIONS)
+    assert {t.name for t in jbp.BENCH_TARGETS_CNN} <= set(jbp.CNN_BENCH_FUNCTIONS)
+
+
+def test_bench_arch_is_checked():
+    with pytest.raises(ValueError, match=r"`arch` must be 'mlp' or 'cnn', got 'rnn'"):
+        jbp.benchmark(arch="rnn")

@@ -33,7 +33,11 @@ PUBLIC = [
     # benchmarks and sweeps
     "BENCH_FUNCTIONS", "BENCH_TARGETS", "BenchRow", "BenchTarget", "MATERIALISING",
     "ScalingRow", "benchmark", "benchmark_scaling", "check_targets", "format_benchmark",
-    "format_scaling", "format_targets", "random_problem",
+    "format_scaling", "format_targets", "random_problem", "BENCH_TARGETS_CNN",
+    "CNN_BENCH_FUNCTIONS",
+    # arbitrary architectures: layers, combinators, shape errors, the layer checker
+    "AvgPool", "Conv", "Flatten", "GlobalAvgPool", "LayerNorm", "MaxPool", "Parallel",
+    "RMSNorm", "Residual", "ShapeError", "check_layer",
 ]  # fmt: skip
 
 

@@ -21,7 +21,9 @@ Time, side by side and interleaved in one run, jax.grad, jbp.backprop,
 vmap(jax.grad) per-example gradients, per_example_grads, norms via
 vmap(jax.grad), per_example_norms, sum_grad_squared and clipped_grad on an
 MLP (default 784-512-512-10, relu, softmax_xent, float32) at several batch
-sizes. Prints median milliseconds (compile time excluded, reported
+sizes. --arch cnn times the CNN benchmark instead: (B, 32, 32, 3) images,
+Conv 3->32 3x3 SAME relu, Conv 32->64 3x3 stride 2 SAME relu, Conv 64->64 3x3
+stride 2 SAME relu, Flatten, Dense 4096->10, B = 32 and 128. Prints median milliseconds (compile time excluded, reported
 separately), the ratio to jax.grad in the same run, XLA's memory estimate,
 and the cost-model targets (met or MISSED).
 
@@ -55,6 +57,12 @@ def add_bench(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
+        "--arch",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="the MLP of --sizes (default) or the benchmark CNN",
+    )
+    p.add_argument(
         "--sizes",
         type=_ints("layer widths", 2),
         default=(784, 512, 512, 10),
@@ -64,9 +72,9 @@ def add_bench(subparsers: Any) -> None:
     p.add_argument(
         "--batches",
         type=_ints("batch sizes", 1),
-        default=(64, 256, 1024),
+        default=None,
         metavar="LIST",
-        help="batch sizes (default 64,256,1024)",
+        help="batch sizes (default 64,256,1024 for the MLP, 32,128 for the CNN)",
     )
     p.add_argument(
         "--activation",
@@ -111,14 +119,20 @@ def add_bench(subparsers: Any) -> None:
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    what = (
+        "CNN (32,32,3) conv32-conv64/2-conv64/2-dense10, relu"
+        if args.arch == "cnn"
+        else f"MLP {'-'.join(map(str, args.sizes))}, {args.activation}"
+    )
     print(
-        f"jbp bench: MLP {'-'.join(map(str, args.sizes))}, {args.activation}, softmax_xent, "
+        f"jbp bench: {what}, softmax_xent, "
         f"{args.dtype}; backend {device()}, jax {jax.__version__}, "
         f"{platform.machine()}, python {platform.python_version()}"
     )
     sys.stdout.flush()
     rows = jbp.benchmark(
         args.sizes,
+        arch=args.arch,
         batches=args.batches,
         activation=args.activation,
         dtype=jnp.dtype(args.dtype),
@@ -127,13 +141,16 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         only=args.only,
     )
     print(jbp.format_benchmark(rows))
-    checked = jbp.check_targets(rows)
+    checked = jbp.check_targets(
+        rows, jbp.BENCH_TARGETS_CNN if args.arch == "cnn" else jbp.BENCH_TARGETS
+    )
     if checked:
         print("\ntargets (ratios measured in this run):")
         print(jbp.format_targets(checked))
     if args.json is not None:
         summary = {
             "command": "bench",
+            "arch": args.arch,
             "sizes": list(args.sizes),
             "activation": args.activation,
             "dtype": args.dtype,
