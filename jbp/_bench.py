@@ -181,6 +181,7 @@ def benchmark(
     """
     if arch not in ("mlp", "cnn"):
         raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
         batches = (32, 128) if batches is None else batches

@@ -20,7 +20,8 @@ of an epoch or of the run), and then raises :class:`TrainingError` naming
 the first bad step and carrying that last good state.
 
 :func:`fit` checks its arguments once, at this public boundary, into a
-:class:`_Plan` and a :class:`_Data`; everything inside takes those.
+:class:`Plan` and a :class:`Data` (:mod:`jbp._train_checks`); everything
+inside takes those.
 """
 
 from __future__ import annotations
@@ -43,11 +44,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from ._backprop import backprop, check_net, objective
+from ._backprop import backprop, objective
 from ._checkpoint import CHECKPOINT, RunFolder
-from ._checks import check_dtype
 from ._data import batches
-from ._losses import Loss, get_loss
+from ._losses import Loss
 from ._progress import Progress
 from ._sharding import data_parallel_step, replicate
 from ._train import (
@@ -55,17 +55,12 @@ from ._train import (
     TrainingError,
     TrainState,
     build_step,
-    check_class_labels,
-    check_examples,
-    check_gradient_source,
-    check_optimizer,
-    class_targets,
     evaluate_checked,
     fresh_state,
 )
+from ._train_checks import Data, Plan, Split, check_data
 from ._verify import compare
 
-MONITORS = ("train_loss", "test_loss")
 READ_EVERY = 50  # most steps dispatched between two host reads of the metrics
 _WATCHED = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}
 
@@ -128,105 +123,6 @@ def guarded_step(step: StepFn) -> GuardedStep:
     return run
 
 
-def _positive_int(name: str, value: Any, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        what = "a positive int or None" if optional else "a positive int"
-        raise ValueError(f"`{name}` must be {what}, got {value!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """:func:`fit`'s arguments but the data and run folder, checked when built:
-    ``net`` becomes a :class:`Sequential`, ``loss`` a :class:`Loss`, ``dtype``
-    a floating dtype."""
-
-    net: Any
-    loss: Any
-    optimizer: Any
-    epochs: int
-    batch_size: int
-    seed: int
-    dtype: Any
-    gradient_source: str
-    check_every: int | None
-    check_rtol: float | None
-    patience: int | None
-    min_delta: float
-    monitor: str
-    checkpoint_every: int | None
-    max_steps: int | None
-    mesh: Mesh | None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "net", check_net(self.net))
-        object.__setattr__(self, "loss", get_loss(self.loss))
-        check_optimizer(self.optimizer)
-        check_gradient_source(self.gradient_source)
-        for name in ("epochs", "batch_size"):
-            _positive_int(name, getattr(self, name))
-        for name in ("check_every", "patience", "checkpoint_every", "max_steps"):
-            _positive_int(name, getattr(self, name), optional=True)
-        seed = self.seed
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
-        if self.monitor not in MONITORS:
-            raise ValueError(f"`monitor` must be 'train_loss' or 'test_loss', got {self.monitor!r}")
-        object.__setattr__(self, "dtype", check_dtype(self.dtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Split:
-    """One split as the loop uses it: inputs in the params' dtype, the loss's
-    targets and the int32 labels."""
-
-    x: np.ndarray
-    y: np.ndarray
-    labels: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class _Data:
-    """The data set, checked against the plan's network and loss.
-
-    ``meta`` is what a checkpoint records of it (the batch order depends on it).
-    """
-
-    train: _Split
-    test: _Split | None
-    meta: dict[str, Any]
-
-
-def _check_data(data: Any, plan: _Plan) -> _Data:
-    names = ("x_train", "y_train", "x_test", "y_test")
-    if not all(hasattr(data, n) for n in names):
-        raise TypeError(
-            "`data` must be a jbp.Dataset (x_train, y_train, x_test, y_test, ...), e.g. from "
-            f"jbp.load_dataset, got {type(data).__name__}"
-        )
-    splits = []
-    for xs, ys in (("x_train", "y_train"), ("x_test", "y_test")):
-        x, y = np.asarray(getattr(data, xs)), np.asarray(getattr(data, ys))
-        if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"`data.{xs}` must have shape (n, features) or (n, *example_shape) and "
-                f"`data.{ys}` shape (n,), got {x.shape} and {y.shape}"
-            )
-        outputs = check_examples(plan.net, x.shape, f"data.{xs}")
-        check_class_labels(plan.loss, y, outputs, f"data.{ys}")
-        targets = class_targets(plan.loss, y, outputs, plan.dtype)
-        splits.append(_Split(x.astype(plan.dtype), targets, y.astype(np.int32)))
-    train, test = splits
-    if not train.labels.size:
-        raise ValueError("`data.x_train` is empty: need at least one training example")
-    if plan.monitor == "test_loss" and not test.labels.size:
-        raise ValueError("`monitor='test_loss'` but `data` has no test split")
-    meta = {"name": str(getattr(data, "name", "")), "n_train": int(train.labels.size),
-            "batch_size": plan.batch_size, "seed": plan.seed}  # fmt: skip
-    return _Data(train, test if test.labels.size else None, meta)
-
-
 @dataclasses.dataclass
 class _Tally:
     """The current epoch so far; a checkpoint keeps it as ``epoch_progress``."""
@@ -257,12 +153,12 @@ def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _compile_step(plan: _Plan) -> GuardedStep:
+def _compile_step(plan: Plan) -> GuardedStep:
     step = guarded_step(build_step(plan.net, plan.loss, plan.optimizer, plan.gradient_source))
     return jax.jit(step) if plan.mesh is None else data_parallel_step(step, plan.mesh)
 
 
-def _check_fns(plan: _Plan) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+def _check_fns(plan: Plan) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
     if plan.check_every is None:
         return None
     return (
@@ -276,7 +172,7 @@ class _Loop:
     changes as it trains (the device carry, the step, the epoch's tally, early
     stopping, the history and the steps whose metrics are not read yet)."""
 
-    def __init__(self, plan: _Plan, data: _Data, run: RunFolder) -> None:
+    def __init__(self, plan: Plan, data: Data, run: RunFolder) -> None:
         self.plan, self.data, self.run = plan, data, run
         self.steps_per_epoch = math.ceil(data.meta["n_train"] / plan.batch_size)
         self.step_fn = _compile_step(plan)
@@ -468,7 +364,7 @@ class _Loop:
     def _record(self, epoch: int) -> dict[str, Any]:
         plan, tally, params = self.plan, self.tally, self.carry.state.params
 
-        def evaluate(split: _Split | None) -> dict[str, Any]:
+        def evaluate(split: Split | None) -> dict[str, Any]:
             if split is None:
                 return {}
             return evaluate_checked(
@@ -561,13 +457,13 @@ def fit(
         ``state`` the state before it.
       CheckpointError: resuming from a missing, corrupt or mismatched checkpoint.
     """
-    plan = _Plan(
+    plan = Plan(
         net=net, loss=loss, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
         seed=seed, dtype=dtype, gradient_source=gradient_source, check_every=check_every,
         check_rtol=check_rtol, patience=patience, min_delta=min_delta, monitor=monitor,
         checkpoint_every=checkpoint_every, max_steps=max_steps, mesh=mesh,
     )  # fmt: skip
-    checked = _check_data(data, plan)
+    checked = check_data(data, plan)
     if resume and run_dir is None:
         raise ValueError("`resume=True` needs the `run_dir` of the run to continue")
     loop = _Loop(plan, checked, RunFolder(run_dir, verbose, plan.net))

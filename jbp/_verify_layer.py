@@ -206,9 +206,11 @@ def _compare_rules(
     methods = METHODS if factorised else ("auto",)
     # Fresh closures, compiled anew: a rule edited since the last check is never
     # served from jit's cache.
-    ref = jax.jit(lambda *args: _reference(layer, *args))(params, x, delta_out, c)
+    ref = jax.jit(lambda p, a, d, w: _reference(layer, p, a, d, w))(params, x, delta_out, c)
     try:
-        got = jax.jit(lambda *args: _manual(layer, *args, methods))(params, x, delta_out, c)
+        got = jax.jit(lambda p, a, d, w: _manual(layer, p, a, d, w, methods))(
+            params, x, delta_out, c
+        )
     except Exception as e:  # a first draft that crashes is a failed check, not a crash
         return [_failed("backward", f"raised {type(e).__name__}: {e}")]
     names = ["backward grads", "backward delta_in"] if has_params(params) else ["backward delta_in"]
@@ -223,5 +225,8 @@ def _compare_rules(
 
 def _sum_leaves_of(tree: Any) -> Array:
     """Add up the per-leaf-layer ``(batch,)`` squared norms a walk returns."""
-    leaves = jtu.tree_leaves(tree)
-    return sum(leaves[1:], leaves[0])
+    leaves: list[Array] = jtu.tree_leaves(tree)
+    total = leaves[0]
+    for leaf in leaves[1:]:
+        total = total + leaf
+    return total

@@ -284,11 +284,16 @@ def random_problem(
     else:
         pick = NumpyPicker(rng)
         fan_out = int(rng.integers(2 if loss == "softmax_xent" else 1, max(max_width, 2) + 1))
-        recipe = cnn if arch == "cnn" else resnet
-        width = {"max_channels": max_width} if arch == "cnn" else {"max_width": max_width}
-        net, in_shape = recipe(
-            pick, max_blocks=max_depth, activations=names, fan_out=fan_out, **width
-        )
+        if arch == "cnn":
+            net, in_shape = cnn(
+                pick, max_blocks=max_depth, max_channels=max_width, activations=names,
+                fan_out=fan_out,
+            )  # fmt: skip
+        else:
+            net, in_shape = resnet(
+                pick, max_blocks=max_depth, max_width=max_width, activations=names,
+                fan_out=fan_out,
+            )  # fmt: skip
         max_batch = MAX_BATCH_IMAGES
 
     single = rng.random() < SINGLE_EXAMPLE_P

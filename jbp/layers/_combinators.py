@@ -298,7 +298,8 @@ class Parallel:
         widths = [getattr(b, "fan_out", None) for b in self.branches]
         if self.merge == "sum":
             return next((w for w in widths if w is not None), None)
-        return None if None in widths else sum(widths)
+        known = [w for w in widths if w is not None]
+        return sum(known) if len(known) == len(widths) else None
 
     def output_shape(self, in_shape: Shape) -> Shape:
         outs = []
@@ -360,6 +361,7 @@ class Parallel:
             result, d_in = backward_walk(branch, p, c, d, at_leaf)
             results.append(result)
             delta_in = d_in if delta_in is None else delta_in + d_in
+        assert delta_in is not None  # there is at least one branch
         return tuple(results), delta_in
 
     def backward(
