@@ -188,7 +188,8 @@ def cnn(
     ``1..max_blocks`` convolutions (random kernel 1–3 per axis, stride 1–2,
     SAME/VALID/explicit padding, dilation 1–2, groups dividing the channels,
     bias or not), each followed by nothing, a max or average pool, a
-    LayerNorm/RMSNorm over channels, or an Activation; then a head (see
+    LayerNorm/RMSNorm over channels, an Activation, or a Dense layer on the
+    channel axis (its gradient summed over positions); then a head (see
     :func:`_head`) with ``fan_out`` outputs. Inputs: spatial sizes 3 to
     ``max_size``, 1 to ``max_channels`` channels.
     """
@@ -198,9 +199,12 @@ def cnn(
     shape = in_shape
     for _ in range(pick.integer(1, max_blocks)):
         shape = _place(layers, _conv(pick, shape, None, max_channels, activations), shape)
-        extra = pick.choice(("none", "pool", "norm", "activation"))
+        extra = pick.choice(("none", "pool", "norm", "activation", "dense"))
         if extra == "pool" and (pool := _pool(pick, shape)) is not None:
             shape = _place(layers, pool, shape)
+        elif extra == "dense":  # Dense on the channel axis, summed over positions
+            width = pick.integer(1, max_channels)
+            shape = _place(layers, Dense(shape[-1], width, pick.choice(activations)), shape)
         elif extra == "norm" and (norm := _norm(pick, shape[-1])) is not None:
             shape = _place(layers, norm, shape)
         elif extra == "activation":

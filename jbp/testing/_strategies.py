@@ -262,8 +262,8 @@ def cnns(
     Each of 1 to ``max_blocks`` blocks is a :class:`jbp.Conv` (kernel 1–3 per
     axis, stride 1–2, SAME/VALID/explicit padding, dilation 1–2, groups
     dividing the channels, bias or not, a drawn activation) followed by
-    nothing, a max or average pool, a LayerNorm/RMSNorm over channels, or an
-    Activation; the head is Flatten → Dense, GlobalAvgPool → Dense or (with
+    nothing, a max or average pool, a LayerNorm/RMSNorm over channels, an
+    Activation, or a Dense layer on the channel axis; the head is Flatten → Dense, GlobalAvgPool → Dense or (with
     ``feature_map_outputs``) a 1×1 Conv whose feature maps are the outputs.
 
     Args:
