@@ -1,5 +1,6 @@
 """Strict numerics for every test: float64 available, no implicit rank promotion."""
 
+import gc
 import os
 
 # Four simulated CPU devices for the sharding tests; XLA reads the flag when
@@ -28,6 +29,15 @@ settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=25, **_common)
 settings.register_profile("thorough", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Free each module's compiled programs when it is done: hundreds of live
+    executables and their traces make every later compile slower."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
