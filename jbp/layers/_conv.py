@@ -34,8 +34,8 @@ from jax import lax
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
 from . import _window as win
-from ._base import Layer, Params, Shape, ShapeError, last_axis, positive_int, positive_ints
-from ._dense import he_or_glorot_std
+from ._base import Layer, Params, Shape, ShapeError, positive_int, positive_ints
+from ._dense import Affine, he_or_glorot_std
 from ._factors import Elementwise, Factorised, Outer
 
 Array = jax.Array
@@ -60,7 +60,7 @@ def _dn(
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
-class Conv(Factorised, Layer):
+class Conv(Affine, Factorised, Layer):
     """Convolution over ``len(kernel_size)`` spatial axes, channels last.
 
     Args:
@@ -185,14 +185,7 @@ class Conv(Factorised, Layer):
             dimension_numbers=_dn(data, kernel, data),
             feature_group_count=self.groups,
         )
-        if self.bias:
-            z = z + last_axis(params["b"], z.ndim)
-        out = get_activation(self.activation).f(z)
-        return out, (a, z, out)
-
-    def _delta(self, cache: Any, delta_out: Array) -> Array:
-        _, z, out = cache
-        return get_activation(self.activation).backward(delta_out, z, out)
+        return self._activate(params, a, z)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         a = cache[0]

@@ -41,9 +41,27 @@ def he_or_glorot_std(activation: str, fan_in: int, fan_out: int) -> float:
     return math.sqrt(2.0 / (fan_in + fan_out))
 
 
+class Affine:
+    """What layers of the form ``out = f(linear(a) + b)`` share (Dense, Conv): the
+    bias, the activation, the cache ``(a, z, out)`` and ``δ = ∂C/∂out ⊙ f'(z)``."""
+
+    activation: str
+    bias: bool
+
+    def _activate(self, params: Params, a: Array, z: Array) -> tuple[Array, Any]:
+        if self.bias:
+            z = z + last_axis(params["b"], z.ndim)
+        out = get_activation(self.activation).f(z)
+        return out, (a, z, out)
+
+    def _delta(self, cache: Any, delta_out: Array) -> Array:
+        _, z, out = cache
+        return get_activation(self.activation).backward(delta_out, z, out)
+
+
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
-class Dense(Factorised, Layer):
+class Dense(Affine, Factorised, Layer):
     """Fully connected layer ``out = f(a @ w + b)`` on the last axis of any rank.
 
     Args:
@@ -96,15 +114,7 @@ class Dense(Factorised, Layer):
         return (*in_shape[:-1], self.fan_out)
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        z = jnp.matmul(a, params["w"])
-        if self.bias:
-            z = z + last_axis(params["b"], z.ndim)
-        out = get_activation(self.activation).f(z)
-        return out, (a, z, out)
-
-    def _delta(self, cache: Any, delta_out: Array) -> Array:
-        _, z, out = cache
-        return get_activation(self.activation).backward(delta_out, z, out)
+        return self._activate(params, a, jnp.matmul(a, params["w"]))
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         a = cache[0]
