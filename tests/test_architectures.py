@@ -194,3 +194,33 @@ def test_math_of_the_mixed_norm_rule():
     assert norm_method(outer(1024, 27, 32)) == "materialise"  # a first conv layer
     assert norm_method(outer(64, 128, 128)) == "materialise"  # 64·256 = 128·128: tie
     assert norm_method(outer(1024, 27, 32), "gram") == "gram"
+
+
+def test_dp_sgd_works_on_a_cnn():
+    """The DP-SGD gradient of a residual CNN: without noise it is the clipped gradient,
+    with noise it differs by noise of the documented scale (one key, one draw)."""
+    net = jbp.Sequential(
+        [
+            jbp.Conv(1, 3, (3, 3), "tanh"),
+            jbp.Residual(jbp.Sequential([jbp.RMSNorm(3), jbp.Conv(3, 3, (3, 3), "gelu")])),
+            jbp.GlobalAvgPool(),
+            jbp.Dense(3, 4),
+        ]
+    )
+    params = net.init(jax.random.key(0), jnp.float64, in_shape=(5, 5, 1))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 5, 5, 1)))
+    y = jnp.arange(6) % 4
+    key = jax.random.key(1)
+    clipped, norms = jax.jit(jbp.clipped_grad(net, "softmax_xent", 0.05))(params, x, y)
+    assert jnp.sum(norms > 0.05) >= 3  # clipping is active for most examples
+    silent, _ = jax.jit(jbp.dp_grad(net, "softmax_xent", 0.05, 0.0))(params, x, y, key)
+    _check(silent, clipped, ("dp_grad(noise 0)", "clipped_grad"))
+    noisy, _ = jax.jit(jbp.dp_grad(net, "softmax_xent", 0.05, 2.0))(params, x, y, key)
+    noise = jnp.concatenate(
+        [
+            jnp.ravel(n - c)
+            for n, c in zip(jtu.tree_leaves(noisy), jtu.tree_leaves(clipped), strict=True)
+        ]
+    )
+    std = 2.0 * 0.05 / 6  # noise_multiplier · max_norm, over B for a mean loss
+    assert 0.7 * std < float(jnp.std(noise)) < 1.3 * std
