@@ -74,16 +74,20 @@ from .layers import Activation as Activation
 from .layers import AvgPool as AvgPool
 from .layers import Conv as Conv
 from .layers import Dense as Dense
+from .layers import Embedding as Embedding
 from .layers import Flatten as Flatten
 from .layers import GlobalAvgPool as GlobalAvgPool
 from .layers import Layer as Layer
 from .layers import LayerNorm as LayerNorm
 from .layers import MaxPool as MaxPool
+from .layers import MultiHeadAttention as MultiHeadAttention
 from .layers import Parallel as Parallel
+from .layers import PositionalEmbedding as PositionalEmbedding
 from .layers import Residual as Residual
 from .layers import RMSNorm as RMSNorm
 from .layers import Sequential as Sequential
 from .layers import ShapeError as ShapeError
 from .layers import mlp as mlp
+from .layers import transformer as transformer
 
 __version__ = "0.1.0"

@@ -136,6 +136,52 @@ def _example(rank: int) -> str:
     return "(fan_in,)" if rank == 1 else example_axes(rank - 1)
 
 
+def _readable(a: Any) -> bool:
+    """Values can be read only from a concrete array this process holds whole (not
+    a tracer, nor a global array spread over several hosts)."""
+    return not isinstance(a, jax.core.Tracer) and getattr(a, "is_fully_addressable", True)
+
+
+def _check_tokens(net: Any, x: Array) -> tuple[Array, bool]:
+    """Integer tokens ``(batch, T)`` or ``(T,)`` for a network whose first layer is
+    an Embedding; values in ``[0, vocab)`` wherever they can be read."""
+    from .layers._base import ShapeError
+
+    dt = jnp.dtype(x.dtype)
+    first = net.layers[0]
+    while hasattr(first, "layers"):
+        first = first.layers[0]
+    if not jnp.issubdtype(dt, jnp.integer):
+        raise TypeError(
+            f"`x` has dtype {dt.name}, but the first layer ({first!r}) takes integer tokens; "
+            "pass token ids, e.g. x.astype(jnp.int32)"
+        )
+    if x.ndim not in (1, 2):
+        raise ValueError(
+            f"`x` must have shape (batch, T) or (T,) of integer tokens, got shape {tuple(x.shape)}"
+        )
+    single = x.ndim == 1
+    if single:
+        x = x[None]
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"`x` has shape {tuple(x.shape)}: give at least one token per example")
+    vocab = getattr(first, "vocab", None)
+    if vocab is not None and _readable(x):
+        tokens = np.asarray(x)
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(
+                f"`x` has tokens in [{tokens.min()}, {tokens.max()}] but the first layer has "
+                f"vocab={vocab}, so tokens must lie in [0, {vocab - 1}]"
+            )
+    try:
+        net.output_shape(tuple(x.shape[1:]))
+    except ShapeError as e:
+        raise ShapeError(
+            e.layer, f"{e.detail}; `x` has examples of shape {tuple(x.shape[1:])}", e.where
+        ) from None
+    return x, single
+
+
 def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
     """Validate inputs; returns ``x`` batched, ``(batch, *in_shape)``, and whether
     it was a single example (no batch axis). Every layer's shape is checked."""
@@ -143,6 +189,8 @@ def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
 
     x = _as_array(x, "x")
     dt = jnp.dtype(x.dtype)
+    if getattr(net, "takes_tokens", False):
+        return _check_tokens(net, x)
     if jnp.issubdtype(dt, jnp.complexfloating):
         raise TypeError(f"`x` has complex dtype {dt.name}; jbp handles real inputs only")
     if not jnp.issubdtype(dt, jnp.floating):
@@ -217,9 +265,7 @@ def check_y(loss: Any, out_shape: tuple[int, ...], y: Any, single: bool, dtype: 
                 f"{loss.name!r} with this x expects labels of shape {labels_shape} (or targets of "
                 f"shape {want})"
             )
-        # Values can be read only from a concrete array this process holds whole
-        # (not a tracer, nor a global array spread over several hosts).
-        if not isinstance(y, jax.core.Tracer) and getattr(y, "is_fully_addressable", True):
+        if _readable(y):
             labels = np.asarray(y)
             if labels.size and (labels.min() < 0 or labels.max() >= width):
                 raise ValueError(

@@ -19,7 +19,7 @@ import numpy as np
 from ._checks import check_dtype, check_key
 from ._per_example import _leaf_quantity
 from ._verify import DEFAULT_RTOL, LeafRow, Report, _precision, compare
-from .layers._base import backward_walk, has_params, output_shape
+from .layers._base import backward_walk, has_params, output_shape, takes_tokens
 from .layers._factors import METHODS
 
 Array = jax.Array
@@ -117,7 +117,10 @@ def check_layer(
     # kernels for every new shape (seconds per layer on a CPU).
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
     params = _random_params(layer, dtype, rng)
-    x = jnp.asarray(rng.standard_normal((batch, *in_shape)), dtype)
+    if takes_tokens(layer):  # an Embedding: integer tokens in, no input δ out
+        x = jnp.asarray(rng.integers(0, layer.vocab, (batch, *in_shape)), jnp.int32)
+    else:
+        x = jnp.asarray(rng.standard_normal((batch, *in_shape)), dtype)
     delta_out = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
     c = jnp.asarray(rng.uniform(0.5, 1.5, batch), dtype)
     with jax.default_matmul_precision("highest"):
@@ -137,9 +140,13 @@ def check_layer(
 def _reference(layer: Any, params: Any, x: Array, delta_out: Array, c: Array) -> dict[str, Any]:
     """What autodiff says each rule should give: ``jax.vjp`` of ``forward`` for the
     batch and, for each example alone, ``vmap`` of it."""
-    _, vjp = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)  # reference
-    grads, delta_in = vjp(delta_out)
-    ref = {"backward grads": grads, "backward delta_in": delta_in}
+    if takes_tokens(layer):
+        _, vjp = jax.vjp(lambda p: layer.forward(p, x)[0], params)  # reference
+        ref = {"backward grads": vjp(delta_out)[0]}
+    else:
+        _, vjp = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)  # reference
+        grads, delta_in = vjp(delta_out)
+        ref = {"backward grads": grads, "backward delta_in": delta_in}
     if not has_params(params):
         return ref
 
@@ -213,7 +220,9 @@ def _compare_rules(
         )
     except Exception as e:  # a first draft that crashes is a failed check, not a crash
         return [_failed("backward", f"raised {type(e).__name__}: {e}")]
-    names = ["backward grads", "backward delta_in"] if has_params(params) else ["backward delta_in"]
+    names = ["backward grads"] if has_params(params) else []
+    if not takes_tokens(layer):
+        names.append("backward delta_in")
     if has_params(params):
         names += ["per_example_grads", *map(_norm_label, methods), "sum_grad_squared"]
         names.append("weighted_grads")

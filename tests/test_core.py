@@ -38,6 +38,8 @@ PUBLIC = [
     # arbitrary architectures: layers, combinators, shape errors, the layer checker
     "AvgPool", "Conv", "Flatten", "GlobalAvgPool", "LayerNorm", "MaxPool", "Parallel",
     "RMSNorm", "Residual", "ShapeError", "check_layer",
+    # sequence models
+    "Embedding", "MultiHeadAttention", "PositionalEmbedding", "transformer",
 ]  # fmt: skip
 
 
@@ -243,6 +245,20 @@ def test_compare_zero_leaf_uses_global_scale():
     assert jbp.compare(near, ref).ok
     far = {"a": ref["a"], "z": jnp.array([1e-3, 0.0, 0.0])}
     assert not jbp.compare(far, ref).ok
+
+
+def test_compare_a_leaf_zero_to_round_off_uses_global_scale():
+    """Both sides of a gradient that is zero in exact arithmetic hold round-off
+    (e.g. attention's key bias): measured against the largest leaf, they agree;
+    a small leaf that is not round-off is still measured against itself."""
+    ref = {"a": jnp.array([1.0, -2.0]), "z": jnp.array([2e-16, -1e-16])}
+    noise = {"a": ref["a"], "z": jnp.array([-7e-16, 9e-16])}
+    report = jbp.compare(noise, ref)
+    assert report.ok and report.rows[1].scale == 2.0
+    small = {"a": ref["a"], "z": jnp.array([1e-6, 0.0])}
+    off = {"a": ref["a"], "z": jnp.array([1.1e-6, 0.0])}
+    report = jbp.compare(off, small)
+    assert not report.ok and report.rows[1].scale == pytest.approx(1e-6)
 
 
 def test_finite_differences_catch_a_wrong_derivative():

@@ -47,6 +47,10 @@ LAYERS = [
     (jbp.Residual(jbp.Sequential([jbp.LayerNorm(4), jbp.Dense(4, 4, "tanh")])), (3, 4)),
     (jbp.Parallel([jbp.Dense(4, 2), jbp.Conv(4, 3, 1)], merge="concat"), (5, 4)),
     (jbp.Parallel([jbp.Dense(4, 3, "tanh"), jbp.Dense(4, 3)]), (4,)),
+    (jbp.Embedding(7, 4), (6,)),
+    (jbp.PositionalEmbedding(8, 4), (5, 4)),
+    (jbp.MultiHeadAttention(6, 2), (5, 6)),
+    (jbp.MultiHeadAttention(6, 3, causal=True, bias=False), (4, 6)),
 ]
 
 
@@ -60,7 +64,9 @@ def test_every_builtin_layer_passes_check_layer(layer, in_shape):
 
 
 @pytest.mark.parametrize(
-    ("layer", "in_shape"), [LAYERS[i] for i in (1, 5, 8, 13, 16)], ids=lambda v: repr(v)[:40]
+    ("layer", "in_shape"),
+    [LAYERS[i] for i in (1, 5, 8, 13, 16, 19, 22)],
+    ids=lambda v: repr(v)[:40],
 )
 def test_builtin_layers_pass_check_layer_in_float32(layer, in_shape):
     report = jbp.check_layer(layer, in_shape, dtype=jnp.float32, key=jax.random.key(1))

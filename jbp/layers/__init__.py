@@ -2,12 +2,17 @@
 
 One module per family: ``_dense`` (Dense, Activation), ``_conv`` (Conv),
 ``_pool`` (MaxPool, AvgPool, GlobalAvgPool, Flatten), ``_norm`` (LayerNorm,
-RMSNorm), ``_combinators`` (Sequential, Residual, Parallel, mlp). The protocol
+RMSNorm), ``_embedding`` (Embedding, PositionalEmbedding), ``_attention``
+(MultiHeadAttention), ``_combinators`` (Sequential, Residual, Parallel, mlp,
+transformer). The protocol
 is in ``_base``; the per-example quantities, written once per kind of
-weight-gradient factorisation (:class:`Outer`, :class:`Elementwise`), in
+weight-gradient factorisation (:class:`Outer`, :class:`Elementwise`,
+:class:`Gather`), in
 ``_factors``. Everything public is re-exported by ``jbp``.
 """
 
+from ._attention import MultiHeadAttention as MultiHeadAttention
+from ._attention import transformer as transformer
 from ._base import Layer as Layer
 from ._base import ShapeError as ShapeError
 from ._combinators import Parallel as Parallel
@@ -17,8 +22,11 @@ from ._combinators import mlp as mlp
 from ._conv import Conv as Conv
 from ._dense import Activation as Activation
 from ._dense import Dense as Dense
+from ._embedding import Embedding as Embedding
+from ._embedding import PositionalEmbedding as PositionalEmbedding
 from ._factors import Elementwise as Elementwise
 from ._factors import Factorised as Factorised
+from ._factors import Gather as Gather
 from ._factors import Outer as Outer
 from ._norm import LayerNorm as LayerNorm
 from ._norm import RMSNorm as RMSNorm

@@ -125,6 +125,22 @@ def first_rank(layers: Sequence[Any]) -> int | None:
     return None
 
 
+def takes_tokens(layer: Any) -> bool:
+    """Whether the layer's input is integer tokens (an Embedding first)."""
+    return bool(getattr(layer, "takes_tokens", False))
+
+
+def check_no_tokens(layers: Any, name: str) -> None:
+    """Only a network's first layer may take integer tokens: a clear error for any
+    other place (there is no ``∂C/∂a`` to hand back through integers)."""
+    for i, layer in enumerate(layers):
+        if takes_tokens(layer):
+            raise ValueError(
+                f"`{name}[{i}]` ({layer!r}) takes integer tokens, so it has no input δ and "
+                "can only be a network's first layer"
+            )
+
+
 def backward_walk(
     layer: Any, params: Params, cache: Any, delta_out: Array, at_leaf: AtLeaf | None
 ) -> tuple[Any, Array]:

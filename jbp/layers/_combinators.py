@@ -30,10 +30,12 @@ from ._base import (
     ShapeError,
     backward_walk,
     check_layers,
+    check_no_tokens,
     first_rank,
     in_rank,
     keeps_rank,
     output_shape,
+    takes_tokens,
 )
 from ._dense import Dense
 
@@ -66,6 +68,7 @@ class Sequential:
 
     def __init__(self, layers: Sequence[Any]) -> None:
         layers = check_layers(layers, "layers")
+        check_no_tokens(layers[1:], "layers")
         width = None
         for i, layer in enumerate(layers):
             fan_in = getattr(layer, "fan_in", None)
@@ -111,6 +114,11 @@ class Sequential:
         return first_rank(self.layers)
 
     @property
+    def takes_tokens(self) -> bool:
+        """Whether the input is integer tokens (the first layer is an Embedding)."""
+        return takes_tokens(self.layers[0])
+
+    @property
     def keeps_rank(self) -> bool:
         return all(keeps_rank(layer) for layer in self.layers)
 
@@ -153,7 +161,7 @@ class Sequential:
         at_leaf: AtLeaf | None,
     ) -> tuple[tuple[Any, ...], Array]:
         results: list[Any] = [None] * len(self.layers)
-        delta = delta_out
+        delta: Any = delta_out
         for i in reversed(range(len(self.layers))):
             results[i], delta = backward_walk(self.layers[i], params[i], caches[i], delta, at_leaf)
         return tuple(results), delta
@@ -199,6 +207,11 @@ class Residual:
             (block,) = check_layers([self.block], "block")
         except (TypeError, ValueError) as e:
             raise type(e)(str(e).replace("`block[0]`", "`block`")) from None
+        if takes_tokens(block):
+            raise ValueError(
+                f"`block` ({block!r}) takes integer tokens; a residual block's input is "
+                "added to its output, so it must take and give real arrays"
+            )
         fan_in, fan_out = getattr(block, "fan_in", None), getattr(block, "fan_out", None)
         if fan_in is not None and fan_out is not None and fan_in != fan_out:
             raise ValueError(
@@ -273,6 +286,7 @@ class Parallel:
 
     def __init__(self, branches: Sequence[Any], merge: str = "sum") -> None:
         branches = check_layers(branches, "branches")
+        check_no_tokens(branches, "branches")
         if merge not in _MERGES:
             raise ValueError(f"`merge` must be 'sum' or 'concat', got {merge!r}")
         object.__setattr__(self, "branches", branches)

@@ -7,7 +7,10 @@ cache and its δ alone (kfac-jax's lesson; see DESIGN.md):
   Conv: ã = unfolded patches, one outer product per channel group, the patches
   given as one block per kernel offset and never stacked);
 - :class:`Elementwise`: ``g_i = Σ_t u_it ⊙ δ_it`` (biases: u = 1; norm-layer
-  scales: u = the normalised input).
+  scales: u = the normalised input);
+- :class:`Gather`: ``g_i = Σ_t onehot(tok_it) ⊗ δ_it`` (Embedding: δ
+  scatter-added into the rows of the tokens seen; PositionalEmbedding: the
+  positions, each row met once, so ``g_i`` is δ_i itself padded to the table).
 
 A parameterised layer says which form each of its leaves takes in
 ``grad_factors(params, cache, delta_out)`` (a pytree like params whose
@@ -22,7 +25,9 @@ numbers) or the Gram ("ghost") form ``Σ_{t,s} (ã_it·ã_is)(δ_it·δ_is)`` (a
 Gram form when ``T·(I + O) < I·O``, the smaller flop count (which also makes
 its memory the smaller: ``T² < I·O``), the mixed ghost norm of Bu et al.
 (2022). With one position (Dense on ``(batch, features)``) the Gram form is
-``‖ã_i‖²‖δ_i‖²``, the cheapest of all.
+``‖ã_i‖²‖δ_i‖²``, the cheapest of all. A :class:`Gather` factor's Gram form is
+the token-equality one, ``Σ_{t,s} [tok_it = tok_is] (δ_it·δ_is)``, taken when
+``T² < rows``; otherwise each example's table is scattered and squared.
 """
 
 from __future__ import annotations
@@ -76,11 +81,79 @@ class Elementwise(NamedTuple):
     shape: tuple[int, ...]
 
 
-Factor = Outer | Elementwise
+class Gather(NamedTuple):
+    """``g_i = Σ_t onehot(tok_it) ⊗ δ_it``: δ scatter-added into rows of a table.
+
+    Attributes:
+      tokens: ``(batch, T)`` integer rows, or None for the positions ``0..T-1``
+        of every example (a positional table: each row met at most once).
+      delta: ``(batch, T, F)``.
+      rows: the table's rows (the leaf is ``(rows, F)``).
+    """
+
+    tokens: Array | None
+    delta: Array
+    rows: int
+
+
+Factor = Outer | Elementwise | Gather
 
 
 def is_factor(x: Any) -> bool:
-    return isinstance(x, (Outer, Elementwise))
+    return isinstance(x, (Outer, Elementwise, Gather))
+
+
+# --- gather: embedding tables ------------------------------------------------
+
+
+def gather_norm_method(f: Gather, method: str = "auto") -> str:
+    """Gram when ``T² < rows`` (``B·T²·F`` against the ``B·rows·F`` of a per-example
+    table), else materialise; positions never need either."""
+    if method != "auto":
+        return method
+    t = f.delta.shape[1]
+    return "gram" if t * t < f.rows else "materialise"
+
+
+def _pad_rows(x: Array, rows: int, axis: int) -> Array:
+    """Positions ``0..T-1`` to a table of ``rows``: zeros below."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, rows - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _gather_per_example(f: Gather) -> Array:
+    """``(batch, rows, F)``."""
+    if f.tokens is None:
+        return _pad_rows(f.delta, f.rows, 1)
+    b, t, feat = f.delta.shape
+    examples = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return jnp.zeros((b, f.rows, feat), f.delta.dtype).at[examples, f.tokens].add(f.delta)
+
+
+def _gather_sq_norm(f: Gather, method: str) -> Array:
+    if f.tokens is None:
+        return _sum_rows(f.delta * f.delta)
+    if gather_norm_method(f, method) == "materialise":
+        g = _gather_per_example(f)
+        return _sum_rows(g * g)
+    same = f.tokens[:, :, None] == f.tokens[:, None, :]  # (batch, T, T)
+    dots = lax.dot_general(f.delta, f.delta, (((2,), (2,)), ((0,), (0,))))
+    return _sum_rows(jnp.where(same, dots, jnp.zeros_like(dots)))
+
+
+def _gather_sum_sq(f: Gather) -> Array:
+    if f.tokens is None:
+        return _pad_rows(jnp.sum(f.delta * f.delta, axis=0), f.rows, 0)
+    g = _gather_per_example(f)
+    return jnp.sum(g * g, axis=0)
+
+
+def _gather_weighted(f: Gather, c: Array) -> Array:
+    d = f.delta * c[:, None, None]
+    if f.tokens is None:
+        return _pad_rows(jnp.sum(d, axis=0), f.rows, 0)
+    return jnp.zeros((f.rows, d.shape[-1]), d.dtype).at[f.tokens].add(d)
 
 
 def check_method(method: Any) -> str:
@@ -130,6 +203,8 @@ def _per_example_elementwise(f: Elementwise) -> Array:
 
 def per_example_grad(f: Factor) -> Array:
     """``g_i`` for every example: ``(batch, *shape)``."""
+    if isinstance(f, Gather):
+        return _gather_per_example(f)
     if isinstance(f, Outer):
         return _outer_to_leaf(_concat(_per_example_blocks(f), 2), f.shape, batched=True)
     g = _per_example_elementwise(f)
@@ -146,6 +221,8 @@ def _add(values: list[Array]) -> Array:
 
 def sq_norm(f: Factor, method: str = "auto") -> Array:
     """``‖g_i‖²`` for every example, ``(batch,)``."""
+    if isinstance(f, Gather):
+        return _gather_sq_norm(f, method)
     if isinstance(f, Elementwise):
         g = _per_example_elementwise(f)
         return jnp.sum(g * g, axis=1)
@@ -165,6 +242,8 @@ _CONTRACT_BATCH = (((0,), (0,)), ((), ()))
 
 def sum_sq(f: Factor) -> Array:
     """``Σ_i g_i²`` elementwise, shaped like the leaf."""
+    if isinstance(f, Gather):
+        return _gather_sum_sq(f)
     if isinstance(f, Elementwise):
         g = _per_example_elementwise(f)
         return jnp.sum(g * g, axis=0).reshape(f.shape)
@@ -185,6 +264,8 @@ def weighted(f: Factor, c: Array, method: str = "auto") -> Array:
     cheap contraction after the products XLA shares with the norm's); else it
     is one re-weighted weight-gradient pass, ``ãᵀ(c ⊙ δ)``.
     """
+    if isinstance(f, Gather):
+        return _gather_weighted(f, c)
     if isinstance(f, Elementwise):
         g = _per_example_elementwise(f)
         return jnp.tensordot(c, g, axes=1).reshape(f.shape)

@@ -1,0 +1,150 @@
+"""Embedding tables: token and positional, forward and δ rule side by side.
+
+- ``Embedding(vocab, features)``: integer tokens ``(batch, T)`` → rows of
+  ``table`` ``(batch, T, features)``. δ rule: ``∂C/∂table[v] = Σ_{i,t:
+  tok_it = v} δ_it``, a scatter-add (a token seen twice gets both δs). Its
+  input is integers, so it has no input δ: it is a network's first layer.
+- ``PositionalEmbedding(length, features)``: ``a + table[:T]`` on
+  ``(batch, T, features)``, ``T ≤ length``. δ rule: ``∂C/∂table[t] = Σ_i δ_it``
+  for ``t < T`` (0 below), ``∂C/∂a = δ``.
+
+Per example both are :class:`~jbp.layers._factors.Gather` factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+
+from .._checks import check_dtype, check_key
+from ._base import Layer, Params, Shape, ShapeError, positive_int
+from ._factors import Factorised, Gather
+
+Array = jax.Array
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class Embedding(Factorised, Layer):
+    """Token embedding: integer tokens ``(batch, T)`` → ``(batch, T, features)``.
+
+    Args:
+      vocab: the number of tokens (rows of the table); tokens lie in ``[0, vocab)``.
+      features: the embedding width.
+
+    Params: ``{"table": (vocab, features)}``, ``N(0, 1/features)``. It can only
+    be a network's first layer (its input is integers: there is no ``∂C/∂a``);
+    tokens outside ``[0, vocab)`` are an error wherever they can be read (outside
+    ``jit``).
+    """
+
+    vocab: int
+    features: int
+
+    in_rank = 1
+    takes_tokens = True
+
+    def __post_init__(self) -> None:
+        positive_int(self.vocab, "vocab")
+        positive_int(self.features, "features")
+
+    @property
+    def fan_out(self) -> int:
+        return self.features
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        dtype = check_dtype(dtype)
+        check_key(key)
+        std = 1.0 / math.sqrt(self.features)
+        return {"table": std * jr.normal(key, (self.vocab, self.features), dtype)}
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if len(in_shape) != 1:
+            raise ShapeError(
+                self,
+                f"takes a sequence of integer tokens (T,), got examples of shape {tuple(in_shape)}",
+            )
+        return (*in_shape, self.features)
+
+    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+        return jnp.take(params["table"], a, axis=0), a
+
+    def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Any]:
+        tokens = cache
+        table = jnp.zeros_like(params["table"]).at[tokens].add(delta_out)
+        return {"table": table}, None
+
+    def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        return {
+            "table": Gather(
+                cache.reshape(cache.shape[0], -1),
+                delta_out.reshape(delta_out.shape[0], -1, self.features),
+                self.vocab,
+            )
+        }
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class PositionalEmbedding(Factorised, Layer):
+    """A learned position table added to a sequence: ``a + table[:T]``.
+
+    Args:
+      length: the longest sequence (rows of the table).
+      features: the width of ``a``'s last axis.
+
+    Shapes: ``(batch, T, features)`` → the same, ``T ≤ length``. Params:
+    ``{"table": (length, features)}``, ``N(0, 1/features)``.
+    """
+
+    length: int
+    features: int
+
+    in_rank = 2
+
+    def __post_init__(self) -> None:
+        positive_int(self.length, "length")
+        positive_int(self.features, "features")
+
+    @property
+    def fan_in(self) -> int:
+        return self.features
+
+    fan_out = fan_in
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        dtype = check_dtype(dtype)
+        check_key(key)
+        std = 1.0 / math.sqrt(self.features)
+        return {"table": std * jr.normal(key, (self.length, self.features), dtype)}
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 2 or in_shape[-1] != self.features:
+            raise ShapeError(
+                self, f"expects sequences (T, {self.features}), got examples of shape {in_shape}"
+            )
+        if in_shape[0] > self.length:
+            raise ShapeError(
+                self,
+                f"has a table of {self.length} positions, but the sequences are {in_shape[0]} long",
+            )
+        return in_shape
+
+    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+        t = a.shape[1]
+        return a + params["table"][None, :t], None
+
+    def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
+        t = delta_out.shape[1]
+        table = jnp.zeros_like(params["table"]).at[:t].set(jnp.sum(delta_out, axis=0))
+        return {"table": table}, delta_out
+
+    def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        return {"table": Gather(None, delta_out, self.length)}
