@@ -158,11 +158,10 @@ class MultiHeadAttention(Factorised, Layer):
         }
         if self.bias:
             grads.update({f"b{n}": jnp.sum(d, axis=(0, 1)) for n, d in deltas.items()})
-        delta_in = None
-        for n in _PROJECTIONS:
-            part = lax.dot_general(deltas[n], params[f"w{n}"], contract_last(3))
-            delta_in = part if delta_in is None else delta_in + part
-        return grads, delta_in
+        q, k, v = (
+            lax.dot_general(deltas[n], params[f"w{n}"], contract_last(3)) for n in _PROJECTIONS
+        )
+        return grads, q + k + v
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
         a, o = cache[0], cache[5]
