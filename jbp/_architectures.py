@@ -29,21 +29,26 @@ from .layers import (
     GlobalAvgPool,
     LayerNorm,
     MaxPool,
+    MultiHeadAttention,
     Parallel,
+    PositionalEmbedding,
     Residual,
     RMSNorm,
     Sequential,
     ShapeError,
+    transformer,
 )
 
-FAMILIES = ("mlp", "cnn", "resnet")
+FAMILIES = ("mlp", "cnn", "resnet", "transformer")
 
 
 class Architecture(NamedTuple):
-    """A network and the shape of one input example (no batch axis)."""
+    """A network, the shape of one input example (no batch axis), and for a
+    network on integer tokens (an Embedding first) its vocabulary size."""
 
     net: Sequential
     in_shape: tuple[int, ...]
+    vocab: int | None = None
 
 
 class Picker(Protocol):
@@ -324,3 +329,91 @@ def resnet(
         dims=dims,
         max_size=max_size,
     )
+
+
+def transformer_net(
+    pick: Picker,
+    *,
+    max_depth: int,
+    max_width: int,
+    activations: Sequence[str],
+    max_length: int = 6,
+) -> Architecture:
+    """A random :func:`jbp.transformer` on integer tokens: vocab 2 to
+    ``max_width``, 1 to 3 heads of width 1 to 3, depth 1 to ``max_depth``, MLP
+    ratio 1 or 2, causal or not, sequences of 1 to ``max_length`` tokens (the
+    positional table 0 to 2 positions longer)."""
+    vocab = pick.integer(2, max(2, max_width))
+    heads = pick.integer(1, 3)
+    features = heads * pick.integer(-(-3 // heads), 3)  # ≥ 3: LayerNorm on 1 or 2 is degenerate
+    t = pick.integer(1, max_length)
+    net = transformer(
+        vocab,
+        t + pick.integer(0, 2),
+        features,
+        heads,
+        pick.integer(1, max_depth),
+        mlp_ratio=pick.integer(1, 2),
+        activation=pick.choice(activations),
+        causal=pick.chance(0.5),
+    )
+    return Architecture(net, (t,), vocab)
+
+
+def sequence_stack(
+    pick: Picker,
+    *,
+    max_blocks: int,
+    max_width: int,
+    activations: Sequence[str],
+    fan_out: int,
+    max_length: int = 6,
+) -> Architecture:
+    """A random stack on continuous sequences ``(T, features)``: a Dense input
+    projection, an optional positional table, then 1 to ``max_blocks`` blocks
+    (pre-normed residual attention, causal or not; a residual Dense MLP; a bare
+    attention or Dense layer), then a Dense head with ``fan_out`` outputs per
+    position."""
+    t = pick.integer(1, max_length)
+    fan_in = pick.integer(1, max_width)
+    heads = pick.integer(1, 3)
+    features = heads * pick.integer(1, 3)
+    layers: list[Any] = [Dense(fan_in, features, pick.choice(activations))]
+    if pick.chance(0.5):
+        layers.append(PositionalEmbedding(t + pick.integer(0, 2), features))
+    for _ in range(pick.integer(1, max_blocks)):
+        form = pick.choice(("attention", "mlp", "bare attention", "dense"))
+        attention = MultiHeadAttention(
+            features, heads, causal=pick.chance(0.5), bias=pick.chance(0.7)
+        )
+        norm = _norm(pick, features)
+        if form == "attention":
+            layers.append(Residual(Sequential([norm, attention] if norm else [attention])))
+        elif form == "mlp":
+            hidden = pick.integer(1, max_width)
+            inner = [Dense(features, hidden, pick.choice(activations)), Dense(hidden, features)]
+            layers.append(Residual(Sequential([norm, *inner] if norm else inner)))
+        elif form == "bare attention":
+            layers.append(attention)
+        else:
+            layers.append(Dense(features, features, pick.choice(activations)))
+    if Sequential(layers).in_rank is None:
+        # Dense layers alone take vectors: an attention layer makes these sequences
+        layers.append(MultiHeadAttention(features, heads, causal=pick.chance(0.5)))
+    layers.append(Dense(features, fan_out, pick.choice(activations)))
+    return Architecture(Sequential(layers), (t, fan_in))
+
+
+def sequence_family(
+    pick: Picker, *, max_blocks: int, max_width: int, activations: Sequence[str], fan_out: int
+) -> Architecture:
+    """The ``"transformer"`` family of the zoo: a transformer on tokens or a
+    stack on continuous sequences, even odds."""
+    if pick.chance(0.5):
+        return transformer_net(
+            pick, max_depth=max_blocks, max_width=max_width, activations=activations
+        )
+    return sequence_stack(
+        pick, max_blocks=max_blocks, max_width=max_width, activations=activations,
+        fan_out=fan_out,
+    )  # fmt: skip

@@ -17,16 +17,19 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._activations import activation_names
-from ._architectures import FAMILIES, NumpyPicker, cnn, resnet
+from ._architectures import FAMILIES, NumpyPicker, cnn, resnet, sequence_family
 from ._losses import loss_names
 from .layers import (
     Activation,
     AvgPool,
     Conv,
     Dense,
+    Embedding,
     LayerNorm,
     MaxPool,
+    MultiHeadAttention,
     Parallel,
+    PositionalEmbedding,
     Residual,
     RMSNorm,
     Sequential,
@@ -104,6 +107,14 @@ def _layer(layer: Any) -> str:
         return f"Parallel-{layer.merge}[" + " | ".join(_layer(b) for b in layer.branches) + "]"
     if isinstance(layer, (LayerNorm, RMSNorm)):
         return f"{type(layer).__name__}({layer.features})"
+    if isinstance(layer, MultiHeadAttention):
+        flags = ", causal" if layer.causal else ""
+        flags += "" if layer.bias else ", no bias"
+        return f"MHA({layer.features}, {layer.heads} heads{flags})"
+    if isinstance(layer, Embedding):
+        return f"Embedding({layer.vocab}→{layer.features})"
+    if isinstance(layer, PositionalEmbedding):
+        return f"Positions({layer.length}×{layer.features})"
     return repr(layer)
 
 
@@ -215,11 +226,13 @@ def random_problem(
     of 1 to ``max_depth`` convolutions (random kernels, strides, paddings,
     dilations, groups, pooling, norm layers, up to ``max_width`` channels) and
     a Flatten, global-pooling or feature-map head; ``arch="resnet"``: residual
-    and ``Parallel`` (sum or concat) blocks on vectors or images (see
+    and ``Parallel`` (sum or concat) blocks on vectors or images;
+    ``arch="transformer"``: a :func:`jbp.transformer` on integer tokens or a
+    stack of attention, Dense and LayerNorm blocks on continuous sequences (see
     :mod:`jbp._architectures`). The data: batch uniform in ``[1, 32]`` (``[1,
-    8]`` for cnn and resnet), or with probability 1/8 a single example ``x``
-    of the input shape;
-    ``x ~ N(0, 1)``; targets by loss: N(0, 1) for ``half_sse`` and ``mse``,
+    8]`` for the other families), or with probability 1/8 a single example
+    ``x`` of the input shape; ``x ~ N(0, 1)`` (tokens uniform over the
+    vocabulary); targets by loss: N(0, 1) for ``half_sse`` and ``mse``,
     uniform in [0, 1] (sometimes exactly 0/1) for ``sigmoid_bce``, integer
     labels or Dirichlet probability targets for ``softmax_xent``.
 
@@ -236,7 +249,7 @@ def random_problem(
       activation_layers: whether to insert parameterless Activation layers.
       activations: the activation names to draw from (default every
         registered name, ``jbp.activation_names()``).
-      arch: the family, ``"mlp"``, ``"cnn"`` or ``"resnet"``.
+      arch: the family, ``"mlp"``, ``"cnn"``, ``"resnet"`` or ``"transformer"``.
       params_from_init: take params from ``net.init(jax.random.key(seed))``
         with zero biases perturbed by N(0, 0.5²), instead of drawing the same
         distributions with numpy (the default: ``jax.random`` compiles a kernel
@@ -278,6 +291,7 @@ def random_problem(
     if loss is None:
         choices = [n for n in known_losses if max_width >= 2 or n != "softmax_xent"]
         loss = _pick(rng, choices)
+    vocab: int | None = None
     if arch == "mlp":
         net, in_shape = _mlp(rng, loss, names, min_depth, max_depth, max_width, activation_layers)
         max_batch = MAX_BATCH
@@ -289,8 +303,13 @@ def random_problem(
                 pick, max_blocks=max_depth, max_channels=max_width, activations=names,
                 fan_out=fan_out,
             )  # fmt: skip
-        else:
+        elif arch == "resnet":
             net, in_shape = resnet(
+                pick, max_blocks=max_depth, max_width=max_width, activations=names,
+                fan_out=fan_out,
+            )  # fmt: skip
+        else:
+            net, in_shape, vocab = sequence_family(
                 pick, max_blocks=max_depth, max_width=max_width, activations=names,
                 fan_out=fan_out,
             )  # fmt: skip
@@ -303,7 +322,10 @@ def random_problem(
     else:
         params = _numpy_params(net, dtype, rng)
     x_shape = in_shape if single else (batch, *in_shape)
-    x = _array(rng.standard_normal(x_shape), dtype)
+    if arch != "mlp" and vocab is not None:  # integer tokens for an Embedding
+        x = _array(rng.integers(0, vocab, x_shape), np.int32)
+    else:
+        x = _array(rng.standard_normal(x_shape), dtype)
     out_shape = net.output_shape(in_shape)
     y, kind = _targets(loss, rng, out_shape if single else (batch, *out_shape), dtype)
     shape = "single example" if single else f"batch={batch}"

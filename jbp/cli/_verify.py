@@ -21,10 +21,10 @@ from .._progress import Progress, format_duration
 from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
 DEFAULT_COUNT = 100
-ARCHS = ("mlp", "cnn", "resnet")
+ARCHS = ("mlp", "cnn", "resnet", "transformer")
 # Default (max depth, max width) per family: Dense layers and widths for mlp,
 # blocks and channels (or widths) for cnn and resnet.
-LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8)}
+LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8), "transformer": (2, 8)}
 
 
 _VERIFY_HELP = """\
@@ -34,7 +34,9 @@ registered activation, bias on or off, batches of 1-32 or a single example),
 cnn (1-D and 2-D convolutions with random kernels, strides, paddings,
 dilations and groups, pooling, norm layers, and a Flatten, global-pooling or
 feature-map head), resnet (residual and Parallel sum/concat blocks on vectors
-or images); all (the default) takes them in turn. Problem i of a seed is the
+or images), transformer (jbp.transformer on integer tokens, or stacks of
+attention, Dense and LayerNorm blocks on continuous sequences); all (the
+default) takes them in turn. Problem i of a seed is the
 same architecture for every dtype: jbp.random_problem(
 np.random.default_rng((seed, i)), dtype=..., arch=..., ...).
 
@@ -72,7 +74,7 @@ def add_verify(subparsers: Any) -> None:
         "--arch",
         choices=(*ARCHS, "all"),
         default="all",
-        help="architecture family (default all: mlp, cnn and resnet in turn)",
+        help="architecture family (default all: mlp, cnn, resnet and transformer in turn)",
     )
     p.add_argument(
         "--min-depth",
@@ -86,14 +88,16 @@ def add_verify(subparsers: Any) -> None:
         type=int_at_least(1),
         default=None,
         metavar="D",
-        help="most Dense layers (mlp, default 6) or blocks (cnn, resnet, default 3)",
+        help="most Dense layers (mlp, default 6), blocks (cnn, resnet, default 3) or "
+        "transformer depth (default 2)",
     )
     p.add_argument(
         "--max-width",
         type=int_at_least(1),
         default=None,
         metavar="W",
-        help="largest width (mlp, default 32) or channel count (cnn, resnet, default 8)",
+        help="largest width (mlp, default 32), channel count (cnn, resnet, default 8) or "
+        "vocabulary and width (transformer, default 8)",
     )
     p.add_argument(
         "--loss",

@@ -12,6 +12,8 @@ On ``a`` of shape ``(batch, T, F)`` with H heads of width ``D = F / H``:
     ∂C/∂wo = Σ oᵀ δ,  dO = δ woᵀ
     dP = dO vᵀ,  dV = Pᵀ dO
     dS = P ⊙ (dP − rowsum(dP ⊙ P))          (the softmax; masked entries have P = 0)
+         − P ⊙ rowsum(dS)                   (zero in exact arithmetic: the round-off
+                                             residual of each row, removed)
     dQ = dS k / √D,  dK = dSᵀ q / √D
     ∂C/∂w{q,k,v} = Σ aᵀ d{Q,K,V},  ∂C/∂a = dQ wqᵀ + dK wkᵀ + dV wvᵀ
 
@@ -142,7 +144,10 @@ class MultiHeadAttention(Factorised, Layer):
         d_o = self._split(lax.dot_general(delta_out, params["wo"], contract_last(3)))
         d_p = lax.dot_general(d_o, v, _SCORES)  # dO vᵀ: (batch, heads, T, S)
         d_v = _heads_last(lax.dot_general(p, d_o, _BACK_T))  # Pᵀ dO
-        d_s = p * (d_p - jnp.sum(d_p * p, axis=-1, keepdims=True)) * self._scale
+        d_s = p * (d_p - jnp.sum(d_p * p, axis=-1, keepdims=True))
+        # Each row of dS sums to zero (softmax ignores a shift of its row); remove
+        # what round-off leaves, or it reaches dQ through what all keys share (bk).
+        d_s = (d_s - p * jnp.sum(d_s, axis=-1, keepdims=True)) * self._scale
         d_q = _heads_last(lax.dot_general(d_s, k, _MIX))  # dS k
         d_k = _heads_last(lax.dot_general(d_s, q, _BACK_T))  # dSᵀ q
         shape = delta_out.shape
