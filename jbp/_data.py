@@ -3,10 +3,13 @@
 Generated: :func:`xor`, :func:`moons`, :func:`spirals` (seeded). Real:
 :func:`digits`, scikit-learn's shipped 8×8 handwritten digits (1797 images,
 10 classes; no download), split and standardised, as 64 features or as
-``(8, 8, 1)`` images. User data: :func:`load_npz` (flat features or images)
-and :func:`load_csv`. Every data set is a :class:`Dataset` of float32 inputs
-and integer labels (``y`` as class indices). :func:`load_dataset` is the one
-public entry point: a name or a path.
+``(8, 8, 1)`` images. Sequences: :func:`sort_digits` (seeded), sorting digits
+as next-token prediction. User data: :func:`load_npz` (flat features or
+images) and :func:`load_csv`. Every data set is a :class:`Dataset` of float32
+inputs and integer labels (``y`` as class indices), except the sequence data
+sets: int32 tokens ``(n, T)`` and labels per position ``(n, T)``, with
+:data:`IGNORE_LABEL` where a position has no target. :func:`load_dataset` is
+the one public entry point: a name or a path.
 
 Images are channels last, ``(n, height, width, channels)``, as everywhere in
 jbp. Standardisation uses the training split's statistics only: per feature
@@ -25,17 +28,25 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+IGNORE_LABEL = -1
+"""The label of a sequence position that has no target: the trainer gives it a
+zero target row (no loss, δ = 0) and leaves it out of the accuracy."""
+
 
 class Dataset(NamedTuple):
     """A train/test split.
 
     Attributes:
       x_train: ``(n_train, *input_shape)`` float32: ``(n_train, features)``
-        for flat data, ``(n_train, height, width, channels)`` for images.
-      y_train: ``(n_train,)`` int32 class labels.
-      x_test: ``(n_test, *input_shape)`` float32.
-      y_test: ``(n_test,)`` int32.
-      n_classes: number of classes.
+        for flat data, ``(n_train, height, width, channels)`` for images; for
+        a sequence data set int32 tokens ``(n_train, T)`` in ``[0, n_classes)``.
+      y_train: ``(n_train,)`` int32 class labels; for a sequence data set
+        ``(n_train, T)`` int32 labels per position (the next token), each in
+        ``[0, n_classes)`` or :data:`IGNORE_LABEL` (-1: no target there).
+      x_test: ``(n_test, *input_shape)``, like ``x_train``.
+      y_test: ``(n_test,)`` or ``(n_test, T)`` int32, like ``y_train``.
+      n_classes: number of classes; for a sequence data set the vocabulary
+        (tokens and labels share it).
       name: a short description.
     """
 
@@ -58,6 +69,13 @@ class Dataset(NamedTuple):
         the features of flat data, ``height·width·channels`` of images (the
         width an MLP sees after ``jbp.Flatten``)."""
         return math.prod(self.input_shape)
+
+    @property
+    def is_sequence(self) -> bool:
+        """Whether the labels are per position, ``y`` ``(n, T)`` (a sequence
+        data set: ``x`` holds integer tokens ``(n, T)``), rather than one class
+        per example, ``y`` ``(n,)``."""
+        return self.y_train.ndim > 1
 
 
 def _split(
@@ -162,6 +180,91 @@ def digits(
     x = data.images[..., None] if images else data.data
     name = "digits (8×8 images)" if images else "digits"
     return _split(x, data.target, test_fraction, seed, standardize, name)
+
+
+SEPARATOR = 10  # sort_digits' separator token; the digits are tokens 0..9
+
+
+def _distinct_rows(rng: np.random.Generator, n: int, length: int) -> np.ndarray:
+    """``n`` distinct rows of ``length`` digits, uniformly drawn, in random order."""
+    if 10**length <= 4 * n:  # few possible rows: enumerate them all
+        codes = rng.permutation(10**length)[:n]
+        return (codes[:, None] // 10 ** np.arange(length - 1, -1, -1)) % 10
+    rows = np.empty((0, length), np.int64)
+    while len(rows) < n:
+        rows = np.concatenate([rows, rng.integers(0, 10, (2 * (n - len(rows)) + 8, length))])
+        _, first = np.unique(rows, axis=0, return_index=True)
+        rows = rows[np.sort(first)]  # the first of each, in the order drawn
+    return rows[:n]
+
+
+def sort_digits(
+    n: int = 5000, *, length: int = 8, test_fraction: float = 0.2, seed: int = 0
+) -> Dataset:
+    """Sort a sequence of digits, as next-token prediction: a sequence data set.
+
+    A sequence is ``[x_1 … x_L, SEP, s_1 … s_L]``, ``2L + 1`` tokens: ``L =
+    length`` random digits (tokens 0..9), the separator ``SEP`` (token 10),
+    then the same digits sorted ascending. The vocabulary is 11 tokens
+    (``n_classes = 11``). Inputs are the sequence without its last token and
+    labels the sequence without its first (position ``t`` predicts token
+    ``t + 1``), both ``(n, 2L)`` int32, but only the ``L`` *answer* positions
+    ``t = L … 2L − 1`` (the separator and the first ``L − 1`` sorted digits,
+    each followed by the next sorted digit) have a label; the first ``L``
+    positions, which would predict the random input digits, hold
+    :data:`IGNORE_LABEL` (-1). Accuracy on this set is the share of answer
+    tokens predicted right.
+
+    The ``n`` sequences are distinct, and the split is by multiset: no test
+    sequence is a permutation of a training one, so no sorted answer in the
+    test split is seen in training. The test split takes whole multisets
+    until it holds at least ``round(test_fraction · n)`` sequences.
+
+    Args:
+      n: the number of sequences, at most ``10**length``.
+      length: digits per sequence (``L``, at least 1).
+      test_fraction, seed: the split and the draw.
+
+    Example:
+      >>> import jbp
+      >>> data = jbp.load_dataset("sort", n=10, length=3)
+      >>> data.x_train.shape, data.y_train.shape, data.n_classes
+      ((8, 6), (8, 6), 11)
+      >>> int(data.y_train[0, 0]), bool((data.y_train[:, 3:] >= 0).all())
+      (-1, True)
+    """
+    for name, value in (("n", n), ("length", length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    if length <= 18 and n > 10**length:  # 10**19 sequences and more: never short
+        raise ValueError(
+            f"`n`={n} sequences of `length`={length} cannot all be distinct: there are only "
+            f"{10**length} digit sequences of that length; ask for fewer or longer ones"
+        )
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be in [0, 1), got {test_fraction!r}")
+    rng = np.random.default_rng(seed)
+    digits = _distinct_rows(rng, n, length)
+    ordered = np.sort(digits, axis=1)
+    _, multiset = np.unique(ordered, axis=0, return_inverse=True)
+    multiset = multiset.reshape(-1)
+    rank = rng.permutation(int(multiset.max()) + 1)[multiset]  # multisets in random order
+    order = np.argsort(rank, kind="stable")
+    n_test = round(test_fraction * n)
+    if n_test:  # take the last multiset the count reaches whole
+        n_test = int(np.searchsorted(rank[order], rank[order[n_test - 1]], side="right"))
+    if n_test >= n:
+        raise ValueError(
+            f"`test_fraction`={test_fraction!r} puts all {n} sequences in the test split; "
+            "leave at least one for training"
+        )
+    sep = np.full((n, 1), SEPARATOR)
+    seq = np.concatenate([digits, sep, ordered], axis=1).astype(np.int32)
+    x, y = seq[:, :-1], seq[:, 1:].copy()
+    y[:, :length] = IGNORE_LABEL
+    test, train = order[:n_test], rng.permutation(order[n_test:])
+    name = f"sort(n={n}, length={length})"
+    return Dataset(x[train], y[train], x[test], y[test], SEPARATOR + 1, name)
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -324,6 +427,7 @@ def batches(
 _BUILT_IN: dict[str, Callable[..., Dataset]] = {
     "digits": digits,
     "moons": moons,
+    "sort": sort_digits,
     "spirals": spirals,
     "xor": xor,
 }
@@ -344,7 +448,10 @@ def load_dataset(
       name: ``"digits"`` (scikit-learn's 8×8 digits, 64 features, or with
         ``images=True`` ``(8, 8, 1)`` images; 10 classes), ``"moons"`` (2
         features, 2 classes), ``"spirals"`` (2 features, 3 classes by
-        default), ``"xor"`` (the four points; train = test, so ``seed`` and
+        default), ``"sort"`` (sorting digits as next-token prediction: int32
+        tokens ``(n, 2·length)`` and labels per position, :data:`IGNORE_LABEL`
+        where there is no target; 11 tokens; see :func:`sort_digits`),
+        ``"xor"`` (the four points; train = test, so ``seed`` and
         ``test_fraction`` do not apply), or a path ending in ``.npz``
         (arrays ``x`` ``(n, features)`` or images ``(n, height, width)`` /
         ``(n, height, width, channels)``, and ``y`` ``(n,)``) or ``.csv``
@@ -352,14 +459,15 @@ def load_dataset(
       seed: seeds the generated points and the train/test split.
       test_fraction: the share of examples held out for testing.
       **options: passed to the loader: ``n``, ``noise`` (moons, spirals),
-        ``classes`` (spirals), ``images`` (digits), ``standardize`` (digits,
+        ``classes`` (spirals), ``length`` (sort), ``images`` (digits), ``standardize`` (digits,
         files), ``x_key``, ``y_key``, ``add_channel`` (.npz),
         ``label_column``, ``header`` (.csv).
 
     Returns:
       A :class:`Dataset`: float32 inputs, int32 labels, standardised with
       the training split's statistics (except xor): per feature for flat
-      data, per channel for images.
+      data, per channel for images. ``"sort"``: int32 tokens and labels
+      per position.
 
     Example:
       >>> import jbp

@@ -16,6 +16,12 @@ Labels: the trainer is for classification. Data sets hold integer labels
 ``(n,)``; :func:`targets` turns them into what the loss takes: the labels
 themselves for ``softmax_xent``, one-hot rows for the other losses, or a
 ``(n, 1)`` column of 0/1 for a network with a single output (binary).
+Sequence data sets hold labels per position ``(n, T)`` for a network that
+scores each position, ``(n, T, classes)`` out (e.g. ``jbp.transformer`` on
+integer tokens ``(n, T)``), with ``-1`` (``IGNORE_LABEL``) where a position has
+no target: those become zero target rows (no loss, δ = 0; ``softmax_xent``
+only) and are left out of the accuracy, which counts the positions that
+have a target. The label checks are in ``_train_checks.py``.
 """
 
 from __future__ import annotations
@@ -32,18 +38,24 @@ import numpy as np
 import optax
 
 from ._backprop import check_net, objective, value_and_backprop
-from ._checks import check_dtype, check_key, check_params, example_rank, params_dtype
+from ._checks import check_dtype, check_key, check_params, params_dtype
+from ._data import IGNORE_LABEL
 from ._losses import Loss, get_loss
 from ._per_example import dp_grad
+from ._train_checks import (
+    check_class_labels,
+    check_examples,
+    check_gradient_source,
+    check_inputs,
+    check_optimizer,
+    class_targets,
+)
 from ._verify import Report
-from .layers import Sequential, ShapeError
-from .layers._conv import example_axes
+from .layers import Sequential
 
 Array = jax.Array
 Params = Any
 StepFn = Callable[["TrainState", Any, Any], tuple["TrainState", dict[str, Array]]]
-
-GRADIENT_SOURCES = ("backprop", "autodiff")
 
 
 class TrainState(NamedTuple):
@@ -79,27 +91,6 @@ class TrainingError(RuntimeError):
         self.step = step
         self.state = state
         self.report = report
-
-
-def check_optimizer(optimizer: Any) -> None:
-    """``optimizer`` is an optax ``GradientTransformation``."""
-    if not (
-        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
-    ):
-        raise TypeError(
-            "`optimizer` must be an optax.GradientTransformation such as optax.adam(1e-3), "
-            f"got {optimizer!r}"
-        )
-
-
-def check_gradient_source(gradient_source: Any) -> str:
-    """One of :data:`GRADIENT_SOURCES`."""
-    if gradient_source not in GRADIENT_SOURCES:
-        raise ValueError(
-            f"`gradient_source` must be one of {', '.join(map(repr, GRADIENT_SOURCES))}, "
-            f"got {gradient_source!r}"
-        )
-    return gradient_source
 
 
 def init_state(net: Any, optimizer: Any, key: Array, *, dtype: Any = jnp.float32) -> TrainState:
@@ -266,13 +257,24 @@ def targets(net: Any, loss: str | Loss, labels: Any, dtype: Any = np.float32) ->
     Args:
       net: the network.
       loss: a loss name or :class:`Loss`.
-      labels: ``(n,)`` integer class labels.
+      labels: ``(n,)`` integer class labels, or labels per position ``(n, T)``
+        (classes, or -1, ``IGNORE_LABEL``, where a position has no target).
       dtype: the dtype of real-valued targets.
 
     Returns:
       For a loss that takes integer labels (``softmax_xent``): the labels,
       int32 ``(n,)``. Otherwise one-hot rows ``(n, fan_out)`` in ``dtype``;
-      with a single output, the 0/1 column ``(n, 1)``.
+      with a single output, the 0/1 column ``(n, 1)``. Labels per position:
+      the int32 labels ``(n, T)`` for ``softmax_xent`` when every position
+      has one, else one-hot rows ``(n, T, fan_out)`` with a zero row at each
+      ignored position (only ``softmax_xent`` accepts ignored positions: a
+      zero row gives it ℓ = 0 and δ = 0 there).
+
+    Example:
+      >>> import numpy as np, jbp
+      >>> net = jbp.transformer(vocab=3, length=2, features=4, heads=1, depth=1)
+      >>> jbp.targets(net, "softmax_xent", np.array([[-1, 2]])).tolist()
+      [[[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]]
     """
     net = check_net(net)
     loss = get_loss(loss)
@@ -281,99 +283,27 @@ def targets(net: Any, loss: str | Loss, labels: Any, dtype: Any = np.float32) ->
     return class_targets(loss, labels, net.fan_out, dtype)
 
 
-def class_targets(loss: Loss, labels: np.ndarray, outputs: int | None, dtype: Any) -> np.ndarray:
-    """:func:`targets` for checked labels and a network with ``outputs`` outputs."""
-    if loss.integer_labels and (outputs is None or outputs > 1):
-        return labels.astype(np.int32)
-    if outputs == 1:
-        return labels.astype(dtype)[:, None]
-    if outputs is None:
-        raise ValueError(
-            f"loss {loss.name!r} takes one-hot targets but the network does not declare its "
-            "number of outputs (no Dense at its end); end it with a Dense layer"
-        )
-    return np.eye(outputs, dtype=dtype)[labels]
-
-
 def check_labels(net: Sequential, loss: Loss, labels: np.ndarray, name: str = "labels") -> None:
     """Labels are integers the network's outputs can express."""
     check_class_labels(loss, labels, net.fan_out, name)
 
 
-def check_class_labels(loss: Loss, labels: Any, outputs: int | None, name: str) -> None:
-    """Labels are integer classes that ``outputs`` outputs can express (None: unknown)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"`{name}` must be integer class labels of shape (n,), got {labels.dtype.name} "
-            f"of shape {labels.shape}"
-        )
-    out = outputs
-    if out is None or not labels.size:
-        return
-    if out == 1 and loss.integer_labels:
-        raise ValueError(
-            f"loss {loss.name!r} needs at least 2 outputs but the network has 1; use 2 outputs "
-            "or a binary loss (sigmoid_bce, half_sse, mse)"
-        )
-    classes = 2 if out == 1 else out
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= classes:
-        raise ValueError(
-            f"`{name}` lie in [{lo}, {hi}] but the network's {out} output"
-            f"{'s' if out > 1 else ''} express{'' if out > 1 else 'es'} classes 0..{classes - 1}; "
-            f"give the last layer {hi + 1} outputs"
-        )
-
-
-def check_examples(net: Sequential, shape: tuple[int, ...], name: str) -> int:
-    """Inputs of shape ``(n, *example)`` fit ``net`` and it maps each example to
-    one score per class; returns the number of outputs.
-
-    Args:
-      net: the network.
-      shape: the inputs' shape, batch axis first.
-      name: the argument, for messages (e.g. ``"data.x_train"``).
-    """
-    shape = tuple(int(s) for s in shape)
-    rank = example_rank(net)
-    if rank is not None and len(shape) - 1 != rank:
-        want = "vectors (fan_in,)" if rank == 1 else f"examples {example_axes(rank - 1)}"
-        hint = "; put jbp.Flatten() first to feed them to Dense layers" if rank == 1 else ""
-        raise ValueError(
-            f"`{name}` has examples of shape {shape[1:]} but the network's first layers take "
-            f"{want}{hint}"
-        )
-    if net.fan_in is not None and shape[-1] != net.fan_in:
-        raise ValueError(
-            f"`{name}` has {shape[-1]} features but the first layer expects fan_in={net.fan_in}"
-        )
-    try:
-        out = net.output_shape(shape[1:])
-    except ShapeError as e:
-        raise ValueError(
-            f"`{name}` has examples of shape {shape[1:]}, which the network cannot take: {e}"
-        ) from None
-    if len(out) != 1:
-        raise ValueError(
-            f"the network maps one example of `{name}` to shape {out}, but a classifier needs "
-            "one score per class, shape (classes,): end it with jbp.Flatten() or "
-            "jbp.GlobalAvgPool() and a Dense layer"
-        )
-    return out[0]
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _evaluate_chunk(
     net: Sequential, loss: Loss, params: Params, x: Array, y: Array, labels: Array
-) -> tuple[Array, Array]:
+) -> tuple[Array, Array, Array, Array]:
+    """Σ ℓ_i, the correct predictions, the positions with a target, and the
+    examples right at every such position."""
     out, _ = net.forward(params, x)
-    if out.shape[1] == 1:
+    if labels.ndim == 1 and out.shape[1] == 1:
         threshold = 0.0 if loss.name == "sigmoid_bce" else 0.5
         predicted = (out[:, 0] > threshold).astype(labels.dtype)
     else:
-        predicted = jnp.argmax(out, axis=1).astype(labels.dtype)
-    return jnp.sum(loss.per_example(out, y)), jnp.sum(predicted == labels)
+        predicted = jnp.argmax(out, axis=-1).astype(labels.dtype)
+    scored = labels != IGNORE_LABEL
+    right = (predicted == labels) & scored
+    whole = jnp.all(right | ~scored, axis=tuple(range(1, labels.ndim)))
+    return jnp.sum(loss.per_example(out, y)), jnp.sum(right), jnp.sum(scored), jnp.sum(whole)
 
 
 def evaluate(
@@ -385,15 +315,34 @@ def evaluate(
       net, loss: the network and loss.
       params: the network's parameters.
       x: ``(n, fan_in)`` inputs, or ``(n, *example_shape)`` (e.g. images
-        ``(n, height, width, channels)``) for a network that takes them.
-      labels: ``(n,)`` integer class labels.
+        ``(n, height, width, channels)``) for a network that takes them, or
+        integer tokens ``(n, T)`` for one that starts with an ``Embedding``
+        (they stay integers).
+      labels: ``(n,)`` integer class labels, or labels per position ``(n, T)``
+        for a network that maps an example to ``(T, classes)``, -1
+        (``IGNORE_LABEL``) where a position has no target.
       batch_size: examples per forward pass.
 
     Returns:
       ``{"loss": mean_i ℓ_i, "accuracy": share of correct predictions, "n": n}``.
       The prediction is the argmax output, or for a single output
       ``out > 0`` (``sigmoid_bce``, logits) or ``out > 0.5`` (other losses).
-      An empty set gives NaN loss and accuracy.
+      With labels per position, the accuracy is over the positions that have
+      a target (e.g. a sequence task's answer tokens), ``ℓ_i`` is the loss's
+      own (``softmax_xent``: the mean over all T positions, an ignored one
+      adding 0), and two more entries say ``"tokens"``, the positions with a
+      target, and ``"sequence_accuracy"``, the share of examples right at all
+      of them. An empty set gives NaN loss and accuracy.
+
+    Example:
+      >>> import jax, numpy as np, jbp
+      >>> net = jbp.transformer(vocab=5, length=4, features=8, heads=2, depth=1)
+      >>> params = net.init(jax.random.key(0))
+      >>> tokens = np.array([[1, 2, 3, 4], [4, 3, 2, 1]])
+      >>> labels = np.array([[-1, -1, 4, 0], [-1, -1, 1, 0]])
+      >>> ev = jbp.evaluate(net, "softmax_xent", params, tokens, labels)
+      >>> ev["n"], ev["tokens"]
+      (2, 4)
     """
     net = check_net(net)
     loss = get_loss(loss)
@@ -406,27 +355,36 @@ def evaluate(
             f"per label), got {x.shape}"
         )
     check_params(net, params)
-    outputs = check_examples(net, x.shape, "x")
+    dtype = params_dtype(params) or np.dtype(np.float32)
+    x = check_inputs(net, x, dtype, "x")
+    outputs = check_examples(net, x.shape, "x", labels.shape[1:])
     check_class_labels(loss, labels, outputs, "labels")
-    x = x.astype(params_dtype(params) or np.float32)
-    y = class_targets(loss, labels, outputs, x.dtype)
+    y = class_targets(loss, labels, outputs, dtype)
     return evaluate_checked(net, loss, params, x, y, labels.astype(np.int32), batch_size)
 
 
 def evaluate_checked(
     net: Sequential, loss: Loss, params: Params, x: Any, y: Any, labels: Any, batch_size: int
 ) -> dict[str, float]:
-    """:func:`evaluate` on checked arrays: ``x`` in the params' dtype, ``y`` the
-    loss's targets, ``labels`` int32. Reads the device once, at the end."""
+    """:func:`evaluate` on checked arrays: ``x`` in the params' dtype (or int32
+    tokens), ``y`` the loss's targets, ``labels`` int32. Reads the device
+    once, at the end."""
     n = int(labels.shape[0])
+    per_position = labels.ndim > 1
     if n == 0:
-        return {"loss": math.nan, "accuracy": math.nan, "n": 0}
+        empty = {"tokens": 0, "sequence_accuracy": math.nan} if per_position else {}
+        return {"loss": math.nan, "accuracy": math.nan, "n": 0, **empty}
     sums = [
         _evaluate_chunk(net, loss, params, x[sl], y[sl], labels[sl])
         for sl in (slice(start, start + batch_size) for start in range(0, n, batch_size))
     ]
-    total, correct = 0.0, 0
-    for s, c in jax.device_get(sums):
+    total, correct, scored, whole = 0.0, 0, 0, 0
+    for s, c, k, w in jax.device_get(sums):
         total += float(s)
         correct += int(c)
-    return {"loss": total / n, "accuracy": correct / n, "n": n}
+        scored += int(k)
+        whole += int(w)
+    result = {"loss": total / n, "accuracy": correct / scored if scored else math.nan, "n": n}
+    if per_position:
+        result.update(tokens=scored, sequence_accuracy=whole / n)
+    return result

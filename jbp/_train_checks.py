@@ -1,7 +1,27 @@
-"""The training loop's argument checks: :func:`jbp.fit`'s arguments become a
-:class:`Plan` (the checked network, loss, optimiser and settings) and its data
-set a :class:`Data` (inputs cast, targets built, labels checked), once, at the
-public boundary; the loop inside takes those and checks nothing again."""
+"""The trainer's argument checks, once, at the public boundary.
+
+:func:`jbp.fit`'s arguments become a :class:`Plan` (the checked network, loss,
+optimiser and settings) and its data set a :class:`Data` (inputs cast, targets
+built, labels checked); the loop inside takes those and checks nothing again.
+:func:`jbp.targets` and :func:`jbp.evaluate` share the label, input and
+example checks.
+
+Labels come in two kinds:
+
+- class labels ``(n,)``: one class per example, non-negative;
+- labels per position ``(n, T)`` (sequences: the next token at each
+  position), each a class or :data:`~jbp._data.IGNORE_LABEL` (-1) where a
+  position has no target. The network maps an example to ``(T, classes)``.
+  With ignored positions the targets are one-hot rows with a zero row at each
+  ignored position, for ``softmax_xent`` only: its ``ℓ`` and δ
+  (``softmax(a)·Σy − y``) are zero at a zero row, so an ignored position
+  neither adds to the loss nor to the gradient (it still counts in the
+  mean over the example's T positions). Other losses have no such row.
+
+Integer tokens (a network whose first layer is an ``Embedding``) stay
+integers: they are checked against the vocabulary here, where they can be
+read, because inside the jitted step they cannot.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +32,206 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ._backprop import check_net
-from ._checks import check_dtype
-from ._losses import get_loss
-from ._train import (
-    check_class_labels,
-    check_examples,
-    check_gradient_source,
-    check_optimizer,
-    class_targets,
-)
+from ._checks import check_dtype, example_rank
+from ._data import IGNORE_LABEL
+from ._losses import Loss, get_loss
+from .layers import Sequential, ShapeError
+from .layers._conv import example_axes
 
+GRADIENT_SOURCES = ("backprop", "autodiff")
 MONITORS = ("train_loss", "test_loss")
+# The losses whose target row of zeros gives ℓ = 0 and δ = 0 at that position.
+_IGNORING_LOSSES = ("softmax_xent",)
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """``optimizer`` is an optax ``GradientTransformation``."""
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            "`optimizer` must be an optax.GradientTransformation such as optax.adam(1e-3), "
+            f"got {optimizer!r}"
+        )
+
+
+def check_gradient_source(gradient_source: Any) -> str:
+    """One of :data:`GRADIENT_SOURCES`."""
+    if gradient_source not in GRADIENT_SOURCES:
+        raise ValueError(
+            f"`gradient_source` must be one of {', '.join(map(repr, GRADIENT_SOURCES))}, "
+            f"got {gradient_source!r}"
+        )
+    return gradient_source
+
+
+# --- labels and targets --------------------------------------------------------------
+
+
+def class_targets(loss: Loss, labels: np.ndarray, outputs: int | None, dtype: Any) -> np.ndarray:
+    """:func:`jbp.targets` for checked labels and a network with ``outputs`` outputs."""
+    if labels.ndim > 1:
+        return _position_targets(loss, labels, outputs, dtype)
+    if loss.integer_labels and (outputs is None or outputs > 1):
+        return labels.astype(np.int32)
+    if outputs == 1:
+        return labels.astype(dtype)[:, None]
+    if outputs is None:
+        raise ValueError(
+            f"loss {loss.name!r} takes one-hot targets but the network does not declare its "
+            "number of outputs (no Dense at its end); end it with a Dense layer"
+        )
+    return np.eye(outputs, dtype=dtype)[labels]
+
+
+def _position_targets(loss: Loss, labels: np.ndarray, outputs: int | None, dtype: Any) -> Any:
+    """Labels per position ``(n, T)``: the labels themselves for a loss that takes
+    them when every position has one, else one-hot rows ``(n, T, outputs)`` with
+    a zero row where the label is :data:`IGNORE_LABEL`."""
+    ignored = bool(np.any(labels == IGNORE_LABEL))
+    if loss.integer_labels and not ignored:
+        return labels.astype(np.int32)
+    if outputs is None:
+        raise ValueError(
+            "labels per position with ignored positions become one-hot targets, but the "
+            "network does not declare its number of outputs (no Dense at its end); end it "
+            "with a Dense layer"
+        )
+    rows = np.concatenate([np.eye(outputs, dtype=dtype), np.zeros((1, outputs), dtype)])
+    return rows[labels]  # IGNORE_LABEL = -1 picks the zero row
+
+
+def check_class_labels(loss: Loss, labels: Any, outputs: int | None, name: str) -> None:
+    """Labels are integer classes that ``outputs`` outputs can express (None:
+    unknown): ``(n,)`` non-negative, or per position ``(n, T, ...)`` with
+    :data:`IGNORE_LABEL` allowed."""
+    labels = np.asarray(labels)
+    if labels.ndim < 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"`{name}` must be integer class labels of shape (n,), or labels per position "
+            f"(n, T) for sequences, got {labels.dtype.name} of shape {labels.shape}"
+        )
+    per_position = labels.ndim > 1
+    if per_position and labels.size:
+        lo = int(labels.min())
+        if lo < IGNORE_LABEL:
+            raise ValueError(
+                f"`{name}` holds label {lo}; labels per position are classes 0, 1, ... or "
+                f"{IGNORE_LABEL} where a position has no target"
+            )
+        if lo == IGNORE_LABEL and loss.name not in _IGNORING_LOSSES:
+            raise ValueError(
+                f"`{name}` has positions without a target (label {IGNORE_LABEL}), which only "
+                f"{' or '.join(_IGNORING_LOSSES)} can leave out (a zero target row gives it "
+                f"no loss and δ = 0 there); loss {loss.name!r} would still fit those "
+                "positions to zero: use loss 'softmax_xent'"
+            )
+    out = outputs
+    if out is None or not labels.size:
+        return
+    if out == 1 and (loss.integer_labels or per_position):
+        need = "labels per position" if per_position else f"loss {loss.name!r}"
+        raise ValueError(
+            f"{need} need{'' if per_position else 's'} at least 2 outputs but the network has "
+            "1; use 2 outputs"
+            + ("" if per_position else " or a binary loss (sigmoid_bce, half_sse, mse)")
+        )
+    classes = 2 if out == 1 else out
+    scored = labels[labels != IGNORE_LABEL] if per_position else labels
+    if not scored.size:
+        return
+    lo, hi = int(scored.min()), int(scored.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(
+            f"`{name}` lie in [{lo}, {hi}] but the network's {out} output"
+            f"{'s' if out > 1 else ''} express{'' if out > 1 else 'es'} classes 0..{classes - 1}; "
+            f"give the last layer {hi + 1} outputs"
+        )
+
+
+def _first_layer(net: Any) -> Any:
+    while hasattr(net, "layers"):
+        net = net.layers[0]
+    return net
+
+
+def check_inputs(net: Sequential, x: np.ndarray, dtype: Any, name: str) -> np.ndarray:
+    """``x`` as the network takes it: integer tokens in ``[0, vocab)`` as int32 for
+    a network that starts with an ``Embedding``, else cast to ``dtype``."""
+    if not getattr(net, "takes_tokens", False):
+        return x.astype(dtype)
+    first = _first_layer(net)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(
+            f"`{name}` has dtype {x.dtype.name}, but the network's first layer ({first!r}) "
+            "takes integer tokens: use a sequence data set such as jbp.load_dataset('sort'), "
+            "or token ids of an integer dtype"
+        )
+    vocab = getattr(first, "vocab", None)
+    if vocab is not None and x.size and (x.min() < 0 or x.max() >= vocab):
+        raise ValueError(
+            f"`{name}` has tokens in [{x.min()}, {x.max()}] but the first layer has "
+            f"vocab={vocab}, so tokens must lie in [0, {vocab - 1}]"
+        )
+    return x.astype(np.int32)
+
+
+def check_examples(
+    net: Sequential, shape: tuple[int, ...], name: str, positions: tuple[int, ...] = ()
+) -> int:
+    """Inputs of shape ``(n, *example)`` fit ``net`` and it maps each example to
+    one score per class (``positions == ()``, class labels) or to one score per
+    class at each position, ``(*positions, classes)`` (labels per position);
+    returns the number of outputs (classes).
+
+    Args:
+      net: the network.
+      shape: the inputs' shape, batch axis first.
+      name: the argument, for messages (e.g. ``"data.x_train"``).
+      positions: one example's label shape: ``()`` or ``(T,)``.
+    """
+    shape = tuple(int(s) for s in shape)
+    positions = tuple(int(s) for s in positions)
+    rank = example_rank(net)
+    if rank is not None and len(shape) - 1 != rank:
+        want = "vectors (fan_in,)" if rank == 1 else f"examples {example_axes(rank - 1)}"
+        hint = "; put jbp.Flatten() first to feed them to Dense layers" if rank == 1 else ""
+        raise ValueError(
+            f"`{name}` has examples of shape {shape[1:]} but the network's first layers take "
+            f"{want}{hint}"
+        )
+    if net.fan_in is not None and shape[-1] != net.fan_in:
+        raise ValueError(
+            f"`{name}` has {shape[-1]} features but the first layer expects fan_in={net.fan_in}"
+        )
+    try:
+        out = net.output_shape(shape[1:])
+    except ShapeError as e:
+        raise ValueError(
+            f"`{name}` has examples of shape {shape[1:]}, which the network cannot take: {e}"
+        ) from None
+    if positions and tuple(out[:-1]) != positions:
+        raise ValueError(
+            f"the network maps one example of `{name}` to shape {out}, but labels per position "
+            f"of shape {positions} need one score per class at each position, shape "
+            f"({', '.join(map(str, positions))}, classes)"
+            + ("; a sequence model such as jbp.transformer gives that" if len(out) == 1 else "")
+        )
+    if not positions and len(out) != 1:
+        raise ValueError(
+            f"the network maps one example of `{name}` to shape {out}, but a classifier needs "
+            "one score per class, shape (classes,): end it with jbp.Flatten() or "
+            "jbp.GlobalAvgPool() and a Dense layer"
+            + (
+                "; labels per position (n, T) would fit a network that scores each position"
+                if len(out) == 2
+                else ""
+            )
+        )
+    return out[-1]
+
+
+# --- fit's plan and data -------------------------------------------------------------
 
 
 def _positive_int(name: str, value: Any, *, optional: bool = False) -> None:
@@ -75,8 +284,8 @@ class Plan:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One split as the loop uses it: inputs in the params' dtype, the loss's
-    targets and the int32 labels."""
+    """One split as the loop uses it: inputs in the params' dtype (int32 tokens
+    for a network that takes tokens), the loss's targets and the int32 labels."""
 
     x: np.ndarray
     y: np.ndarray
@@ -105,20 +314,26 @@ def check_data(data: Any, plan: Plan) -> Data:
     splits = []
     for xs, ys in (("x_train", "y_train"), ("x_test", "y_test")):
         x, y = np.asarray(getattr(data, xs)), np.asarray(getattr(data, ys))
-        if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        if x.ndim < 2 or y.ndim < 1 or x.shape[0] != y.shape[0]:
             raise ValueError(
                 f"`data.{xs}` must have shape (n, features) or (n, *example_shape) and "
                 f"`data.{ys}` shape (n,), got {x.shape} and {y.shape}"
             )
-        outputs = check_examples(plan.net, x.shape, f"data.{xs}")
+        check_class_labels(plan.loss, y, None, f"data.{ys}")
+        x = check_inputs(plan.net, x, plan.dtype, f"data.{xs}")
+        outputs = check_examples(plan.net, x.shape, f"data.{xs}", y.shape[1:])
         check_class_labels(plan.loss, y, outputs, f"data.{ys}")
         targets = class_targets(plan.loss, y, outputs, plan.dtype)
-        splits.append(Split(x.astype(plan.dtype), targets, y.astype(np.int32)))
+        splits.append(Split(x, targets, y.astype(np.int32)))
     train, test = splits
-    if not train.labels.size:
+    if not len(train.labels):
         raise ValueError("`data.x_train` is empty: need at least one training example")
-    if plan.monitor == "test_loss" and not test.labels.size:
+    if train.labels.ndim > 1 and not np.any(train.labels != IGNORE_LABEL):
+        raise ValueError(
+            f"`data.y_train` has no position with a target: every label is {IGNORE_LABEL}"
+        )
+    if plan.monitor == "test_loss" and not len(test.labels):
         raise ValueError("`monitor='test_loss'` but `data` has no test split")
-    meta = {"name": str(getattr(data, "name", "")), "n_train": int(train.labels.size),
+    meta = {"name": str(getattr(data, "name", "")), "n_train": len(train.labels),
             "batch_size": plan.batch_size, "seed": plan.seed}  # fmt: skip
-    return Data(train, test if test.labels.size else None, meta)
+    return Data(train, test if len(test.labels) else None, meta)

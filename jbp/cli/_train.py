@@ -1,4 +1,4 @@
-"""``jbp train``: train an MLP or a CNN with optax on hand-written gradients."""
+"""``jbp train``: train an MLP, a CNN or a transformer with optax on hand-written gradients."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from ._args import (
     simulate_cpu_devices,
 )
 
+# Each takes a learning rate: a number or an optax schedule.
 OPTIMIZERS = {
     "sgd": lambda lr: optax.sgd(lr),
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
@@ -36,15 +37,17 @@ OPTIMIZERS = {
     "adamw": lambda lr: optax.adamw(lr),
 }
 SOURCES = ("backprop", "autodiff", "both")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "transformer")
+SCHEDULES = ("constant", "cosine")
 # Arguments that must be the same to resume a run (the others may change);
-# --channels too for a cnn.
+# --channels too for a cnn, --features, --heads and --depth for a transformer,
+# --epochs for a cosine schedule (it decays over all the run's steps).
 _RESUME_KEYS = (
     "data", "test_fraction", "model", "hidden", "activation", "loss", "optimizer", "lr",
-    "batch_size", "seed", "dtype", "gradient_source",
+    "schedule", "batch_size", "seed", "dtype", "gradient_source",
 )  # fmt: skip
 # What a config.json written before a key existed meant by its absence.
-_OLD_DEFAULTS = {"model": "mlp"}
+_OLD_DEFAULTS = {"model": "mlp", "schedule": "constant"}
 
 _TRAIN_HELP = """\
 Train a classifier on a data set with optax, on gradients from jbp's
@@ -57,6 +60,12 @@ and output widths come from the data; --hidden sets the Dense layers between.
 stride 1, each later one with stride 2), then Flatten and the Dense layers.
 It needs images: --data digits (as 8x8x1 images) or a .npz whose x is
 (n, height, width) or (n, height, width, channels).
+--model transformer: jbp.transformer, a causal pre-LN decoder (--depth
+blocks of --heads-head attention and a 4x wide --activation MLP, --features
+wide) from integer tokens to logits at every position. It needs a sequence
+data set: --data sort (sorting 8 digits as next-token prediction; the
+accuracy counts the answer tokens, the sorted half). --hidden does not apply.
+Its learning rate follows a cosine schedule unless --schedule says otherwise.
 
 Every --check-every steps the two gradient sources are compared on the
 current batch with jbp.compare, and the run stops (exit status 1) with the
@@ -87,11 +96,17 @@ def add_train(subparsers: Any) -> None:
     add("--test-fraction", type=float, default=0.2, metavar="F",
         help="share of examples held out for testing (default 0.2; xor tests on its 4 points)")  # fmt: skip
     add("--model", choices=MODELS, default="mlp",
-        help="mlp (Dense layers) or cnn (3x3 convolutions, then the Dense layers; needs "
-        "images) (default mlp)")  # fmt: skip
+        help="mlp (Dense layers), cnn (3x3 convolutions, then the Dense layers; needs "
+        "images) or transformer (needs a sequence data set such as sort) (default mlp)")  # fmt: skip
     add("--channels", type=channel_counts, default=(32, 64), metavar="LIST",
         help="--model cnn: the convolutions' output channels, comma-separated "
         "(default 32,64)")  # fmt: skip
+    add("--features", type=int_at_least(1), default=64, metavar="N",
+        help="--model transformer: the width of the embeddings and attention (default 64)")  # fmt: skip
+    add("--heads", type=int_at_least(1), default=4, metavar="N",
+        help="--model transformer: attention heads; must divide --features (default 4)")  # fmt: skip
+    add("--depth", type=int_at_least(1), default=2, metavar="N",
+        help="--model transformer: attention + MLP blocks (default 2)")  # fmt: skip
     add("--hidden", type=hidden_widths, default=(128, 64), metavar="LIST",
         help="hidden Dense layer widths, comma-separated, or none (default 128,64)")  # fmt: skip
     add("--activation", type=activation_name, default="relu", metavar="NAME",
@@ -100,6 +115,10 @@ def add_train(subparsers: Any) -> None:
         help=f"one of {', '.join(jbp.loss_names())} (default softmax_xent)")  # fmt: skip
     add("--optimizer", choices=tuple(OPTIMIZERS), default="adam", help="(default adam)")
     add("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    add("--schedule", choices=SCHEDULES, default=None,
+        help="the learning rate over the run: constant, or cosine (a linear warmup over the "
+        "first 5%% of the --epochs' steps to --lr, then a cosine decay to 0) (default: "
+        "cosine for a transformer, else constant)")  # fmt: skip
     add("--batch-size", type=int_at_least(1), default=32, metavar="N", help="(default 32)")
     add("--epochs", type=int_at_least(1), default=20, metavar="N", help="(default 20)")
     add("--seed", type=int_at_least(0), default=0,
@@ -146,6 +165,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     config["hidden"] = list(config["hidden"])
     if args.model == "cnn":
         config["channels"] = list(args.channels)
+    if args.model == "transformer":
+        config.update(features=args.features, heads=args.heads, depth=args.depth)
+    if args.schedule == "cosine":
+        config["epochs"] = args.epochs
     return config
 
 
@@ -216,14 +239,28 @@ def build_net(
     hidden: tuple[int, ...],
     activation: str,
     channels: tuple[int, ...],
+    features: int = 64,
+    heads: int = 4,
+    depth: int = 2,
 ) -> tuple[jbp.Sequential, str]:
     """The network ``jbp train`` trains, and a line that describes it.
 
     ``mlp``: ``jbp.mlp`` over the features (after a ``jbp.Flatten`` for
     images). ``cnn``: one 3×3 (3×…×3 for other ranks) ``jbp.Conv`` per entry
     of ``channels``, SAME padding, stride 1 for the first and 2 for the rest,
-    then ``jbp.Flatten`` and the Dense layers. Public ``jbp`` names only.
+    then ``jbp.Flatten`` and the Dense layers. ``transformer``:
+    ``jbp.transformer`` over ``classes`` tokens and sequences of
+    ``input_shape[0]``, causal. Public ``jbp`` names only.
     """
+    if model == "transformer":
+        length = input_shape[0]
+        net = jbp.transformer(classes, length, features, heads, depth, activation=activation)
+        text = (
+            f"transformer: {depth} block{'s' if depth > 1 else ''}, {features} features, "
+            f"{heads} head{'s' if heads > 1 else ''}, mlp x4 "
+            f"{activation}, causal, vocab {classes}, length {length}"
+        )
+        return net, text
     if model == "mlp":
         sizes = [math.prod(input_shape), *hidden, classes]
         net = jbp.mlp(sizes, activation)
@@ -253,6 +290,18 @@ def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> jbp
         )
     except (OSError, ValueError, TypeError) as err:
         parser.error(f"--data: {err}")
+    if args.model == "transformer" and not data.is_sequence:
+        parser.error(
+            f"--model transformer needs a sequence data set, integer tokens (n, T) with labels "
+            f"per position (n, T), but {data.name} has examples of shape {data.input_shape} "
+            "with one label each; use --data sort, or --model mlp or cnn"
+        )
+    if args.model != "transformer" and data.is_sequence:
+        parser.error(
+            f"--model {args.model} needs feature vectors or images with one label each, but "
+            f"{data.name} is a sequence data set (integer tokens (n, T), labels per position); "
+            "use --model transformer"
+        )
     if args.model == "cnn" and len(data.input_shape) < 2:
         parser.error(
             f"--model cnn needs images, examples of shape (height, width, channels), but "
@@ -301,17 +350,32 @@ def _start(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def _describe(args: argparse.Namespace, data: jbp.Dataset, model: str, mesh: Any) -> None:
     shape = data.input_shape
     inputs = f"{shape[0]} features" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images"
+    classes = f"{data.n_classes} classes"
+    if data.is_sequence:
+        answers = int((data.y_train[0] >= 0).sum())
+        inputs = f"sequences of {shape[0]} tokens, {answers} of them with a target"
+        classes = f"a vocabulary of {data.n_classes} tokens"
     print(
         f"jbp train: {data.name}: {len(data.y_train)} train / {len(data.y_test)} test "
-        f"examples, {inputs}, {data.n_classes} classes"
+        f"examples, {inputs}, {classes}"
     )
+    schedule = "" if args.schedule == "constant" else f" ({args.schedule})"
     print(
-        f"{model}, {args.loss}, {args.optimizer} lr {args.lr:g}, "
+        f"{model}, {args.loss}, {args.optimizer} lr {args.lr:g}{schedule}, "
         f"batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, {args.dtype}, "
         f"gradients from {' and '.join(_sources(args))}, check every "
         f"{args.check_every or 'never'}, backend {device()}"
         + (f" × {args.devices} (data-parallel)" if mesh is not None else "")
     )
+
+
+def _learning_rate(args: argparse.Namespace, data: jbp.Dataset) -> Any:
+    """``--lr``, or for ``--schedule cosine`` an optax schedule over the run's
+    ``--epochs`` (``--max-steps`` stops a run early but does not change it)."""
+    if args.schedule == "constant":
+        return args.lr
+    steps = args.epochs * math.ceil(len(data.y_train) / args.batch_size)
+    return optax.warmup_cosine_decay_schedule(0.0, args.lr, steps // 20, max(steps, 1), 0.0)
 
 
 def _sources(args: argparse.Namespace) -> tuple[str, ...]:
@@ -323,6 +387,13 @@ def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any)
     """The result line's accuracy part: on the test split, else on the training split."""
     params = result.state.params
     ev = jbp.evaluate(net, args.loss, params, data.x_test, data.y_test)
+    if ev["n"] and data.is_sequence:
+        correct = round(ev["accuracy"] * ev["tokens"])
+        return (
+            f"test accuracy {100 * ev['accuracy']:.2f}% of answer tokens "
+            f"({correct}/{ev['tokens']}), {100 * ev['sequence_accuracy']:.2f}% of sequences "
+            f"right at every answer token, test loss {ev['loss']:.4f}"
+        )
     if ev["n"]:
         correct = round(ev["accuracy"] * ev["n"])
         return (
@@ -330,7 +401,8 @@ def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any)
             f"test loss {ev['loss']:.4f}"
         )
     ev = jbp.evaluate(net, args.loss, params, data.x_train, data.y_train)
-    return f"train accuracy {100 * ev['accuracy']:.2f}% (no test split)"
+    what = "of answer tokens " if data.is_sequence else ""
+    return f"train accuracy {100 * ev['accuracy']:.2f}% {what}(no test split)"
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -338,10 +410,17 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     say = print if jbp.is_main_process() else _silent
     mesh = _make_mesh(args, parser)
     data = _load_data(args, parser)
-    net, model = build_net(
-        args.model, data.input_shape, data.n_classes,
-        hidden=args.hidden, activation=args.activation, channels=args.channels,
-    )  # fmt: skip
+    if args.schedule is None:
+        args.schedule = "cosine" if args.model == "transformer" else "constant"
+    try:
+        net, model = build_net(
+            args.model, data.input_shape, data.n_classes,
+            hidden=args.hidden, activation=args.activation, channels=args.channels,
+            features=args.features, heads=args.heads, depth=args.depth,
+        )  # fmt: skip
+    except ValueError as err:
+        parser.error(f"--model {args.model}: {err}")
+    optimizer = OPTIMIZERS[args.optimizer](_learning_rate(args, data))
     sources = _sources(args)
     if args.run_dir is not None and jax.process_index() == 0:
         _check_config(args, parser)
@@ -357,7 +436,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         start = time.perf_counter()
         try:
             result = jbp.fit(
-                net, args.loss, OPTIMIZERS[args.optimizer](args.lr), data,
+                net, args.loss, optimizer, data,
                 epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                 dtype=jnp.dtype(args.dtype), gradient_source=source,
                 check_every=args.check_every or None, patience=args.patience,
