@@ -299,12 +299,12 @@ def random_problem(
         pick = NumpyPicker(rng)
         fan_out = int(rng.integers(2 if loss == "softmax_xent" else 1, max(max_width, 2) + 1))
         if arch == "cnn":
-            net, in_shape = cnn(
+            net, in_shape, vocab = cnn(
                 pick, max_blocks=max_depth, max_channels=max_width, activations=names,
                 fan_out=fan_out,
             )  # fmt: skip
         elif arch == "resnet":
-            net, in_shape = resnet(
+            net, in_shape, vocab = resnet(
                 pick, max_blocks=max_depth, max_width=max_width, activations=names,
                 fan_out=fan_out,
             )  # fmt: skip
@@ -322,7 +322,7 @@ def random_problem(
     else:
         params = _numpy_params(net, dtype, rng)
     x_shape = in_shape if single else (batch, *in_shape)
-    if arch != "mlp" and vocab is not None:  # integer tokens for an Embedding
+    if vocab is not None:  # integer tokens for an Embedding
         x = _array(rng.integers(0, vocab, x_shape), np.int32)
     else:
         x = _array(rng.standard_normal(x_shape), dtype)

@@ -22,6 +22,8 @@ from ._strategies import dtypes as dtypes
 from ._strategies import losses as losses
 from ._strategies import problems as problems
 from ._strategies import resnets as resnets
+from ._strategies import sequence_stacks as sequence_stacks
+from ._strategies import transformers as transformers
 
 __all__ = [
     "Architecture",
@@ -33,4 +35,6 @@ __all__ = [
     "losses",
     "problems",
     "resnets",
+    "sequence_stacks",
+    "transformers",
 ]

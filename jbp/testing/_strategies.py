@@ -24,6 +24,8 @@ import jbp
 from jbp._architectures import Architecture
 from jbp._architectures import cnn as _cnn_recipe
 from jbp._architectures import resnet as _resnet_recipe
+from jbp._architectures import sequence_stack as _sequence_recipe
+from jbp._architectures import transformer_net as _transformer_recipe
 
 # What kind of target each built-in loss takes.
 _REAL, _UNIT, _CLASSES = "real", "unit interval", "classes"
@@ -346,6 +348,78 @@ def resnets(
     return draw_resnet()
 
 
+def transformers(
+    *,
+    max_depth: int = 2,
+    max_vocab: int = 8,
+    max_length: int = 6,
+    activations: Sequence[str] | None = None,
+) -> SearchStrategy[Architecture]:
+    """Random :func:`jbp.transformer` networks on integer tokens.
+
+    Vocabulary 2 to ``max_vocab``; 1 to 3 heads, each 1 to 3 wide (at least 3
+    features: LayerNorm of fewer is degenerate); depth 1 to ``max_depth``; MLP
+    ratio 1 or 2; a drawn activation; causal or not; sequences of 1 to
+    ``max_length`` tokens, the positional table up to 2 longer.
+
+    Returns:
+      A strategy of :class:`Architecture` ``(net, (T,), vocab)``; ``problems``
+      draws integer tokens for it.
+    """
+    _check_int("max_depth", max_depth, 1)
+    _check_int("max_vocab", max_vocab, 2)
+    _check_int("max_length", max_length, 1)
+    names, _ = _family_args(1, 1, None, activations)
+
+    @st.composite
+    def draw(draw: Any) -> Architecture:
+        return _transformer_recipe(
+            _HypothesisPicker(draw),
+            max_depth=max_depth,
+            max_width=max_vocab,
+            activations=names,
+            max_length=max_length,
+        )
+
+    return draw()
+
+
+def sequence_stacks(
+    *,
+    max_blocks: int = 3,
+    max_width: int = 6,
+    max_length: int = 6,
+    fan_out: int | None = None,
+    activations: Sequence[str] | None = None,
+) -> SearchStrategy[Architecture]:
+    """Random stacks on continuous sequences ``(T, features)``.
+
+    A Dense input projection, an optional :class:`jbp.PositionalEmbedding`,
+    then 1 to ``max_blocks`` blocks, each a pre-normed residual
+    :class:`jbp.MultiHeadAttention` (causal or not, bias or not), a residual
+    Dense MLP, a bare attention layer or a Dense layer, then a Dense head with
+    ``fan_out`` outputs per position.
+
+    Returns:
+      A strategy of :class:`Architecture` ``(net, (T, fan_in))``.
+    """
+    names, outs = _family_args(max_blocks, max_width, fan_out, activations)
+    _check_int("max_length", max_length, 1)
+
+    @st.composite
+    def draw(draw: Any) -> Architecture:
+        return _sequence_recipe(
+            _HypothesisPicker(draw),
+            max_blocks=max_blocks,
+            max_width=max_width,
+            activations=names,
+            fan_out=draw(outs),
+            max_length=max_length,
+        )
+
+    return draw()
+
+
 def _target_kind(loss: str | jbp.Loss) -> str:
     name = loss.name if isinstance(loss, jbp.Loss) else loss
     if name in _TARGETS:
@@ -509,8 +583,9 @@ def problems(
             net = draw(architectures(fan_out=out, **arch))
         else:
             net = draw(nets)
+        vocab = None
         if isinstance(net, Architecture):
-            net, shape = net
+            net, shape, vocab = net
         elif in_shape is not None:
             shape = tuple(in_shape)
         elif net.fan_in is not None:
@@ -527,7 +602,10 @@ def problems(
         else:
             params = _draw_params(net, dtype, rng)
         x_shape = shape if batch is None else (batch, *shape)
-        x = jnp.asarray(rng.standard_normal(x_shape), dtype=dtype)
+        if vocab is not None:  # integer tokens for an Embedding
+            x = jnp.asarray(rng.integers(0, vocab, x_shape), dtype=jnp.int32)
+        else:
+            x = jnp.asarray(rng.standard_normal(x_shape), dtype=dtype)
         out_shape = net.output_shape(shape)
         if kind == _CLASSES:
             assume(out_shape[-1] >= 2)  # one class: softmax_xent's gradient is identically zero
