@@ -9,8 +9,10 @@ from ._backprop import value_and_backprop as value_and_backprop
 from ._bench import BENCH_FUNCTIONS as BENCH_FUNCTIONS
 from ._bench import BENCH_TARGETS as BENCH_TARGETS
 from ._bench import BENCH_TARGETS_CNN as BENCH_TARGETS_CNN
+from ._bench import BENCH_TARGETS_TRANSFORMER as BENCH_TARGETS_TRANSFORMER
 from ._bench import CNN_BENCH_FUNCTIONS as CNN_BENCH_FUNCTIONS
 from ._bench import MATERIALISING as MATERIALISING
+from ._bench import TRANSFORMER_BENCH_FUNCTIONS as TRANSFORMER_BENCH_FUNCTIONS
 from ._bench import BenchRow as BenchRow
 from ._bench import BenchTarget as BenchTarget
 from ._bench import ScalingRow as ScalingRow

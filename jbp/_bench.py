@@ -31,7 +31,7 @@ from ._per_example import (
     per_example_norms,
     sum_grad_squared,
 )
-from .layers import Conv, Dense, Flatten, Sequential, mlp
+from .layers import Conv, Dense, Flatten, Sequential, mlp, transformer
 
 K = TypeVar("K", bound=Hashable)
 
@@ -81,6 +81,22 @@ CNN_BENCH_FUNCTIONS: tuple[str, ...] = (
     "sum_grad_squared",
 )
 CNN_IN_SHAPE = (32, 32, 3)
+# The transformer benchmark's rows (issue 10).
+TRANSFORMER_BENCH_FUNCTIONS: tuple[str, ...] = (
+    "jax.grad",
+    "jbp.backprop",
+    "norms via vmap",
+    "per_example_norms",
+    "clipped_grad",
+)
+TRANSFORMER_LENGTH = 64
+
+
+def _transformer() -> Sequential:
+    """The benchmark transformer, exactly the network of the PyTorch reference
+    figures: vocab 128, length 64, 128 features, 4 heads, depth 2, MLP ratio 4,
+    gelu, causal."""
+    return transformer(128, TRANSFORMER_LENGTH, 128, 4, 2, mlp_ratio=4, activation="gelu")
 
 
 def _cnn() -> Sequential:
@@ -163,12 +179,16 @@ def benchmark(
 
     Args:
       sizes: MLP layer widths (``arch="mlp"``).
-      arch: ``"mlp"`` (an MLP of ``sizes``) or ``"cnn"``: the CNN on ``(B, 32, 32,
+      arch: ``"mlp"`` (an MLP of ``sizes``), ``"cnn"``: the CNN on ``(B, 32, 32,
         3)`` images, Conv 3→32 3×3 SAME relu, Conv 32→64 3×3 stride 2 SAME relu,
-        Conv 64→64 3×3 stride 2 SAME relu, Flatten, Dense 4096→10 (``sizes`` and
-        ``activation`` unused), timing :data:`CNN_BENCH_FUNCTIONS` by default.
+        Conv 64→64 3×3 stride 2 SAME relu, Flatten, Dense 4096→10, timing
+        :data:`CNN_BENCH_FUNCTIONS` by default; or ``"transformer"``:
+        ``jbp.transformer(vocab=128, length=64, features=128, heads=4, depth=2,
+        mlp_ratio=4, activation="gelu", causal=True)`` on tokens ``(B, 64)``
+        with labels ``(B, 64)``, timing :data:`TRANSFORMER_BENCH_FUNCTIONS`
+        (``sizes`` and ``activation`` unused for both).
       batches: batch sizes to run (default 64, 256, 1024 for the MLP; 32, 128
-        for the CNN).
+        for the CNN; 16, 64 for the transformer).
       activation, loss, dtype: the problem.
       rounds: interleaved timing rounds per batch size.
       budget_s: a function stops being timed once it has 3 rounds and its
@@ -179,17 +199,22 @@ def benchmark(
     Returns:
       One :class:`BenchRow` per function and batch size.
     """
-    if arch not in ("mlp", "cnn"):
-        raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    if arch not in ("mlp", "cnn", "transformer"):
+        raise ValueError(f"`arch` must be 'mlp', 'cnn' or 'transformer', got {arch!r}")
     in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
         batches = (32, 128) if batches is None else batches
         only = CNN_BENCH_FUNCTIONS if only is None else only
+    elif arch == "transformer":
+        net, in_shape = _transformer(), (TRANSFORMER_LENGTH,)
+        batches = (16, 64) if batches is None else batches
+        only = TRANSFORMER_BENCH_FUNCTIONS if only is None else only
     else:
         net, in_shape = mlp(list(sizes), activation), (sizes[0],)
         batches = (64, 256, 1024) if batches is None else batches
-    classes = net.output_shape(in_shape)[-1]
+    out_shape = net.output_shape(in_shape)
+    classes = out_shape[-1]
     params = net.init(jax.random.key(0), dtype)
     fns = _functions(net, loss, max_norm=1.0)
     if only is not None:
@@ -199,11 +224,14 @@ def benchmark(
         fns = {k: v for k, v in fns.items() if k == "jax.grad" or k in only}
     rows = []
     for batch in batches:
-        x = jax.random.normal(jax.random.key(1), (batch, *in_shape), dtype)
-        if loss == "softmax_xent":
-            y = jax.random.randint(jax.random.key(2), (batch,), 0, classes)
+        if arch == "transformer":  # token ids in, next-token labels out
+            x = jax.random.randint(jax.random.key(1), (batch, *in_shape), 0, classes)
         else:
-            y = jax.random.uniform(jax.random.key(2), (batch, classes), dtype)
+            x = jax.random.normal(jax.random.key(1), (batch, *in_shape), dtype)
+        if loss == "softmax_xent":
+            y = jax.random.randint(jax.random.key(2), (batch, *out_shape[:-1]), 0, classes)
+        else:
+            y = jax.random.uniform(jax.random.key(2), (batch, *out_shape), dtype)
         compiled, compile_s = {}, {}
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -270,6 +298,17 @@ BENCH_TARGETS_CNN: tuple[BenchTarget, ...] = (
     BenchTarget("jbp.backprop", "jax.grad", 1.05),
     BenchTarget("per_example_norms", "jax.grad", 1.2),
     BenchTarget("clipped_grad", "jax.grad", 1.35),
+    BenchTarget("per_example_norms", "norms via vmap", 1.0),
+)
+
+
+# The transformer's targets (issue 10), as ratios in one run; PyTorch on the same
+# network and kind of 2-core CPU: per-example norms 1.25–1.91× autograd, Opacus's
+# full ghost-clipping step 2.14–2.42×.
+BENCH_TARGETS_TRANSFORMER: tuple[BenchTarget, ...] = (
+    BenchTarget("jbp.backprop", "jax.grad", 1.05),
+    BenchTarget("per_example_norms", "jax.grad", 1.3),
+    BenchTarget("clipped_grad", "jax.grad", 1.5),
     BenchTarget("per_example_norms", "norms via vmap", 1.0),
 )
 

@@ -414,11 +414,18 @@ def fit(
 
     Args:
       net: the network; it must take the data's examples (features, or
-        images ``(height, width, channels)``) and give one score per class.
-      loss: a loss name or :class:`Loss` (labels become targets by ``jbp.targets``).
+        images ``(height, width, channels)``) and give one score per class,
+        or, for a sequence data set, take its integer tokens ``(T,)`` (an
+        ``Embedding`` first; they stay integers) and give one score per
+        class at each position, ``(T, classes)``, as ``jbp.transformer`` does.
+      loss: a loss name or :class:`Loss` (labels become targets by ``jbp.targets``;
+        labels per position with ignored positions, -1, need ``softmax_xent``).
       optimizer: any ``optax.GradientTransformation``.
       data: a :class:`Dataset` (integer labels), e.g. ``jbp.load_dataset("digits")``
-        or ``jbp.load_dataset("digits", images=True)``.
+        or ``jbp.load_dataset("digits", images=True)``, or a sequence data set
+        such as ``jbp.load_dataset("sort")`` (labels per position ``(n, T)``;
+        the accuracies in ``history`` then count the positions with a target,
+        the answer tokens).
       epochs: passes over the training split, in total (a resumed run's included).
       batch_size: examples per step; the last batch of an epoch may be smaller.
       seed: seeds the initial params and the batch order.

@@ -134,5 +134,21 @@ def test_bench_cnn_times_the_cnn_rows_and_checks_its_targets(tmp_path, capsys):
 
 
 def test_bench_arch_is_checked():
-    with pytest.raises(ValueError, match=r"`arch` must be 'mlp' or 'cnn', got 'rnn'"):
+    with pytest.raises(
+        ValueError, match=r"`arch` must be .mlp., .cnn. or .transformer., got .rnn."
+    ):
         jbp.benchmark(arch="rnn")
+
+
+def test_bench_transformer_times_tokens_and_checks_its_targets(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--arch", "transformer", "--batches", "2", "--rounds", "3"]
+    assert main([*argv, "--only", "per_example_norms", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "jbp bench: transformer vocab 128, length 64, 128 features, 4 heads" in out
+    summary = json.loads(path.read_text())
+    assert [r["name"] for r in summary["rows"]] == ["jax.grad", "per_example_norms"]
+    assert [(t["name"], t["baseline"]) for t in summary["targets"]] == [
+        ("per_example_norms", "jax.grad")
+    ]
+    assert set(jbp.TRANSFORMER_BENCH_FUNCTIONS) <= set(jbp.BENCH_FUNCTIONS)

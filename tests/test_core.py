@@ -40,6 +40,7 @@ PUBLIC = [
     "RMSNorm", "Residual", "ShapeError", "check_layer",
     # sequence models
     "Embedding", "MultiHeadAttention", "PositionalEmbedding", "transformer",
+    "BENCH_TARGETS_TRANSFORMER", "TRANSFORMER_BENCH_FUNCTIONS",
 ]  # fmt: skip
 
 

@@ -23,7 +23,10 @@ vmap(jax.grad), per_example_norms, sum_grad_squared and clipped_grad on an
 MLP (default 784-512-512-10, relu, softmax_xent, float32) at several batch
 sizes. --arch cnn times the CNN benchmark instead: (B, 32, 32, 3) images,
 Conv 3->32 3x3 SAME relu, Conv 32->64 3x3 stride 2 SAME relu, Conv 64->64 3x3
-stride 2 SAME relu, Flatten, Dense 4096->10, B = 32 and 128. Prints median milliseconds (compile time excluded, reported
+stride 2 SAME relu, Flatten, Dense 4096->10, B = 32 and 128; --arch
+transformer the transformer benchmark: jbp.transformer(vocab=128, length=64,
+features=128, heads=4, depth=2, mlp_ratio=4, gelu, causal) on (B, 64) tokens,
+B = 16 and 64. Prints median milliseconds (compile time excluded, reported
 separately), the ratio to jax.grad in the same run, XLA's memory estimate,
 and the cost-model targets (met or MISSED).
 
@@ -58,9 +61,9 @@ def add_bench(subparsers: Any) -> None:
     )
     p.add_argument(
         "--arch",
-        choices=("mlp", "cnn"),
+        choices=("mlp", "cnn", "transformer"),
         default="mlp",
-        help="the MLP of --sizes (default) or the benchmark CNN",
+        help="the MLP of --sizes (default), the benchmark CNN or the benchmark transformer",
     )
     p.add_argument(
         "--sizes",
@@ -74,7 +77,8 @@ def add_bench(subparsers: Any) -> None:
         type=_ints("batch sizes", 1),
         default=None,
         metavar="LIST",
-        help="batch sizes (default 64,256,1024 for the MLP, 32,128 for the CNN)",
+        help="batch sizes (default 64,256,1024 for the MLP, 32,128 for the CNN, 16,64 for "
+        "the transformer)",
     )
     p.add_argument(
         "--activation",
@@ -119,11 +123,11 @@ def add_bench(subparsers: Any) -> None:
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    what = (
-        "CNN (32,32,3) conv32-conv64/2-conv64/2-dense10, relu"
-        if args.arch == "cnn"
-        else f"MLP {'-'.join(map(str, args.sizes))}, {args.activation}"
-    )
+    what = {
+        "cnn": "CNN (32,32,3) conv32-conv64/2-conv64/2-dense10, relu",
+        "transformer": "transformer vocab 128, length 64, 128 features, 4 heads, depth 2, gelu, "
+        "causal",
+    }.get(args.arch, f"MLP {'-'.join(map(str, args.sizes))}, {args.activation}")
     print(
         f"jbp bench: {what}, softmax_xent, "
         f"{args.dtype}; backend {device()}, jax {jax.__version__}, "
@@ -141,9 +145,8 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         only=args.only,
     )
     print(jbp.format_benchmark(rows))
-    checked = jbp.check_targets(
-        rows, jbp.BENCH_TARGETS_CNN if args.arch == "cnn" else jbp.BENCH_TARGETS
-    )
+    targets = {"cnn": jbp.BENCH_TARGETS_CNN, "transformer": jbp.BENCH_TARGETS_TRANSFORMER}
+    checked = jbp.check_targets(rows, targets.get(args.arch, jbp.BENCH_TARGETS))
     if checked:
         print("\ntargets (ratios measured in this run):")
         print(jbp.format_targets(checked))

@@ -187,6 +187,11 @@ def _check_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                 parser.error(
                     f"--{key.replace('_', '-')} is {value!r} but the run being resumed used "
                     f"{used!r} ({path}); resume with the same value"
+                    + (
+                        " (a cosine schedule decays over all the run's epochs)"
+                        if key == "epochs"
+                        else ""
+                    )
                 )
         return
     if os.path.exists(os.path.join(args.run_dir, "config.json")):
