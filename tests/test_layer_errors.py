@@ -297,3 +297,88 @@ def test_a_bad_layer_draft_is_a_failed_check_not_a_crash():
     report = jbp.check_layer(Crashes(), (3,))
     assert not report.ok
     assert "raised ValueError: not written yet" in str(report)
+
+
+# --- sequence layers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: jbp.MultiHeadAttention(6, 4),
+         r"`features`=6 is not divisible by `heads`=4: heads split the features evenly"),
+        (lambda: jbp.MultiHeadAttention(8, 0), r"`heads` must be a positive int, got 0"),
+        (lambda: jbp.Embedding(0, 4), r"`vocab` must be a positive int, got 0"),
+        (lambda: jbp.PositionalEmbedding(4, 0), r"`features` must be a positive int, got 0"),
+        (lambda: jbp.Sequential([jbp.Dense(3, 4), jbp.Embedding(5, 4)]),
+         r"`layers\[1\]` \(Embedding\(vocab=5, features=4\)\) takes integer tokens, so it has no "
+         r"input δ and can only be a network's first layer"),
+        (lambda: jbp.Sequential([jbp.Dense(3, 4), jbp.Sequential([jbp.Embedding(5, 4)])]),
+         r"`layers\[1\]` \(Sequential\(.*\)\) takes integer tokens"),
+        (lambda: jbp.Residual(jbp.Sequential([jbp.Embedding(5, 4)])),
+         r"`block` \(Sequential\(.*\)\) takes integer tokens; a residual block's input is added "
+         r"to its output, so it must take and give real arrays"),
+        (lambda: jbp.Parallel([jbp.Embedding(5, 4), jbp.Embedding(5, 4)]),
+         r"`branches\[0\]` \(Embedding\(.*\)\) takes integer tokens, so it has no input δ"),
+    ],
+)  # fmt: skip
+def test_bad_sequence_layer_arguments(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("layer", "in_shape", "message"),
+    [
+        (jbp.MultiHeadAttention(8, 2), (5, 6),
+         r"MultiHeadAttention\(features=8, .*\) attends over sequences \(T, 8\), got examples of "
+         r"shape \(5, 6\)"),
+        (jbp.MultiHeadAttention(8, 2), (8,), r"got examples of shape \(8,\)"),
+        (jbp.PositionalEmbedding(4, 8), (5, 8),
+         r"PositionalEmbedding\(length=4, features=8\)\) has a table of 4 positions, but the "
+         r"sequences are 5 long"),
+        (jbp.PositionalEmbedding(4, 8), (4, 6), r"expects sequences \(T, 8\), got examples of"),
+        (jbp.Embedding(4, 8), (5, 8),
+         r"Embedding\(vocab=4, features=8\)\) takes a sequence of integer tokens \(T,\), got "
+         r"examples of shape \(5, 8\)"),
+    ],
+)  # fmt: skip
+def test_sequence_layers_name_what_they_expect(layer, in_shape, message):
+    with pytest.raises(ValueError, match=message):
+        jbp.Sequential([layer]).output_shape(in_shape)
+
+
+TRANSFORMER = jbp.transformer(11, 6, 8, 2, 1)
+T_PARAMS = TRANSFORMER.init(KEY)
+T_LABELS = jnp.zeros((2, 6), jnp.int32)
+
+
+@pytest.mark.parametrize(
+    ("entry", "x", "y", "error", "message"),
+    [
+        ("backprop", np.zeros((2, 6), np.float32), T_LABELS, TypeError,
+         r"`x` has dtype float32, but the first layer \(Embedding\(vocab=11, features=8\)\) takes "
+         r"integer tokens; pass token ids, e.g. x.astype\(jnp.int32\)"),
+        ("per_example_norms", np.full((2, 6), 11), T_LABELS, ValueError,
+         r"`x` has tokens in \[11, 11\] but the first layer has vocab=11, so tokens must lie in "
+         r"\[0, 10\]"),
+        ("apply", np.full((2, 6), -1), None, ValueError, r"`x` has tokens in \[-1, -1\]"),
+        ("backprop", np.zeros((2, 7), np.int32), jnp.zeros((2, 7), jnp.int32), ValueError,
+         r"`layers\[1\]` \(PositionalEmbedding\(length=6, features=8\)\) has a table of 6 "
+         r"positions, but the sequences are 7 long; `x` has examples of shape \(7,\)"),
+        ("apply", np.zeros((2, 3, 6), np.int32), None, ValueError,
+         r"`x` must have shape \(batch, T\) or \(T,\) of integer tokens, got shape \(2, 3, 6\)"),
+        ("clipped_grad", np.zeros((2, 6), np.int32), jnp.zeros((2, 5), jnp.int32), ValueError,
+         r"`y` holds integer labels of shape \(2, 5\) but loss 'softmax_xent' with this x "
+         r"expects labels of shape \(2, 6\) \(or targets of shape \(2, 6, 11\)\)"),
+    ],
+)  # fmt: skip
+def test_token_inputs_are_checked_before_tracing(entry, x, y, error, message):
+    if entry == "apply":
+        call = lambda: TRANSFORMER.apply(T_PARAMS, x)  # noqa: E731
+    elif entry == "clipped_grad":
+        call = lambda: jbp.clipped_grad(TRANSFORMER, "softmax_xent", 1.0)(T_PARAMS, x, y)  # noqa: E731
+    else:
+        call = lambda: getattr(jbp, entry)(TRANSFORMER, "softmax_xent")(T_PARAMS, x, y)  # noqa: E731
+    with pytest.raises(error, match=message):
+        call()

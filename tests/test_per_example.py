@@ -16,6 +16,11 @@ import jbp.testing as jt
 PROBLEMS = jt.problems(dtypes=["float64"], single=False, max_depth=4, max_width=12, max_batch=12)
 
 
+def _examples(n: int) -> int:
+    """``n`` examples under the ci profile, scaled with the profile's max_examples."""
+    return max(1, round(n * settings.default.max_examples / 25))
+
+
 def _reference_per_example(net, loss, params, x, y):
     """g_i by autodiff, one example at a time: the oracle."""
     grad = jax.grad(jbp.objective(net, loss))  # reference
@@ -36,7 +41,7 @@ def _assert_close(a, b, rtol=1e-10, atol=0.0):
     jbp.compare(a, b, rtol=rtol, atol=atol, names=("jbp", "vmap(jax.grad)")).raise_if_failed()
 
 
-@settings(max_examples=10)
+@settings(max_examples=_examples(6))
 @given(PROBLEMS)
 def test_per_example_grads_match_vmap_grad(problem):
     net, loss, params, x, y = problem
@@ -49,7 +54,7 @@ def test_per_example_grads_match_vmap_grad(problem):
     _assert_close(jax.tree.map(lambda g: s * jnp.sum(g, axis=0), got), batch)
 
 
-@settings(max_examples=10)
+@settings(max_examples=_examples(6))
 @given(PROBLEMS)
 def test_norms_and_per_layer_norms(problem):
     net, loss, params, x, y = problem
@@ -64,7 +69,7 @@ def test_norms_and_per_layer_norms(problem):
             assert not jnp.any(per_layer[:, i])
 
 
-@settings(max_examples=10)
+@settings(max_examples=_examples(6))
 @given(PROBLEMS)
 def test_second_moment_and_variance(problem):
     net, loss, params, x, y = problem
@@ -85,7 +90,7 @@ def test_second_moment_and_variance(problem):
         _assert_close(var1, ref1, rtol=1e-8, atol=2 * atol)
 
 
-@settings(max_examples=10)
+@settings(max_examples=_examples(6))
 @given(PROBLEMS, st.floats(0.01, 10.0))
 def test_clipped_grad_equals_clip_then_sum(problem, max_norm):
     net, loss, params, x, y = problem
@@ -147,7 +152,7 @@ def test_dp_grad_noise():
     assert abs(float(jnp.mean(noise))) < 4 * expected_std / math.sqrt(noise.size)
 
 
-@settings(max_examples=10)
+@settings(max_examples=_examples(6))
 @given(jt.problems(dtypes=["float64"], single=False, min_batch=2, max_depth=3, max_width=8))
 def test_gradient_noise_scale_formulas(problem):
     net, loss, params, x, y = problem

@@ -82,7 +82,7 @@ def test_process_rows_single_process(mesh):
     assert jbp.is_main_process()
 
 
-@settings(max_examples=8)
+@settings(max_examples=max(1, round(5 * settings.default.max_examples / 25)))
 @given(jt.problems(single=False, max_depth=3, max_width=10, max_batch=6))
 def test_sharded_gradients_and_per_example_quantities_equal_one_device(problem):
     net, loss, params, x, y = problem

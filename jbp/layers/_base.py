@@ -130,10 +130,11 @@ def takes_tokens(layer: Any) -> bool:
     return bool(getattr(layer, "takes_tokens", False))
 
 
-def check_no_tokens(layers: Any, name: str) -> None:
+def check_no_tokens(layers: Any, name: str, start: int = 0) -> None:
     """Only a network's first layer may take integer tokens: a clear error for any
-    other place (there is no ``∂C/∂a`` to hand back through integers)."""
-    for i, layer in enumerate(layers):
+    other place (there is no ``∂C/∂a`` to hand back through integers). ``layers``
+    are ``name[start:]``, so the message gives each one's own index."""
+    for i, layer in enumerate(layers, start):
         if takes_tokens(layer):
             raise ValueError(
                 f"`{name}[{i}]` ({layer!r}) takes integer tokens, so it has no input δ and "

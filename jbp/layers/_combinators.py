@@ -68,7 +68,7 @@ class Sequential:
 
     def __init__(self, layers: Sequence[Any]) -> None:
         layers = check_layers(layers, "layers")
-        check_no_tokens(layers[1:], "layers")
+        check_no_tokens(layers[1:], "layers", start=1)
         width = None
         for i, layer in enumerate(layers):
             fan_in = getattr(layer, "fan_in", None)
