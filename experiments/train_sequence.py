@@ -20,8 +20,15 @@ accuracy curves overlaid to ``OUT/train_sequence.png``.
     python experiments/train_sequence.py [--epochs 20] [--features 64] [--heads 4]
         [--depth 2] [--dtype float32] [--out experiments/out]
 
-Figures from a run on a 2-core CPU are in the docstring of the README's
-"Transformers" section and in the closing note of the issue that added it.
+On a 2-core CPU, the defaults (4000 training sequences of 8 digits, a 2-block
+64-feature gelu transformer, 2500 steps) take about 62 s a run with compilation
+and both runs reach 99.98% of the held-out answer tokens (99.80% of the
+sequences sorted whole). Their per-epoch losses agree to 1e-6 (train) and
+5e-6 (test); the parameters end up to 9.5e-4 apart in float32 after 2500 adam
+steps (the two gradients agree to rounding, and adam amplifies the difference
+over training), and ``bk``, whose true gradient is zero (a key bias shifts every
+score of a row equally, which the softmax ignores), holds round-off only, so it
+is the leaf that differs most in relative terms.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ def main() -> None:
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, steps // 20, steps, 0.0)
     model = (
         f"transformer(vocab={data.n_classes}, length={tokens}, features={args.features}, "
-        f"heads={args.heads}, depth={args.depth})"
+        f"heads={args.heads}, depth={args.depth}, gelu)"
     )
     print(
         f"{data.name}: {len(data.x_train)} train / {len(data.x_test)} test sequences; {model}, "

@@ -252,3 +252,12 @@ def test_progress_is_silent_off_a_terminal_or_when_quiet(stream, quiet):
     with Progress(total=2, stream=stream, quiet=quiet) as bar:
         bar.update(2)
     assert stream.getvalue() == ""
+
+
+def test_verify_arch_transformer_draws_transformers_and_attention_stacks(capsys):
+    argv = ["verify", "--count", "2", "--arch", "transformer", "--dtype", "float32", "--seed", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "OK: all 2 problems pass" in out
+    assert ", transformer depth 1-2 width 1-8," in out  # the family's own limits
+    assert "MHA(" in out  # the worst problem's description shows its attention layer

@@ -85,7 +85,7 @@ mismatch, non-finite values), 2 on bad arguments, data or checkpoints."""
 def add_train(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train an MLP or a CNN with optax on hand-written gradients",
+        help="train an MLP, a CNN or a transformer with optax on hand-written gradients",
         description=_TRAIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
