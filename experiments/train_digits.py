@@ -40,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from _twin_runs import report_twin_runs
 
 import jbp
 
@@ -110,28 +111,15 @@ def main() -> None:
             f"({seconds:.1f} s with compilation)"
         )
 
-    a, b = results["backprop"], results["autodiff"]
-    for key in ("train_loss", "test_loss", "test_accuracy"):
-        worst = max(abs(ra[key] - rb[key]) for ra, rb in zip(a.history, b.history, strict=True))
-        print(f"largest per-epoch |difference| in {key}: {worst:.3g}")
-    report = jbp.compare(a.state.params, b.state.params, names=("backprop run", "autodiff run"))
-    worst = max(row.max_abs_err for row in report.rows)
-    print("parameters after training, backprop run vs autodiff run:")
-    print(report)
-    note = (
-        f"largest |parameter difference| after {int(a.state.step)} steps: {worst:.3g} "
-        f"({args.dtype}; {report.n_bitwise} of {len(report.rows)} leaves bitwise identical)"
-    )
-    print(note)
-    path = jbp.plot_curves(
-        {"backprop": a.history, "autodiff": b.history},
+    report_twin_runs(
+        results["backprop"],
+        results["autodiff"],
+        args.dtype,
         os.path.join(
             args.out, "train_digits.png" if args.model == "mlp" else "train_digits_cnn.png"
         ),
-        title=f"digits, {model}, adam lr {args.lr:g}: backprop and autodiff overlaid",
-        note=note,
+        f"digits, {model}, adam lr {args.lr:g}: backprop and autodiff overlaid",
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""Shared by the training experiments: compare a backprop run with an autodiff run
+from the same seed (curves, parameters) and plot them overlaid. Public API only."""
+
+from __future__ import annotations
+
+import jbp
+
+
+def report_twin_runs(a: jbp.FitResult, b: jbp.FitResult, dtype: str, path: str, title: str) -> str:
+    """Print the largest per-epoch curve differences and the parameter comparison of
+    run ``a`` (backprop) and ``b`` (autodiff); write both runs' curves to ``path``."""
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        worst = max(abs(ra[key] - rb[key]) for ra, rb in zip(a.history, b.history, strict=True))
+        print(f"largest per-epoch |difference| in {key}: {worst:.3g}")
+    report = jbp.compare(a.state.params, b.state.params, names=("backprop run", "autodiff run"))
+    worst = max(row.max_abs_err for row in report.rows)
+    print("parameters after training, backprop run vs autodiff run:")
+    print(report)
+    note = (
+        f"largest |parameter difference| after {int(a.state.step)} steps: {worst:.3g} "
+        f"({dtype}; {report.n_bitwise} of {len(report.rows)} leaves bitwise identical)"
+    )
+    print(note)
+    written = jbp.plot_curves(
+        {"backprop": a.history, "autodiff": b.history}, path, title=title, note=note
+    )
+    print(f"wrote {written}")
+    return written
