@@ -133,7 +133,11 @@ class MultiHeadAttention(Factorised, Layer):
         if self.causal:
             t = a.shape[1]
             s = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None, None], s, -jnp.inf)
-        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # the diagonal is never masked
+        # Shift by the row max (the diagonal is never masked) for stability. Softmax
+        # ignores the shift, so it is held constant (as jax.nn.softmax does): no
+        # reduce-max derivative for autodiff references to trace, whose jitted form
+        # returned NaN on XLA CPU for a 1-feature attention (jbp verify, problem 128).
+        e = jnp.exp(s - lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
         p = e / jnp.sum(e, axis=-1, keepdims=True)
         o = _heads_last(lax.dot_general(p, v, _MIX)).reshape(a.shape)
         return self._linear(params, o, "o"), (a, q, k, v, p, o)
