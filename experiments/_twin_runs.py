@@ -3,7 +3,35 @@ from the same seed (curves, parameters) and plot them overlaid. Public API only.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import jax.numpy as jnp
+
 import jbp
+
+SOURCES = ("backprop", "autodiff")
+
+
+def fit_twins(net: Any, optimizer: Any, data: jbp.Dataset, args: Any) -> dict[str, tuple]:
+    """``jbp.fit`` on softmax_xent once per gradient source, from the same seed
+    (``args``: epochs, batch_size, seed, dtype); each source's result and seconds."""
+    runs = {}
+    for source in SOURCES:
+        start = time.perf_counter()
+        result = jbp.fit(
+            net,
+            "softmax_xent",
+            optimizer,
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            dtype=jnp.dtype(args.dtype),
+            gradient_source=source,
+        )
+        runs[source] = (result, time.perf_counter() - start)
+    return runs
 
 
 def report_twin_runs(a: jbp.FitResult, b: jbp.FitResult, dtype: str, path: str, title: str) -> str:

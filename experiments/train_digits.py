@@ -35,12 +35,10 @@ import argparse
 import math
 import os
 import platform
-import time
 
 import jax
-import jax.numpy as jnp
 import optax
-from _twin_runs import report_twin_runs
+from _twin_runs import fit_twins, report_twin_runs
 
 import jbp
 
@@ -89,22 +87,10 @@ def main() -> None:
         f"python {platform.python_version()}"
     )
 
-    results = {}
-    for source in ("backprop", "autodiff"):
-        start = time.perf_counter()
-        results[source] = jbp.fit(
-            net,
-            "softmax_xent",
-            optax.adam(args.lr),
-            data,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            dtype=jnp.dtype(args.dtype),
-            gradient_source=source,
-        )
-        seconds = time.perf_counter() - start
-        final = results[source].history[-1]
+    runs = fit_twins(net, optax.adam(args.lr), data, args)
+    results = {source: result for source, (result, _) in runs.items()}
+    for source, (result, seconds) in runs.items():
+        final = result.history[-1]
         print(
             f"{source:9s} test accuracy {100 * final['test_accuracy']:.2f}%  "
             f"test loss {final['test_loss']:.5f}  train loss {final['train_loss']:.6f}  "

@@ -36,12 +36,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import jax
-import jax.numpy as jnp
 import optax
-from _twin_runs import report_twin_runs
+from _twin_runs import fit_twins, report_twin_runs
 
 import jbp
 
@@ -81,25 +79,13 @@ def main() -> None:
         f"jax {jax.__version__} on {jax.default_backend()}, python {platform.python_version()}"
     )
 
-    results = {}
-    for source in ("backprop", "autodiff"):
-        start = time.perf_counter()
-        results[source] = jbp.fit(
-            net,
-            "softmax_xent",
-            optax.adam(schedule),
-            data,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            dtype=jnp.dtype(args.dtype),
-            gradient_source=source,
-        )
-        seconds = time.perf_counter() - start
-        final = results[source].history[-1]
-        whole = jbp.evaluate(
-            net, "softmax_xent", results[source].state.params, data.x_test, data.y_test
-        )["sequence_accuracy"]
+    runs = fit_twins(net, optax.adam(schedule), data, args)
+    results = {source: result for source, (result, _) in runs.items()}
+    for source, (result, seconds) in runs.items():
+        final = result.history[-1]
+        whole = jbp.evaluate(net, "softmax_xent", result.state.params, data.x_test, data.y_test)[
+            "sequence_accuracy"
+        ]
         print(
             f"{source:9s} held-out accuracy {100 * final['test_accuracy']:.2f}% of answer "
             f"tokens, {100 * whole:.2f}% of sequences sorted whole; test loss "
