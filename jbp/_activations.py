@@ -1,7 +1,8 @@
 """Activation functions with their derivatives, side by side.
 
 Every activation is a pair ``(f, f')`` plus the rule that turns an upstream
-gradient ``g = ∂C/∂out`` into ``δ = ∂C/∂z = g ⊙ f'(z)``. Where JAX has its own
+gradient ``g = ∂C/∂out`` into ``δ = ∂C/∂z = g ⊙ f'(z)``, and, for curvature
+(:func:`jbp.diag_hessian`'s residual terms ``g ⊙ f''(z)``), ``f''``. Where JAX has its own
 derivative rule for the primitive we use in ``f``, the δ rule is written in the
 same operation order, so that under ``jit`` the manual gradient is often bitwise
 identical to JAX's own autodiff.
@@ -37,12 +38,32 @@ class ActivationFn:
       delta: optional ``(g, z, out) -> g ⊙ f'(z)``; defaults to
         ``g * derivative(z, out)``. Give it to mirror an autodiff rule's
         operation order exactly.
+      second_derivative: ``f''(z)`` as a function of ``(z, out)``, for the
+        Hessian's residual terms; :data:`ZERO` for piecewise-linear
+        activations (relu: the residual vanishes and is skipped); ``None``
+        if unknown (curvature that needs it then raises a clear error).
     """
 
     name: str
     f: _Fn
     derivative: _Derivative
     delta: _Delta | None = None
+    second_derivative: _Derivative | None = None
+
+    @property
+    def second_is_zero(self) -> bool:
+        """Whether ``f''`` vanishes (almost) everywhere: no Hessian residual term."""
+        return self.second_derivative is ZERO
+
+    def second(self, z: Array, out: Array) -> Array:
+        """``f''(z)``, or a clear error if the activation was registered without it."""
+        if self.second_derivative is None:
+            raise ValueError(
+                f"activation {self.name!r} has no second derivative: register it with "
+                "second_derivative=(z, out) -> f''(z) (or jbp.ZERO for a piecewise-linear "
+                "one) to use jbp.diag_hessian"
+            )
+        return self.second_derivative(z, out)
 
     def backward(self, g: Array, z: Array, out: Array) -> Array:
         """δ = g ⊙ f'(z), where ``g`` is the gradient with respect to ``f(z)``."""
@@ -54,12 +75,18 @@ class ActivationFn:
 _REGISTRY: dict[str, ActivationFn] = {}
 
 
+def ZERO(z: Array, out: Array) -> Array:  # noqa: N802 (a constant, as the docs name it)
+    """``f'' = 0``: the second derivative of a piecewise-linear activation."""
+    return jnp.zeros_like(z)
+
+
 def register_activation(
     name: str,
     f: _Fn,
     derivative: _Derivative,
     *,
     delta: _Delta | None = None,
+    second_derivative: _Derivative | None = None,
     overwrite: bool = False,
 ) -> ActivationFn:
     """Register an activation ``f`` with its hand-written derivative.
@@ -69,6 +96,8 @@ def register_activation(
       f: elementwise ``z -> f(z)``.
       derivative: elementwise ``(z, out) -> f'(z)`` where ``out = f(z)``.
       delta: optional ``(g, z, out) -> g ⊙ f'(z)`` (see :class:`ActivationFn`).
+      second_derivative: optional ``(z, out) -> f''(z)``, needed only by
+        :func:`jbp.diag_hessian`; pass ``jbp.ZERO`` for a piecewise-linear ``f``.
       overwrite: allow replacing an existing name.
 
     Returns:
@@ -86,11 +115,16 @@ def register_activation(
         raise TypeError(f"`name` must be a non-empty string, got {name!r}")
     if not callable(f) or not callable(derivative):
         raise TypeError("`f` and `derivative` must be callables")
+    if second_derivative is not None and not callable(second_derivative):
+        raise TypeError(
+            f"`second_derivative` must be a callable (z, out) -> f''(z), jbp.ZERO or None, "
+            f"got {second_derivative!r}"
+        )
     if name in _REGISTRY and not overwrite:
         raise ValueError(
             f"activation {name!r} is already registered; pass overwrite=True to replace it"
         )
-    act = ActivationFn(name, f, derivative, delta)
+    act = ActivationFn(name, f, derivative, delta, second_derivative)
     _REGISTRY[name] = act
     return act
 
@@ -118,7 +152,10 @@ def _identity_delta(g: Array, z: Array, out: Array) -> Array:
     return g
 
 
-register_activation("identity", lambda z: z, lambda z, out: jnp.ones_like(z), delta=_identity_delta)
+register_activation(
+    "identity",
+    lambda z: z, lambda z, out: jnp.ones_like(z), delta=_identity_delta, second_derivative=ZERO
+)
 
 # σ' = σ(1 − σ); JAX's rule for lax.logistic: g * (ans * (1 - ans)).
 register_activation(
@@ -126,6 +163,7 @@ register_activation(
     jax.nn.sigmoid,
     lambda z, out: out * (1 - out),
     delta=lambda g, z, out: g * (out * (1 - out)),
+    second_derivative=lambda z, out: out * (1 - out) * (1 - 2 * out),
 )
 
 
@@ -136,7 +174,13 @@ def _tanh_delta(g: Array, z: Array, out: Array) -> Array:
     return t + t * out
 
 
-register_activation("tanh", jnp.tanh, lambda z, out: 1 - out * out, delta=_tanh_delta)
+register_activation(
+    "tanh",
+    jnp.tanh,
+    lambda z, out: 1 - out * out,
+    delta=_tanh_delta,
+    second_derivative=lambda z, out: -2 * out * (1 - out * out),
+)
 
 # relu' = 1[z > 0] (0 at the kink, as jax.nn.relu).
 register_activation(
@@ -144,6 +188,7 @@ register_activation(
     jax.nn.relu,
     lambda z, out: (z > 0).astype(z.dtype),
     delta=lambda g, z, out: lax.select(z > 0, g, jnp.zeros_like(g)),
+    second_derivative=ZERO,
 )
 
 _LEAKY_SLOPE = 0.01
@@ -158,6 +203,7 @@ register_activation(
     _leaky_relu,
     lambda z, out: jnp.where(z >= 0, jnp.ones_like(z), jnp.full_like(z, _LEAKY_SLOPE)),
     delta=lambda g, z, out: jnp.where(z >= 0, g, _LEAKY_SLOPE * g),
+    second_derivative=ZERO,
 )
 
 
@@ -171,6 +217,7 @@ register_activation(
     _elu,
     lambda z, out: jnp.where(z > 0, jnp.ones_like(z), out + 1),
     delta=lambda g, z, out: jnp.where(z > 0, g, g * (out + 1)),
+    second_derivative=lambda z, out: jnp.where(z > 0, jnp.zeros_like(z), out + 1),
 )
 
 
@@ -181,8 +228,17 @@ def _softplus_delta(g: Array, z: Array, out: Array) -> Array:
     return g * jnp.exp(jnp.where(z == jnp.inf, zero, z) - jnp.where(out == jnp.inf, zero, out))
 
 
+def _sigmoid_slope(z: Array, out: Array) -> Array:
+    s = jax.nn.sigmoid(z)
+    return s * (1 - s)
+
+
 register_activation(
-    "softplus", jax.nn.softplus, lambda z, out: jax.nn.sigmoid(z), delta=_softplus_delta
+    "softplus",
+    jax.nn.softplus,
+    lambda z, out: jax.nn.sigmoid(z),
+    delta=_softplus_delta,
+    second_derivative=_sigmoid_slope,
 )
 
 _INV_SQRT2 = 1 / math.sqrt(2)
@@ -211,6 +267,8 @@ register_activation(
         0.5 * (1 + lax.erf(z * _INV_SQRT2)) + z * (_INV_SQRT_2PI * jnp.exp(-0.5 * z * z))
     ),
     delta=_gelu_delta,
+    # gelu'' = 2φ(z) + z φ'(z) = φ(z)(2 − z²)
+    second_derivative=lambda z, out: _INV_SQRT_2PI * jnp.exp(-0.5 * z * z) * (2 - z * z),
 )
 
 _GELU_C = math.sqrt(2 / math.pi)
@@ -234,7 +292,21 @@ def _gelu_tanh_delta(g: Array, z: Array, out: Array) -> Array:
     return (r + (_GELU_K * r) * (3 * z**2)) + 0.5 * (g * (1 + t))
 
 
-register_activation("gelu_tanh", _gelu_tanh, _gelu_tanh_derivative, delta=_gelu_tanh_delta)
+# With t = tanh(u), u = c(z + k z³): f'' = (1 − t²)(u' + ½ z (u'' − 2 t u'²)).
+def _gelu_tanh_second(z: Array, out: Array) -> Array:
+    t = jnp.tanh(_GELU_C * (z + _GELU_K * z**3))
+    du = _GELU_C * (1 + 3 * _GELU_K * z * z)
+    ddu = 6 * _GELU_C * _GELU_K * z
+    return (1 - t * t) * (du + 0.5 * z * (ddu - 2 * t * du * du))
+
+
+register_activation(
+    "gelu_tanh",
+    _gelu_tanh,
+    _gelu_tanh_derivative,
+    delta=_gelu_tanh_delta,
+    second_derivative=_gelu_tanh_second,
+)
 
 
 def _silu(z: Array) -> Array:
@@ -253,5 +325,15 @@ def _silu_delta(g: Array, z: Array, out: Array) -> Array:
     return g * s + (z * g) * (s * (1 - s))
 
 
-register_activation("silu", _silu, _silu_derivative, delta=_silu_delta)
-register_activation("sin", jnp.sin, lambda z, out: jnp.cos(z))
+# silu'' = σ(1 − σ)(2 + z(1 − 2σ)).
+def _silu_second(z: Array, out: Array) -> Array:
+    s = jax.nn.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+register_activation(
+    "silu", _silu, _silu_derivative, delta=_silu_delta, second_derivative=_silu_second
+)
+register_activation(
+    "sin", jnp.sin, lambda z, out: jnp.cos(z), second_derivative=lambda z, out: -jnp.sin(z)
+)

@@ -12,6 +12,20 @@ per-example ``∂ℓ_i/∂a_i``, unscaled; the batch δ_L handed to the last lay
 that times ``1`` (sum) or ``1/B`` (mean). Per-example gradients are always
 ``g_i = ∂ℓ_i/∂θ``, unscaled.
 
+For curvature each built-in loss also gives the Hessian ``H_i = ∂²ℓ_i/∂a_i²``
+(unscaled, per example) as a matrix square root, ``H_i = Σ_c s_ic s_icᵀ``:
+exact (``sqrt_hessian``: ``(C, batch, *out)``, C columns per example) or
+Monte-Carlo (``sample_sqrt_hessian``: M columns ``s = ∇_a(−log p(ŷ|a))/√M``
+for ``ŷ`` drawn from the model's predictive distribution, ``E[Σ_c s_c s_cᵀ] =
+H_i``), and its product with a vector (``hessian_vp``):
+
+| loss | H_i | exact square root (columns) | MC sample |
+|---|---|---|---|
+| ``half_sse`` | I | the K unit vectors | ``ε ~ N(0, I)`` |
+| ``mse`` | (2/K) I | ``√(2/K)`` × unit vectors | ``√(2/K) ε`` |
+| ``sigmoid_bce`` | diag(σ(1 − σ)) | ``√(σ(1 − σ))`` × unit vectors | ``σ − ŷ``, ``ŷ ~ Bernoulli(σ)`` |
+| ``softmax_xent`` | per position ``(Σy/T)(diag p − p pᵀ)`` | ``√(Σy/T) √p_c (e_c − p)``, one set per position | ``√(Σy/T)(p − e_ŷ)``, ``ŷ ~ Cat(p)`` per position |
+
 Logit losses (``sigmoid_bce``, ``softmax_xent``) compute their value with
 softplus / logsumexp and their δ in the fused form ``σ(a) − y`` /
 ``softmax(a)·Σy − y``, never through ``log(σ(·))``.
@@ -25,6 +39,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 
 Array = jax.Array
 
@@ -45,6 +60,12 @@ class Loss:
       reduced_delta: optional ``(a, y) -> ∂C/∂a`` of the reduced total, to
         compute the batch δ_L in another operation order than ``delta`` times
         :meth:`scale` (e.g. that of JAX autodiff); see :meth:`batch_delta`.
+      sqrt_hessian: optional ``(a, y) -> S`` of shape ``(C, batch, *out)``
+        with ``Σ_c S[c, i] ⊗ S[c, i] = ∂²ℓ_i/∂a_i²`` (curvature, exact).
+      sample_sqrt_hessian: optional ``(key, a, y, m) -> S`` of shape ``(m,
+        batch, *out)`` whose outer products average to the Hessian (MC).
+      hessian_vp: optional ``(a, y, u) -> (∂²ℓ_i/∂a_i²) u_i`` per example,
+        shaped like ``a`` (:func:`jbp.ggn_vector_product`).
     """
 
     name: str
@@ -54,6 +75,9 @@ class Loss:
     integer_labels: bool = False
     description: str = ""
     reduced_delta: Callable[[Array, Array], Array] | None = None
+    sqrt_hessian: Callable[[Array, Array], Array] | None = None
+    sample_sqrt_hessian: Callable[[Array, Array, Array, int], Array] | None = None
+    hessian_vp: Callable[[Array, Array, Array], Array] | None = None
 
     def __post_init__(self) -> None:
         if self.reduction not in ("sum", "mean"):
@@ -142,12 +166,80 @@ def _softmax_xent_delta(a: Array, y: Array) -> Array:
     return delta / _positions(a) if a.ndim > 2 else delta
 
 
+# --- Hessian square roots (curvature) -------------------------------------------
+
+
+def _unit_columns(a: Array, scale: Array | float) -> Array:
+    """``scale`` times the K = prod(out) unit vectors of one example, ``(K, batch, *out)``
+    (``scale`` may vary per element, shaped like ``a``)."""
+    k = _elements(a)
+    eye = jnp.eye(k, dtype=a.dtype).reshape((k, 1, *a.shape[1:]))
+    return jnp.broadcast_to(eye * jnp.asarray(scale, a.dtype), (k, *a.shape))
+
+
+def _normal_columns(key: Array, a: Array, m: int, scale: float) -> Array:
+    return (scale / math.sqrt(m)) * jr.normal(key, (m, *a.shape), a.dtype)
+
+
+def _bce_slope(a: Array) -> Array:
+    p = jax.nn.sigmoid(a)
+    return p * (1 - p)
+
+
+def _bce_sample(key: Array, a: Array, y: Array, m: int) -> Array:
+    p = jax.nn.sigmoid(a)
+    draw = jr.bernoulli(key, p, (m, *a.shape)).astype(a.dtype)
+    return (p - draw) / math.sqrt(m)
+
+
+def _token_weights(a: Array, y: Array) -> Array:
+    """``Σ_k y_tk / T`` per position, ``(batch, *positions, 1)``: the scale of each
+    position's softmax Hessian in ℓ_i."""
+    t = _targets(a, y)
+    return jnp.sum(t, axis=-1, keepdims=True) / _positions(a)
+
+
+def _softmax_sqrt_hessian(a: Array, y: Array) -> Array:
+    """Columns ``(T·V, batch, *positions, V)``: for position t and class c,
+    ``√(w_t p_tc)(e_c − p_t)`` at position t, zero elsewhere."""
+    p = jax.nn.softmax(a, axis=-1)
+    v = a.shape[-1]
+    positions = _positions(a)
+    root = jnp.sqrt(_token_weights(a, y) * p)  # (batch, *pos, V)
+    eye = jnp.eye(v, dtype=a.dtype)
+    # per position: cols[c, ..., k] = root_c (δ_ck − p_k)
+    cols = root[None].swapaxes(0, -1) * (eye.reshape((v,) + (1,) * (a.ndim - 1) + (v,)) - p[None])
+    if positions == 1:
+        return cols
+    # one column set per position: zero outside it
+    flat = cols.reshape(v, a.shape[0], positions, v)
+    at = jnp.eye(positions, dtype=a.dtype)  # (position of the set, position)
+    sets = at[:, None, None, :, None] * flat[None]  # (T, V, batch, T, V)
+    return sets.reshape((positions * v, *a.shape))
+
+
+def _softmax_sample(key: Array, a: Array, y: Array, m: int) -> Array:
+    p = jax.nn.softmax(a, axis=-1)
+    draw = jr.categorical(key, jax.nn.log_softmax(a, axis=-1), axis=-1, shape=(m, *a.shape[:-1]))
+    onehot = jax.nn.one_hot(draw, a.shape[-1], dtype=a.dtype)
+    return jnp.sqrt(_token_weights(a, y)) * (p - onehot) / math.sqrt(m)
+
+
+def _softmax_hvp(a: Array, y: Array, u: Array) -> Array:
+    p = jax.nn.softmax(a, axis=-1)
+    pu = p * u
+    return _token_weights(a, y) * (pu - p * jnp.sum(pu, axis=-1, keepdims=True))
+
+
 HALF_SSE = Loss(
     "half_sse",
     _half_sse,
     lambda a, y: a - y,
     "sum",
     description="ℓ_i = ½ Σ_k (a_ik − y_ik)², summed over the batch; δ_L = a − y",
+    sqrt_hessian=lambda a, y: _unit_columns(a, 1.0),
+    sample_sqrt_hessian=lambda key, a, y, m: _normal_columns(key, a, m, 1.0),
+    hessian_vp=lambda a, y, u: u,
 )
 MSE = Loss(
     "mse",
@@ -156,6 +248,11 @@ MSE = Loss(
     "mean",
     description="ℓ_i = mean_k (a_ik − y_ik)², averaged over the batch; δ_L = 2(a − y)/(K·B)",
     reduced_delta=_mse_reduced_delta,
+    sqrt_hessian=lambda a, y: _unit_columns(a, math.sqrt(2.0 / _elements(a))),
+    sample_sqrt_hessian=lambda key, a, y, m: (
+        _normal_columns(key, a, m, math.sqrt(2.0 / _elements(a)))
+    ),
+    hessian_vp=lambda a, y, u: (2.0 / _elements(a)) * u,
 )
 SIGMOID_BCE = Loss(
     "sigmoid_bce",
@@ -163,6 +260,9 @@ SIGMOID_BCE = Loss(
     lambda a, y: jax.nn.sigmoid(a) - y,
     "sum",
     description="ℓ_i = Σ_k softplus(a_ik) − y_ik a_ik from logits, summed; δ_L = σ(a) − y",
+    sqrt_hessian=lambda a, y: _unit_columns(a, jnp.sqrt(_bce_slope(a))),
+    sample_sqrt_hessian=_bce_sample,
+    hessian_vp=lambda a, y, u: _bce_slope(a) * u,
 )
 SOFTMAX_XENT = Loss(
     "softmax_xent",
@@ -174,6 +274,9 @@ SOFTMAX_XENT = Loss(
         "ℓ_i = −Σ_k y_ik log softmax(a_i)_k from logits (integer labels or "
         "one-hot/probability targets), averaged; δ_L = (softmax(a)·Σy − y)/B"
     ),
+    sqrt_hessian=_softmax_sqrt_hessian,
+    sample_sqrt_hessian=_softmax_sample,
+    hessian_vp=_softmax_hvp,
 )
 
 _LOSSES = {loss.name: loss for loss in (HALF_SSE, MSE, SIGMOID_BCE, SOFTMAX_XENT)}
