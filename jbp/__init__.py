@@ -1,5 +1,6 @@
 """jbp: hand-written backpropagation from the δ equations, checked against JAX autodiff."""
 
+from ._activations import ZERO as ZERO
 from ._activations import ActivationFn as ActivationFn
 from ._activations import activation_names as activation_names
 from ._activations import register_activation as register_activation
@@ -25,6 +26,13 @@ from ._bench import format_targets as format_targets
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._curvature import KroneckerFactors as KroneckerFactors
+from ._curvature import diag_ggn as diag_ggn
+from ._curvature import diag_hessian as diag_hessian
+from ._curvature import ggn_vector_product as ggn_vector_product
+from ._curvature import kfac as kfac
+from ._curvature import per_example_diag_ggn as per_example_diag_ggn
+from ._curvature import sqrt_ggn as sqrt_ggn
 from ._data import Dataset as Dataset
 from ._data import batches as batches
 from ._data import dataset_names as dataset_names
@@ -70,6 +78,9 @@ from ._verify import Report as Report
 from ._verify import TaylorCheck as TaylorCheck
 from ._verify import compare as compare
 from ._verify import verify as verify
+from ._verify_curvature import CurvatureReport as CurvatureReport
+from ._verify_curvature import CurvatureRow as CurvatureRow
+from ._verify_curvature import check_curvature as check_curvature
 from ._verify_layer import check_layer as check_layer
 from ._zoo import random_problem as random_problem
 from .layers import Activation as Activation

@@ -88,9 +88,7 @@ def _check_mc(mc_samples: Any) -> int | None:
     if mc_samples is None:
         return None
     if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
-        raise ValueError(
-            f"`mc_samples` must be None (exact) or a positive int, got {mc_samples!r}"
-        )
+        raise ValueError(f"`mc_samples` must be None (exact) or a positive int, got {mc_samples!r}")
     return mc_samples
 
 
@@ -114,9 +112,7 @@ def _check_key_for(mc_samples: int | None, key: Any) -> None:
     check_key(key)
 
 
-def _loss_columns(
-    loss: Loss, out: Array, y: Array, mc_samples: int | None, key: Any
-) -> Array:
+def _loss_columns(loss: Loss, out: Array, y: Array, mc_samples: int | None, key: Any) -> Array:
     """``(C, batch, *out)`` columns of the per-example loss Hessian's square root."""
     if mc_samples is None:
         assert loss.sqrt_hessian is not None
@@ -135,7 +131,9 @@ class _Leaf(NamedTuple):
     columns: Array  # (C, batch, *out): the layer's ∂/∂out per column, unscaled
 
 
-def _column_walk(net: Sequential, params: Params, caches: Any, cols: Array) -> tuple[Any, list[_Leaf]]:
+def _column_walk(
+    net: Sequential, params: Params, caches: Any, cols: Array
+) -> tuple[Any, list[_Leaf]]:
     """Send every column backward through the δ rules (``vmap`` over columns).
 
     Returns the walk's tree (leaf layers with params hold their index into the
@@ -365,9 +363,7 @@ def _kronecker(f: Outer, bias: bool, scale: float) -> KroneckerFactors:
     return KroneckerFactors(factor_a, factor_g)
 
 
-def kfac(
-    net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1
-) -> CurvatureFn:
+def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1) -> CurvatureFn:
     """Kronecker factors of the GGN blocks of every outer-product leaf.
 
     Args:
@@ -513,7 +509,7 @@ class _Curvature(NamedTuple):
 
     def through_elementwise(self, fp: Array, residual: Array | None) -> _Curvature:
         """Through ``out = f(z)``: columns ⊙ f'(z), diagonals ⊙ f'², plus ``g ⊙ f''``."""
-        cols = [(s, c * fp) for s, c in self.cols]
+        cols = [(s, c * fp[None]) for s, c in self.cols]
         diags = [d * fp * fp for d in self.diags]
         if residual is not None:
             diags.append(residual)
@@ -556,20 +552,18 @@ def diag_hessian(net: Any, loss: str | Loss) -> CurvatureFn:
     _check_curvature_loss(loss, None)
 
     def fn(params: Params, x: Any, y: Any) -> Params:
-        x, y = prepare(net, loss, params, x, y)
-        if x.ndim != 2:
-            raise ValueError(
-                f"jbp.diag_hessian takes inputs of shape (batch, features), got {tuple(x.shape)}"
-            )
+        x, y = prepare(net, loss, params, x, y)  # a Dense chain takes (batch, features)
         out, caches = net.forward(params, x)
         chain = _chain(net, params, caches)
         scale = loss.scale(x.shape[0])
         assert loss.sqrt_hessian is not None
         curv = _Curvature([(1.0, scale**0.5 * loss.sqrt_hessian(out, y))], [])
         g = loss.batch_delta(out, y)
-        first = min(i for i, (_, p, _) in enumerate(chain) if has_params(p)) if any(
-            has_params(p) for _, p, _ in chain
-        ) else len(chain)
+        first = (
+            min(i for i, (_, p, _) in enumerate(chain) if has_params(p))
+            if any(has_params(p) for _, p, _ in chain)
+            else len(chain)
+        )
         values: list[Params] = [None] * len(chain)
         for i in reversed(range(len(chain))):
             layer, p, cache = chain[i]

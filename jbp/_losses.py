@@ -174,7 +174,8 @@ def _unit_columns(a: Array, scale: Array | float) -> Array:
     (``scale`` may vary per element, shaped like ``a``)."""
     k = _elements(a)
     eye = jnp.eye(k, dtype=a.dtype).reshape((k, 1, *a.shape[1:]))
-    return jnp.broadcast_to(eye * jnp.asarray(scale, a.dtype), (k, *a.shape))
+    scale = jnp.broadcast_to(jnp.asarray(scale, a.dtype), a.shape)
+    return eye * scale[None]
 
 
 def _normal_columns(key: Array, a: Array, m: int, scale: float) -> Array:
@@ -189,7 +190,7 @@ def _bce_slope(a: Array) -> Array:
 def _bce_sample(key: Array, a: Array, y: Array, m: int) -> Array:
     p = jax.nn.sigmoid(a)
     draw = jr.bernoulli(key, p, (m, *a.shape)).astype(a.dtype)
-    return (p - draw) / math.sqrt(m)
+    return (p[None] - draw) / math.sqrt(m)
 
 
 def _token_weights(a: Array, y: Array) -> Array:
@@ -208,7 +209,9 @@ def _softmax_sqrt_hessian(a: Array, y: Array) -> Array:
     root = jnp.sqrt(_token_weights(a, y) * p)  # (batch, *pos, V)
     eye = jnp.eye(v, dtype=a.dtype)
     # per position: cols[c, ..., k] = root_c (δ_ck − p_k)
-    cols = root[None].swapaxes(0, -1) * (eye.reshape((v,) + (1,) * (a.ndim - 1) + (v,)) - p[None])
+    cols = jnp.moveaxis(root, -1, 0)[..., None] * (
+        eye.reshape((v,) + (1,) * (a.ndim - 1) + (v,)) - p[None]
+    )
     if positions == 1:
         return cols
     # one column set per position: zero outside it
@@ -222,7 +225,7 @@ def _softmax_sample(key: Array, a: Array, y: Array, m: int) -> Array:
     p = jax.nn.softmax(a, axis=-1)
     draw = jr.categorical(key, jax.nn.log_softmax(a, axis=-1), axis=-1, shape=(m, *a.shape[:-1]))
     onehot = jax.nn.one_hot(draw, a.shape[-1], dtype=a.dtype)
-    return jnp.sqrt(_token_weights(a, y)) * (p - onehot) / math.sqrt(m)
+    return jnp.sqrt(_token_weights(a, y))[None] * (p[None] - onehot) / math.sqrt(m)
 
 
 def _softmax_hvp(a: Array, y: Array, u: Array) -> Array:
@@ -249,8 +252,8 @@ MSE = Loss(
     description="ℓ_i = mean_k (a_ik − y_ik)², averaged over the batch; δ_L = 2(a − y)/(K·B)",
     reduced_delta=_mse_reduced_delta,
     sqrt_hessian=lambda a, y: _unit_columns(a, math.sqrt(2.0 / _elements(a))),
-    sample_sqrt_hessian=lambda key, a, y, m: (
-        _normal_columns(key, a, m, math.sqrt(2.0 / _elements(a)))
+    sample_sqrt_hessian=lambda key, a, y, m: _normal_columns(
+        key, a, m, math.sqrt(2.0 / _elements(a))
     ),
     hessian_vp=lambda a, y, u: (2.0 / _elements(a)) * u,
 )

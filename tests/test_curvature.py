@@ -1,0 +1,381 @@
+"""Curvature by the δ rules against autodiff: loss Hessian square roots, GGN diagonals
+(exact, MC, per example), square-root columns, GGN-vector products, Kronecker
+factors and Hessian diagonals; the MC estimates' statistics; mutants caught.
+
+References (jbp._verify_curvature) come from ``jax.jacfwd`` of the network output,
+``jax.hessian`` of each example's loss and ``jax.hessian`` of the objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jbp
+from jbp import _curvature
+from jbp._losses import get_loss
+from jbp._verify_curvature import flat, reference_ggn
+
+F64 = jnp.float64
+
+
+def _examples(n: int) -> int:
+    return max(1, round(n * settings.default.max_examples / 25))
+
+
+def _targets(loss: str, shape: tuple[int, ...], rng: np.random.Generator) -> jax.Array:
+    if loss == "softmax_xent":
+        return jnp.asarray(rng.integers(0, shape[-1], size=shape[:-1]))
+    if loss == "sigmoid_bce":
+        return jnp.asarray(rng.uniform(size=shape))
+    return jnp.asarray(rng.normal(size=shape))
+
+
+# --- the loss Hessian's square roots -------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4)])
+@pytest.mark.parametrize("name", ["half_sse", "mse", "sigmoid_bce", "softmax_xent"])
+def test_loss_square_root_and_hessian_product_match_jax_hessian(name: str, shape: Any) -> None:
+    rng = np.random.default_rng(0)
+    loss = get_loss(name)
+    a = jnp.asarray(rng.normal(size=shape))
+    y = _targets(name, shape, rng)
+    u = jnp.asarray(rng.normal(size=shape))
+    k = int(np.prod(shape[1:]))
+    roots = loss.sqrt_hessian(a, y)
+    assert roots.shape[1:] == shape
+    products = loss.hessian_vp(a, y, u)
+    for i in range(shape[0]):
+        hess = jax.hessian(lambda ai, i=i: loss.per_example(ai[None], y[i : i + 1])[0])(a[i])
+        hess = hess.reshape(k, k)
+        s = roots[:, i].reshape(-1, k)
+        np.testing.assert_allclose(s.T @ s, hess, atol=1e-14)
+        np.testing.assert_allclose(products[i].reshape(k), hess @ u[i].reshape(k), atol=1e-14)
+
+
+def test_softmax_square_root_is_not_symmetric_so_a_transpose_is_a_bug() -> None:
+    """The precondition of the transpose mutant below: S ≠ Sᵀ per position."""
+    a = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4)))
+    s = get_loss("softmax_xent").sqrt_hessian(a, jnp.zeros((1,), jnp.int32))[:, 0]
+    assert float(jnp.max(jnp.abs(s - s.T))) > 1e-2
+
+
+# --- every quantity against autodiff, over the architecture families -----------------
+
+
+@settings(max_examples=_examples(5))
+@given(
+    arch=st.sampled_from(["mlp", "cnn", "resnet", "transformer"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_curvature_matches_autodiff_on_random_architectures(arch: str, seed: int) -> None:
+    problem = jbp.random_problem(
+        np.random.default_rng(seed), dtype=F64, arch=arch, max_depth=2, max_width=6
+    )
+    report = jbp.check_curvature(problem.net, problem.loss, problem.params, problem.x, problem.y)
+    assert report.passed, report.format()
+    assert {"diag_ggn", "per_example_diag_ggn", "sqrt_ggn"} <= {r.quantity for r in report.rows}
+
+
+@pytest.mark.parametrize(
+    "acts,loss",
+    [
+        (("tanh", "sigmoid", "identity"), "softmax_xent"),
+        (("silu", "gelu", "softplus"), "half_sse"),
+        (("relu", "elu", "sin"), "sigmoid_bce"),
+        (("gelu_tanh", "leaky_relu", "tanh"), "mse"),
+    ],
+)
+def test_diag_hessian_matches_jax_hessian_with_residual_terms(acts: Any, loss: str) -> None:
+    rng = np.random.default_rng(2)
+    net = jbp.Sequential(
+        [
+            jbp.Dense(3, 5, acts[0]),
+            jbp.Activation(acts[1]),
+            jbp.Dense(5, 4, acts[2], bias=False),
+            jbp.Sequential([jbp.Activation("tanh"), jbp.Dense(4, 3)]),
+        ]
+    )
+    params = net.init(jax.random.key(1), F64)
+    x = jnp.asarray(rng.normal(size=(6, 3)))
+    y = _targets(loss, (6, 3), rng)
+    report = jbp.check_curvature(net, loss, params, x, y)
+    assert report.passed, report.format()
+    assert "diag_hessian" in {r.quantity for r in report.rows}
+    # smooth activations: the Hessian is not the GGN (the residual terms matter)
+    ggn = flat(jbp.diag_ggn(net, loss)(params, x, y))
+    hess = flat(jbp.diag_hessian(net, loss)(params, x, y))
+    assert float(jnp.max(jnp.abs(ggn - hess))) > 1e-6
+
+
+def test_quantities_compose_with_jit_and_take_keys_as_arguments() -> None:
+    net = jbp.mlp([4, 6, 3], "tanh")
+    params = net.init(jax.random.key(0), F64)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(5, 4)))
+    y = jnp.asarray([0, 1, 2, 1, 0])
+    fn = jax.jit(jbp.diag_ggn(net, "softmax_xent", mc_samples=2))
+    a = fn(params, x, y, key=jax.random.key(1))
+    b = fn(params, x, y, key=jax.random.key(2))
+    assert not np.allclose(flat(a), flat(b))  # fresh samples per key
+    np.testing.assert_array_equal(flat(a), flat(fn(params, x, y, key=jax.random.key(1))))
+
+
+# --- Kronecker factors -----------------------------------------------------------------
+
+
+def _index_tree(params: Any) -> Any:
+    vector, unravel = jax.flatten_util.ravel_pytree(params)
+    return unravel(jnp.arange(vector.size, dtype=vector.dtype))
+
+
+def _block(ggn: jax.Array, idx: jax.Array) -> jax.Array:
+    idx = jnp.asarray(idx, jnp.int32).ravel()
+    return ggn[idx][:, idx]
+
+
+def _kflr_block_errors(net: Any, loss: str, params: Any, x: Any, y: Any) -> list[float]:
+    """For every layer ``i`` of ``net`` with a ``w``/``b`` pair (one output position,
+    batch 1), the error of ``A ⊗ G`` against the exact GGN block of ``[w; b]``, per group."""
+    ref = reference_ggn(net, loss, params, x, y)
+    factors = jbp.kfac(net, loss, kind="kflr")(params, x, y)
+    index = _index_tree(params)
+    errors = []
+    for i, layer_factors in enumerate(factors):
+        if "w" not in layer_factors:
+            continue
+        kf = layer_factors["w"]
+        w_idx, b_idx = index[i]["w"], index[i]["b"]
+        out = w_idx.shape[-1]
+        groups = 1 if kf.a.ndim == 2 else kf.a.shape[0]
+        rows = w_idx.reshape(-1, groups, out // groups)
+        cols = b_idx.reshape(groups, out // groups)
+        for g in range(groups):
+            idx = jnp.concatenate([rows[:, g], cols[g][None]], axis=0)
+            a, gg = (kf.a, kf.g) if groups == 1 else (kf.a[g], kf.g[g])
+            kron = jnp.kron(a, gg)
+            want = _block(ref.ggn, idx)
+            err = float("inf") if kron.shape != want.shape else float(jnp.max(jnp.abs(kron - want)))
+            errors.append(err / float(jnp.max(jnp.abs(want))))
+    return errors
+
+
+def _kfac_cases() -> list[tuple[str, Any, Any, str]]:
+    rng = np.random.default_rng(4)
+    dense = jbp.Sequential([jbp.Dense(3, 4, "tanh"), jbp.Dense(4, 3)])
+    conv = jbp.Sequential(
+        [jbp.Conv(2, 4, (3, 3), "tanh", padding="VALID"), jbp.Flatten(), jbp.Dense(4, 3)]
+    )
+    grouped = jbp.Sequential(
+        [jbp.Conv(4, 6, (2, 2), "sigmoid", padding="VALID", groups=2), jbp.Flatten()]
+    )
+    return [
+        ("dense", dense, jnp.asarray(rng.normal(size=(1, 3))), "softmax_xent"),
+        ("conv", conv, jnp.asarray(rng.normal(size=(1, 3, 3, 2))), "sigmoid_bce"),
+        ("grouped conv", grouped, jnp.asarray(rng.normal(size=(1, 2, 2, 4))), "half_sse"),
+    ]
+
+
+@pytest.mark.parametrize("case", _kfac_cases(), ids=lambda c: c[0])
+def test_kflr_is_the_exact_ggn_block_for_one_example_at_one_position(case: Any) -> None:
+    _, net, x, loss = case
+    params = net.init(jax.random.key(5), F64)
+    out_shape = net.output_shape(x.shape[1:])
+    y = _targets(loss, (1, *out_shape), np.random.default_rng(6))
+    errors = _kflr_block_errors(net, loss, params, x, y)
+    assert errors and max(errors) < 1e-12, errors
+
+
+def test_kfac_factors_match_their_definitions_on_a_batch() -> None:
+    """A = mean x̃ x̃ᵀ of the first layer's input; G = the GGN block of the bias (one
+    position per example: Σ_c s sᵀ summed over the batch is exactly that block)."""
+    rng = np.random.default_rng(7)
+    net = jbp.Sequential([jbp.Dense(3, 4, "tanh"), jbp.Dense(4, 3, "sigmoid")])
+    params = net.init(jax.random.key(8), F64)
+    x = jnp.asarray(rng.normal(size=(6, 3)))
+    y = jnp.asarray(rng.integers(0, 3, size=6))
+    factors = jbp.kfac(net, "softmax_xent", kind="kflr")(params, x, y)
+    ref = reference_ggn(net, "softmax_xent", params, x, y)
+    index = _index_tree(params)
+    x1 = jnp.concatenate([x, jnp.ones((6, 1), F64)], axis=1)
+    np.testing.assert_allclose(factors[0]["w"].a, x1.T @ x1 / 6, rtol=1e-13)
+    for i in (0, 1):
+        np.testing.assert_allclose(factors[i]["w"].g, _block(ref.ggn, index[i]["b"]), atol=1e-15)
+    # MC factors (kind="kfac") average to the exact ones: G is linear in the sampled s sᵀ
+    mc = jax.jit(jbp.kfac(net, "softmax_xent", mc_samples=4000))(
+        params, x, y, key=jax.random.key(9)
+    )
+    np.testing.assert_allclose(mc[1]["w"].g, factors[1]["w"].g, atol=0.02)
+    np.testing.assert_array_equal(mc[0]["w"].a, factors[0]["w"].a)
+
+
+def test_kfac_covers_attention_projections_and_leaves_other_leaves_out() -> None:
+    net = jbp.transformer(vocab=5, length=4, features=4, heads=2, depth=1)
+    params = net.init(jax.random.key(0), F64)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 5, size=(2, 4)))
+    factors = jbp.kfac(net, "softmax_xent", kind="kflr")(params, tokens, tokens)
+    attention = factors[2][1]  # Residual(Sequential([LayerNorm, MultiHeadAttention]))
+    assert set(attention) == {"wq", "wk", "wv", "wo"}
+    assert attention["wq"].a.shape == (5, 5) and attention["wq"].g.shape == (4, 4)
+    assert factors[0] == {} and factors[1] == {}  # embedding tables: no Kronecker form
+    assert factors[2][0] == {}  # LayerNorm: elementwise leaves
+    assert factors[3][2]["w"].a.shape == (17, 17)  # Dense(16 → 4) with its bias
+
+
+# --- Monte-Carlo: unbiased, error falling like 1/√M --------------------------------------
+
+
+def test_mc_diag_ggn_is_unbiased_and_its_error_falls_like_one_over_sqrt_m() -> None:
+    """Seeded, so deterministic. An MC estimate with M columns is the mean of M
+    independent one-column estimates, so its error's RMS over keys is exactly
+    RMS(M=1)/√M in distribution. With R = 64 keys each RMS is known to about
+    1/√(2R) ≈ 9%: we require the ratio RMS(1)/RMS(16) in [4·0.7, 4·1.3] (≥ 3σ) and
+    the mean of the 64·16 one-column draws within 5 standard errors of the exact
+    diagonal at every entry."""
+    rng = np.random.default_rng(10)
+    net = jbp.mlp([3, 5, 4], "tanh")
+    params = net.init(jax.random.key(11), F64)
+    x = jnp.asarray(rng.normal(size=(8, 3)))
+    y = jnp.asarray(rng.integers(0, 4, size=8))
+    exact = flat(jbp.diag_ggn(net, "softmax_xent")(params, x, y))
+    keys = jax.random.split(jax.random.key(12), 64)
+
+    def draws(m: int) -> jax.Array:
+        fn = jbp.diag_ggn(net, "softmax_xent", mc_samples=m)
+        return jax.jit(jax.vmap(lambda k: flat(fn(params, x, y, key=k))))(keys)
+
+    one, sixteen = draws(1), draws(16)
+    rms = [float(jnp.sqrt(jnp.mean(jnp.sum((d - exact[None]) ** 2, axis=1)))) for d in (one, sixteen)]
+    assert 4 * 0.7 < rms[0] / rms[1] < 4 * 1.3, rms
+    mean = jnp.mean(sixteen, axis=0)  # the mean of 1024 one-column draws
+    stderr = jnp.std(one, axis=0) / np.sqrt(64 * 16)
+    assert bool(jnp.all(jnp.abs(mean - exact) <= 5 * stderr + 1e-12))
+    # per example: the same estimator, before the batch sum
+    pe = jax.jit(jbp.per_example_diag_ggn(net, "softmax_xent", mc_samples=3))
+    per_example = pe(params, x, y, key=keys[0])
+    summed = jtu.tree_map(lambda leaf: jnp.sum(leaf, axis=0) / 8, per_example)
+    mc3 = jbp.diag_ggn(net, "softmax_xent", mc_samples=3)(params, x, y, key=keys[0])
+    np.testing.assert_allclose(flat(summed), flat(mc3), rtol=1e-12)
+
+
+# --- mutants: each caught ---------------------------------------------------------------
+
+
+def test_mutant_transposed_loss_square_root_is_caught() -> None:
+    softmax = get_loss("softmax_xent")
+
+    def transposed(a: jax.Array, y: jax.Array) -> jax.Array:
+        s = softmax.sqrt_hessian(a, y)  # (classes, batch, classes) for (batch, classes)
+        return jnp.swapaxes(s, 0, 2)
+
+    mutant = dataclasses.replace(softmax, name="softmax_xent_mutant", sqrt_hessian=transposed)
+    rng = np.random.default_rng(13)
+    net = jbp.mlp([3, 4, 4], "tanh")
+    params = net.init(jax.random.key(14), F64)
+    x = jnp.asarray(rng.normal(size=(4, 3)))
+    y = jnp.asarray(rng.integers(0, 4, size=4))
+    assert jbp.check_curvature(net, softmax, params, x, y).passed
+    report = jbp.check_curvature(net, mutant, params, x, y)
+    failed = {r.quantity for r in report.rows if not r.passed}
+    assert {"diag_ggn", "per_example_diag_ggn", "sqrt_ggn"} <= failed, report.format()
+
+
+def test_mutant_bias_column_dropped_from_a_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, net, x, loss = _kfac_cases()[0]
+    params = net.init(jax.random.key(5), F64)
+    y = _targets(loss, (1, 3), np.random.default_rng(6))
+    assert max(_kflr_block_errors(net, loss, params, x, y)) < 1e-12
+    kronecker = _curvature._kronecker
+    monkeypatch.setattr(_curvature, "_kronecker", lambda f, bias, scale: kronecker(f, False, scale))
+    assert min(_kflr_block_errors(net, loss, params, x, y)) > 1e-3
+
+
+def test_mutant_second_derivative_replaced_by_first_is_caught() -> None:
+    tanh = jbp.register_activation(
+        "tanh_f2_mutant",
+        jnp.tanh,
+        lambda z, out: 1 - out * out,
+        second_derivative=lambda z, out: 1 - out * out,  # f' in place of f''
+    )
+    rng = np.random.default_rng(15)
+    net = jbp.Sequential([jbp.Dense(3, 4, tanh.name), jbp.Dense(4, 2)])
+    params = net.init(jax.random.key(16), F64)
+    x = jnp.asarray(rng.normal(size=(5, 3)))
+    y = jnp.asarray(rng.normal(size=(5, 2)))
+    report = jbp.check_curvature(net, "half_sse", params, x, y)
+    assert {r.quantity for r in report.rows if not r.passed} == {"diag_hessian"}, report.format()
+
+
+# --- clear errors -----------------------------------------------------------------------
+
+
+def _small() -> tuple[Any, Any, jax.Array, jax.Array]:
+    net = jbp.mlp([3, 4, 2], "tanh")
+    params = net.init(jax.random.key(0), F64)
+    return net, params, jnp.ones((2, 3), F64), jnp.zeros((2, 2), F64)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda net: jbp.diag_ggn(net, "half_sse", mc_samples=0), r"`mc_samples` must be None"),
+        (lambda net: jbp.sqrt_ggn(net, "half_sse", mc_samples=1.5), r"`mc_samples` must be None"),
+        (lambda net: jbp.kfac(net, "half_sse", kind="ekfac"), r"`kind` must be one of"),
+        (lambda net: jbp.kfac(net, "half_sse", mc_samples=None), r"needs mc_samples ≥ 1"),
+        (
+            lambda net: jbp.diag_ggn(net, jbp.Loss("l1", lambda a, y: a, lambda a, y: a, "sum")),
+            r"loss 'l1' has no sqrt_hessian",
+        ),
+        (
+            lambda net: jbp.ggn_vector_product(
+                net, jbp.Loss("l1", lambda a, y: a, lambda a, y: a, "sum")
+            ),
+            r"loss 'l1' has no hessian_vp",
+        ),
+        (
+            lambda net: jbp.diag_hessian(jbp.Sequential([jbp.Conv(1, 1, 3), jbp.Flatten()]), "mse"),
+            r"`net.layers\[0\]` is Conv.*Dense and Activation",
+        ),
+    ],
+)
+def test_bad_arguments_have_clear_errors(make: Any, match: str) -> None:
+    net, _, _, _ = _small()
+    with pytest.raises((ValueError, TypeError), match=match):
+        make(net)
+
+
+def test_mc_without_a_key_and_wrong_keys_are_clear_errors() -> None:
+    net, params, x, y = _small()
+    fn = jbp.diag_ggn(net, "half_sse", mc_samples=2)
+    with pytest.raises(ValueError, match=r"mc_samples=2 draws Monte-Carlo columns: pass key="):
+        fn(params, x, y)
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key"):
+        fn(params, x, y, key=3)
+
+
+def test_activation_without_second_derivative_is_a_clear_error() -> None:
+    jbp.register_activation("cube_no_f2", lambda z: z**3, lambda z, out: 3 * z**2)
+    net = jbp.Sequential([jbp.Dense(3, 2, "cube_no_f2")])
+    with pytest.raises(ValueError, match=r"activation 'cube_no_f2' has no second derivative"):
+        jbp.diag_hessian(net, "half_sse")
+    with pytest.raises(TypeError, match=r"`second_derivative` must be a callable"):
+        jbp.register_activation("bad_f2", jnp.sin, lambda z, o: jnp.cos(z), second_derivative=2)
+
+
+def test_ggn_vector_product_checks_v() -> None:
+    net, params, x, y = _small()
+    fn = jbp.ggn_vector_product(net, "half_sse")
+    bad = jtu.tree_map(jnp.zeros_like, params)
+    bad[0]["w"] = jnp.zeros((4, 3), F64)
+    with pytest.raises(ValueError, match=r"`v\[0\]\['w'\]` must have shape \(3, 4\)"):
+        fn(params, x, y, bad)
+    with pytest.raises(ValueError, match=r"`v` must be shaped like params"):
+        fn(params, x, y, params[0])
