@@ -37,32 +37,35 @@ def reference_ggn(net: Any, loss: str | Loss, params: Params, x: Any, y: Any) ->
     ``jax.hessian`` of each example's loss."""
     net, loss = check_net(net), get_loss(loss)
     x, y = prepare(net, loss, params, x, y)
-    flat, unravel = ravel_pytree(params)
+    vector, unravel = ravel_pytree(params)
 
-    def output(theta: Array) -> Array:
-        return net.forward(unravel(theta), x)[0]
+    @jax.jit
+    def run(theta: Array, x: Array, y: Array) -> tuple[Array, Array]:
+        def output(theta: Array) -> Array:
+            return net.forward(unravel(theta), x)[0]
 
-    out = output(flat)
-    b = out.shape[0]
-    jac = jax.jacfwd(output)(flat).reshape(b, -1, flat.size)  # reference
+        out = output(theta)
+        b = out.shape[0]
+        jac = jax.jacfwd(output)(theta).reshape(b, -1, theta.size)  # reference
 
-    def example_loss(a: Array, yi: Array) -> Array:
-        return loss.per_example(a[None], yi[None])[0]
+        def example_loss(a: Array, yi: Array) -> Array:
+            return loss.per_example(a[None], yi[None])[0]
 
-    hess = jax.vmap(jax.hessian(example_loss))(out, y)  # reference
-    k = jac.shape[1]
-    hess = hess.reshape(b, k, k)
-    per_example = jnp.einsum("bkp,bkl,blq->bpq", jac, hess, jac)
-    ggn = loss.scale(b) * jnp.sum(per_example, axis=0)
-    diag = jnp.diagonal(per_example, axis1=1, axis2=2)
+        hess = jax.vmap(jax.hessian(example_loss))(out, y)  # reference
+        k = jac.shape[1]
+        per_example = jnp.einsum("bkp,bkl,blq->bpq", jac, hess.reshape(b, k, k), jac)
+        ggn = loss.scale(b) * jnp.sum(per_example, axis=0)
+        return ggn, jnp.diagonal(per_example, axis1=1, axis2=2)
+
+    ggn, diag = run(vector, x, y)
     return GGNReference(ggn, diag, unravel)
 
 
 def reference_hessian(net: Any, loss: str | Loss, params: Params, x: Any, y: Any) -> Array:
     """``jax.hessian(objective)`` as a P × P matrix (flattened like ``ravel_pytree``)."""
-    flat, unravel = ravel_pytree(params)
+    vector, unravel = ravel_pytree(params)
     fn = objective(net, loss)
-    return jax.hessian(lambda theta: fn(unravel(theta), x, y))(flat)  # reference
+    return jax.jit(jax.hessian(lambda theta: fn(unravel(theta), x, y)))(vector)  # reference
 
 
 def flat(tree: Any) -> Array:
