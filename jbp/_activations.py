@@ -75,7 +75,7 @@ class ActivationFn:
 _REGISTRY: dict[str, ActivationFn] = {}
 
 
-def ZERO(z: Array, out: Array) -> Array:  # noqa: N802 (a constant, as the docs name it)
+def ZERO(z: Array, out: Array) -> Array:
     """``f'' = 0``: the second derivative of a piecewise-linear activation."""
     return jnp.zeros_like(z)
 
@@ -154,7 +154,10 @@ def _identity_delta(g: Array, z: Array, out: Array) -> Array:
 
 register_activation(
     "identity",
-    lambda z: z, lambda z, out: jnp.ones_like(z), delta=_identity_delta, second_derivative=ZERO
+    lambda z: z,
+    lambda z, out: jnp.ones_like(z),
+    delta=_identity_delta,
+    second_derivative=ZERO,
 )
 
 # σ' = σ(1 − σ); JAX's rule for lax.logistic: g * (ans * (1 - ans)).

@@ -345,13 +345,13 @@ def format_benchmark(rows: Sequence[BenchRow], *, header: bool = True) -> str:
     lines = []
     if header:
         lines.append(
-            f"{'batch':>6}  {'function':<18} {'median ms':>10} {'× jax.grad':>10} "
+            f"{'batch':>6}  {'function':<28} {'median ms':>10} {'× jax.grad':>10} "
             f"{'compile s':>9} {'memory MiB':>10} {'rounds':>6}"
         )
         lines.append("-" * len(lines[0]))
     for r in rows:
         lines.append(
-            f"{r.batch:>6}  {r.name:<18} {r.median_ms:>10.3f} {r.ratio:>10.2f} "
+            f"{r.batch:>6}  {r.name:<28} {r.median_ms:>10.3f} {r.ratio:>10.2f} "
             f"{r.compile_s:>9.2f} {r.memory_mib:>10.1f} {r.rounds:>6}"
         )
     return "\n".join(lines)
@@ -435,8 +435,207 @@ def benchmark_scaling(
 
 def format_scaling(rows: Sequence[ScalingRow]) -> str:
     """A fixed-width table of :func:`benchmark_scaling` rows."""
-    lines = [f"{'devices':>7}  {'function':<18} {'median ms':>10} {'speedup':>8}"]
+    lines = [f"{'devices':>7}  {'function':<28} {'median ms':>10} {'speedup':>8}"]
     lines.append("-" * len(lines[0]))
     for r in rows:
-        lines.append(f"{r.devices:>7}  {r.name:<18} {r.median_ms:>10.3f} {r.speedup:>8.2f}")
+        lines.append(f"{r.devices:>7}  {r.name:<28} {r.median_ms:>10.3f} {r.speedup:>8.2f}")
     return "\n".join(lines)
+
+
+# --- curvature (issue 11) ---------------------------------------------------------
+
+# The curvature benchmark's rows: jbp's quantity, then its autodiff route.
+CURVATURE_BENCH_FUNCTIONS: tuple[str, ...] = (
+    "jax.grad",
+    "diag_ggn mc",
+    "diag_ggn mc (autodiff)",
+    "diag_ggn exact",
+    "diag_ggn exact (autodiff)",
+    "per_example_diag_ggn mc",
+    "per_example_diag_ggn mc (ad)",
+    "kfac",
+    "kfac (autodiff)",
+    "ggn_vector_product",
+    "ggn_vector_product (ad)",
+    "diag_hessian",
+    "hvp (autodiff)",
+)
+
+# Targets (issue 11), as ratios to jax.grad in one run; BackPACK 1.7.1 on the same
+# MLP and kind of 2-core CPU: DiagGGNMC 1.72×, DiagGGNExact 4.20×, BatchDiagGGNMC
+# 34.6×, KFAC 2.43×, KFLR 9.82×, DiagHessian 4.11×.
+BENCH_TARGETS_CURVATURE: tuple[BenchTarget, ...] = (
+    BenchTarget("diag_ggn mc", "jax.grad", 1.5),
+    BenchTarget("diag_ggn exact", "jax.grad", 3.5),
+    BenchTarget("kfac", "jax.grad", 2.0),
+    BenchTarget("ggn_vector_product", "jax.grad", 2.5),
+    BenchTarget("per_example_diag_ggn mc", "jax.grad", 3.0),
+    BenchTarget("diag_hessian", "jax.grad", 4.0),
+)
+
+
+def _curvature_functions(net: Any, loss_name: str) -> dict[str, Callable[..., Any]]:
+    """Every curvature row as ``fn(params, x, y, key, v)``. The autodiff routes send
+    the same loss square-root columns through ``vmap`` of per-example ``jax.grad``
+    (J_iᵀ s_ic for every column and example), or compose ``jvp``/``vjp``."""
+    from ._curvature import (
+        diag_ggn,
+        diag_hessian,
+        ggn_vector_product,
+        kfac,
+        per_example_diag_ggn,
+    )
+    from ._losses import get_loss
+
+    loss = get_loss(loss_name)
+    ref = jax.grad(objective(net, loss))  # reference
+
+    def column_grads(p: Any, x: Any, y: Any, cols: Any) -> Any:
+        """``J_iᵀ s_ic`` for every column c and example i: leaves ``(C, B, *leaf)``."""
+
+        def one(xi: Any, si: Any) -> Any:
+            return jax.grad(lambda q: jnp.sum(net.forward(q, xi[None])[0][0] * si))(p)  # reference
+
+        return jax.vmap(jax.vmap(one), in_axes=(None, 0))(x, cols)
+
+    def ad_diag(p: Any, x: Any, y: Any, key: Any, mc: int | None, per_example: bool) -> Any:
+        out = net.forward(p, x)[0]
+        cols = (
+            loss.sqrt_hessian(out, y) if mc is None else loss.sample_sqrt_hessian(key, out, y, mc)
+        )
+        g = column_grads(p, x, y, cols)
+        if per_example:
+            return jtu.tree_map(lambda leaf: jnp.sum(leaf * leaf, axis=0), g)
+        return jtu.tree_map(
+            lambda leaf: loss.scale(x.shape[0]) * jnp.sum(leaf * leaf, axis=(0, 1)), g
+        )
+
+    def ad_kfac(p: Any, x: Any, y: Any, key: Any) -> Any:
+        """MLP only: s per column and example as the bias gradient of each Dense layer,
+        A from the forward's layer inputs."""
+        out, caches = net.forward(p, x)
+        cols = loss.sample_sqrt_hessian(key, out, y, 1)
+        g = column_grads(p, x, y, cols)
+        factors = []
+        for layer_g, cache in zip(g, caches, strict=True):
+            if not layer_g:
+                factors.append({})
+                continue
+            a = cache[0]
+            a1 = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+            s = layer_g["b"]
+            factors.append(
+                {
+                    "a": a1.T @ a1 / a.shape[0],
+                    "g": loss.scale(x.shape[0]) * jnp.einsum("cbo,cbp->op", s, s),
+                }
+            )
+        return factors
+
+    def ad_gvp(p: Any, x: Any, y: Any, key: Any, v: Any) -> Any:
+        def f(q: Any) -> Any:
+            return net.forward(q, x)[0]
+
+        out, jv = jax.jvp(f, (p,), (v,))  # reference
+        hjv = jax.jvp(jax.grad(lambda o: loss(o, y)), (out,), (jv,))[1]  # reference
+        return jax.vjp(f, p)[1](hjv)[0]  # reference
+
+    def ad_hvp(p: Any, x: Any, y: Any, key: Any, v: Any) -> Any:
+        return jax.jvp(lambda q: ref(q, x, y), (p,), (v,))[1]  # reference
+
+    dense_chain = all(isinstance(layer, Dense) for layer in net.layers)
+    fns: dict[str, Callable[..., Any]] = {
+        "jax.grad": lambda p, x, y, key, v: ref(p, x, y),
+        "diag_ggn mc": lambda p, x, y, key, v: diag_ggn(net, loss, mc_samples=1)(p, x, y, key=key),
+        "diag_ggn mc (autodiff)": lambda p, x, y, key, v: ad_diag(p, x, y, key, 1, False),
+        "diag_ggn exact": lambda p, x, y, key, v: diag_ggn(net, loss)(p, x, y),
+        "diag_ggn exact (autodiff)": lambda p, x, y, key, v: ad_diag(p, x, y, key, None, False),
+        "per_example_diag_ggn mc": lambda p, x, y, key, v: per_example_diag_ggn(
+            net, loss, mc_samples=1
+        )(p, x, y, key=key),
+        "per_example_diag_ggn mc (ad)": lambda p, x, y, key, v: ad_diag(p, x, y, key, 1, True),
+        "kfac": lambda p, x, y, key, v: kfac(net, loss)(p, x, y, key=key),
+        "kfac (autodiff)": lambda p, x, y, key, v: ad_kfac(p, x, y, key),
+        "ggn_vector_product": lambda p, x, y, key, v: ggn_vector_product(net, loss)(p, x, y, v),
+        "ggn_vector_product (ad)": ad_gvp,
+        "diag_hessian": lambda p, x, y, key, v: diag_hessian(net, loss)(p, x, y),
+        "hvp (autodiff)": ad_hvp,
+    }
+    if not dense_chain:  # the MLP-only rows
+        for name in ("kfac (autodiff)", "diag_hessian"):
+            del fns[name]
+    return fns
+
+
+def benchmark_curvature(
+    *,
+    arch: str = "mlp",
+    batches: Sequence[int] | None = None,
+    rounds: int = 20,
+    budget_s: float = 10.0,
+    only: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Time the curvature quantities and their autodiff routes beside ``jax.grad``.
+
+    ``arch="mlp"``: the MLP 784-512-512-10 (relu, ``softmax_xent``, float32,
+    default batch 256); ``arch="cnn"``: the CNN of :func:`benchmark` (default
+    batch 32). Rows: :data:`CURVATURE_BENCH_FUNCTIONS` (``kfac (autodiff)`` and
+    ``diag_hessian`` for the MLP only). MC rows use one sampled column. The
+    autodiff routes: the same loss square-root columns sent through ``vmap``
+    of per-example ``jax.grad`` (diagonals, K-FAC's G), ``jvp``∘Hessian∘``vjp``
+    (GGN-vector product) and one Hessian-vector product (``jvp`` of
+    ``jax.grad``; an exact Hessian diagonal by autodiff needs P of them).
+    Memory and ratios as in :func:`benchmark`; ``only`` restricts the rows
+    (``jax.grad`` always runs).
+    """
+    if arch not in ("mlp", "cnn"):
+        raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    if arch == "cnn":
+        net, in_shape = _cnn(), CNN_IN_SHAPE
+        batches = (32,) if batches is None else batches
+    else:
+        net, in_shape = mlp([784, 512, 512, 10], "relu"), (784,)
+        batches = (256,) if batches is None else batches
+    params = net.init(jax.random.key(0), jnp.float32)
+    v = jtu.tree_map(
+        lambda leaf: jax.random.normal(jax.random.key(3), leaf.shape, leaf.dtype), params
+    )
+    fns = _curvature_functions(net, "softmax_xent")
+    if only is not None:
+        unknown = set(only) - set(CURVATURE_BENCH_FUNCTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown curvature rows {sorted(unknown)}; known: {list(CURVATURE_BENCH_FUNCTIONS)}"
+            )
+        fns = {k: f for k, f in fns.items() if k == "jax.grad" or k in only}
+    names = list(fns)
+    rows = []
+    for batch in batches:
+        x = jax.random.normal(jax.random.key(1), (batch, *in_shape), jnp.float32)
+        y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+        args = (params, x, y, jax.random.key(4), v)
+        compiled, compile_s = {}, {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            compiled[name] = jax.jit(fn).lower(*args).compile()
+            compile_s[name] = time.perf_counter() - t0
+            jax.block_until_ready(compiled[name](*args))
+        times = _time_interleaved(compiled, names, args, rounds, budget_s)
+        base = statistics.median(times["jax.grad"])
+        for name in names:
+            med = statistics.median(times[name])
+            rows.append(
+                BenchRow(
+                    batch,
+                    name,
+                    compile_s[name],
+                    med * 1e3,
+                    med / base,
+                    _memory_mib(compiled[name]),
+                    len(times[name]),
+                )
+            )
+        if log is not None:
+            log(format_benchmark([r for r in rows if r.batch == batch], header=False))
+    return rows

@@ -353,7 +353,7 @@ def _bias_key(weight_key: str) -> str:
 def _kronecker(f: Outer, bias: bool, scale: float) -> KroneckerFactors:
     a = f.blocks[0] if len(f.blocks) == 1 else jnp.concatenate(f.blocks, axis=-1)
     if bias:
-        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+        a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
     b, t = a.shape[0], a.shape[1]
     factor_a = jnp.einsum("btgi,btgj->gij", a, a) / (b * t)
     s = f.delta  # (C, batch, T, G, O)

@@ -9,6 +9,11 @@ A layer is a small immutable (hashable, static) object with:
 - ``backward(params, cache, delta_out) -> (grads, delta_in)``: the δ rule,
   ``delta_out = ∂C/∂out``, ``delta_in = ∂C/∂a``, ``grads`` shaped like params.
 
+Optionally, ``tangent(params, cache, a_dot, params_dot) -> out_dot``: the forward
+of the linearised layer, ``(∂out/∂a)·a_dot + (∂out/∂θ)·params_dot``, from the
+forward's cache (``a_dot`` or ``params_dot`` may be None for zero; both None
+gives None). :func:`jbp.ggn_vector_product` needs it of every layer.
+
 Two optional class attributes say how a layer constrains the rank of its
 input: ``in_rank`` (the rank of one example it needs, e.g. 3 for a 2-D
 convolution on ``(height, width, channels)``; ``None``: any) and
@@ -152,6 +157,27 @@ def backward_walk(
         return walk(params, cache, delta_out, at_leaf)
     grads, delta_in = layer.backward(params, cache, delta_out)
     return (grads if at_leaf is None else at_leaf(layer, params, cache, delta_out)), delta_in
+
+
+def tangent(layer: Any, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+    """``layer.tangent(...)``: the forward of the linearised layer (JVP by its own rules),
+    or a clear error for a layer without one. ``None`` tangents are zero."""
+    method = getattr(layer, "tangent", None)
+    if method is None:
+        raise TypeError(
+            f"layer {layer!r} has no tangent(params, cache, a_dot, params_dot): "
+            "ggn_vector_product needs one (the forward of the linearised network)"
+        )
+    return method(params, cache, a_dot, params_dot)
+
+
+def add_tangents(a: Any, b: Any) -> Any:
+    """The sum of two tangents, either of which may be None (zero)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
 
 
 def is_layer(obj: Any) -> bool:

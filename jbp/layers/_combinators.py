@@ -28,6 +28,7 @@ from ._base import (
     Params,
     Shape,
     ShapeError,
+    add_tangents,
     backward_walk,
     check_layers,
     check_no_tokens,
@@ -36,6 +37,7 @@ from ._base import (
     keeps_rank,
     output_shape,
     takes_tokens,
+    tangent,
 )
 from ._dense import Dense
 
@@ -172,6 +174,13 @@ class Sequential:
         """Run the δ rules in reverse; returns per-layer grads and ``∂C/∂x``."""
         return self.backward_walk(params, caches, delta_out, None)
 
+    def tangent(self, params: Any, caches: Any, a_dot: Any, params_dot: Any) -> Any:
+        """The children's tangents in order."""
+        for i, layer in enumerate(self.layers):
+            p_dot = None if params_dot is None else params_dot[i]
+            a_dot = tangent(layer, params[i], caches[i], a_dot, p_dot)
+        return a_dot
+
     def apply(self, params: Sequence[Params], x: Array) -> Array:
         """Network output for a batch ``(batch, *in_shape)`` or one example ``in_shape``."""
         from .._checks import check_params, check_x
@@ -261,6 +270,10 @@ class Residual:
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         return self.backward_walk(params, cache, delta_out, None)
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """``a_dot + block tangent``."""
+        return add_tangents(a_dot, tangent(self.block, params, cache, a_dot, params_dot))
 
 
 _MERGES = ("sum", "concat")
@@ -382,6 +395,28 @@ class Parallel:
         self, params: Sequence[Params], cache: Any, delta_out: Array
     ) -> tuple[tuple[Params, ...], Array]:
         return self.backward_walk(params, cache, delta_out, None)
+
+    def tangent(self, params: Any, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """The branches' tangents, summed or concatenated (None branches are zero)."""
+        caches, widths = cache
+        outs = [
+            tangent(branch, p, c, a_dot, None if params_dot is None else params_dot[j])
+            for j, (branch, p, c) in enumerate(zip(self.branches, params, caches, strict=True))
+        ]
+        known = [o for o in outs if o is not None]
+        if not known:
+            return None
+        if self.merge == "sum":
+            total = known[0]
+            for o in known[1:]:
+                total = total + o
+            return total
+        lead = known[0].shape[:-1]
+        parts = [
+            jnp.zeros((*lead, w), known[0].dtype) if o is None else o
+            for o, w in zip(outs, widths, strict=True)
+        ]
+        return jnp.concatenate(parts, axis=-1)
 
 
 def mlp(

@@ -174,18 +174,20 @@ class Conv(Affine, Factorised, Layer):
         kernel = (n + 1, n, *range(n))  # (out channels, in channels, spatial)
         return data, kernel, data
 
-    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+    def _linear(self, a: Array, w: Array) -> Array:
         data, kernel, _ = self._specs()
-        z = lax.conv_general_dilated(
+        return lax.conv_general_dilated(
             a,
-            params["w"],
+            w,
             window_strides=self.stride,
             padding=self._pads(a.shape[1:-1]),
             rhs_dilation=self.dilation,
             dimension_numbers=_dn(data, kernel, data),
             feature_group_count=self.groups,
         )
-        return self._activate(params, a, z)
+
+    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
+        return self._activate(params, a, self._linear(a, params["w"]))
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         a = cache[0]

@@ -14,7 +14,7 @@ from jax import lax
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
-from ._base import Layer, Params, Shape, ShapeError, last_axis
+from ._base import Layer, Params, Shape, ShapeError, add_tangents, last_axis
 from ._factors import Elementwise, Factorised, Outer
 
 Array = jax.Array
@@ -57,6 +57,21 @@ class Affine:
     def _delta(self, cache: Any, delta_out: Array) -> Array:
         _, z, out = cache
         return get_activation(self.activation).backward(delta_out, z, out)
+
+    def _linear(self, a: Array, w: Array) -> Array:
+        raise NotImplementedError
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """``f'(z) ⊙ (linear(a_dot, w) + linear(a, w_dot) + b_dot)``."""
+        a, z, out = cache
+        z_dot = None if a_dot is None else self._linear(a_dot, params["w"])
+        if params_dot is not None:
+            z_dot = add_tangents(z_dot, self._linear(a, params_dot["w"]))
+            if self.bias:
+                z_dot = z_dot + last_axis(params_dot["b"], z.ndim)
+        if z_dot is None:
+            return None
+        return z_dot * get_activation(self.activation).derivative(z, out)
 
 
 @jtu.register_static
@@ -113,8 +128,11 @@ class Dense(Affine, Factorised, Layer):
             )
         return (*in_shape[:-1], self.fan_out)
 
+    def _linear(self, a: Array, w: Array) -> Array:
+        return jnp.matmul(a, w)
+
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        return self._activate(params, a, jnp.matmul(a, params["w"]))
+        return self._activate(params, a, self._linear(a, params["w"]))
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         a = cache[0]
@@ -165,3 +183,8 @@ class Activation(Layer):
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         a, out = cache
         return {}, get_activation(self.name).backward(delta_out, a, out)
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """``f'(a) ⊙ a_dot``."""
+        a, out = cache
+        return None if a_dot is None else a_dot * get_activation(self.name).derivative(a, out)

@@ -220,3 +220,7 @@ class Flatten(Layer):
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         return {}, delta_out.reshape(cache)
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """The same reshape."""
+        return None if a_dot is None else a_dot.reshape(a_dot.shape[0], -1)
