@@ -10,6 +10,8 @@ from ._backprop import value_and_backprop as value_and_backprop
 from ._bench import BENCH_FUNCTIONS as BENCH_FUNCTIONS
 from ._bench import BENCH_TARGETS as BENCH_TARGETS
 from ._bench import BENCH_TARGETS_CNN as BENCH_TARGETS_CNN
+from ._bench import BENCH_TARGETS_CURVATURE as BENCH_TARGETS_CURVATURE
+from ._bench import CURVATURE_BENCH_FUNCTIONS as CURVATURE_BENCH_FUNCTIONS
 from ._bench import BENCH_TARGETS_TRANSFORMER as BENCH_TARGETS_TRANSFORMER
 from ._bench import CNN_BENCH_FUNCTIONS as CNN_BENCH_FUNCTIONS
 from ._bench import MATERIALISING as MATERIALISING
@@ -18,6 +20,7 @@ from ._bench import BenchRow as BenchRow
 from ._bench import BenchTarget as BenchTarget
 from ._bench import ScalingRow as ScalingRow
 from ._bench import benchmark as benchmark
+from ._bench import benchmark_curvature as benchmark_curvature
 from ._bench import benchmark_scaling as benchmark_scaling
 from ._bench import check_targets as check_targets
 from ._bench import format_benchmark as format_benchmark

@@ -152,3 +152,15 @@ def test_bench_transformer_times_tokens_and_checks_its_targets(tmp_path, capsys)
         ("per_example_norms", "jax.grad")
     ]
     assert set(jbp.TRANSFORMER_BENCH_FUNCTIONS) <= set(jbp.BENCH_FUNCTIONS)
+
+
+def test_bench_curvature_times_every_curvature_row_and_checks_its_targets(capsys):
+    argv = ["bench", "--curvature", "--batches", "2", "--rounds", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "curvature rows on the MLP 784-512-512-10" in out
+    for name in jbp.CURVATURE_BENCH_FUNCTIONS:
+        assert f"  {name} " in out, name
+    assert out.count("(target ≤") == len(jbp.BENCH_TARGETS_CURVATURE)
+    with pytest.raises(ValueError, match=r"unknown curvature rows \['kfc'\]"):
+        jbp.benchmark_curvature(only=["kfc"])

@@ -252,7 +252,9 @@ def test_mc_diag_ggn_is_unbiased_and_its_error_falls_like_one_over_sqrt_m() -> N
         return jax.jit(jax.vmap(lambda k: flat(fn(params, x, y, key=k))))(keys)
 
     one, sixteen = draws(1), draws(16)
-    rms = [float(jnp.sqrt(jnp.mean(jnp.sum((d - exact[None]) ** 2, axis=1)))) for d in (one, sixteen)]
+    rms = [
+        float(jnp.sqrt(jnp.mean(jnp.sum((d - exact[None]) ** 2, axis=1)))) for d in (one, sixteen)
+    ]
     assert 4 * 0.7 < rms[0] / rms[1] < 4 * 1.3, rms
     mean = jnp.mean(sixteen, axis=0)  # the mean of 1024 one-column draws
     stderr = jnp.std(one, axis=0) / np.sqrt(64 * 16)
@@ -378,3 +380,55 @@ def test_ggn_vector_product_checks_v() -> None:
         fn(params, x, y, bad)
     with pytest.raises(ValueError, match=r"`v` must be shaped like params"):
         fn(params, x, y, params[0])
+
+
+# --- tangent rules (the forward of the linearised network) --------------------------------
+
+
+def test_tangent_rules_match_jax_jvp_and_missing_ones_are_clear_errors() -> None:
+    """Dense, Conv, Activation, Flatten, Residual and Parallel (sum, concat) against
+    jax.jvp of the forward; None tangents are zeros."""
+    from jbp.layers._base import tangent
+
+    rng = np.random.default_rng(17)
+    net = jbp.Sequential(
+        [
+            jbp.Conv(2, 3, (2, 2), "tanh", stride=1, padding="VALID"),
+            jbp.Flatten(),
+            jbp.Activation("sigmoid"),
+            jbp.Residual(jbp.Sequential([jbp.Dense(12, 12, "silu")])),
+            jbp.Parallel([jbp.Dense(12, 3, "tanh"), jbp.Dense(12, 2, bias=False)], "concat"),
+            jbp.Parallel([jbp.Dense(5, 4), jbp.Dense(5, 4, "elu")], "sum"),
+        ]
+    )
+    params = net.init(jax.random.key(18), F64)
+    x = jnp.asarray(rng.normal(size=(3, 3, 3, 2)))
+    v = jtu.tree_map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape)), params)
+    x_dot = jnp.asarray(rng.normal(size=x.shape))
+    out, caches = net.forward(params, x)
+
+    def forward(p: Any, a: Any) -> Any:
+        return net.forward(p, a)[0]
+
+    for a_dot, p_dot in ((x_dot, v), (None, v), (x_dot, None)):
+        want = jax.jvp(
+            forward,
+            (params, x),
+            (
+                jtu.tree_map(jnp.zeros_like, params) if p_dot is None else p_dot,
+                jnp.zeros_like(x) if a_dot is None else a_dot,
+            ),
+        )[1]
+        got = tangent(net, params, caches, a_dot, p_dot)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    assert tangent(net, params, caches, None, None) is None
+    with pytest.raises(TypeError, match=r"layer MaxPool.*has no tangent.*ggn_vector_product"):
+        jbp.ggn_vector_product(jbp.Sequential([jbp.MaxPool((2, 2)), jbp.Flatten()]), "mse")(
+            (
+                {},
+                {},
+            ),
+            jnp.ones((1, 4, 4, 1), F64),
+            jnp.ones((1, 4), F64),
+            ({}, {}),
+        )

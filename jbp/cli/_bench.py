@@ -115,6 +115,14 @@ def add_bench(subparsers: Any) -> None:
         help="time only these functions (jax.grad always runs)",
     )
     p.add_argument(
+        "--curvature",
+        action="store_true",
+        help="time the curvature quantities (diag_ggn MC and exact, per_example_diag_ggn, "
+        "kfac, ggn_vector_product, diag_hessian) beside their autodiff routes on the MLP "
+        "784-512-512-10 (--arch mlp, batch 256) or the benchmark CNN (--arch cnn, batch 32); "
+        "--sizes, --activation, --dtype and --only do not apply",
+    )
+    p.add_argument(
         "--json", metavar="PATH", default=None, help="also write the rows and targets to PATH"
     )
     p.set_defaults(run=_run_bench, subparser=p)
@@ -134,6 +142,19 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         f"{platform.machine()}, python {platform.python_version()}"
     )
     sys.stdout.flush()
+    if args.curvature:
+        if args.arch == "transformer":
+            parser.error("--curvature takes --arch mlp or cnn")
+        what = "MLP 784-512-512-10, relu" if args.arch == "mlp" else what
+        print(f"curvature rows on the {what}, softmax_xent, float32")
+        rows = jbp.benchmark_curvature(
+            arch=args.arch, batches=args.batches, rounds=args.rounds, budget_s=args.budget
+        )
+        print(jbp.format_benchmark(rows))
+        checked = jbp.check_targets(rows, jbp.BENCH_TARGETS_CURVATURE)
+        print("\ntargets (ratios measured in this run):")
+        print(jbp.format_targets(checked))
+        return 0
     rows = jbp.benchmark(
         args.sizes,
         arch=args.arch,
