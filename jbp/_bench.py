@@ -489,6 +489,8 @@ def _curvature_functions(net: Any, loss_name: str) -> dict[str, Callable[..., An
 
     loss = get_loss(loss_name)
     ref = jax.grad(objective(net, loss))  # reference
+    sqrt_hessian, sample = loss.sqrt_hessian, loss.sample_sqrt_hessian
+    assert sqrt_hessian is not None and sample is not None
 
     def column_grads(p: Any, x: Any, y: Any, cols: Any) -> Any:
         """``J_iᵀ s_ic`` for every column c and example i: leaves ``(C, B, *leaf)``."""
@@ -500,9 +502,7 @@ def _curvature_functions(net: Any, loss_name: str) -> dict[str, Callable[..., An
 
     def ad_diag(p: Any, x: Any, y: Any, key: Any, mc: int | None, per_example: bool) -> Any:
         out = net.forward(p, x)[0]
-        cols = (
-            loss.sqrt_hessian(out, y) if mc is None else loss.sample_sqrt_hessian(key, out, y, mc)
-        )
+        cols = sqrt_hessian(out, y) if mc is None else sample(key, out, y, mc)
         g = column_grads(p, x, y, cols)
         if per_example:
             return jtu.tree_map(lambda leaf: jnp.sum(leaf * leaf, axis=0), g)
@@ -514,9 +514,9 @@ def _curvature_functions(net: Any, loss_name: str) -> dict[str, Callable[..., An
         """MLP only: s per column and example as the bias gradient of each Dense layer,
         A from the forward's layer inputs."""
         out, caches = net.forward(p, x)
-        cols = loss.sample_sqrt_hessian(key, out, y, 1)
+        cols = sample(key, out, y, 1)
         g = column_grads(p, x, y, cols)
-        factors = []
+        factors: list[dict[str, Any]] = []
         for layer_g, cache in zip(g, caches, strict=True):
             if not layer_g:
                 factors.append({})
@@ -591,6 +591,7 @@ def benchmark_curvature(
     """
     if arch not in ("mlp", "cnn"):
         raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
         batches = (32,) if batches is None else batches

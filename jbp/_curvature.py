@@ -181,7 +181,9 @@ def _column_factors(leaf: _Leaf) -> Any:
         return [f.delta for f in jtu.tree_leaves(factors, is_leaf=is_factor)]
 
     cols = jax.vmap(deltas)(leaf.columns)
-    return treedef.unflatten([f._replace(delta=d) for f, d in zip(flat, cols, strict=True)])
+    return jtu.tree_unflatten(
+        treedef, [f._replace(delta=d) for f, d in zip(flat, cols, strict=True)]
+    )
 
 
 def _column_grads(leaf: _Leaf) -> Params:
@@ -415,7 +417,7 @@ def _check_like(v: Any, params: Params) -> None:
     """``v`` has params' tree structure and leaf shapes (a clear error otherwise)."""
     p_leaves, p_tree = jtu.tree_flatten(params)
     try:
-        v_leaves = p_tree.flatten_up_to(v)
+        v_leaves = p_tree.flatten_up_to(v)  # type: ignore[attr-defined]
     except (ValueError, TypeError):
         raise ValueError(
             f"`v` must be shaped like params (tree {p_tree}), got tree {jtu.tree_structure(v)}"

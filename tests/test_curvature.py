@@ -405,7 +405,7 @@ def test_tangent_rules_match_jax_jvp_and_missing_ones_are_clear_errors() -> None
     x = jnp.asarray(rng.normal(size=(3, 3, 3, 2)))
     v = jtu.tree_map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape)), params)
     x_dot = jnp.asarray(rng.normal(size=x.shape))
-    out, caches = net.forward(params, x)
+    _out, caches = net.forward(params, x)
 
     def forward(p: Any, a: Any) -> Any:
         return net.forward(p, a)[0]
