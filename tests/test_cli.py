@@ -261,3 +261,13 @@ def test_verify_arch_transformer_draws_transformers_and_attention_stacks(capsys)
     assert "OK: all 2 problems pass" in out
     assert ", transformer depth 1-2 width 1-8," in out  # the family's own limits
     assert "MHA(" in out  # the worst problem's description shows its attention layer
+
+
+def test_verify_curvature_checks_every_quantity(capsys):
+    assert (
+        main(["verify", "--count", "2", "--arch", "mlp", "--dtype", "float64", "--curvature"]) == 0
+    )
+    out = capsys.readouterr().out
+    for quantity in ("diag_ggn", "per_example_diag_ggn", "sqrt_ggn", "ggn_vector_product"):
+        assert re.search(rf"curvature float64: {quantity} +checked +2, failed 0", out), out
+    assert "mlp depth 1-3 width 1-8" in out  # the smaller defaults with --curvature

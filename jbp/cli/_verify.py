@@ -46,7 +46,15 @@ per gradient per architecture costs about 0.5 s per problem on a 2-core CPU;
 --no-jit runs them op by op, which is several times slower for random shapes
 (each operation compiles once per new shape) and measures eager numerics.
 
+--curvature also checks every curvature quantity of each problem against its
+autodiff reference (jbp.check_curvature: diag_ggn, per_example_diag_ggn,
+sqrt_ggn, ggn_vector_product where every layer has a tangent rule,
+diag_hessian on Dense/Activation chains). The references cost O(P²), so
+with --curvature the mlp family defaults to depth 3 and width 8.
+
 Exit status: 0 if every problem passes, 1 on any mismatch, 2 on bad arguments."""
+# The mlp family's default limits with --curvature (O(P²) references).
+CURVATURE_LIMITS = {"mlp": (3, 8)}
 
 
 def add_verify(subparsers: Any) -> None:
@@ -126,6 +134,11 @@ def add_verify(subparsers: Any) -> None:
         help="verify eagerly, op by op (default: under jax.jit)",
     )
     p.add_argument(
+        "--curvature",
+        action="store_true",
+        help="also check the curvature quantities against autodiff (jbp.check_curvature)",
+    )
+    p.add_argument(
         "--quiet", action="store_true", help="no progress bar and no header: print the summary only"
     )
     p.add_argument(
@@ -140,7 +153,7 @@ def _arch(args: argparse.Namespace, index: int) -> str:
 
 def _limits(args: argparse.Namespace, arch: str) -> tuple[int, int]:
     """``(max_depth, max_width)`` for ``arch``: the flags, or the family's defaults."""
-    depth, width = LIMITS[arch]
+    depth, width = (CURVATURE_LIMITS if args.curvature else LIMITS).get(arch, LIMITS[arch])
     return (
         depth if args.max_depth is None else args.max_depth,
         width if args.max_width is None else args.max_width,
@@ -159,17 +172,22 @@ class _Outcome:
     report: jbp.Report | None  # None when verification raised
     error: str
     seconds: float
+    curvature: jbp.CurvatureReport | None = None  # with --curvature
 
     @property
     def ok(self) -> bool:
-        return self.report is not None and self.report.ok
+        curvature_ok = self.curvature is None or self.curvature.passed
+        return self.report is not None and self.report.ok and curvature_ok
 
     @property
     def rel_err(self) -> float:
         return math.inf if self.report is None else self.report.max_rel_err
 
     def details(self) -> str:
-        return self.error if self.report is None else str(self.report)
+        text = self.error if self.report is None else str(self.report)
+        if self.curvature is not None:
+            text += "\ncurvature check:\n" + self.curvature.format()
+        return text
 
 
 def _sampler_call(args: argparse.Namespace, index: int, dtype: str) -> str:
@@ -220,6 +238,20 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
         )
     except Exception as e:  # a crash on one problem is a failure to report, not a CLI crash
         error = "verification raised:\n" + "".join(traceback.format_exception_only(e)).rstrip()
+    curvature = None
+    if args.curvature and report is not None:
+        try:
+            curvature = jbp.check_curvature(
+                problem.net, problem.loss, problem.params, problem.x, problem.y
+            )
+        except Exception as e:
+            report, error = (
+                None,
+                (
+                    "curvature check raised:\n"
+                    + "".join(traceback.format_exception_only(e)).rstrip()
+                ),
+            )
     return _Outcome(
         dtype,
         arch,
@@ -229,7 +261,22 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
         report,
         error,
         time.perf_counter() - start,
+        curvature,
     )
+
+
+def _curvature_summary(outcomes: list[_Outcome]) -> dict[str, dict[str, Any]]:
+    """Per quantity: problems checked, failed and the worst error."""
+    out: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        if o.curvature is None:
+            continue
+        for row in o.curvature.rows:
+            q = out.setdefault(row.quantity, {"checked": 0, "failed": 0, "worst": 0.0})
+            q["checked"] += 1
+            q["failed"] += int(not row.passed)
+            q["worst"] = max(q["worst"], row.error)
+    return out
 
 
 def _dtype_summary(outcomes: list[_Outcome], seconds: float) -> dict[str, Any]:
@@ -338,6 +385,11 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
             f"worst {dtype}: {s['worst_rel_err']:.2e} in problem {w['index']} "
             f"({w['n_params']} params): {w['description']}"
         )
+        for quantity, q in s.get("curvature", {}).items():
+            lines.append(
+                f"curvature {dtype}: {quantity:<20} checked {q['checked']:>4}, failed "
+                f"{q['failed']}, worst rel err {q['worst']:.2e}"
+            )
         if "taylor_failed" in s:
             lines.append(
                 f"oracles {dtype}: finite differences failed "
@@ -401,6 +453,8 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                 bar.update(note=f"{failed} failed" if failed else "")
         outcomes[dtype] = done
         summaries[dtype] = _dtype_summary(done, time.perf_counter() - start)
+        if args.curvature:
+            summaries[dtype]["curvature"] = _curvature_summary(done)
 
     print(_format_summary(summaries))
     failures = [o for dtype in dtypes for o in outcomes[dtype] if not o.ok]
