@@ -36,7 +36,7 @@ import jbp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BINS = 15
-TAUS = tuple(float(t) for t in np.logspace(-2, 3, 11))
+TAUS = tuple(float(t) for t in np.logspace(-2, 5, 15))
 
 
 def train_map(net, x, y, *, epochs, prior, seed):
@@ -215,8 +215,10 @@ def main() -> None:
     results = {"MAP": metrics(jax.nn.softmax(net.apply(params, x_test), axis=-1), y_test)}
     chosen = {}
     for name, sample in samplers.items():
-        tau, _ = choose_tau(net, sample, x_val, y_val, max(args.samples // 2, 2), key)
+        tau, scores = choose_tau(net, sample, x_val, y_val, max(args.samples // 2, 2), key)
         chosen[name] = tau
+        curve = ", ".join(f"{t:.0e}: {v:.4f}" for t, v in scores.items())
+        print(f"{name}: validation NLL by prior τ: {curve}")
         results[name] = metrics(predictive(net, sample, x_test, tau, args.samples, key), y_test)
 
     print(
