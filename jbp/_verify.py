@@ -455,15 +455,39 @@ def verify(
       >>> jbp.verify(net, "half_sse", params, x, y).ok
       True
     """
+    return _verify_with_gradients(
+        net,
+        loss,
+        params,
+        x,
+        y,
+        finite_differences=finite_differences,
+        jit=jit,
+        rtol=rtol,
+        key=key,
+        directions=directions,
+    )[0]
+
+
+def _verify_with_gradients(
+    net: Any,
+    loss: str | Loss,
+    params: Any,
+    x: Any,
+    y: Any,
+    *,
+    finite_differences: bool = False,
+    jit: bool = True,
+    rtol: float | None = None,
+    key: jax.Array | None = None,
+    directions: int = 4,
+) -> tuple[Report, Any, Any]:
+    """:func:`verify`, also returning ``jbp``'s gradient and jax.grad's (for
+    :func:`arbitrate`, which then need not compute them again)."""
     net = check_net(net)
     loss = get_loss(loss)
-    manual = backprop(net, loss)
-    reference = jax.grad(objective(net, loss))  # reference
-    if jit:
-        manual, reference = jax.jit(manual), jax.jit(reference)
+    g_manual, g_ref = _gradients(net, loss, params, x, y, jit)
     with jax.default_matmul_precision("highest"):
-        g_manual = manual(params, x, y)
-        g_ref = reference(params, x, y)
         report = compare(
             g_manual,
             g_ref,
@@ -481,9 +505,220 @@ def verify(
             key=jax.random.key(0) if key is None else key,
             directions=directions,
         )
-    return dataclasses.replace(
+    report = dataclasses.replace(
         report,
         finite_differences=fd,
         taylor=taylor,
         layers=tuple(repr(layer) for layer in net.layers),
     )
+    return report, g_manual, g_ref
+
+
+REFERENCE_LIMITED = "reference-limited"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArbitratedLeaf:
+    """One failing leaf, measured against both references.
+
+    All three errors are ``max |·|`` over the leaf divided by the same
+    ``scale``: the second reference's leaf scale ``max |R2|`` (its largest
+    leaf's scale when the leaf is zero to round-off, as in :func:`compare`).
+
+    Attributes:
+      path: e.g. ``"params[2]['wq']"``.
+      scale: the common scale.
+      tested_vs_reference: ``jbp`` vs R1 (the reference of the sweep).
+      tested_vs_second: ``jbp`` vs R2 (the arbitrating reference).
+      reference_spread: R1 vs R2, how far the references disagree.
+      limited: whether this leaf is reference-limited (see :func:`arbitrate`).
+    """
+
+    path: str
+    scale: float
+    tested_vs_reference: float
+    tested_vs_second: float
+    reference_spread: float
+    limited: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Arbitration:
+    """The result of :func:`arbitrate`.
+
+    Attributes:
+      verdict: ``"passed"`` (no leaf failed against R1), ``"reference-limited"``
+        (every failing leaf is) or ``"failed"``.
+      leaves: one :class:`ArbitratedLeaf` per leaf that failed against R1.
+      names: ``(R1, R2)``, e.g. ``("jit(jax.grad)", "jit(jax.grad) in float64 …")``.
+      rtol: the tolerance.
+      note: why the verdict is ``"failed"`` when no leaf says so (non-finite
+        values, a failed oracle), else empty.
+    """
+
+    verdict: str
+    leaves: tuple[ArbitratedLeaf, ...]
+    names: tuple[str, str]
+    rtol: float
+    note: str = ""
+
+    @property
+    def limited(self) -> bool:
+        return self.verdict == REFERENCE_LIMITED
+
+    def __str__(self) -> str:
+        lines = [
+            f"arbitration: {self.verdict}: R1 {self.names[0]}, R2 {self.names[1]} "
+            f"(tolerance {self.rtol:.0e})" + (f": {self.note}" if self.note else "")
+        ]
+        if self.leaves:
+            header = ("leaf", "scale", "jbp vs R1", "jbp vs R2", "R1 vs R2", "limited")
+            table = [header] + [
+                (
+                    leaf.path,
+                    f"{leaf.scale:.2e}",
+                    f"{leaf.tested_vs_reference:.2e}",
+                    f"{leaf.tested_vs_second:.2e}",
+                    f"{leaf.reference_spread:.2e}",
+                    "yes" if leaf.limited else "NO",
+                )
+                for leaf in self.leaves
+            ]
+            widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+            for row in table:
+                lines.append(
+                    "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                )
+        return "\n".join(lines)
+
+
+def _gradients(net: Any, loss: Loss, params: Any, x: Any, y: Any, jit: bool) -> tuple[Any, Any]:
+    manual, reference = backprop(net, loss), jax.grad(objective(net, loss))  # reference
+    if jit:
+        manual, reference = jax.jit(manual), jax.jit(reference)
+    with jax.default_matmul_precision("highest"):
+        return manual(params, x, y), reference(params, x, y)
+
+
+def _second_name(dtype: str, jit: bool) -> str:
+    if dtype != "float64":
+        return "jit(jax.grad) in float64 (params, x, y upcast)"
+    return "eager jax.grad (float64)" if jit else "jit(jax.grad) (float64)"
+
+
+def _second_reference(
+    net: Any, loss: Loss, params: Any, x: Any, y: Any, dtype: str, jit: bool
+) -> Any:
+    """R2: float64 jit(jax.grad) of the upcast problem for a float32 (or lower)
+    problem; for float64, jax.grad in the other mode (eager if R1 was jitted)."""
+    grad = jax.grad(objective(net, loss))  # reference
+    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+        if dtype != "float64":
+            return jax.device_get(jax.jit(grad)(_to64(params), _to64(x), _to64(y)))
+        return jax.device_get(grad(params, x, y) if jit else jax.jit(grad)(params, x, y))
+
+
+def arbitrate(
+    net: Any,
+    loss: str | Loss,
+    params: Any,
+    x: Any,
+    y: Any,
+    report: Report | None = None,
+    *,
+    tested: Any = None,
+    reference: Any = None,
+    second: Any = None,
+    jit: bool = True,
+    rtol: float | None = None,
+) -> Arbitration:
+    """Arbitrate a failed gradient check with a second, independent reference.
+
+    R1 is the reference of the check (``jax.grad``, jitted when ``jit``). R2 is,
+    for a float32 problem, ``jit(jax.grad)`` of the same problem with params and
+    floating ``x``, ``y`` upcast to float64; for a float64 problem, ``jax.grad``
+    in another operation order: eager when R1 was jitted, jitted otherwise.
+
+    A leaf that fails against R1 is *reference-limited* when ``jbp`` is at least
+    as close to the truth as the references can tell, and either ``jbp`` is
+    within ``rtol`` of R2 or the references' own spread ``max|R1 − R2|``
+    exceeds ``rtol`` (all relative to the leaf's scale, see
+    :class:`ArbitratedLeaf`). "As close as the references can tell":
+
+    - float32 (R2 is the more accurate one): ``max|jbp − R2| ≤ max|R1 − R2|``,
+      ``jbp`` is at least as close to R2 as R1 is.
+    - float64 (R1 and R2 are equally accurate, neither is privileged): ``jbp``
+      is within the references' spread of one of them, ``min(max|jbp − R1|,
+      max|jbp − R2|) ≤ max|R1 − R2|``. Where all three differ by round-off
+      only, which of R1, R2 ``jbp`` lands nearer is a coin flip; a wrong
+      gradient is far from both.
+
+    Given the first condition the second always holds (if the spread is within
+    ``rtol``, so is the nearer distance); it states what is being claimed:
+    either ``jbp`` is right to ``rtol``, or the leaf cannot be resolved to
+    ``rtol`` at this precision. NaN or Inf in ``jbp``, R1 or R2 is never
+    reference-limited, nor is a failed finite-difference or Taylor oracle.
+
+    Args:
+      net, loss, params, x, y: the problem, as given to :func:`verify`.
+      report: the check's :class:`Report`, for its tolerance and oracles
+        (optional).
+      tested, reference: ``jbp``'s gradient and R1, when already at hand
+        (default: recomputed as :func:`verify` does).
+      second: R2, when already at hand (default: computed, if needed).
+      jit: whether R1 (and ``jbp``) run under ``jax.jit``.
+      rtol: the tolerance (default: the report's, else by dtype).
+
+    Returns:
+      An :class:`Arbitration`: ``"passed"`` (R2 is not computed),
+      ``"reference-limited"`` or ``"failed"``.
+    """
+    net = check_net(net)
+    loss = get_loss(loss)
+    if tested is None or reference is None:
+        g_tested, g_reference = _gradients(net, loss, params, x, y, jit)
+        tested = g_tested if tested is None else tested
+        reference = g_reference if reference is None else reference
+    if rtol is None and report is not None:
+        rtol = report.rtol
+    first = compare(tested, reference, rtol=rtol)
+    rtol = first.rtol
+    r1_name = ("jit(jax.grad)" if jit else "eager jax.grad") + f" ({first.dtype})"
+    oracle_failed = report is not None and (
+        (report.finite_differences is not None and not report.finite_differences.ok)
+        or (report.taylor is not None and not report.taylor.ok)
+    )
+    if first.ok and not oracle_failed:
+        return Arbitration("passed", (), (r1_name, "not needed"), rtol)
+    if second is None:
+        second = _second_reference(net, loss, params, x, y, first.dtype, jit)
+    names = (r1_name, _second_name(first.dtype, jit))
+    trees = [jtu.tree_leaves(jax.device_get(t)) for t in (tested, reference, second)]
+    as64 = [[np.asarray(a, np.float64) for a in leaves] for leaves in trees]
+    if any(len({a.shape for a in leaf}) > 1 for leaf in zip(*as64, strict=True)):
+        return Arbitration("failed", (), names, rtol, "shape mismatch")
+    if any(not np.all(np.isfinite(a)) for leaves in as64 for a in leaves):
+        return Arbitration("failed", (), names, rtol, "non-finite values")
+    symmetric = first.dtype == "float64"  # R2 no more accurate than R1
+    eps = float(jnp.finfo(first.dtype).eps) if first.dtype in DEFAULT_RTOL else 0.0
+    scales = [float(np.max(np.abs(r))) if r.size else 0.0 for r in as64[2]]
+    global_scale = max(scales, default=0.0)
+    leaves = []
+    for row, t, r1, r2, leaf_scale in zip(first.rows, *as64, scales, strict=True):
+        if row.ok:
+            continue
+        scale = global_scale if leaf_scale <= ZERO_ULPS * eps * global_scale else leaf_scale
+        d_t1, d_t2, d_12 = (
+            float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in ((t, r1), (t, r2), (r1, r2))
+        )
+
+        def rel(d: float, scale: float = scale) -> float:
+            return d / scale if scale > 0 else (0.0 if d == 0 else math.inf)
+
+        nearest = min(d_t1, d_t2) if symmetric else d_t2
+        limited = nearest <= d_12 and (rel(nearest) <= rtol or rel(d_12) > rtol)
+        leaves.append(ArbitratedLeaf(row.path, scale, rel(d_t1), rel(d_t2), rel(d_12), limited))
+    if oracle_failed:
+        return Arbitration("failed", tuple(leaves), names, rtol, "an oracle failed")
+    verdict = REFERENCE_LIMITED if all(leaf.limited for leaf in leaves) else "failed"
+    return Arbitration(verdict, tuple(leaves), names, rtol)

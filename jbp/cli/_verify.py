@@ -18,6 +18,7 @@ import numpy as np
 import jbp
 
 from .._progress import Progress, format_duration
+from .._verify import Arbitration, _verify_with_gradients, arbitrate
 from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
 DEFAULT_COUNT = 100
@@ -25,6 +26,7 @@ ARCHS = ("mlp", "cnn", "resnet", "transformer")
 # Default (max depth, max width) per family: Dense layers and widths for mlp,
 # blocks and channels (or widths) for cnn and resnet.
 LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8), "transformer": (2, 8)}
+PASSED, LIMITED, FAILED = "passed", "reference-limited", "failed"
 
 
 _VERIFY_HELP = """\
@@ -46,13 +48,31 @@ per gradient per architecture costs about 0.5 s per problem on a 2-core CPU;
 --no-jit runs them op by op, which is several times slower for random shapes
 (each operation compiles once per new shape) and measures eager numerics.
 
+Reference-limited: a problem that fails against jax.grad (R1) is arbitrated
+with a second, independent reference R2: for float32, jit(jax.grad) of the
+problem upcast to float64; for float64, eager jax.grad (jitted under
+--no-jit), another operation order. A failing leaf is reference-limited when
+jbp is as close to the truth as the references can tell (float32:
+max|jbp - R2| <= max|R1 - R2|; float64: within the references' spread of one
+of them) and either within the tolerance of R2 or unresolvable at this
+precision (the references' own spread exceeds the tolerance); NaN/Inf never
+is. A problem whose every failing leaf is reference-limited is counted as
+reference-limited, neither passed nor failed, and always listed with its
+reproduce line, its leaves and the three errors (jbp vs R1, jbp vs R2, R1 vs
+R2). "worst passing" is the worst error over the problems that passed.
+
 --curvature also checks every curvature quantity of each problem against its
 autodiff reference (jbp.check_curvature: diag_ggn, per_example_diag_ggn,
 sqrt_ggn, ggn_vector_product where every layer has a tangent rule,
-diag_hessian on Dense/Activation chains). The references cost O(P²), so
-with --curvature the mlp family defaults to depth 3 and width 8.
+diag_hessian on Dense/Activation chains) and counts, per quantity, the
+problems it was checked on, failed on and skipped on (not applicable), with
+the worst error. The references cost O(P²), so with --curvature the mlp
+family defaults to depth 3 and width 8 (--max-depth 3 --max-width 8) unless
+those flags are given; the other families' defaults are already that small.
+A curvature mismatch (or a curvature check that raises) fails the problem.
 
-Exit status: 0 if every problem passes, 1 on any mismatch, 2 on bad arguments."""
+Exit status: 0 if no problem fails (reference-limited problems do not fail
+the run), 1 on any gradient or curvature mismatch, 2 on bad arguments."""
 # The mlp family's default limits with --curvature (O(P²) references).
 CURVATURE_LIMITS = {"mlp": (3, 8)}
 
@@ -96,16 +116,16 @@ def add_verify(subparsers: Any) -> None:
         type=int_at_least(1),
         default=None,
         metavar="D",
-        help="most Dense layers (mlp, default 6), blocks (cnn, resnet, default 3) or "
-        "transformer depth (default 2)",
+        help="most Dense layers (mlp, default 6; 3 with --curvature), blocks (cnn, resnet, "
+        "default 3) or transformer depth (default 2)",
     )
     p.add_argument(
         "--max-width",
         type=int_at_least(1),
         default=None,
         metavar="W",
-        help="largest width (mlp, default 32), channel count (cnn, resnet, default 8) or "
-        "vocabulary and width (transformer, default 8)",
+        help="largest width (mlp, default 32; 8 with --curvature), channel count (cnn, "
+        "resnet, default 8) or vocabulary and width (transformer, default 8)",
     )
     p.add_argument(
         "--loss",
@@ -136,7 +156,8 @@ def add_verify(subparsers: Any) -> None:
     p.add_argument(
         "--curvature",
         action="store_true",
-        help="also check the curvature quantities against autodiff (jbp.check_curvature)",
+        help="also check the curvature quantities against autodiff (jbp.check_curvature); "
+        "smaller mlp defaults: --max-depth 3 --max-width 8",
     )
     p.add_argument(
         "--quiet", action="store_true", help="no progress bar and no header: print the summary only"
@@ -172,22 +193,49 @@ class _Outcome:
     report: jbp.Report | None  # None when verification raised
     error: str
     seconds: float
-    curvature: jbp.CurvatureReport | None = None  # with --curvature
+    curvature: jbp.CurvatureReport | None = None  # with --curvature, unless it raised
+    arbitration: Arbitration | None = None  # for a gradient check that failed
+    curvature_error: str = ""  # the exception of a curvature check that raised
+
+    @property
+    def gradient_status(self) -> str:
+        """PASSED, LIMITED (every failing leaf reference-limited) or FAILED."""
+        if self.report is None:
+            return FAILED
+        if self.report.ok:
+            return PASSED
+        return LIMITED if self.arbitration is not None and self.arbitration.limited else FAILED
+
+    @property
+    def curvature_ok(self) -> bool:
+        """No curvature check raised or mismatched (True when none ran)."""
+        return not self.curvature_error and (self.curvature is None or self.curvature.passed)
+
+    @property
+    def status(self) -> str:
+        """The gradient's status, or FAILED on a curvature failure."""
+        return self.gradient_status if self.curvature_ok else FAILED
 
     @property
     def ok(self) -> bool:
-        curvature_ok = self.curvature is None or self.curvature.passed
-        return self.report is not None and self.report.ok and curvature_ok
+        return self.status == PASSED
 
     @property
     def rel_err(self) -> float:
         return math.inf if self.report is None else self.report.max_rel_err
 
     def details(self) -> str:
-        text = self.error if self.report is None else str(self.report)
+        parts = [self.error if self.report is None else str(self.report)]
+        if self.report is not None and self.error:  # arbitration raised
+            parts.append(self.error)
+        if self.arbitration is not None:
+            parts.append(str(self.arbitration))
         if self.curvature is not None:
-            text += "\ncurvature check:\n" + self.curvature.format()
-        return text
+            status = "OK" if self.curvature.passed else "MISMATCH"
+            parts.append(f"curvature check: {status}\n{self.curvature.format()}")
+        if self.curvature_error:
+            parts.append(self.curvature_error)
+        return "\n".join(parts)
 
 
 def _sampler_call(args: argparse.Namespace, index: int, dtype: str) -> str:
@@ -224,34 +272,30 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
         max_width=max_width,
         activations=args.activations,
     )
+    problem_args = (problem.net, problem.loss, problem.params, problem.x, problem.y)
     start = time.perf_counter()
     report, error = None, ""
+    tested = reference = None
     try:
-        report = jbp.verify(
-            problem.net,
-            problem.loss,
-            problem.params,
-            problem.x,
-            problem.y,
-            finite_differences=args.finite_differences,
-            jit=args.jit,
+        report, tested, reference = _verify_with_gradients(
+            *problem_args, finite_differences=args.finite_differences, jit=args.jit
         )
     except Exception as e:  # a crash on one problem is a failure to report, not a CLI crash
-        error = "verification raised:\n" + "".join(traceback.format_exception_only(e)).rstrip()
-    curvature = None
-    if args.curvature and report is not None:
+        error = "verification raised:\n" + _exception(e)
+    arbitration = None
+    if report is not None and not report.ok:
         try:
-            curvature = jbp.check_curvature(
-                problem.net, problem.loss, problem.params, problem.x, problem.y
+            arbitration = arbitrate(
+                *problem_args, report, tested=tested, reference=reference, jit=args.jit
             )
+        except Exception as e:  # unarbitrated, the problem stays failed
+            error = "arbitration raised:\n" + _exception(e)
+    curvature, curvature_error = None, ""
+    if args.curvature:
+        try:
+            curvature = jbp.check_curvature(*problem_args)
         except Exception as e:
-            report, error = (
-                None,
-                (
-                    "curvature check raised:\n"
-                    + "".join(traceback.format_exception_only(e)).rstrip()
-                ),
-            )
+            curvature_error = "curvature check raised:\n" + _exception(e)
     return _Outcome(
         dtype,
         arch,
@@ -262,21 +306,55 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
         error,
         time.perf_counter() - start,
         curvature,
+        arbitration,
+        curvature_error,
     )
 
 
-def _curvature_summary(outcomes: list[_Outcome]) -> dict[str, dict[str, Any]]:
-    """Per quantity: problems checked, failed and the worst error."""
-    out: dict[str, dict[str, Any]] = {}
+def _exception(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(e)).rstrip()
+
+
+def _curvature_summary(outcomes: list[_Outcome]) -> dict[str, Any]:
+    """Per quantity: problems checked, passed, failed and skipped on, the worst
+    error and the tolerance; and how many problems' curvature check raised."""
+    quantities: dict[str, dict[str, Any]] = {}
+
+    def entry(quantity: str) -> dict[str, Any]:
+        return quantities.setdefault(
+            quantity,
+            {"checked": 0, "passed": 0, "failed": 0, "skipped": 0, "worst": 0.0, "tolerance": None},
+        )
+
     for o in outcomes:
         if o.curvature is None:
             continue
         for row in o.curvature.rows:
-            q = out.setdefault(row.quantity, {"checked": 0, "failed": 0, "worst": 0.0})
+            q = entry(row.quantity)
             q["checked"] += 1
+            q["passed"] += int(row.passed)
             q["failed"] += int(not row.passed)
-            q["worst"] = max(q["worst"], row.error)
-    return out
+            q["worst"] = max(q["worst"], row.error) if math.isfinite(row.error) else math.inf
+            q["tolerance"] = row.tolerance
+        for reason in o.curvature.skipped:
+            entry(reason.split(" ", 1)[0])["skipped"] += 1
+    return {
+        "quantities": quantities,
+        "raised": sum(bool(o.curvature_error) for o in outcomes),
+        "failed_problems": sum(not o.curvature_ok for o in outcomes),
+    }
+
+
+def _counts(outcomes: list[_Outcome]) -> dict[str, Any]:
+    """Passed, reference-limited and failed problems, and the worst error over
+    those that passed (NaN when none did)."""
+    passing = [o.rel_err for o in outcomes if o.status == PASSED]
+    return {
+        "passed": len(passing),
+        "reference_limited": sum(o.status == LIMITED for o in outcomes),
+        "failed": sum(o.status == FAILED for o in outcomes),
+        "worst_passing_rel_err": max(passing, default=math.nan),
+    }
 
 
 def _dtype_summary(outcomes: list[_Outcome], seconds: float) -> dict[str, Any]:
@@ -286,7 +364,7 @@ def _dtype_summary(outcomes: list[_Outcome], seconds: float) -> dict[str, Any]:
     worst = max(outcomes, key=lambda o: o.rel_err if not math.isnan(o.rel_err) else math.inf)
     summary: dict[str, Any] = {
         "tried": len(outcomes),
-        "failed": sum(not o.ok for o in outcomes),
+        **_counts(outcomes),
         "worst_rel_err": worst.rel_err,
         "worst_problem": {
             "index": worst.index,
@@ -324,7 +402,7 @@ def _arch_summary(outcomes: list[_Outcome]) -> dict[str, dict[str, Any]]:
         bitwise = sum(r.n_bitwise for r in reports)
         out[arch] = {
             "tried": len(mine),
-            "failed": sum(not o.ok for o in mine),
+            **_counts(mine),
             "worst_rel_err": max(o.rel_err for o in mine),
             "leaves": leaves,
             "bitwise_leaves": bitwise,
@@ -333,8 +411,25 @@ def _arch_summary(outcomes: list[_Outcome]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _sci(value: float) -> str:
+    """``1.23e-05``, or ``n/a`` for NaN (no problem to take the worst of)."""
+    return "n/a" if math.isnan(value) else f"{value:.2e}"
+
+
 def _format_by_arch(summaries: dict[str, dict[str, Any]]) -> str:
-    rows = [("dtype", "arch", "tried", "failed", "worst rel err", "bitwise leaves")]
+    rows = [
+        (
+            "dtype",
+            "arch",
+            "tried",
+            "passed",
+            "ref-limited",
+            "failed",
+            "worst rel err",
+            "worst passing",
+            "bitwise leaves",
+        )
+    ]
     for dtype, s in summaries.items():
         for arch, a in s["by_arch"].items():
             rows.append(
@@ -342,8 +437,11 @@ def _format_by_arch(summaries: dict[str, dict[str, Any]]) -> str:
                     dtype,
                     arch,
                     str(a["tried"]),
+                    str(a["passed"]),
+                    str(a["reference_limited"]),
                     str(a["failed"]),
                     f"{a['worst_rel_err']:.2e}",
+                    _sci(a["worst_passing_rel_err"]),
                     f"{a['bitwise_leaves']}/{a['leaves']} ({100 * a['bitwise_share']:.1f}%)",
                 )
             )
@@ -355,8 +453,11 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
         (
             "dtype",
             "tried",
+            "passed",
+            "ref-limited",
             "failed",
             "worst rel err",
+            "worst passing",
             "tolerance",
             "bitwise leaves",
             "time",
@@ -368,8 +469,11 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
             (
                 dtype,
                 str(s["tried"]),
+                str(s["passed"]),
+                str(s["reference_limited"]),
                 str(s["failed"]),
                 f"{s['worst_rel_err']:.2e}",
+                _sci(s["worst_passing_rel_err"]),
                 f"{s['tolerance']:.0e}",
                 f"{s['bitwise_leaves']}/{s['leaves']} ({100 * s['bitwise_share']:.1f}%)",
                 f"{s['seconds']:.1f} s",
@@ -385,11 +489,8 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
             f"worst {dtype}: {s['worst_rel_err']:.2e} in problem {w['index']} "
             f"({w['n_params']} params): {w['description']}"
         )
-        for quantity, q in s.get("curvature", {}).items():
-            lines.append(
-                f"curvature {dtype}: {quantity:<20} checked {q['checked']:>4}, failed "
-                f"{q['failed']}, worst rel err {q['worst']:.2e}"
-            )
+        if "curvature" in s:
+            lines.extend(_format_curvature(dtype, s["curvature"]))
         if "taylor_failed" in s:
             lines.append(
                 f"oracles {dtype}: finite differences failed "
@@ -400,6 +501,56 @@ def _format_summary(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _format_curvature(dtype: str, c: dict[str, Any]) -> list[str]:
+    lines = []
+    for quantity, q in c["quantities"].items():
+        worst = "n/a" if not q["checked"] else f"{q['worst']:.2e}"
+        tol = "" if q["tolerance"] is None else f" (tolerance {q['tolerance']:.0e})"
+        lines.append(
+            f"curvature {dtype}: {quantity:<20} checked {q['checked']:>4}, failed "
+            f"{q['failed']}, skipped {q['skipped']}, worst rel err {worst}{tol}"
+        )
+    if c["raised"]:
+        lines.append(f"curvature {dtype}: the check raised on {c['raised']} problem(s)")
+    return lines
+
+
+def _limited_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
+    a = o.arbitration
+    assert a is not None
+    return {
+        "dtype": o.dtype,
+        "arch": o.arch,
+        "index": o.index,
+        "n_params": o.n_params,
+        "description": o.description,
+        "reproduce": _sampler_call(args, o.index, o.dtype),
+        "references": {"R1": a.names[0], "R2": a.names[1]},
+        "tolerance": a.rtol,
+        "leaves": [
+            {
+                "path": leaf.path,
+                "scale": leaf.scale,
+                "jbp_vs_r1": leaf.tested_vs_reference,
+                "jbp_vs_r2": leaf.tested_vs_second,
+                "r1_vs_r2": leaf.reference_spread,
+            }
+            for leaf in a.leaves
+        ],
+    }
+
+
+def _format_limited(args: argparse.Namespace, o: _Outcome) -> str:
+    assert o.arbitration is not None
+    return "\n".join(
+        [
+            f"reference-limited: {o.dtype} problem {o.index}, {o.n_params} params: {o.description}",
+            f"  reproduce: {_sampler_call(args, o.index, o.dtype)}",
+            "  " + str(o.arbitration).replace("\n", "\n  "),
+        ]
+    )
+
+
 def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
     return {
         "dtype": o.dtype,
@@ -408,6 +559,7 @@ def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
         "n_params": o.n_params,
         "description": o.description,
         "max_rel_err": o.rel_err,
+        "status": o.status,
         "reproduce": _sampler_call(args, o.index, o.dtype),
         "report": o.details(),
     }
@@ -449,25 +601,37 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         with Progress(total=args.count, label=f"verify {dtype}", quiet=args.quiet) as bar:
             for index in range(args.count):
                 done.append(_verify_one(args, index, dtype))
-                failed = sum(not o.ok for o in done)
-                bar.update(note=f"{failed} failed" if failed else "")
+                failed = sum(o.status == FAILED for o in done)
+                n_limited = sum(o.status == LIMITED for o in done)
+                notes = [f"{failed} failed"] * bool(failed)
+                notes += [f"{n_limited} ref-limited"] * bool(n_limited)
+                bar.update(note=", ".join(notes))
         outcomes[dtype] = done
         summaries[dtype] = _dtype_summary(done, time.perf_counter() - start)
         if args.curvature:
             summaries[dtype]["curvature"] = _curvature_summary(done)
 
     print(_format_summary(summaries))
-    failures = [o for dtype in dtypes for o in outcomes[dtype] if not o.ok]
-    total = sum(len(v) for v in outcomes.values())
+    every = [o for dtype in dtypes for o in outcomes[dtype]]
+    failures = [o for o in every if o.status == FAILED]
+    limited = [o for o in every if o.status == LIMITED]
+    for o in limited:
+        print(_format_limited(args, o))
+    total = len(every)
     smallest = min(failures, key=lambda o: (o.n_params, o.index)) if failures else None
-    if smallest is None:
+    took = format_duration(sum(s["seconds"] for s in summaries.values()))
+    if smallest is None and not limited:
+        print(f"OK: all {total} problems pass ({took})")
+    elif smallest is None:
+        by_dtype = ", ".join(f"{d}: {summaries[d]['reference_limited']}" for d in dtypes)
         print(
-            f"OK: all {total} problems pass "
-            f"({format_duration(sum(s['seconds'] for s in summaries.values()))})"
+            f"OK: no problem fails: {total - len(limited)} of {total} pass, {len(limited)} "
+            f"reference-limited ({by_dtype}) ({took})"
         )
     else:
         by_dtype = ", ".join(f"{d}: {summaries[d]['failed']}" for d in dtypes)
-        print(f"FAILED: {len(failures)} of {total} problems ({by_dtype})")
+        extra = f", {len(limited)} reference-limited" if limited else ""
+        print(f"FAILED: {len(failures)} of {total} problems ({by_dtype}){extra}")
         print(
             f"smallest failing problem: {smallest.dtype} problem {smallest.index}, "
             f"{smallest.n_params} params: {smallest.description}"
@@ -490,11 +654,13 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "activations": list(args.activations) if args.activations else None,
             "jit": args.jit,
             "finite_differences": args.finite_differences,
+            "curvature": args.curvature,
             "backend": jax.default_backend(),
             "jax_version": jax.__version__,
             "jbp_version": jbp.__version__,
             "by_dtype": summaries,
             "failures": [_outcome_json(args, o) for o in failures],
+            "reference_limited": [_limited_json(args, o) for o in limited],
             "smallest_failure": None if smallest is None else _outcome_json(args, smallest),
         }
         with open(args.json, "w", encoding="utf-8") as f:
