@@ -34,7 +34,7 @@ import jax.tree_util as jtu
 from jax import lax
 
 from .._checks import check_dtype, check_key
-from ._base import Layer, Params, Shape, ShapeError, last_axis, positive_int
+from ._base import Layer, Params, Shape, ShapeError, add_tangents, last_axis, positive_int
 from ._combinators import Residual, Sequential
 from ._dense import Dense, contract_last, contract_leading
 from ._embedding import Embedding, PositionalEmbedding
@@ -171,6 +171,35 @@ class MultiHeadAttention(Factorised, Layer):
             lax.dot_general(deltas[n], params[f"w{n}"], contract_last(3)) for n in _PROJECTIONS
         )
         return grads, q + k + v
+
+    def _linear_tangent(
+        self, params: Params, params_dot: Any, x: Array, x_dot: Any, name: str
+    ) -> Any:
+        """The tangent of ``x w + b``: ``x_dot w + x w_dot + b_dot`` (``None``: zero)."""
+        z_dot = None if x_dot is None else jnp.matmul(x_dot, params[f"w{name}"])
+        if params_dot is not None:
+            z_dot = add_tangents(z_dot, jnp.matmul(x, params_dot[f"w{name}"]))
+            if self.bias:
+                z_dot = z_dot + last_axis(params_dot[f"b{name}"], x.ndim)
+        return z_dot
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """Linearised projections, scores, softmax ``Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))``, ``P v``
+        and output projection."""
+        if a_dot is None and params_dot is None:
+            return None
+        a, q, k, v, p, o = cache
+        q_dot, k_dot, v_dot = (
+            self._split(self._linear_tangent(params, params_dot, a, a_dot, n)) for n in _PROJECTIONS
+        )
+        s_dot = (lax.dot_general(q_dot, k, _SCORES) + lax.dot_general(q, k_dot, _SCORES)) * (
+            self._scale
+        )
+        # Masked entries have P = 0, so their Ṗ is zero too.
+        p_dot = p * (s_dot - jnp.sum(p * s_dot, axis=-1, keepdims=True))
+        o_dot = lax.dot_general(p_dot, v, _MIX) + lax.dot_general(p, v_dot, _MIX)
+        o_dot = _heads_last(o_dot).reshape(a.shape)
+        return self._linear_tangent(params, params_dot, o, o_dot, "o")
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
         a, o = cache[0], cache[5]

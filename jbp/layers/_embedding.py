@@ -80,6 +80,10 @@ class Embedding(Factorised, Layer):
         table = jnp.zeros_like(params["table"]).at[tokens].add(delta_out)
         return {"table": table}, None
 
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """``table_dot[tokens]`` (the input is integers: ``a_dot`` is ignored)."""
+        return None if params_dot is None else jnp.take(params_dot["table"], cache, axis=0)
+
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
         return {
             "table": Gather(
@@ -145,6 +149,19 @@ class PositionalEmbedding(Factorised, Layer):
         t = delta_out.shape[1]
         table = jnp.zeros_like(params["table"]).at[:t].set(jnp.sum(delta_out, axis=0))
         return {"table": table}, delta_out
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """``a_dot + table_dot[:T]``."""
+        if params_dot is None:
+            return a_dot
+        if a_dot is None:
+            # The cache holds no shape (forward keeps none), so T and the batch are
+            # unknown: only reachable as a network's first layer on real inputs.
+            raise ValueError(
+                f"{self!r}.tangent needs an input tangent for the shape of its output (its "
+                "cache holds none): put a layer before it, e.g. Embedding or Dense"
+            )
+        return a_dot + params_dot["table"][None, : a_dot.shape[1]]
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
         return {"table": Gather(None, delta_out, self.length)}

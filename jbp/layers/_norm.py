@@ -30,7 +30,7 @@ import jax.tree_util as jtu
 from jax import lax
 
 from .._checks import check_dtype, check_key
-from ._base import Layer, Params, Shape, ShapeError, last_axis, positive_int
+from ._base import Layer, Params, Shape, ShapeError, add_tangents, last_axis, positive_int
 from ._factors import Elementwise, Factorised
 
 Array = jax.Array
@@ -65,6 +65,29 @@ class _Norm(Factorised, Layer):
 
     def _rows(self, x: Array) -> Array:
         return x.reshape(x.shape[0], -1, self.features)
+
+    def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
+        raise NotImplementedError
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """``x̂_dot ⊙ scale + x̂ ⊙ scale_dot + bias_dot``, ``x̂_dot`` the linearised
+        normalisation of ``a_dot``."""
+        xhat = cache[0]
+        nd = xhat.ndim
+        out_dot = None
+        if a_dot is not None:
+            out_dot = self._xhat_dot(cache, a_dot)
+            if "scale" in params:
+                out_dot = out_dot * last_axis(params["scale"], nd)
+        if params_dot is not None:
+            if "scale" in params_dot:
+                out_dot = add_tangents(out_dot, xhat * last_axis(params_dot["scale"], nd))
+            if "bias" in params_dot:
+                b_dot = last_axis(params_dot["bias"], nd)
+                out_dot = (
+                    jnp.broadcast_to(b_dot, xhat.shape) if out_dot is None else out_dot + b_dot
+                )
+        return out_dot
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
         xhat = cache[0]
@@ -138,6 +161,13 @@ class LayerNorm(_Norm):
         mean_gx = jnp.mean(g * xhat, axis=-1, keepdims=True)
         return grads, r * (g - mean_g - xhat * mean_gx)
 
+    def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
+        """``r·(ȧ − mean(ȧ) − x̂ ⊙ mean(x̂ ⊙ ȧ))`` (the δ rule's operator: it is symmetric)."""
+        xhat, r = cache
+        mean_a = jnp.mean(a_dot, axis=-1, keepdims=True)
+        mean_ax = jnp.mean(a_dot * xhat, axis=-1, keepdims=True)
+        return r * (a_dot - mean_a - xhat * mean_ax)
+
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
@@ -174,3 +204,8 @@ class RMSNorm(_Norm):
         g = delta_out * last_axis(params["scale"], delta_out.ndim)
         mean_gx = jnp.mean(g * xhat, axis=-1, keepdims=True)
         return grads, r * (g - xhat * mean_gx)
+
+    def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
+        """``r·(ȧ − x̂ ⊙ mean(x̂ ⊙ ȧ))`` (the δ rule's operator: it is symmetric)."""
+        xhat, r = cache
+        return r * (a_dot - xhat * jnp.mean(a_dot * xhat, axis=-1, keepdims=True))

@@ -123,15 +123,30 @@ class MaxPool(_Pool):
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
         return self._reduce(a, -jnp.inf, lax.max), a
 
+    def _first(self, a: Array) -> Array:
+        """Which window offset holds each window's first maximum (row-major index)."""
+        dil, pad = self._dilation(), self._pads(a.shape[1:-1])
+        views = jnp.stack(win.slices(a, self.window, self.stride, dil, pad, -jnp.inf))
+        return jnp.argmax(views, axis=0)
+
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         a = cache
         dil, pad = self._dilation(), self._pads(a.shape[1:-1])
-        views = jnp.stack(win.slices(a, self.window, self.stride, dil, pad, -jnp.inf))
-        first = jnp.argmax(views, axis=0)  # the first maximum of every window
+        first = self._first(a)  # the first maximum of every window
         parts = [
-            jnp.where(first == j, delta_out, jnp.zeros_like(delta_out)) for j in range(len(views))
+            jnp.where(first == j, delta_out, jnp.zeros_like(delta_out))
+            for j in range(math.prod(self.window))
         ]
         return {}, win.scatter(parts, a.shape[1:-1], self.window, self.stride, dil, pad)
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """``a_dot`` at each window's first maximum (where backward routes δ)."""
+        if a_dot is None:
+            return None
+        a = cache
+        dil, pad = self._dilation(), self._pads(a.shape[1:-1])
+        dots = jnp.stack(win.slices(a_dot, self.window, self.stride, dil, pad))
+        return jnp.take_along_axis(dots, self._first(a)[None], axis=0)[0]
 
 
 @jtu.register_static
@@ -164,6 +179,12 @@ class AvgPool(_Pool):
         parts = [share] * math.prod(self.window)
         return {}, win.scatter(parts, spatial, self.window, self.stride, dil, pad)
 
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """The same window mean of ``a_dot`` (the layer is linear)."""
+        if a_dot is None:
+            return None
+        return self._reduce(a_dot, 0, lax.add) / math.prod(self.window)
+
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +216,12 @@ class GlobalAvgPool(Layer):
         shape = cache
         t = math.prod(shape[1:-1])
         return {}, lax.broadcast_in_dim(delta_out / t, shape, (0, len(shape) - 1))
+
+    def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
+        """The same spatial mean of ``a_dot`` (the layer is linear)."""
+        if a_dot is None:
+            return None
+        return jnp.mean(a_dot, axis=tuple(range(1, a_dot.ndim - 1)))
 
 
 @jtu.register_static
