@@ -41,6 +41,10 @@ PUBLIC = [
     # sequence models
     "Embedding", "MultiHeadAttention", "PositionalEmbedding", "transformer",
     "BENCH_TARGETS_TRANSFORMER", "TRANSFORMER_BENCH_FUNCTIONS",
+    # curvature
+    "sqrt_ggn", "diag_ggn", "per_example_diag_ggn", "kfac", "ggn_vector_product",
+    "diag_hessian", "KroneckerFactors", "check_curvature", "CurvatureReport", "CurvatureRow",
+    "ZERO", "benchmark_curvature", "BENCH_TARGETS_CURVATURE", "CURVATURE_BENCH_FUNCTIONS",
 ]  # fmt: skip
 
 
