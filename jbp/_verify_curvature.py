@@ -196,7 +196,11 @@ def check_curvature(
         skipped.append("ggn_vector_product (a layer has no tangent rule)")
     if _hessian_applies(net, x):
         hess = reference_hessian(net, loss, params, x, y)
-        row("diag_hessian", flat(jax.jit(curv.diag_hessian(net, loss))(params, x, y)), jnp.diagonal(hess))
+        row(
+            "diag_hessian",
+            flat(jax.jit(curv.diag_hessian(net, loss))(params, x, y)),
+            jnp.diagonal(hess),
+        )
     else:
         skipped.append("diag_hessian (not a Dense/Activation chain with f'')")
     return CurvatureReport(tuple(rows), tuple(skipped))
