@@ -139,6 +139,21 @@ def _memory_mib(compiled: Any) -> float:
         return float("nan")
 
 
+def _row(
+    batch: int,
+    name: str,
+    times: list[float],
+    base: float,
+    compile_s: Mapping[str, float],
+    compiled: Mapping[str, Any],
+) -> BenchRow:
+    """One function's row: median time, ratio to ``base`` (jax.grad's median), memory."""
+    med = statistics.median(times)
+    return BenchRow(
+        batch, name, compile_s[name], med * 1e3, med / base, _memory_mib(compiled[name]), len(times)
+    )
+
+
 def _time_interleaved(
     compiled: Mapping[K, Callable[..., Any]],
     names: Sequence[K],
@@ -250,18 +265,7 @@ def benchmark(
             for name in phase:
                 if name == "jax.grad" and phase is not light:
                     continue
-                med = statistics.median(times[name])
-                rows.append(
-                    BenchRow(
-                        batch,
-                        name,
-                        compile_s[name],
-                        med * 1e3,
-                        med / base,
-                        _memory_mib(compiled[name]),
-                        len(times[name]),
-                    )
-                )
+                rows.append(_row(batch, name, times[name], base, compile_s, compiled))
         rows[-len(names) :] = sorted(rows[-len(names) :], key=lambda r: names.index(r.name))
         if log is not None:
             log(format_benchmark([r for r in rows if r.batch == batch], header=False))
@@ -611,7 +615,7 @@ def benchmark_curvature(
             )
         fns = {k: f for k, f in fns.items() if k == "jax.grad" or k in only}
     names = list(fns)
-    rows = []
+    rows: list[BenchRow] = []
     for batch in batches:
         x = jax.random.normal(jax.random.key(1), (batch, *in_shape), jnp.float32)
         y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
@@ -624,19 +628,7 @@ def benchmark_curvature(
             jax.block_until_ready(compiled[name](*args))
         times = _time_interleaved(compiled, names, args, rounds, budget_s)
         base = statistics.median(times["jax.grad"])
-        for name in names:
-            med = statistics.median(times[name])
-            rows.append(
-                BenchRow(
-                    batch,
-                    name,
-                    compile_s[name],
-                    med * 1e3,
-                    med / base,
-                    _memory_mib(compiled[name]),
-                    len(times[name]),
-                )
-            )
+        rows.extend(_row(batch, name, times[name], base, compile_s, compiled) for name in names)
         if log is not None:
             log(format_benchmark([r for r in rows if r.batch == batch], header=False))
     return rows
