@@ -326,23 +326,27 @@ def test_verify_help_describes_arbitration_and_curvature(capsys):
 
 
 def test_verify_lists_a_reference_limited_problem_and_exits_0(tmp_path, capsys):
-    # Seed 18's first transformer: float32 jax.grad is off by 1.8e-4 on a key
-    # weight whose gradient is ~1e-6 of the others; jbp is within 2e-6 of the
-    # float64 truth.
+    # Seed 18's first transformer: float32 jax.grad is off by more than the 1e-4
+    # tolerance on a key weight whose gradient is ~1e-6 of the others (1.8e-4 on one
+    # machine, 1.6e-4 on another: the reference's round-off digits are not asserted);
+    # jbp is within 1e-5 of the float64 truth.
     path = tmp_path / "summary.json"
     argv = ["verify", "--count", "1", "--arch", "transformer", "--dtype", "float32", "--seed", "18"]
     assert main([*argv, "--json", str(path)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^float32 +1 +0 +1 +0 +1\.8\de-04 +n/a +1e-04 ", out, re.MULTILINE), out
+    row = re.search(r"^float32 +1 +0 +1 +0 +(\S+) +n/a +1e-04 ", out, re.MULTILINE)
+    assert row is not None, out
+    assert float(row.group(1)) > 1e-4, out  # failed against R1: that is why it was arbitrated
     assert "reference-limited: float32 problem 0, 68 params: " in out
     assert (
         "  reproduce: jbp.random_problem(np.random.default_rng((18, 0)), dtype='float32', "
         "arch='transformer', max_depth=2, max_width=8)"
     ) in out
     assert "R2 jit(jax.grad) in float64 (params, x, y upcast)" in out
-    assert re.search(
-        r"params\[2\]\['wk'\] +1\.\d\de-06 +1\.8\de-04 +1\.\d\de-06 +1\.8\de-04 +yes", out
-    ), out
+    leaf_row = re.search(r"params\[2\]\['wk'\] +(\S+) +(\S+) +(\S+) +(\S+) +yes", out)
+    assert leaf_row is not None, out
+    _, jbp_vs_r1, jbp_vs_r2, r1_vs_r2 = map(float, leaf_row.groups())
+    assert jbp_vs_r1 > 1e-4 > 1e-5 > jbp_vs_r2 and r1_vs_r2 > 1e-4, out
     assert "OK: no problem fails: 0 of 1 pass, 1 reference-limited (float32: 1)" in out
 
     summary = json.loads(path.read_text())
