@@ -267,10 +267,11 @@ def check_y(loss: Any, out_shape: tuple[int, ...], y: Any, single: bool, dtype: 
             )
         if _readable(y):
             labels = np.asarray(y)
-            if labels.size and (labels.min() < 0 or labels.max() >= width):
+            if labels.size and (labels.min() < -1 or labels.max() >= width):
                 raise ValueError(
                     f"`y` has labels in [{labels.min()}, {labels.max()}] but the network has "
-                    f"{width} outputs, so labels must lie in [0, {width - 1}]"
+                    f"{width} outputs, so labels must lie in [0, {width - 1}] (or be -1: no "
+                    "target at that position)"
                 )
         return y[None] if single else y
     if tuple(y.shape) != want:
@@ -289,3 +290,63 @@ def check_y(loss: Any, out_shape: tuple[int, ...], y: Any, single: bool, dtype: 
     if not jnp.issubdtype(dt, jnp.inexact) or dt != jnp.dtype(dtype):
         y = y.astype(dtype)
     return y[None] if single else y
+
+
+def check_mask(net: Any, x: Array, mask: Any, single: bool) -> Array | None:
+    """The padding mask of a batch of sequences: boolean ``(batch, T)`` (``(T,)`` for a
+    single example), True at real positions, each row a prefix (right padding), where
+    ``x`` is the batched input ``(batch, T, ...)``. Returned batched; None stays None."""
+    if mask is None:
+        return None
+    from .layers._base import walk_layers
+
+    mask = _as_array(mask, "mask")
+    if jnp.dtype(mask.dtype) != jnp.bool_:
+        raise TypeError(
+            f"`mask` must be boolean (True at real positions), got dtype {jnp.dtype(mask.dtype).name}"
+        )
+    want = tuple(x.shape[1:2]) if single else tuple(x.shape[:2])
+    if x.ndim < 2 or tuple(mask.shape) != want:
+        seq = "(T,)" if single else "(batch, T)"
+        raise ValueError(
+            f"`mask` must have shape {seq} = {want} to mark the positions of `x` (shape "
+            f"{tuple(x.shape[1:] if single else x.shape)}), got shape {tuple(mask.shape)}"
+            if x.ndim >= 2
+            else f"`mask` marks the positions of sequences, but `x` holds examples of shape "
+            f"{tuple(x.shape[1:])} (no sequence axis)"
+        )
+    if single:
+        mask = mask[None]
+    if _readable(mask):
+        m = np.asarray(mask)
+        later = np.logical_and(~m[:, :-1], m[:, 1:])  # a real position after a pad
+        if later.any():
+            row = int(np.argwhere(later)[0][0])
+            raise ValueError(
+                f"`mask` row {row} is {m[row].astype(int).tolist()}: each row must be a prefix of "
+                "True (real positions) followed by False (padding on the right)"
+            )
+    for where, layer in walk_layers(net):
+        if getattr(layer, "mixes_positions", False):
+            raise ValueError(
+                f"`mask` was given, but `{where}` ({layer!r}) mixes positions and does not take a "
+                "padding mask, so padding would leak into real positions; pool with "
+                "GlobalAvgPool (which does) or pass no mask"
+            )
+    return mask
+
+
+def check_context(net: Any, x: Array, mask: Any, dropout_key: Any, single: bool) -> Any:
+    """The :class:`~jbp.layers._base.Context` of one call: the checked padding mask and
+    dropout key (either may be None)."""
+    from .layers._base import Context
+
+    mask = check_mask(net, x, mask, single)
+    if dropout_key is not None:
+        try:
+            check_key(dropout_key)
+        except TypeError:
+            raise TypeError(
+                f"`dropout_key` must be a PRNG key from jax.random.key(seed), got {dropout_key!r}"
+            ) from None
+    return Context(mask, dropout_key)

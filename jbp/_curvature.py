@@ -51,7 +51,15 @@ from ._checks import check_key
 from ._losses import Loss, get_loss
 from .layers import Activation, Dense, Sequential
 from .layers._base import has_params
-from .layers._factors import Elementwise, Outer, is_factor, per_example_grad
+from .layers._factors import (
+    Elementwise,
+    Outer,
+    Sum,
+    is_factor,
+    is_leaf_factor,
+    per_example_grad,
+    transpose,
+)
 
 Array = jax.Array
 Params = Any
@@ -131,13 +139,35 @@ class _Leaf(NamedTuple):
     columns: Array  # (C, batch, *out): the layer's ∂/∂out per column, unscaled
 
 
+class _Tie(NamedTuple):
+    """At a shared leaf's owner: the owner's walk result, the tied user's, and the tie."""
+
+    owner: Any
+    user: Any
+    tied: Any
+
+
+class _Stripped(NamedTuple):
+    """At a tied user: its walk result without the shared leaves (they are the owner's)."""
+
+    user: Any
+    tied: Any
+
+
+class _T(NamedTuple):
+    """A use of a shared leaf that is transposed: transposed column by column."""
+
+    f: Any
+
+
 def _column_walk(
     net: Sequential, params: Params, caches: Any, cols: Array
 ) -> tuple[Any, list[_Leaf]]:
     """Send every column backward through the δ rules (``vmap`` over columns).
 
     Returns the walk's tree (leaf layers with params hold their index into the
-    list, parameterless ones their ``{}``) and, per parameterised leaf layer,
+    list, shared leaves a :class:`_Tie` at the owner and a :class:`_Stripped` at
+    the user, parameterless ones their ``{}``) and, per parameterised leaf layer,
     its params, cache and the columns reaching its output.
     """
     seen: list[tuple[Any, Params, Any]] = []
@@ -153,6 +183,10 @@ def _column_walk(
             reached.append(dd)
             return len(reached) - 1
 
+        at_leaf.merge = lambda owner, user, tied: (  # type: ignore[attr-defined]
+            _Tie(owner, user, tied),
+            _Stripped(user, tied),
+        )
         seen.clear()
         result, _ = net.backward_walk(params, caches, d, at_leaf)
         structure.append(result)
@@ -163,8 +197,42 @@ def _column_walk(
     return structure[-1], leaves
 
 
-def _fill(structure: Any, values: list[Any]) -> Any:
-    return jtu.tree_map(lambda i: values[i], structure)
+def _is_ref(x: Any) -> bool:
+    return isinstance(x, (int, _Tie, _Stripped))
+
+
+def _combine_columns(owner: Any, user: Any, transposed: bool) -> Sum:
+    parts = owner.parts if isinstance(owner, Sum) else (owner,)
+    return Sum((*parts, _T(user) if transposed else user))
+
+
+def _fill(run: Any, fn: Callable[[_Leaf, Any], Any]) -> Any:
+    """``fn(leaf, factors)`` at every parameterised leaf layer of the walk's tree:
+    ``factors`` its column-batched factors (:func:`_column_factors`; a shared leaf's
+    a :class:`Sum` of its uses), or None for a layer without ``grad_factors``."""
+    memo: dict[int, Any] = {}
+
+    def factors(i: int) -> Any:
+        if i not in memo:
+            memo[i] = _column_factors(run.leaves[i])
+        return memo[i]
+
+    def resolve(ref: Any) -> tuple[_Leaf, Any]:
+        if isinstance(ref, int):
+            return run.leaves[ref], factors(ref)
+        leaf, f = resolve(ref.owner if isinstance(ref, _Tie) else ref.user)
+        if isinstance(ref, _Stripped):
+            shared = {k for k, _ in ref.tied.leaves}
+            return leaf, {k: v for k, v in f.items() if k not in shared}
+        user_leaf, fu = resolve(ref.user)
+        if f is None or fu is None:
+            raise TypeError(
+                f"{ref.tied!r} shares leaves: curvature of a shared leaf needs grad_factors on "
+                f"both {leaf.layer!r} and {user_leaf.layer!r}"
+            )
+        return leaf, ref.tied.share(f, fu, _combine_columns)[0]
+
+    return jtu.tree_map(lambda r: fn(*resolve(r)), run.structure, is_leaf=_is_ref)
 
 
 def _column_factors(leaf: _Leaf) -> Any:
@@ -186,9 +254,24 @@ def _column_factors(leaf: _Leaf) -> Any:
     )
 
 
-def _column_grads(leaf: _Leaf) -> Params:
+def _per_column(f: Any, fn: Callable[[Any], Array]) -> Array:
+    """``fn`` of each column's factor (``vmap`` over the column axis of every δ in
+    ``f``; a transposed use of a shared leaf is transposed column by column)."""
+    items = f.parts if isinstance(f, Sum) else (f,)
+    base = [p.f if isinstance(p, _T) else p for p in items]
+
+    def one(deltas: list[Array]) -> Array:
+        parts = [
+            transpose(b._replace(delta=d)) if isinstance(p, _T) else b._replace(delta=d)
+            for p, b, d in zip(items, base, deltas, strict=True)
+        ]
+        return fn(Sum(tuple(parts)) if isinstance(f, Sum) else parts[0])
+
+    return jax.vmap(one)([b.delta for b in base])
+
+
+def _column_grads(leaf: _Leaf, factors: Any) -> Params:
     """``g_ic`` for every column and example: like params, leaves ``(C, batch, *leaf)``."""
-    factors = _column_factors(leaf)
     if factors is None:
         method = getattr(leaf.layer, "per_example_grads", None)
         if method is None:
@@ -198,9 +281,7 @@ def _column_grads(leaf: _Leaf) -> Params:
             )
         return jax.vmap(lambda d: method(leaf.params, leaf.cache, d))(leaf.columns)
     return jtu.tree_map(
-        lambda f: jax.vmap(lambda d: per_example_grad(f._replace(delta=d)))(f.delta),
-        factors,
-        is_leaf=is_factor,
+        lambda f: _per_column(f, per_example_grad), factors, is_leaf=is_leaf_factor
     )
 
 
@@ -224,23 +305,22 @@ def _outer_diag(f: Outer, per_example: bool) -> Array:
     return g.reshape((g.shape[0], *f.shape) if per_example else f.shape)
 
 
-def _leaf_diag(leaf: _Leaf, per_example: bool) -> Params:
+def _leaf_diag(leaf: _Leaf, factors: Any, per_example: bool) -> Params:
     """``Σ_c g_ic²`` for every leaf of a layer, per example or summed over the batch."""
-    factors = _column_factors(leaf)
 
     def from_grads(g: Array) -> Array:
         g2 = jnp.sum(g * g, axis=0)
         return g2 if per_example else jnp.sum(g2, axis=0)
 
     if factors is None:
-        return jtu.tree_map(from_grads, _column_grads(leaf))
+        return jtu.tree_map(from_grads, _column_grads(leaf, None))
 
     def one(f: Any) -> Array:
         if _single_position_outer(f):
             return _outer_diag(f, per_example)
-        return from_grads(jax.vmap(lambda d: per_example_grad(f._replace(delta=d)))(f.delta))
+        return from_grads(_per_column(f, per_example_grad))
 
-    return jtu.tree_map(one, factors, is_leaf=is_factor)
+    return jtu.tree_map(one, factors, is_leaf=is_leaf_factor)
 
 
 # --- the public functions -------------------------------------------------------
@@ -254,17 +334,26 @@ class _Columns(NamedTuple):
     structure: Any
     leaves: list[_Leaf]
     scale: float
+    mask: Array | None = None
 
 
 def _columns(
-    net: Sequential, loss: Loss, params: Params, x: Any, y: Any, mc: int | None, key: Any
+    net: Sequential,
+    loss: Loss,
+    params: Params,
+    x: Any,
+    y: Any,
+    mc: int | None,
+    key: Any,
+    mask: Any = None,
+    dropout_key: Any = None,
 ) -> _Columns:
     _check_key_for(mc, key)
-    x, y = prepare(net, loss, params, x, y)
-    out, caches = net.forward(params, x)
-    cols = _loss_columns(loss, out, y, mc, key)
+    b = prepare(net, loss, params, x, y, mask, dropout_key)
+    out, caches = net.forward(params, b.x, b.context)
+    cols = _loss_columns(b.loss, out, b.y, mc, key)
     structure, leaves = _column_walk(net, params, caches, cols)
-    return _Columns(structure, leaves, loss.scale(x.shape[0]))
+    return _Columns(structure, leaves, loss.scale(b.x.shape[0]), b.context.mask)
 
 
 CurvatureFn = Callable[..., Any]
@@ -295,11 +384,19 @@ def sqrt_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> Cu
     """
     net, loss, mc = _setup(net, loss, mc_samples)
 
-    def fn(params: Params, x: Any, y: Any, *, key: Any = None) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key)
+    def fn(
+        params: Params,
+        x: Any,
+        y: Any,
+        *,
+        key: Any = None,
+        mask: Any = None,
+        dropout_key: Any = None,
+    ) -> Params:
+        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
         root = run.scale**0.5
-        values = [jtu.tree_map(lambda g: root * g, _column_grads(leaf)) for leaf in run.leaves]
-        return _like(params, _fill(run.structure, values))
+        values = _fill(run, lambda leaf, f: _column_grads(leaf, f))
+        return _like(params, jtu.tree_map(lambda g: root * g, values))
 
     return fn
 
@@ -317,12 +414,18 @@ def diag_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> Cu
     """
     net, loss, mc = _setup(net, loss, mc_samples)
 
-    def fn(params: Params, x: Any, y: Any, *, key: Any = None) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key)
-        values = [
-            jtu.tree_map(lambda d: run.scale * d, _leaf_diag(leaf, False)) for leaf in run.leaves
-        ]
-        return _like(params, _fill(run.structure, values))
+    def fn(
+        params: Params,
+        x: Any,
+        y: Any,
+        *,
+        key: Any = None,
+        mask: Any = None,
+        dropout_key: Any = None,
+    ) -> Params:
+        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
+        values = _fill(run, lambda leaf, f: _leaf_diag(leaf, f, False))
+        return _like(params, jtu.tree_map(lambda d: run.scale * d, values))
 
     return fn
 
@@ -341,9 +444,17 @@ def per_example_diag_ggn(
     """
     net, loss, mc = _setup(net, loss, mc_samples)
 
-    def fn(params: Params, x: Any, y: Any, *, key: Any = None) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key)
-        return _like(params, _fill(run.structure, [_leaf_diag(leaf, True) for leaf in run.leaves]))
+    def fn(
+        params: Params,
+        x: Any,
+        y: Any,
+        *,
+        key: Any = None,
+        mask: Any = None,
+        dropout_key: Any = None,
+    ) -> Params:
+        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
+        return _like(params, _fill(run, lambda leaf, f: _leaf_diag(leaf, f, True)))
 
     return fn
 
@@ -352,12 +463,16 @@ def _bias_key(weight_key: str) -> str:
     return "b" + weight_key[1:]
 
 
-def _kronecker(f: Outer, bias: bool, scale: float) -> KroneckerFactors:
+def _kronecker(f: Outer, bias: bool, scale: float, mask: Array | None) -> KroneckerFactors:
     a = f.blocks[0] if len(f.blocks) == 1 else jnp.concatenate(f.blocks, axis=-1)
     if bias:
         a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
     b, t = a.shape[0], a.shape[1]
-    factor_a = jnp.einsum("btgi,btgj->gij", a, a) / (b * t)
+    if mask is not None and mask.shape[1] == t:  # positions of a padded batch: real ones only
+        a = a * mask.astype(a.dtype)[:, :, None, None]
+        factor_a = jnp.einsum("btgi,btgj->gij", a, a) / jnp.maximum(jnp.sum(mask), 1)
+    else:
+        factor_a = jnp.einsum("btgi,btgj->gij", a, a) / (b * t)
     s = f.delta  # (C, batch, T, G, O)
     factor_g = scale * jnp.einsum("cbtgo,cbtgp->gop", s, s)
     if factor_a.shape[0] == 1:
@@ -381,8 +496,11 @@ def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1)
       outer-product weight key (Dense and Conv ``"w"``; attention ``"wq"``,
       ``"wk"``, ``"wv"``, ``"wo"``), covering the matching bias (``"b"``,
       ``"bq"``, ...) as A's last row and column. Leaves of other forms (norm
-      scales, embedding tables) have no Kronecker factors and are absent;
-      parameterless layers give ``{}``. ``key`` is required for ``"kfac"``.
+      scales, embedding tables) have no Kronecker factors and are absent, and so
+      are shared leaves (:class:`jbp.Tied`: their GGN block sums the blocks of two
+      uses of different forms, not one Kronecker product; take their
+      :func:`diag_ggn`); parameterless layers give ``{}``. With a padding mask A
+      averages over the real positions only. ``key`` is required for ``"kfac"``.
     """
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
@@ -392,23 +510,29 @@ def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1)
     net, loss = check_net(net), get_loss(loss)
     _check_curvature_loss(loss, mc)
 
-    def layer_factors(leaf: _Leaf, scale: float) -> dict[str, KroneckerFactors]:
-        factors = _column_factors(leaf)
+    def layer_factors(factors: Any, run: _Columns) -> dict[str, KroneckerFactors]:
         if not isinstance(factors, dict):
             return {}
         result = {}
         for k, f in factors.items():
-            if not isinstance(f, Outer):
+            if not isinstance(f, Outer):  # other forms, and shared leaves (a Sum of uses)
                 continue
             b = factors.get(_bias_key(k))
             bias = isinstance(b, Elementwise) and b.u is None and k.startswith("w")
-            result[k] = _kronecker(f, bias, scale)
+            result[k] = _kronecker(f, bias, run.scale, run.mask)
         return result
 
-    def fn(params: Params, x: Any, y: Any, *, key: Any = None) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key)
-        values = [layer_factors(leaf, run.scale) for leaf in run.leaves]
-        return _like(params, _fill(run.structure, values))
+    def fn(
+        params: Params,
+        x: Any,
+        y: Any,
+        *,
+        key: Any = None,
+        mask: Any = None,
+        dropout_key: Any = None,
+    ) -> Params:
+        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
+        return _like(params, _fill(run, lambda leaf, f: layer_factors(f, run)))
 
     return fn
 
@@ -450,17 +574,19 @@ def ggn_vector_product(net: Any, loss: str | Loss) -> CurvatureFn:
             "ggn_vector_product"
         )
 
-    def fn(params: Params, x: Any, y: Any, v: Params) -> Params:
-        x, y = prepare(net, loss, params, x, y)
+    def fn(
+        params: Params, x: Any, y: Any, v: Params, *, mask: Any = None, dropout_key: Any = None
+    ) -> Params:
+        b = prepare(net, loss, params, x, y, mask, dropout_key)
         _check_like(v, params)
-        out, caches = net.forward(params, x)
+        out, caches = net.forward(params, b.x, b.context)
         from .layers._base import tangent
 
         out_dot = tangent(net, params, caches, None, tuple(v))
-        assert loss.hessian_vp is not None
+        assert b.loss.hessian_vp is not None
         if out_dot is None:
             out_dot = jnp.zeros_like(out)
-        h = loss.hessian_vp(out, y, out_dot) * loss.scale(x.shape[0])
+        h = b.loss.hessian_vp(out, b.y, out_dot) * loss.scale(b.x.shape[0])
         grads, _ = net.backward(params, caches, h)
         return _like(params, grads)
 
@@ -553,14 +679,14 @@ def diag_hessian(net: Any, loss: str | Loss) -> CurvatureFn:
     _check_chain(net)
     _check_curvature_loss(loss, None)
 
-    def fn(params: Params, x: Any, y: Any) -> Params:
-        x, y = prepare(net, loss, params, x, y)  # a Dense chain takes (batch, features)
-        out, caches = net.forward(params, x)
+    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
+        b = prepare(net, loss, params, x, y, mask, dropout_key)  # a Dense chain: (batch, F)
+        out, caches = net.forward(params, b.x, b.context)
         chain = _chain(net, params, caches)
-        scale = loss.scale(x.shape[0])
-        assert loss.sqrt_hessian is not None
-        curv = _Curvature([(1.0, scale**0.5 * loss.sqrt_hessian(out, y))], [])
-        g = loss.batch_delta(out, y)
+        scale = loss.scale(b.x.shape[0])
+        assert b.loss.sqrt_hessian is not None
+        curv = _Curvature([(1.0, scale**0.5 * b.loss.sqrt_hessian(out, b.y))], [])
+        g = b.loss.batch_delta(out, b.y)
         first = (
             min(i for i, (_, p, _) in enumerate(chain) if has_params(p))
             if any(has_params(p) for _, p, _ in chain)

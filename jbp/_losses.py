@@ -26,6 +26,17 @@ H_i``), and its product with a vector (``hessian_vp``):
 | ``sigmoid_bce`` | diag(σ(1 − σ)) | ``√(σ(1 − σ))`` × unit vectors | ``σ − ŷ``, ``ŷ ~ Bernoulli(σ)`` |
 | ``softmax_xent`` | per position ``(Σy/T)(diag p − p pᵀ)`` | ``√(Σy/T) √p_c (e_c − p)``, one set per position | ``√(Σy/T)(p − e_ŷ)``, ``ŷ ~ Cat(p)`` per position |
 
+Padding. An integer label ``-1`` means "no target at this position": for
+``softmax_xent`` with integer labels ``ℓ_i`` is the mean over the example's own
+target positions (0 if it has none), never over the padded length. A padding
+mask ``(batch, T)`` (True at real positions; see :meth:`Loss.with_mask`) given
+with outputs ``(batch, T, ...)`` that keep the sequence axis removes the padded
+positions from every loss: ``half_sse`` and ``sigmoid_bce`` sum over real
+positions only, ``mse`` averages over the real elements, ``softmax_xent`` over
+the real target positions; δ_L, the Hessian square roots and Hessian-vector
+products are zero at padded positions. (An output without the sequence axis,
+e.g. a pooled ``(batch, classes)``, has no padded positions to remove.)
+
 Logit losses (``sigmoid_bce``, ``softmax_xent``) compute their value with
 softplus / logsumexp and their δ in the fused form ``σ(a) − y`` /
 ``softmax(a)·Σy − y``, never through ``log(σ(·))``.
@@ -34,6 +45,7 @@ softplus / logsumexp and their δ in the fused form ``σ(a) − y`` /
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -66,6 +78,9 @@ class Loss:
         batch, *out)`` whose outer products average to the Hessian (MC).
       hessian_vp: optional ``(a, y, u) -> (∂²ℓ_i/∂a_i²) u_i`` per example,
         shaped like ``a`` (:func:`jbp.ggn_vector_product`).
+      masked: whether every function above takes a keyword ``mask`` (a padding
+        mask ``(batch, T)`` for outputs ``(batch, T, ...)``), so that
+        :meth:`with_mask` can bind one (the built-in losses do).
     """
 
     name: str
@@ -78,10 +93,37 @@ class Loss:
     sqrt_hessian: Callable[[Array, Array], Array] | None = None
     sample_sqrt_hessian: Callable[[Array, Array, Array, int], Array] | None = None
     hessian_vp: Callable[[Array, Array, Array], Array] | None = None
+    masked: bool = False
 
     def __post_init__(self) -> None:
         if self.reduction not in ("sum", "mean"):
             raise ValueError(f"`reduction` must be 'sum' or 'mean', got {self.reduction!r}")
+
+    def with_mask(self, mask: Array | None) -> Loss:
+        """This loss with the padding mask ``(batch, T)`` bound into every function, for
+        outputs ``(batch, T, ...)``: padded positions contribute nothing (see the module
+        docs). ``None`` gives the loss itself."""
+        if mask is None:
+            return self
+        if not self.masked:
+            raise ValueError(
+                f"loss {self.name!r} takes no padding mask: give its functions a `mask` "
+                "keyword and masked=True, or pass no mask"
+            )
+        names = (
+            "per_example",
+            "delta",
+            "reduced_delta",
+            "sqrt_hessian",
+            "sample_sqrt_hessian",
+            "hessian_vp",
+        )
+        bound = {
+            n: functools.partial(getattr(self, n), mask=mask)
+            for n in names
+            if getattr(self, n) is not None
+        }
+        return dataclasses.replace(self, masked=False, **bound)
 
     def scale(self, batch: int) -> float:
         """The factor from ``Σ_i`` to this loss's reduction: 1 or 1/batch."""
@@ -110,39 +152,72 @@ def _example_axes(a: Array) -> tuple[int, ...]:
     return tuple(range(1, a.ndim))
 
 
-def _half_sse(a: Array, y: Array) -> Array:
-    r = a - y
+def _weights(mask: Array | None, a: Array) -> Array | None:
+    """The padding mask ``(batch, T)`` as 0/1 weights broadcasting against ``a``
+    ``(batch, T, ...)`` (None: no mask)."""
+    if mask is None:
+        return None
+    return mask.astype(a.dtype).reshape(mask.shape + (1,) * (a.ndim - 2))
+
+
+def _masked(x: Array, w: Array | None) -> Array:
+    return x if w is None else x * w
+
+
+def _half_sse(a: Array, y: Array, *, mask: Array | None = None) -> Array:
+    r = _masked(a - y, _weights(mask, a))
     return 0.5 * jnp.sum(r * r, axis=_example_axes(a))
-
-
-def _mse(a: Array, y: Array) -> Array:
-    r = a - y
-    return jnp.mean(r * r, axis=_example_axes(a))
 
 
 def _elements(a: Array) -> int:
     return math.prod(a.shape[1:])
 
 
-def _mse_delta(a: Array, y: Array) -> Array:
-    return (2.0 / _elements(a)) * (a - y)
+def _counts(a: Array, mask: Array | None) -> Array | float:
+    """Real elements per example, ``(batch, 1, ...)`` (``K`` without a mask), at least 1."""
+    if mask is None:
+        return float(_elements(a))
+    per_position = math.prod(a.shape[2:])
+    n = jnp.sum(mask, axis=1).astype(a.dtype) * per_position
+    return jnp.maximum(n, 1).reshape((a.shape[0],) + (1,) * (a.ndim - 1))
 
 
-def _mse_reduced_delta(a: Array, y: Array) -> Array:
+def _mse(a: Array, y: Array, *, mask: Array | None = None) -> Array:
+    if mask is None:
+        r = a - y
+        return jnp.mean(r * r, axis=_example_axes(a))
+    r = _masked(a - y, _weights(mask, a))
+    return jnp.sum(r * r / _counts(a, mask), axis=_example_axes(a))
+
+
+def _mse_delta(a: Array, y: Array, *, mask: Array | None = None) -> Array:
+    if mask is None:
+        return (2.0 / _elements(a)) * (a - y)
+    return 2 * _masked(a - y, _weights(mask, a)) / _counts(a, mask)
+
+
+def _mse_reduced_delta(a: Array, y: Array, *, mask: Array | None = None) -> Array:
     """2(a − y)/(K·B) in JAX autodiff's order, as XLA runs it: (1/B)·(1/K) in the
     array's dtype (XLA turns the division by the constant K into a product)."""
+    if mask is not None:
+        return _mse_delta(a, y, mask=mask) / a.shape[0]
     one = jnp.ones((), a.dtype)
     k = (one / a.shape[0]) * (one / _elements(a))
     return 2 * ((a - y) * k)
 
 
-def _sigmoid_bce(a: Array, y: Array) -> Array:
-    return jnp.sum(jax.nn.softplus(a) - y * a, axis=_example_axes(a))
+def _sigmoid_bce(a: Array, y: Array, *, mask: Array | None = None) -> Array:
+    value = _masked(jax.nn.softplus(a) - y * a, _weights(mask, a))
+    return jnp.sum(value, axis=_example_axes(a))
+
+
+def _bce_delta(a: Array, y: Array, *, mask: Array | None = None) -> Array:
+    return _masked(jax.nn.sigmoid(a) - y, _weights(mask, a))
 
 
 def _targets(a: Array, y: Array) -> Array:
     """Integer labels ``(batch, *positions)`` to one-hot ``(batch, *positions,
-    classes)``; else ``y``."""
+    classes)`` (a label ``-1``, no target, to zeros); else ``y``."""
     if jnp.issubdtype(y.dtype, jnp.integer):
         return jax.nn.one_hot(y, a.shape[-1], dtype=a.dtype)
     return y
@@ -154,15 +229,39 @@ def _positions(a: Array) -> int:
     return math.prod(a.shape[1:-1])
 
 
-def _softmax_xent(a: Array, y: Array) -> Array:
+def _target_weights(a: Array, y: Array, mask: Array | None) -> tuple[Array, Array] | None:
+    """For integer labels or a padding mask: 0/1 weights of each position
+    ``(batch, *positions, 1)`` (a target there, and a real position) and their count
+    per example ``(batch, 1, ..., 1)``, at least 1. None: every position counts, the
+    plain mean over positions."""
+    integer = jnp.issubdtype(y.dtype, jnp.integer)
+    if not integer and mask is None:
+        return None
+    w = (y >= 0) if integer else jnp.ones(a.shape[:-1], bool)
+    if mask is not None and a.ndim > 2:
+        w = w & mask.reshape(mask.shape + (1,) * (a.ndim - 3))
+    w = w.astype(a.dtype)[..., None]
+    n = jnp.sum(w, axis=tuple(range(1, a.ndim)), keepdims=True)
+    return w, jnp.maximum(n, 1)
+
+
+def _softmax_xent(a: Array, y: Array, *, mask: Array | None = None) -> Array:
     t = _targets(a, y)
     token = -jnp.sum(t * jax.nn.log_softmax(a, axis=-1), axis=-1)
+    weights = _target_weights(a, y, mask)
+    if weights is not None:
+        w, n = weights
+        return jnp.sum(token * w[..., 0] / n[..., 0], axis=tuple(range(1, token.ndim)))
     return jnp.mean(token, axis=tuple(range(1, token.ndim))) if token.ndim > 1 else token
 
 
-def _softmax_xent_delta(a: Array, y: Array) -> Array:
+def _softmax_xent_delta(a: Array, y: Array, *, mask: Array | None = None) -> Array:
     t = _targets(a, y)
     delta = jax.nn.softmax(a, axis=-1) * jnp.sum(t, axis=-1, keepdims=True) - t
+    weights = _target_weights(a, y, mask)
+    if weights is not None:
+        w, n = weights
+        return delta * (w / n)
     return delta / _positions(a) if a.ndim > 2 else delta
 
 
@@ -178,35 +277,59 @@ def _unit_columns(a: Array, scale: Array | float) -> Array:
     return eye * scale[None]
 
 
-def _normal_columns(key: Array, a: Array, m: int, scale: float) -> Array:
-    return (scale / math.sqrt(m)) * jr.normal(key, (m, *a.shape), a.dtype)
+def _normal_columns(
+    key: Array, a: Array, m: int, scale: Array | float, mask: Array | None = None
+) -> Array:
+    cols = jr.normal(key, (m, *a.shape), a.dtype) * (scale / math.sqrt(m))
+    w = _weights(mask, a)
+    return cols if w is None else cols * w[None]
 
 
-def _bce_slope(a: Array) -> Array:
+def _mse_root(a: Array, mask: Array | None) -> Array | float:
+    """``√(2/K)`` per element (K the example's real elements; 0 at padded positions)."""
+    if mask is None:
+        return math.sqrt(2.0 / _elements(a))
+    return jnp.sqrt(2.0 / _counts(a, mask)) * _weights(mask, a)
+
+
+def _mse_hvp(a: Array, y: Array, u: Array, *, mask: Array | None = None) -> Array:
+    if mask is None:
+        return (2.0 / _elements(a)) * u
+    return 2 * _masked(u, _weights(mask, a)) / _counts(a, mask)
+
+
+def _bce_slope(a: Array, mask: Array | None = None) -> Array:
     p = jax.nn.sigmoid(a)
-    return p * (1 - p)
+    return _masked(p * (1 - p), _weights(mask, a))
 
 
-def _bce_sample(key: Array, a: Array, y: Array, m: int) -> Array:
+def _bce_sample(key: Array, a: Array, y: Array, m: int, *, mask: Array | None = None) -> Array:
     p = jax.nn.sigmoid(a)
     draw = jr.bernoulli(key, p, (m, *a.shape)).astype(a.dtype)
-    return (p[None] - draw) / math.sqrt(m)
+    cols = (p[None] - draw) / math.sqrt(m)
+    w = _weights(mask, a)
+    return cols if w is None else cols * w[None]
 
 
-def _token_weights(a: Array, y: Array) -> Array:
+def _token_weights(a: Array, y: Array, mask: Array | None = None) -> Array:
     """``Σ_k y_tk / T`` per position, ``(batch, *positions, 1)``: the scale of each
-    position's softmax Hessian in ℓ_i."""
+    position's softmax Hessian in ℓ_i (with labels ``-1`` or a mask: ``w_t Σ_k y_tk /
+    n_i``, n_i the example's target positions)."""
     t = _targets(a, y)
+    weights = _target_weights(a, y, mask)
+    if weights is not None:
+        w, n = weights
+        return jnp.sum(t, axis=-1, keepdims=True) * (w / n)
     return jnp.sum(t, axis=-1, keepdims=True) / _positions(a)
 
 
-def _softmax_sqrt_hessian(a: Array, y: Array) -> Array:
+def _softmax_sqrt_hessian(a: Array, y: Array, *, mask: Array | None = None) -> Array:
     """Columns ``(T·V, batch, *positions, V)``: for position t and class c,
     ``√(w_t p_tc)(e_c − p_t)`` at position t, zero elsewhere."""
     p = jax.nn.softmax(a, axis=-1)
     v = a.shape[-1]
     positions = _positions(a)
-    root = jnp.sqrt(_token_weights(a, y) * p)  # (batch, *pos, V)
+    root = jnp.sqrt(_token_weights(a, y, mask) * p)  # (batch, *pos, V)
     eye = jnp.eye(v, dtype=a.dtype)
     # per position: cols[c, ..., k] = root_c (δ_ck − p_k)
     cols = jnp.moveaxis(root, -1, 0)[..., None] * (
@@ -221,28 +344,31 @@ def _softmax_sqrt_hessian(a: Array, y: Array) -> Array:
     return sets.reshape((positions * v, *a.shape))
 
 
-def _softmax_sample(key: Array, a: Array, y: Array, m: int) -> Array:
+def _softmax_sample(key: Array, a: Array, y: Array, m: int, *, mask: Array | None = None) -> Array:
     p = jax.nn.softmax(a, axis=-1)
     draw = jr.categorical(key, jax.nn.log_softmax(a, axis=-1), axis=-1, shape=(m, *a.shape[:-1]))
     onehot = jax.nn.one_hot(draw, a.shape[-1], dtype=a.dtype)
-    return jnp.sqrt(_token_weights(a, y))[None] * (p[None] - onehot) / math.sqrt(m)
+    return jnp.sqrt(_token_weights(a, y, mask))[None] * (p[None] - onehot) / math.sqrt(m)
 
 
-def _softmax_hvp(a: Array, y: Array, u: Array) -> Array:
+def _softmax_hvp(a: Array, y: Array, u: Array, *, mask: Array | None = None) -> Array:
     p = jax.nn.softmax(a, axis=-1)
     pu = p * u
-    return _token_weights(a, y) * (pu - p * jnp.sum(pu, axis=-1, keepdims=True))
+    return _token_weights(a, y, mask) * (pu - p * jnp.sum(pu, axis=-1, keepdims=True))
 
 
 HALF_SSE = Loss(
     "half_sse",
     _half_sse,
-    lambda a, y: a - y,
+    lambda a, y, *, mask=None: _masked(a - y, _weights(mask, a)),
     "sum",
     description="ℓ_i = ½ Σ_k (a_ik − y_ik)², summed over the batch; δ_L = a − y",
-    sqrt_hessian=lambda a, y: _unit_columns(a, 1.0),
-    sample_sqrt_hessian=lambda key, a, y, m: _normal_columns(key, a, m, 1.0),
-    hessian_vp=lambda a, y, u: u,
+    sqrt_hessian=lambda a, y, *, mask=None: _unit_columns(
+        a, _masked(jnp.ones_like(a), _weights(mask, a))
+    ),
+    sample_sqrt_hessian=lambda key, a, y, m, *, mask=None: _normal_columns(key, a, m, 1.0, mask),
+    hessian_vp=lambda a, y, u, *, mask=None: _masked(u, _weights(mask, a)),
+    masked=True,
 )
 MSE = Loss(
     "mse",
@@ -251,21 +377,23 @@ MSE = Loss(
     "mean",
     description="ℓ_i = mean_k (a_ik − y_ik)², averaged over the batch; δ_L = 2(a − y)/(K·B)",
     reduced_delta=_mse_reduced_delta,
-    sqrt_hessian=lambda a, y: _unit_columns(a, math.sqrt(2.0 / _elements(a))),
-    sample_sqrt_hessian=lambda key, a, y, m: _normal_columns(
-        key, a, m, math.sqrt(2.0 / _elements(a))
+    sqrt_hessian=lambda a, y, *, mask=None: _unit_columns(a, _mse_root(a, mask)),
+    sample_sqrt_hessian=lambda key, a, y, m, *, mask=None: _normal_columns(
+        key, a, m, _mse_root(a, mask), mask
     ),
-    hessian_vp=lambda a, y, u: (2.0 / _elements(a)) * u,
+    hessian_vp=_mse_hvp,
+    masked=True,
 )
 SIGMOID_BCE = Loss(
     "sigmoid_bce",
     _sigmoid_bce,
-    lambda a, y: jax.nn.sigmoid(a) - y,
+    _bce_delta,
     "sum",
     description="ℓ_i = Σ_k softplus(a_ik) − y_ik a_ik from logits, summed; δ_L = σ(a) − y",
-    sqrt_hessian=lambda a, y: _unit_columns(a, jnp.sqrt(_bce_slope(a))),
+    sqrt_hessian=lambda a, y, *, mask=None: _unit_columns(a, jnp.sqrt(_bce_slope(a, mask))),
     sample_sqrt_hessian=_bce_sample,
-    hessian_vp=lambda a, y, u: _bce_slope(a) * u,
+    hessian_vp=lambda a, y, u, *, mask=None: _bce_slope(a, mask) * u,
+    masked=True,
 )
 SOFTMAX_XENT = Loss(
     "softmax_xent",
@@ -274,12 +402,13 @@ SOFTMAX_XENT = Loss(
     "mean",
     integer_labels=True,
     description=(
-        "ℓ_i = −Σ_k y_ik log softmax(a_i)_k from logits (integer labels or "
-        "one-hot/probability targets), averaged; δ_L = (softmax(a)·Σy − y)/B"
+        "ℓ_i = −Σ_k y_ik log softmax(a_i)_k from logits (integer labels, -1 for no "
+        "target, or one-hot/probability targets), averaged; δ_L = (softmax(a)·Σy − y)/B"
     ),
     sqrt_hessian=_softmax_sqrt_hessian,
     sample_sqrt_hessian=_softmax_sample,
     hessian_vp=_softmax_hvp,
+    masked=True,
 )
 
 _LOSSES = {loss.name: loss for loss in (HALF_SSE, MSE, SIGMOID_BCE, SOFTMAX_XENT)}

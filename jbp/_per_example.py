@@ -24,7 +24,14 @@ A user layer takes part by implementing ``grad_factors``, or
 ``per_example_grads(params, cache, delta_out)`` with optional
 ``per_example_sq_norms``, ``sum_grad_squared`` and ``weighted_grads``
 (without them jbp materialises that layer's g_i). ``delta_out`` holds the
-per-example ``∂ℓ_i/∂out`` in row ``i``.
+per-example ``∂ℓ_i/∂out`` in row ``i``. A leaf shared by two layers
+(:class:`jbp.Tied`) gets the factors of both uses, so its quantities are exact,
+the cross term ``2⟨g_i¹, g_i²⟩`` of its squared norm included.
+
+Every function returned here takes, after its positional arguments, the
+keywords of :func:`jbp.backprop`: ``mask`` (a padding mask ``(batch, T)``: a
+padded position contributes nothing to any example's quantity) and
+``dropout_key``.
 """
 
 from __future__ import annotations
@@ -38,11 +45,19 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._backprop import check_net, prepare
+from ._backprop import Batch, check_net, prepare
+from ._checks import params_dtype
 from ._losses import Loss, get_loss
 from .layers import Sequential
-from .layers._base import has_params
-from .layers._factors import check_method, is_factor, per_example_grad, sq_norm, sum_sq, weighted
+from .layers._base import backward_walk, has_params
+from .layers._factors import (
+    check_method,
+    is_leaf_factor,
+    per_example_grad,
+    sq_norm,
+    sum_sq,
+    weighted,
+)
 
 Array = jax.Array
 Params = Any
@@ -60,31 +75,18 @@ def _grads_method(layer: Any) -> Callable[..., Any]:
     return method
 
 
-def _factor_map(fn: Callable[[Any], Any], factors: Any) -> Any:
-    return jtu.tree_map(fn, factors, is_leaf=is_factor)
-
-
 def _tree_sum(values: list[Array]) -> Array:
     return sum(values[1:], values[0])
 
 
-def _leaf_quantity(
-    name: str, layer: Any, p: Params, cache: Any, d: Array, *extra: Any, method: str
-) -> Any:
-    """``name`` of one leaf layer: by its factors, its own method, or from its g_i."""
-    if not has_params(p):
-        return p
-    grad_factors = getattr(layer, "grad_factors", None)
-    if grad_factors is not None:
-        factors = grad_factors(p, cache, d)
-        if name == "per_example_grads":
-            return _factor_map(per_example_grad, factors)
-        if name == "per_example_sq_norms":
-            leaves = jtu.tree_leaves(factors, is_leaf=is_factor)
-            return _tree_sum([sq_norm(f, method) for f in leaves])
-        if name == "sum_grad_squared":
-            return _factor_map(sum_sq, factors)
-        return _factor_map(lambda f: weighted(f, extra[0], method), factors)
+class _Done(NamedTuple):
+    """A quantity a layer without ``grad_factors`` formed by its own methods."""
+
+    value: Any
+
+
+def _own_quantity(name: str, layer: Any, p: Params, cache: Any, d: Array, *extra: Any) -> Any:
+    """``name`` of a layer without factors: its own method, or from its g_i."""
     own = getattr(layer, name, None)
     if own is not None:
         return own(p, cache, d, *extra)
@@ -98,6 +100,47 @@ def _leaf_quantity(
     return jtu.tree_map(partial(jnp.tensordot, extra[0], axes=1), g)
 
 
+def _from_factor(name: str, f: Any, *extra: Any, method: str) -> Array:
+    """``name`` of one leaf from its factor (a :class:`Sum` for a shared leaf)."""
+    if name == "per_example_grads":
+        return per_example_grad(f)
+    if name == "per_example_sq_norms":
+        return sq_norm(f, method)
+    if name == "sum_grad_squared":
+        return sum_sq(f)
+    return weighted(f, extra[0], method)
+
+
+def walk_quantity(
+    net: Any, params: Params, caches: Any, delta: Array, name: str, *extra: Any, method: str
+) -> Any:
+    """``name`` for every leaf layer of ``net`` (a layer or combinator) by the δ
+    recursion of the whole tree: a tree like params, ``{}`` where a layer has no params.
+
+    A layer with ``grad_factors`` hands over its factors during the walk (so that a
+    leaf shared by two layers gets both uses' factors, :class:`Sum`); the quantity is
+    formed from them afterwards, leaf by leaf (``per_example_sq_norms``: one
+    ``(batch,)`` array per leaf). A layer without them forms it by its own methods.
+    """
+
+    def at_leaf(layer: Any, p: Params, cache: Any, d: Array) -> Any:
+        if not has_params(p):
+            return p
+        grad_factors = getattr(layer, "grad_factors", None)
+        if grad_factors is not None:
+            return grad_factors(p, cache, d)
+        return _Done(_own_quantity(name, layer, p, cache, d, *extra))
+
+    results, _ = backward_walk(net, params, caches, delta, at_leaf)
+
+    def finish(x: Any) -> Any:
+        if isinstance(x, _Done):
+            return x.value
+        return _from_factor(name, x, *extra, method=method)
+
+    return jtu.tree_map(finish, results, is_leaf=lambda x: is_leaf_factor(x) or isinstance(x, _Done))
+
+
 class _Pass(NamedTuple):
     """One forward pass and the unscaled per-example output δ, ready for quantities."""
 
@@ -109,17 +152,19 @@ class _Pass(NamedTuple):
     def quantity(self, name: str, *extra: Any, method: str = "auto") -> tuple[Any, ...]:
         """``name`` for every leaf layer, in a tree like params (``{}`` where a layer
         has no params), by the δ recursion of the whole network."""
-
-        def at_leaf(layer: Any, p: Params, cache: Any, d: Array) -> Any:
-            return _leaf_quantity(name, layer, p, cache, d, *extra, method=method)
-
-        results, _ = self.net.backward_walk(self.params, self.caches, self.delta, at_leaf)
-        return results
+        return walk_quantity(
+            self.net, self.params, self.caches, self.delta, name, *extra, method=method
+        )
 
 
-def _forward(net: Sequential, loss: Loss, params: Params, x: Array, y: Array) -> _Pass:
-    out, caches = net.forward(params, x)
-    return _Pass(net, params, caches, loss.delta(out, y))
+def _forward(net: Sequential, params: Params, batch: Batch) -> _Pass:
+    out, caches = net.forward(params, batch.x, batch.context)
+    return _Pass(net, params, caches, batch.loss.delta(out, batch.y))
+
+
+def _dtype(params: Params, batch: Batch) -> Any:
+    """The floating dtype of the computation: the params' (``x`` may be integer tokens)."""
+    return params_dtype(params) or batch.x.dtype
 
 
 def _like(params: Params, per_layer: tuple[Any, ...]) -> Params:
@@ -140,7 +185,7 @@ def _sq_norms(run: _Pass, batch: int, dtype: Any, method: str) -> Array:
     return jnp.stack(cols, axis=1)
 
 
-def per_example_grads(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any], Params]:
+def per_example_grads(net: Any, loss: str | Loss) -> Callable[..., Params]:
     """Every example's gradient ``g_i = ∂ℓ_i/∂θ`` (unscaled).
 
     Returns:
@@ -151,16 +196,18 @@ def per_example_grads(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any]
     """
     net, loss = _setup(net, loss)
 
-    def fn(params: Params, x: Any, y: Any) -> Params:
-        x, y = prepare(net, loss, params, x, y)
-        return _like(params, _forward(net, loss, params, x, y).quantity("per_example_grads"))
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
+    ) -> Params:
+        b = prepare(net, loss, params, x, y, mask, dropout_key)
+        return _like(params, _forward(net, params, b).quantity("per_example_grads"))
 
     return fn
 
 
 def per_example_norms(
     net: Any, loss: str | Loss, *, per_layer: bool = False, method: str = "auto"
-) -> Callable[[Params, Any, Any], Array]:
+) -> Callable[..., Array]:
     """‖g_i‖ for every example, without forming g_i where that is cheaper.
 
     Dense on ``(batch, features)``: ``‖g_i(w)‖² = ‖a_i‖²‖δ_i‖²``. Layers whose
@@ -182,15 +229,17 @@ def per_example_norms(
     net, loss = _setup(net, loss)
     check_method(method)
 
-    def fn(params: Params, x: Any, y: Any) -> Array:
-        x, y = prepare(net, loss, params, x, y)
-        sq = _sq_norms(_forward(net, loss, params, x, y), x.shape[0], x.dtype, method)
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
+    ) -> Array:
+        b = prepare(net, loss, params, x, y, mask, dropout_key)
+        sq = _sq_norms(_forward(net, params, b), b.x.shape[0], _dtype(params, b), method)
         return jnp.sqrt(sq) if per_layer else jnp.sqrt(jnp.sum(sq, axis=1))
 
     return fn
 
 
-def sum_grad_squared(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any], Params]:
+def sum_grad_squared(net: Any, loss: str | Loss) -> Callable[..., Params]:
     """The elementwise second moment ``Σ_i g_i²`` (BackPACK's SumGradSquared).
 
     Returns:
@@ -199,16 +248,18 @@ def sum_grad_squared(net: Any, loss: str | Loss) -> Callable[[Params, Any, Any],
     """
     net, loss = _setup(net, loss)
 
-    def fn(params: Params, x: Any, y: Any) -> Params:
-        x, y = prepare(net, loss, params, x, y)
-        return _like(params, _forward(net, loss, params, x, y).quantity("sum_grad_squared"))
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
+    ) -> Params:
+        b = prepare(net, loss, params, x, y, mask, dropout_key)
+        return _like(params, _forward(net, params, b).quantity("sum_grad_squared"))
 
     return fn
 
 
 def grad_variance(
     net: Any, loss: str | Loss, *, ddof: int = 0
-) -> Callable[[Params, Any, Any], Params]:
+) -> Callable[..., Params]:
     """The elementwise variance of the per-example gradients g_i over the batch.
 
     ``Var = (Σ_i g_i² − B·ḡ²) / (B − ddof)`` with ``ḡ = mean_i g_i``
@@ -222,16 +273,18 @@ def grad_variance(
     if ddof not in (0, 1):
         raise ValueError(f"`ddof` must be 0 or 1, got {ddof!r}")
 
-    def fn(params: Params, x: Any, y: Any) -> Params:
-        x, y = prepare(net, loss, params, x, y)
-        b = x.shape[0]
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
+    ) -> Params:
+        batch = prepare(net, loss, params, x, y, mask, dropout_key)
+        b = batch.x.shape[0]
         if b - ddof < 1:
             raise ValueError(
                 f"`x` has batch {b}; a variance with ddof={ddof} needs at least {ddof + 1}"
             )
-        run = _forward(net, loss, params, x, y)
+        run = _forward(net, params, batch)
         sq = run.quantity("sum_grad_squared")
-        total = run.quantity("weighted_grads", jnp.ones((b,), x.dtype))
+        total = run.quantity("weighted_grads", jnp.ones((b,), _dtype(params, batch)))
 
         def var(s: Array, t: Array) -> Array:
             mean = t / b
@@ -258,7 +311,7 @@ def clip_factors(norms: Array, max_norm: Any) -> Array:
 
 def clipped_grad(
     net: Any, loss: str | Loss, max_norm: float, *, method: str = "auto"
-) -> Callable[[Params, Any, Any], tuple[Params, Array]]:
+) -> Callable[..., tuple[Params, Array]]:
     """The per-example-clipped gradient in one backward pass (ghost clipping).
 
     ``Σ_i min(1, max_norm/‖g_i‖) g_i`` for ``"sum"`` losses, and that over B
@@ -280,11 +333,14 @@ def clipped_grad(
     _check_max_norm(max_norm)
     check_method(method)
 
-    def fn(params: Params, x: Any, y: Any) -> tuple[Params, Array]:
-        x, y = prepare(net, loss, params, x, y)
-        run = _forward(net, loss, params, x, y)
-        norms = jnp.sqrt(jnp.sum(_sq_norms(run, x.shape[0], x.dtype, method), axis=1))
-        c = clip_factors(norms, max_norm) * loss.scale(x.shape[0])
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
+    ) -> tuple[Params, Array]:
+        b = prepare(net, loss, params, x, y, mask, dropout_key)
+        run = _forward(net, params, b)
+        n = b.x.shape[0]
+        norms = jnp.sqrt(jnp.sum(_sq_norms(run, n, _dtype(params, b), method), axis=1))
+        c = clip_factors(norms, max_norm) * loss.scale(n)
         return _like(params, run.quantity("weighted_grads", c, method=method)), norms
 
     return fn
@@ -292,7 +348,7 @@ def clipped_grad(
 
 def dp_grad(
     net: Any, loss: str | Loss, max_norm: float, noise_multiplier: float, *, method: str = "auto"
-) -> Callable[[Params, Any, Any, Array], tuple[Params, Array]]:
+) -> Callable[..., tuple[Params, Array]]:
     """A DP-SGD gradient: clip each g_i to ``max_norm``, sum, add Gaussian noise.
 
     ``(Σ_i clip(g_i) + N(0, (noise_multiplier·max_norm)² I)) · s`` with
@@ -310,8 +366,16 @@ def dp_grad(
         raise ValueError(f"`noise_multiplier` must be a number ≥ 0, got {noise_multiplier!r}")
     clipped = clipped_grad(net, loss, max_norm, method=method)
 
-    def fn(params: Params, x: Any, y: Any, key: Array) -> tuple[Params, Array]:
-        grads, norms = clipped(params, x, y)
+    def fn(
+        params: Params,
+        x: Any,
+        y: Any,
+        key: Array,
+        *,
+        mask: Any = None,
+        dropout_key: Any = None,
+    ) -> tuple[Params, Array]:
+        grads, norms = clipped(params, x, y, mask=mask, dropout_key=dropout_key)
         scale = loss.scale(norms.shape[0])
         leaves, treedef = jtu.tree_flatten(grads)
         keys = jax.random.split(key, max(len(leaves), 1))
@@ -341,7 +405,7 @@ class NoiseScale(NamedTuple):
 
 def gradient_noise_scale(
     net: Any, loss: str | Loss, *, unbiased: bool = True
-) -> Callable[[Params, Any, Any], NoiseScale]:
+) -> Callable[..., NoiseScale]:
     """B_simple = tr(Σ)/‖G‖² from per-example norms and the mean gradient.
 
     ``unbiased=True`` (default): the batch is a sample of a larger data
@@ -362,14 +426,17 @@ def gradient_noise_scale(
     """
     net, loss = _setup(net, loss)
 
-    def fn(params: Params, x: Any, y: Any) -> NoiseScale:
-        x, y = prepare(net, loss, params, x, y)
-        b = x.shape[0]
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
+    ) -> NoiseScale:
+        batch = prepare(net, loss, params, x, y, mask, dropout_key)
+        b = batch.x.shape[0]
         if b < 2:
             raise ValueError(f"`x` has batch {b}; the gradient noise scale needs at least 2")
-        run = _forward(net, loss, params, x, y)
-        sq = _sq_norms(run, b, x.dtype, "auto")
-        mean = run.quantity("weighted_grads", jnp.full((b,), 1.0 / b, x.dtype))
+        run = _forward(net, params, batch)
+        dtype = _dtype(params, batch)
+        sq = _sq_norms(run, b, dtype, "auto")
+        mean = run.quantity("weighted_grads", jnp.full((b,), 1.0 / b, dtype))
         mean_sq = sum(jnp.sum(leaf * leaf) for leaf in jtu.tree_leaves(mean))
         spread = jnp.mean(jnp.sum(sq, axis=1)) - mean_sq
         if unbiased:

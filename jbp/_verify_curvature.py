@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._backprop import check_net, objective, prepare
+from ._backprop import check_net, keeps_positions, objective, prepare
 from ._losses import Loss, get_loss
 
 Array = jax.Array
@@ -32,40 +32,55 @@ class GGNReference(NamedTuple):
     unravel: Any
 
 
-def reference_ggn(net: Any, loss: str | Loss, params: Params, x: Any, y: Any) -> GGNReference:
+def reference_ggn(
+    net: Any,
+    loss: str | Loss,
+    params: Params,
+    x: Any,
+    y: Any,
+    *,
+    mask: Any = None,
+    dropout_key: Any = None,
+) -> GGNReference:
     """The GGN by autodiff: ``J`` from ``jax.jacfwd`` of the network output, ``H_i`` from
-    ``jax.hessian`` of each example's loss."""
+    ``jax.hessian`` of each example's loss (with its own row of the padding mask)."""
     net, loss = check_net(net), get_loss(loss)
-    x, y = prepare(net, loss, params, x, y)
+    batch = prepare(net, loss, params, x, y, mask, dropout_key)
     vector, unravel = ravel_pytree(params)
+    out_shape = jax.eval_shape(lambda: net.forward(params, batch.x, batch.context)[0]).shape
+    rows = batch.context.mask if keeps_positions(out_shape, batch.x.shape) else None
 
     @jax.jit
-    def run(theta: Array, x: Array, y: Array) -> tuple[Array, Array]:
+    def run(theta: Array, x: Array, y: Array, rows: Any) -> tuple[Array, Array]:
         def output(theta: Array) -> Array:
-            return net.forward(unravel(theta), x)[0]
+            return net.forward(unravel(theta), x, batch.context)[0]
 
         out = output(theta)
         b = out.shape[0]
         jac = jax.jacfwd(output)(theta).reshape(b, -1, theta.size)  # reference
 
-        def example_loss(a: Array, yi: Array) -> Array:
-            return loss.per_example(a[None], yi[None])[0]
+        def example_loss(a: Array, yi: Array, mi: Any) -> Array:
+            extra = {} if mi is None else {"mask": mi[None]}
+            return loss.per_example(a[None], yi[None], **extra)[0]
 
-        hess = jax.vmap(jax.hessian(example_loss))(out, y)  # reference
+        hess = jax.vmap(jax.hessian(example_loss))(out, y, rows)  # reference
         k = jac.shape[1]
         per_example = jnp.einsum("bkp,bkl,blq->bpq", jac, hess.reshape(b, k, k), jac)
         ggn = loss.scale(b) * jnp.sum(per_example, axis=0)
         return ggn, jnp.diagonal(per_example, axis1=1, axis2=2)
 
-    ggn, diag = run(vector, x, y)
+    ggn, diag = run(vector, batch.x, batch.y, rows)
     return GGNReference(ggn, diag, unravel)
 
 
-def reference_hessian(net: Any, loss: str | Loss, params: Params, x: Any, y: Any) -> Array:
+def reference_hessian(
+    net: Any, loss: str | Loss, params: Params, x: Any, y: Any, **keywords: Any
+) -> Array:
     """``jax.hessian(objective)`` as a P × P matrix (flattened like ``ravel_pytree``)."""
     vector, unravel = ravel_pytree(params)
     fn = objective(net, loss)
-    return jax.jit(jax.hessian(lambda theta: fn(unravel(theta), x, y)))(vector)  # reference
+    hessian = jax.hessian(lambda theta: fn(unravel(theta), x, y, **keywords))  # reference
+    return jax.jit(hessian)(vector)
 
 
 def flat(tree: Any) -> Array:
@@ -127,13 +142,13 @@ def _default_rtol(dtype: Any) -> float:
 
 
 def _has_tangents(net: Any) -> bool:
-    layers = getattr(net, "layers", None) or getattr(net, "branches", None)
-    if layers is not None:
-        return all(_has_tangents(layer) for layer in layers)
-    block = getattr(net, "block", None)
-    if block is not None:
-        return _has_tangents(block)
-    return callable(getattr(net, "tangent", None))
+    from .layers._base import children, walk_layers
+
+    return all(
+        callable(getattr(layer, "tangent", None))
+        for _, layer in walk_layers(net)
+        if not children(layer)
+    )
 
 
 def _hessian_applies(net: Any, x: Any) -> bool:
@@ -161,6 +176,8 @@ def check_curvature(
     *,
     rtol: float | None = None,
     seed: int = 0,
+    mask: Any = None,
+    dropout_key: Any = None,
 ) -> CurvatureReport:
     """Check every curvature quantity on one problem against its autodiff reference.
 
@@ -170,12 +187,14 @@ def check_curvature(
     every layer has a ``tangent`` rule); ``diag_hessian`` against the diagonal
     of ``jax.hessian(objective)`` (chains of Dense and Activation layers whose
     activations have ``f''``). ``rtol``: 1e-9 in float64, 1e-4 in float32 by
-    default. References cost O(P²) memory: keep problems small.
+    default. ``mask`` and ``dropout_key`` as for :func:`jbp.backprop`.
+    References cost O(P²) memory: keep problems small.
     """
     from . import _curvature as curv
 
     net, loss = check_net(net), get_loss(loss)
-    ref = reference_ggn(net, loss, params, x, y)
+    kw = {"mask": mask, "dropout_key": dropout_key}
+    ref = reference_ggn(net, loss, params, x, y, **kw)
     flat_params, _ = ravel_pytree(params)
     tol = _default_rtol(flat_params.dtype) if rtol is None else rtol
     rows, skipped = [], []
@@ -183,22 +202,26 @@ def check_curvature(
     def row(name: str, got: Array, want: Array) -> None:
         rows.append(CurvatureRow(name, _error(got, want), tol))
 
-    row("diag_ggn", flat(jax.jit(curv.diag_ggn(net, loss))(params, x, y)), jnp.diagonal(ref.ggn))
-    per_example = jax.jit(curv.per_example_diag_ggn(net, loss))(params, x, y)
+    row(
+        "diag_ggn",
+        flat(jax.jit(curv.diag_ggn(net, loss))(params, x, y, **kw)),
+        jnp.diagonal(ref.ggn),
+    )
+    per_example = jax.jit(curv.per_example_diag_ggn(net, loss))(params, x, y, **kw)
     row("per_example_diag_ggn", jax.vmap(flat)(per_example), ref.per_example_diag)
-    columns = jax.vmap(jax.vmap(flat))(jax.jit(curv.sqrt_ggn(net, loss))(params, x, y))
+    columns = jax.vmap(jax.vmap(flat))(jax.jit(curv.sqrt_ggn(net, loss))(params, x, y, **kw))
     row("sqrt_ggn", jnp.einsum("cbp,cbq->pq", columns, columns), ref.ggn)
     if _has_tangents(net):
         v = jax.random.normal(jax.random.key(seed), flat_params.shape, flat_params.dtype)
-        gv = jax.jit(curv.ggn_vector_product(net, loss))(params, x, y, ref.unravel(v))
+        gv = jax.jit(curv.ggn_vector_product(net, loss))(params, x, y, ref.unravel(v), **kw)
         row("ggn_vector_product", flat(gv), ref.ggn @ v)
     else:
         skipped.append("ggn_vector_product (a layer has no tangent rule)")
     if _hessian_applies(net, x):
-        hess = reference_hessian(net, loss, params, x, y)
+        hess = reference_hessian(net, loss, params, x, y, **kw)
         row(
             "diag_hessian",
-            flat(jax.jit(curv.diag_hessian(net, loss))(params, x, y)),
+            flat(jax.jit(curv.diag_hessian(net, loss))(params, x, y, **kw)),
             jnp.diagonal(hess),
         )
     else:

@@ -17,9 +17,9 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._checks import check_dtype, check_key
-from ._per_example import _leaf_quantity
+from ._per_example import walk_quantity
 from ._verify import DEFAULT_RTOL, LeafRow, Report, _precision, compare
-from .layers._base import backward_walk, has_params, output_shape, takes_tokens
+from .layers._base import has_params, output_shape, takes_tokens
 from .layers._factors import METHODS
 
 Array = jax.Array
@@ -180,10 +180,7 @@ def _manual(
         return got
 
     def quantity(name: str, *extra: Any, method: str = "auto") -> Any:
-        def at_leaf(leaf: Any, p: Any, cache: Any, d: Array) -> Any:
-            return _leaf_quantity(name, leaf, p, cache, d, *extra, method=method)
-
-        return backward_walk(layer, params, cache, delta_out, at_leaf)[0]
+        return walk_quantity(layer, params, cache, delta_out, name, *extra, method=method)
 
     got["per_example_grads"] = quantity("per_example_grads")
     for m in methods:

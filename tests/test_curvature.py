@@ -295,7 +295,9 @@ def test_mutant_bias_column_dropped_from_a_is_caught(monkeypatch: pytest.MonkeyP
     y = _targets(loss, (1, 3), np.random.default_rng(6))
     assert max(_kflr_block_errors(net, loss, params, x, y)) < 1e-12
     kronecker = _curvature._kronecker
-    monkeypatch.setattr(_curvature, "_kronecker", lambda f, bias, scale: kronecker(f, False, scale))
+    monkeypatch.setattr(
+        _curvature, "_kronecker", lambda f, bias, scale, mask: kronecker(f, False, scale, mask)
+    )
     assert min(_kflr_block_errors(net, loss, params, x, y)) > 1e-3
 
 

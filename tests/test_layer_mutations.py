@@ -187,7 +187,8 @@ class GlobalAvgPoolNotDivided(jbp.GlobalAvgPool):
     """Bug: δ broadcast to every position without the 1/T of the mean."""
 
     def backward(self, params, cache, delta_out):
-        return {}, lax.broadcast_in_dim(delta_out, cache, (0, len(cache) - 1))
+        shape = cache[0]
+        return {}, lax.broadcast_in_dim(delta_out, shape, (0, len(shape) - 1))
 
 
 def _layer_norm_delta(layer, params, cache, delta_out, *, mean_term, variance_term):
@@ -248,7 +249,7 @@ class ParallelFirstBranchOnly(jbp.Parallel):
     """Bug: ∂C/∂a from the first branch only (the branches' input δs not summed)."""
 
     def backward_walk(self, params, cache, delta_out, at_leaf):
-        caches, _ = cache
+        caches = cache[0]
         results, _ = super().backward_walk(params, cache, delta_out, at_leaf)
         _, d0 = jbp.layers._base.backward_walk(
             self.branches[0], params[0], caches[0], delta_out, None

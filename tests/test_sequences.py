@@ -150,26 +150,34 @@ def _mutant(replacement: Any) -> type:
 
 
 def _attention_deltas(self, params, cache, delta_out, *, scale=True, mask=True, rowsum=True,
-                      swap=False, heads_mixed=False):  # fmt: skip
-    """Attention's input δs with switches for the classic mistakes."""
+                      swap=False, heads_mixed=False, rope_inverse=True, group_sum=True):  # fmt: skip
+    """Attention's input δs with switches for the classic mistakes (q is
+    ``(batch, T, KV, G, D)``, k and v ``(batch, S, KV, D)``, P ``(batch, KV, T, G, S)``)."""
     _, q, k, v, p, _ = cache
-    d_o = self._split(jax.lax.dot_general(delta_out, params["wo"], (((2,), (1,)), ((), ()))))
+    d_o = self._split(jax.lax.dot_general(delta_out, params["wo"], (((2,), (1,)), ((), ()))), "q")
     d_p = jax.lax.dot_general(d_o, v, _attention._SCORES)
     if not mask:  # the probabilities recomputed without the causal mask
         s = jax.lax.dot_general(q, k, _attention._SCORES) * self._scale
         e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
         p = e / jnp.sum(e, axis=-1, keepdims=True)
-    d_v = _attention._heads_last(jax.lax.dot_general(p, d_o, _attention._BACK_T))
+    # group_sum=False: a key/value head takes the δ of its group's first query head only
+    first_only = (slice(None),) * 3 + (slice(0, 1),)
+    p_kv, d_o_kv = (p, d_o) if group_sum else (p[first_only], d_o[:, :, :, 0:1])
+    d_v = _attention._key_major(jax.lax.dot_general(p_kv, d_o_kv, _attention._BACK_T))
     d_s = p * (d_p - jnp.sum(d_p * p, axis=-1, keepdims=True)) if rowsum else p * d_p
     d_s = d_s * self._scale if scale else d_s
-    first, second = (q, k) if swap else (k, q)
-    d_q = _attention._heads_last(jax.lax.dot_general(d_s, first, _attention._MIX))
-    d_k = _attention._heads_last(jax.lax.dot_general(d_s, second, _attention._BACK_T))
-    shape = delta_out.shape
+    # swap: keys where queries belong and back (one query head per group here)
+    first, second = (q[:, :, :, 0], k[:, :, :, None]) if swap else (k, q)
+    d_q = _attention._query_major(jax.lax.dot_general(d_s, first, _attention._MIX))
+    d_s_kv, second_kv = (d_s, second) if group_sum else (d_s[first_only], second[:, :, :, 0:1])
+    d_k = _attention._key_major(jax.lax.dot_general(d_s_kv, second_kv, _attention._BACK_T))
+    d_q = self._rope(d_q, inverse=rope_inverse)
+    d_k = self._rope(d_k, inverse=rope_inverse)
+    b, t = delta_out.shape[:2]
     if heads_mixed:  # heads merged in the wrong order: (D, heads) instead of (heads, D)
-        merge = lambda t: jnp.swapaxes(t, 2, 3).reshape(shape)  # noqa: E731
+        merge = lambda x: jnp.swapaxes(x.reshape(b, t, -1, self._d), 2, 3).reshape(b, t, -1)  # noqa: E731
     else:
-        merge = lambda t: t.reshape(shape)  # noqa: E731
+        merge = lambda x: x.reshape(b, t, -1)  # noqa: E731
     return merge(d_q), merge(d_k), merge(d_v)
 
 

@@ -14,6 +14,18 @@ of the linearised layer, ``(∂out/∂a)·a_dot + (∂out/∂θ)·params_dot``, 
 forward's cache (``a_dot`` or ``params_dot`` may be None for zero; both None
 gives None). :func:`jbp.ggn_vector_product` needs it of every layer.
 
+What a forward pass needs besides its input travels in one :class:`Context`:
+the batch's padding mask (``(batch, T)``, True at real positions) and the
+dropout key. A layer that uses it says so with the class attribute
+``takes_context = True`` and takes it as a third argument,
+``forward(params, a, context)``; every other layer (any user layer that does not
+declare it) keeps ``forward(params, a)`` and never sees it. Combinators hand
+each child its own context (:meth:`Context.child`: the key folded with the
+child's index, so that two dropout layers draw different masks). A layer whose
+output at one position reads other positions (Conv, pooling, Flatten) and that
+does not take the mask sets ``mixes_positions = True``: a padding mask given to
+a network holding one is an error, not a silent leak of the pads.
+
 Two optional class attributes say how a layer constrains the rank of its
 input: ``in_rank`` (the rank of one example it needs, e.g. 3 for a 2-D
 convolution on ``(height, width, channels)``; ``None``: any) and
@@ -30,8 +42,8 @@ per-example quantities are its children's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +96,73 @@ class Layer:
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         raise NotImplementedError
+
+
+class Context(NamedTuple):
+    """What a forward pass needs besides its input.
+
+    Attributes:
+      mask: the padding mask ``(batch, T)``, boolean, True at real positions (each
+        row a prefix: right padding), or None (every position is real).
+      key: the dropout key (a PRNG key), or None (no dropout: evaluation).
+    """
+
+    mask: Array | None = None
+    key: Array | None = None
+
+    def child(self, index: int) -> Context:
+        """The context of a combinator's ``index``-th child: the key folded with
+        ``index`` (the mask is the batch's, the same for every layer)."""
+        if self.key is None:
+            return self
+        return self._replace(key=jax.random.fold_in(self.key, index))
+
+
+NO_CONTEXT = Context()
+
+
+def takes_context(layer: Any) -> bool:
+    """Whether the layer's forward takes a :class:`Context` (``takes_context = True``)."""
+    return bool(getattr(layer, "takes_context", False))
+
+
+def forward(layer: Any, params: Params, a: Array, context: Context = NO_CONTEXT) -> tuple[Any, Any]:
+    """``layer.forward(params, a, context)`` for a layer that takes a context, else
+    ``layer.forward(params, a)``."""
+    if takes_context(layer):
+        return layer.forward(params, a, context)
+    return layer.forward(params, a)
+
+
+def children(layer: Any) -> tuple[Any, ...]:
+    """A combinator's child layers (Sequential's layers, Residual's block, Parallel's
+    branches, a wrapper's layer); ``()`` for a leaf layer."""
+    for name in ("layers", "branches"):
+        kids = getattr(layer, name, None)
+        if isinstance(kids, tuple):
+            return kids
+    for name in ("block", "layer"):
+        kid = getattr(layer, name, None)
+        if kid is not None and is_layer(kid):
+            return (kid,)
+    return ()
+
+
+def walk_layers(layer: Any, where: str = "net") -> Iterator[tuple[str, Any]]:
+    """``(path, layer)`` for the layer and every layer inside it, depth first
+    (paths such as ``net.layers[1].block.layers[0]``)."""
+    yield where, layer
+    for name in ("layers", "branches"):
+        kids = getattr(layer, name, None)
+        if isinstance(kids, tuple):
+            for i, kid in enumerate(kids):
+                yield from walk_layers(kid, f"{where}.{name}[{i}]")
+            return
+    for name in ("block", "layer"):
+        kid = getattr(layer, name, None)
+        if kid is not None and is_layer(kid):
+            yield from walk_layers(kid, f"{where}.{name}")
+            return
 
 
 def traced_output_shape(layer: Any, in_shape: Shape) -> Shape:

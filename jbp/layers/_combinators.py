@@ -4,7 +4,7 @@
 |---|---|---|---|
 | ``Sequential(layers)`` | children in order | tuple, one per child | children in reverse |
 | ``Residual(block)`` | ``a + block(a)`` | the block's | ``δ_out + block.backward(δ_out)`` |
-| ``Parallel(branches, merge)`` | every branch on the same input, outputs summed or concatenated on the last axis | tuple, one per branch | δ split by the merge, the branches' input δs summed |
+| ``Parallel(branches, merge)`` | every branch on the same input, outputs summed, concatenated on the last axis or multiplied | tuple, one per branch | δ split by the merge (product: δ times the other branch), the branches' input δs summed |
 
 Every combinator's per-example quantities are its children's: each implements
 ``backward_walk`` (see :mod:`jbp.layers._base`), its δ recursion with a
@@ -24,7 +24,9 @@ import jax.tree_util as jtu
 
 from .._checks import check_dtype, check_key
 from ._base import (
+    NO_CONTEXT,
     AtLeaf,
+    Context,
     Params,
     Shape,
     ShapeError,
@@ -33,6 +35,7 @@ from ._base import (
     check_layers,
     check_no_tokens,
     first_rank,
+    forward,
     in_rank,
     keeps_rank,
     output_shape,
@@ -40,6 +43,7 @@ from ._base import (
     tangent,
 )
 from ._dense import Dense
+from ._shared import Tied
 
 Array = jax.Array
 
@@ -81,7 +85,12 @@ class Sequential:
                 )
             fan_out = getattr(layer, "fan_out", None)
             width = fan_out if fan_out is not None else (None if _opaque(layer) else width)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, Tied):
+                _check_tie(layers, i, layer)
         object.__setattr__(self, "layers", layers)
+
+    takes_context = True
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -147,11 +156,23 @@ class Sequential:
             self.output_shape(tuple(in_shape))
         return _split_init(self.layers, key, dtype)
 
-    def forward(self, params: Sequence[Params], a: Array) -> tuple[Array, tuple[Any, ...]]:
-        """Run every layer on a batch; returns the output and the per-layer caches."""
+    def _child(self, params: Sequence[Params], i: int) -> tuple[Any, Params]:
+        """Layer ``i`` and its params (a :class:`Tied` layer: its inner layer, with the
+        source's shared leaves)."""
+        layer, p = self.layers[i], params[i]
+        if isinstance(layer, Tied):
+            return layer.layer, layer.expand(p, params[layer.source])
+        return layer, p
+
+    def forward(
+        self, params: Sequence[Params], a: Array, context: Context = NO_CONTEXT
+    ) -> tuple[Array, tuple[Any, ...]]:
+        """Run every layer on a batch; returns the output and the per-layer caches.
+        Layer ``i`` gets ``context.child(i)`` (if it takes a context)."""
         caches = []
-        for layer, p in zip(self.layers, params, strict=True):
-            a, cache = layer.forward(p, a)
+        for i in range(len(self.layers)):
+            layer, p = self._child(params, i)
+            a, cache = forward(layer, p, a, context.child(i))
             caches.append(cache)
         return a, tuple(caches)
 
@@ -165,7 +186,12 @@ class Sequential:
         results: list[Any] = [None] * len(self.layers)
         delta: Any = delta_out
         for i in reversed(range(len(self.layers))):
-            results[i], delta = backward_walk(self.layers[i], params[i], caches[i], delta, at_leaf)
+            layer, p = self._child(params, i)
+            results[i], delta = backward_walk(layer, p, caches[i], delta, at_leaf)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Tied):
+                src = layer.source
+                results[src], results[i] = _share(at_leaf, layer, results[src], results[i])
         return tuple(results), delta
 
     def backward(
@@ -176,19 +202,71 @@ class Sequential:
 
     def tangent(self, params: Any, caches: Any, a_dot: Any, params_dot: Any) -> Any:
         """The children's tangents in order."""
-        for i, layer in enumerate(self.layers):
-            p_dot = None if params_dot is None else params_dot[i]
-            a_dot = tangent(layer, params[i], caches[i], a_dot, p_dot)
+        for i in range(len(self.layers)):
+            layer, p = self._child(params, i)
+            p_dot = None if params_dot is None else self._child(params_dot, i)[1]
+            a_dot = tangent(layer, p, caches[i], a_dot, p_dot)
         return a_dot
 
-    def apply(self, params: Sequence[Params], x: Array) -> Array:
-        """Network output for a batch ``(batch, *in_shape)`` or one example ``in_shape``."""
-        from .._checks import check_params, check_x
+    def apply(
+        self, params: Sequence[Params], x: Array, *, mask: Any = None, dropout_key: Any = None
+    ) -> Array:
+        """Network output for a batch ``(batch, *in_shape)`` or one example ``in_shape``.
+
+        ``mask``: the padding mask ``(batch, T)`` (True at real positions) of a batch of
+        padded sequences; ``dropout_key``: a PRNG key that switches dropout on (default:
+        off, evaluation).
+        """
+        from .._checks import check_context, check_params, check_x
 
         check_params(self, params)
         x, single = check_x(self, params, x)
-        out, _ = self.forward(params, x)
+        context = check_context(self, x, mask, dropout_key, single)
+        out, _ = self.forward(params, x, context)
         return out[0] if single else out
+
+
+def _check_tie(layers: tuple[Any, ...], i: int, tied: Tied) -> None:
+    """A :class:`Tied` layer at ``layers[i]`` names an earlier layer with leaves of the
+    shapes it needs."""
+    src = tied.source
+    if src >= i:
+        raise ValueError(
+            f"`layers[{i}]` ({tied!r}) shares leaves of `layers[{src}]`, which must come "
+            f"before it (source < {i})"
+        )
+    owner = layers[src]
+    if isinstance(owner, Tied):
+        raise ValueError(f"`layers[{i}]` names `layers[{src}]`, itself a Tied layer, as its source")
+    have = jax.eval_shape(lambda key: owner.init(key, jnp.float32), jax.random.key(0))
+    for name, shape in tied.needed_shapes().items():
+        if not isinstance(have, dict) or name not in have:
+            leaves = sorted(have) if isinstance(have, dict) else have
+            raise ValueError(
+                f"`layers[{i}]` shares leaf {name!r} of `layers[{src}]` ({owner!r}), which has "
+                f"leaves {leaves}"
+            )
+        if tuple(have[name].shape) != shape:
+            raise ValueError(
+                f"`layers[{i}]` ({tied!r}) needs `layers[{src}]`'s {name!r} of shape {shape}"
+                f"{' (transposed)' if tied.transpose else ''}, but it has shape "
+                f"{tuple(have[name].shape)}"
+            )
+
+
+def _share(at_leaf: Any, tied: Tied, owner: Any, user: Any) -> tuple[Any, Any]:
+    """Fold what a walk gave a tied layer for its shared leaves into the owner's entry:
+    gradients added, per-example factors kept side by side, or, for a walk whose
+    ``at_leaf`` has a ``merge(owner, user, tied)``, whatever that returns."""
+    merge = getattr(at_leaf, "merge", None)
+    if merge is not None:
+        return merge(owner, user, tied)
+    if not isinstance(owner, dict) or not isinstance(user, dict):
+        raise TypeError(
+            f"{tied!r} shares leaves with {tied.source}: per-example quantities of a shared leaf "
+            "need grad_factors on both layers (the uses' factors are combined)"
+        )
+    return tied.share(owner, user)
 
 
 def _opaque(layer: Any) -> bool:
@@ -258,8 +336,10 @@ class Residual:
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
         return self.block.init(key, dtype)
 
-    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        out, cache = self.block.forward(params, a)
+    takes_context = True
+
+    def forward(self, params: Params, a: Array, context: Context = NO_CONTEXT) -> tuple[Array, Any]:
+        out, cache = forward(self.block, params, a, context)
         return a + out, cache
 
     def backward_walk(
@@ -276,22 +356,25 @@ class Residual:
         return add_tangents(a_dot, tangent(self.block, params, cache, a_dot, params_dot))
 
 
-_MERGES = ("sum", "concat")
+_MERGES = ("sum", "concat", "product")
 
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
 class Parallel:
-    """Every branch sees the same input; outputs summed or concatenated.
+    """Every branch sees the same input; outputs summed, concatenated or multiplied.
 
     Args:
       branches: a non-empty sequence of layers or combinators.
-      merge: ``"sum"`` (outputs of one shape, added) or ``"concat"`` (outputs
-        concatenated on the last axis; all other axes must agree).
+      merge: ``"sum"`` (outputs of one shape, added), ``"concat"`` (outputs
+        concatenated on the last axis; all other axes must agree) or
+        ``"product"`` (exactly two branches of one output shape, multiplied
+        elementwise: a gate, ``out = a ⊙ b``).
 
     Params: a tuple, one entry per branch. δ rule: each branch gets δ_out
-    (``"sum"``) or its slice of δ_out's last axis (``"concat"``); ``∂C/∂a`` is
-    the sum of the branches' input δs.
+    (``"sum"``), its slice of δ_out's last axis (``"concat"``) or δ_out times
+    the other branch's output (``"product"``: ``δ_a = δ ⊙ b``, ``δ_b = δ ⊙ a``);
+    ``∂C/∂a`` is the sum of the branches' input δs.
     """
 
     branches: tuple[Any, ...]
@@ -301,9 +384,17 @@ class Parallel:
         branches = check_layers(branches, "branches")
         check_no_tokens(branches, "branches")
         if merge not in _MERGES:
-            raise ValueError(f"`merge` must be 'sum' or 'concat', got {merge!r}")
+            raise ValueError(f"`merge` must be 'sum', 'concat' or 'product', got {merge!r}")
+        if merge == "product" and len(branches) != 2:
+            raise ValueError(
+                f"merge='product' multiplies exactly two branches, got {len(branches)}"
+            )
+        if any(isinstance(b, Tied) for b in branches):
+            raise ValueError("a Tied layer shares leaves within a Sequential, not as a branch")
         object.__setattr__(self, "branches", branches)
         object.__setattr__(self, "merge", merge)
+
+    takes_context = True
 
     @property
     def in_rank(self) -> int | None:
@@ -321,9 +412,10 @@ class Parallel:
 
     @property
     def fan_out(self) -> int | None:
-        """Output features: a branch's (``"sum"``) or their total (``"concat"``), when known."""
+        """Output features: a branch's (``"sum"``, ``"product"``) or their total
+        (``"concat"``), when known."""
         widths = [getattr(b, "fan_out", None) for b in self.branches]
-        if self.merge == "sum":
+        if self.merge != "concat":
             return next((w for w in widths if w is not None), None)
         known = [w for w in widths if w is not None]
         return sum(known) if len(known) == len(widths) else None
@@ -337,10 +429,11 @@ class Parallel:
                 raise e.within(f"branches[{j}]") from None
         first = outs[0]
         for j, out in enumerate(outs[1:], start=1):
-            if self.merge == "sum" and out != first:
+            if self.merge != "concat" and out != first:
+                verb = "sums" if self.merge == "sum" else "multiplies"
                 raise ShapeError(
                     self,
-                    f"sums its branches' outputs, but branches[0] gives shape {first} and "
+                    f"{verb} its branches' outputs, but branches[0] gives shape {first} and "
                     f"branches[{j}] gives {out}",
                 )
             if self.merge == "concat" and (len(out) != len(first) or out[:-1] != first[:-1]):
@@ -352,37 +445,48 @@ class Parallel:
                 )
             if self.merge == "concat" and not out:
                 raise ShapeError(self, "cannot concatenate scalar outputs")
-        if self.merge == "sum":
+        if self.merge != "concat":
             return first
         return (*first[:-1], sum(out[-1] for out in outs))
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> tuple[Params, ...]:
         return _split_init(self.branches, key, dtype)
 
-    def forward(self, params: Sequence[Params], a: Array) -> tuple[Array, Any]:
+    def forward(
+        self, params: Sequence[Params], a: Array, context: Context = NO_CONTEXT
+    ) -> tuple[Array, Any]:
+        """Branch ``j`` gets ``context.child(j)``. Cache: the branches' caches, their
+        output widths and (``"product"``) their outputs."""
         outs, caches = [], []
-        for branch, p in zip(self.branches, params, strict=True):
-            out, cache = branch.forward(p, a)
+        for j, (branch, p) in enumerate(zip(self.branches, params, strict=True)):
+            out, cache = forward(branch, p, a, context.child(j))
             outs.append(out)
             caches.append(cache)
         if self.merge == "sum":
             merged = outs[0]
             for out in outs[1:]:
                 merged = merged + out
+        elif self.merge == "product":
+            merged = outs[0] * outs[1]
         else:
             merged = jnp.concatenate(outs, axis=-1)
         widths = tuple(int(out.shape[-1]) for out in outs)
-        return merged, (tuple(caches), widths)
+        return merged, (tuple(caches), widths, tuple(outs) if self.merge == "product" else ())
+
+    def _branch_deltas(self, cache: Any, delta_out: Array) -> list[Array]:
+        _, widths, outs = cache
+        if self.merge == "sum":
+            return [delta_out] * len(self.branches)
+        if self.merge == "product":  # δ_a = δ ⊙ b, δ_b = δ ⊙ a
+            return [delta_out * outs[1], delta_out * outs[0]]
+        starts = [sum(widths[:j]) for j in range(len(widths))]
+        return [delta_out[..., s : s + w] for s, w in zip(starts, widths, strict=True)]
 
     def backward_walk(
         self, params: Sequence[Params], cache: Any, delta_out: Array, at_leaf: AtLeaf | None
     ) -> tuple[tuple[Any, ...], Array]:
-        caches, widths = cache
-        if self.merge == "sum":
-            deltas = [delta_out] * len(self.branches)
-        else:
-            starts = [sum(widths[:j]) for j in range(len(widths))]
-            deltas = [delta_out[..., s : s + w] for s, w in zip(starts, widths, strict=True)]
+        caches = cache[0]
+        deltas = self._branch_deltas(cache, delta_out)
         results, delta_in = [], None
         for branch, p, c, d in zip(self.branches, params, caches, deltas, strict=True):
             result, d_in = backward_walk(branch, p, c, d, at_leaf)
@@ -397,13 +501,17 @@ class Parallel:
         return self.backward_walk(params, cache, delta_out, None)
 
     def tangent(self, params: Any, cache: Any, a_dot: Any, params_dot: Any) -> Any:
-        """The branches' tangents, summed or concatenated (None branches are zero)."""
-        caches, widths = cache
-        outs = [
+        """The branches' tangents, summed, concatenated or (``"product"``) ``ȧ ⊙ b + a ⊙ ḃ``
+        (None branches are zero)."""
+        caches, widths, outs = cache
+        tangents = [
             tangent(branch, p, c, a_dot, None if params_dot is None else params_dot[j])
             for j, (branch, p, c) in enumerate(zip(self.branches, params, caches, strict=True))
         ]
-        known = [o for o in outs if o is not None]
+        if self.merge == "product":
+            first = None if tangents[0] is None else tangents[0] * outs[1]
+            return add_tangents(first, None if tangents[1] is None else outs[0] * tangents[1])
+        known = [o for o in tangents if o is not None]
         if not known:
             return None
         if self.merge == "sum":
@@ -414,7 +522,7 @@ class Parallel:
         lead = known[0].shape[:-1]
         parts = [
             jnp.zeros((*lead, w), known[0].dtype) if o is None else o
-            for o, w in zip(outs, widths, strict=True)
+            for o, w in zip(tangents, widths, strict=True)
         ]
         return jnp.concatenate(parts, axis=-1)
 

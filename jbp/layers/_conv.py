@@ -115,6 +115,8 @@ class Conv(Affine, Factorised, Layer):
                 )
         get_activation(self.activation)
 
+    mixes_positions = True  # a kernel reads neighbouring positions: no padding mask
+
     @property
     def in_rank(self) -> int:  # type: ignore[override]
         return len(self.kernel_size) + 1

@@ -96,11 +96,59 @@ class Gather(NamedTuple):
     rows: int
 
 
+class Sum(NamedTuple):
+    """``g_i = Σ_k g_i^k``: one leaf used in several places (shared weights).
+
+    Attributes:
+      parts: the factors of the uses, each of the leaf's shape (a transposed use
+        already transposed, see :func:`transpose`).
+
+    Its squared norm keeps the cross terms, ``‖Σ_k g^k‖² = Σ_k ‖g^k‖² + 2 Σ_{k<l}
+    ⟨g^k, g^l⟩``, each formed from the two uses' factors by :func:`dot` (no g_i
+    materialised where a Gram form exists).
+    """
+
+    parts: tuple[Any, ...]
+
+
 Factor = Outer | Elementwise | Gather
 
 
 def is_factor(x: Any) -> bool:
+    """A factor of one use (:class:`Outer`, :class:`Elementwise`, :class:`Gather`)."""
     return isinstance(x, (Outer, Elementwise, Gather))
+
+
+def is_leaf_factor(x: Any) -> bool:
+    """What a leaf's quantities are formed from: a factor or a :class:`Sum` of them."""
+    return isinstance(x, (Outer, Elementwise, Gather, Sum))
+
+
+def shared(owner: Any, user: Any) -> Sum:
+    """The factor of a leaf used by its owner and by one more use (a flat :class:`Sum`)."""
+    parts = owner.parts if isinstance(owner, Sum) else (owner,)
+    return Sum((*parts, *(user.parts if isinstance(user, Sum) else (user,))))
+
+
+def _outer_a(f: Outer) -> Array:
+    """The whole ã of an outer factor, ``(batch, T, groups, I)`` (blocks concatenated)."""
+    blocks = f.blocks
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
+
+
+def transpose(f: Any) -> Any:
+    """The factor of ``g_iᵀ`` for a 2-D leaf used transposed (``w = tableᵀ``): an outer
+    factor's two sides swapped; an elementwise (1-D) factor unchanged."""
+    if isinstance(f, Sum):
+        return Sum(tuple(transpose(p) for p in f.parts))
+    if isinstance(f, Elementwise):
+        return f
+    if isinstance(f, Outer) and f.delta.shape[2] == 1 and len(f.shape) == 2:
+        return Outer(f.delta, _outer_a(f), (f.shape[1], f.shape[0]))
+    raise TypeError(
+        f"a {type(f).__name__} factor of shape {getattr(f, 'shape', None)} cannot be used "
+        "transposed: shared leaves used transposed must be 2-D outer-product leaves (Dense w)"
+    )
 
 
 # --- gather: embedding tables ------------------------------------------------
@@ -201,8 +249,10 @@ def _per_example_elementwise(f: Elementwise) -> Array:
     return jnp.sum(f.delta if f.u is None else f.u * f.delta, axis=1)
 
 
-def per_example_grad(f: Factor) -> Array:
+def per_example_grad(f: Any) -> Array:
     """``g_i`` for every example: ``(batch, *shape)``."""
+    if isinstance(f, Sum):
+        return _add([per_example_grad(p) for p in f.parts])
     if isinstance(f, Gather):
         return _gather_per_example(f)
     if isinstance(f, Outer):
@@ -219,8 +269,14 @@ def _add(values: list[Array]) -> Array:
     return sum(values[1:], values[0])
 
 
-def sq_norm(f: Factor, method: str = "auto") -> Array:
+def sq_norm(f: Any, method: str = "auto") -> Array:
     """``‖g_i‖²`` for every example, ``(batch,)``."""
+    if isinstance(f, Sum):
+        terms = [sq_norm(p, method) for p in f.parts]
+        for k, p in enumerate(f.parts):
+            for q in f.parts[k + 1 :]:
+                terms.append(2 * dot(p, q, method))
+        return _add(terms)
     if isinstance(f, Gather):
         return _gather_sq_norm(f, method)
     if isinstance(f, Elementwise):
@@ -237,11 +293,75 @@ def sq_norm(f: Factor, method: str = "auto") -> Array:
     return _sum_rows(lax.dot_general(a, a, grams) * lax.dot_general(f.delta, f.delta, grams))
 
 
+# --- dot products of two factors of one leaf: ⟨g_i, g'_i⟩ per example ------------------
+
+_GRAM = (((3,), (3,)), ((0, 2), (0, 2)))  # (batch, T, G, ·) × (batch, S, G, ·) → (batch, G, T, S)
+
+
+def _gather_rows(f: Gather) -> Array:
+    """The rows a gather factor writes, ``(batch, T)`` (positions ``0..T-1`` for a table
+    of positions)."""
+    if f.tokens is not None:
+        return f.tokens
+    b, t = f.delta.shape[:2]
+    return jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+
+
+def dot_flops(f: Any, g: Any) -> tuple[int, int]:
+    """Approximate flops of ``⟨g_i, g'_i⟩`` for two factors: (Gram form, materialised)."""
+    b = f.delta.shape[0]
+    t, s = f.delta.shape[1], g.delta.shape[1]
+    size = 1
+    for d in (f.shape if not isinstance(f, Gather) else (f.rows, f.delta.shape[-1])):
+        size *= d
+    gram = 2 * b * t * s * (f.delta.shape[-1] + g.delta.shape[-1] + 2)
+    return gram, 2 * b * (t + s) * size
+
+
+def dot(f: Any, g: Any, method: str = "auto") -> Array:
+    """``⟨g_i, g'_i⟩`` for every example, ``(batch,)``, of two factors of one leaf.
+
+    Outer–outer: ``Σ_{t,s} (ã_t·ã'_s)(δ_t·δ'_s)``; gather–gather:
+    ``Σ_{t,s} [row_t = row'_s](δ_t·δ'_s)``; gather–outer (a table of ``rows``
+    against an outer factor with ``ã`` over the rows, as a transposed use gives):
+    ``Σ_{t,s} ã'_s[row_t] (δ_t·δ'_s)``. Each is taken in that Gram form or by
+    materialising both sides, whichever costs fewer flops (``method`` forces one);
+    any other pair is materialised.
+    """
+    if isinstance(f, Sum) or isinstance(g, Sum):
+        fs = f.parts if isinstance(f, Sum) else (f,)
+        gs = g.parts if isinstance(g, Sum) else (g,)
+        return _add([dot(p, q, method) for p in fs for q in gs])
+    if isinstance(g, Gather) and isinstance(f, Outer):
+        f, g = g, f
+    gram, materialise = dot_flops(f, g)
+    use_gram = method == "gram" or (method == "auto" and gram < materialise)
+    if use_gram and isinstance(f, Outer) and isinstance(g, Outer):
+        a, a2 = _outer_a(f), _outer_a(g)
+        return _sum_rows(lax.dot_general(a, a2, _GRAM) * lax.dot_general(f.delta, g.delta, _GRAM))
+    if use_gram and isinstance(f, Gather) and isinstance(g, Gather):
+        r, r2 = _gather_rows(f), _gather_rows(g)
+        same = r[:, :, None] == r2[:, None, :]
+        dots = lax.dot_general(f.delta, g.delta, (((2,), (2,)), ((0,), (0,))))
+        return _sum_rows(jnp.where(same, dots, jnp.zeros_like(dots)))
+    if use_gram and isinstance(f, Gather) and isinstance(g, Outer) and g.delta.shape[2] == 1:
+        a = _outer_a(g)[:, :, 0]  # (batch, S, rows)
+        rows = _gather_rows(f)  # (batch, T)
+        at = jnp.take_along_axis(jnp.swapaxes(a, 1, 2), rows[:, :, None], axis=1)  # (b, T, S)
+        dots = lax.dot_general(f.delta, g.delta[:, :, 0], (((2,), (2,)), ((0,), (0,))))
+        return _sum_rows(at * dots)
+    x, y = per_example_grad(f), per_example_grad(g)
+    return _sum_rows(x * y)
+
+
 _CONTRACT_BATCH = (((0,), (0,)), ((), ()))
 
 
-def sum_sq(f: Factor) -> Array:
+def sum_sq(f: Any) -> Array:
     """``Σ_i g_i²`` elementwise, shaped like the leaf."""
+    if isinstance(f, Sum):  # the square of a sum: its g_i are formed
+        g = per_example_grad(f)
+        return jnp.sum(g * g, axis=0)
     if isinstance(f, Gather):
         return _gather_sum_sq(f)
     if isinstance(f, Elementwise):
@@ -256,7 +376,7 @@ def sum_sq(f: Factor) -> Array:
     return _outer_to_leaf(_concat(parts, 1), f.shape, batched=False)
 
 
-def weighted(f: Factor, c: Array, method: str = "auto") -> Array:
+def weighted(f: Any, c: Array, method: str = "auto") -> Array:
     """``Σ_i c_i g_i`` for weights ``c`` of shape ``(batch,)``, shaped like the leaf.
 
     Where the squared norm of this factor materialises ``g_i`` (``method``
@@ -264,6 +384,8 @@ def weighted(f: Factor, c: Array, method: str = "auto") -> Array:
     cheap contraction after the products XLA shares with the norm's); else it
     is one re-weighted weight-gradient pass, ``ãᵀ(c ⊙ δ)``.
     """
+    if isinstance(f, Sum):
+        return _add([weighted(p, c, method) for p in f.parts])
     if isinstance(f, Gather):
         return _gather_weighted(f, c)
     if isinstance(f, Elementwise):
@@ -287,11 +409,11 @@ def _factors(layer: Any, params: Params, cache: Any, delta_out: Array) -> Any:
 
 
 def _map(fn: Any, factors: Any) -> Any:
-    return jtu.tree_map(fn, factors, is_leaf=is_factor)
+    return jtu.tree_map(fn, factors, is_leaf=is_leaf_factor)
 
 
-def _leaves(factors: Any) -> list[Factor]:
-    return jtu.tree_leaves(factors, is_leaf=is_factor)
+def _leaves(factors: Any) -> list[Any]:
+    return jtu.tree_leaves(factors, is_leaf=is_leaf_factor)
 
 
 class Factorised:

@@ -25,7 +25,7 @@ from jax import lax
 
 from .._checks import check_dtype
 from . import _window as win
-from ._base import Layer, Params, Shape, ShapeError, positive_ints
+from ._base import NO_CONTEXT, Context, Layer, Params, Shape, ShapeError, positive_ints
 from ._conv import example_axes
 
 Array = jax.Array
@@ -37,6 +37,8 @@ class _Pool(Layer):
     window: Any
     stride: Any
     padding: Any
+
+    mixes_positions = True  # a window reads neighbouring positions: no padding mask
 
     def _setup(self) -> None:
         window = positive_ints(self.window, "window")
@@ -191,10 +193,13 @@ class AvgPool(_Pool):
 class GlobalAvgPool(Layer):
     """The mean over every spatial axis: ``(batch, *spatial, C)`` → ``(batch, C)``.
 
-    δ rule: ``∂C/∂a = δ_out / T`` at each of the T spatial positions.
+    δ rule: ``∂C/∂a = δ_out / T`` at each of the T spatial positions. With a
+    padding mask (sequences ``(batch, T, C)``): the mean over each example's n real
+    positions, ``∂C/∂a_t = m_t δ_out / n``.
     """
 
     keeps_rank = False
+    takes_context = True
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
         check_dtype(dtype)
@@ -209,11 +214,19 @@ class GlobalAvgPool(Layer):
             )
         return (in_shape[-1],)
 
-    def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        return jnp.mean(a, axis=tuple(range(1, a.ndim - 1))), a.shape
+    def forward(self, params: Params, a: Array, context: Context = NO_CONTEXT) -> tuple[Array, Any]:
+        """With a padding mask on sequences ``(batch, T, C)``: the mean over each
+        example's real positions (weights ``m_t / n``; the cache holds them)."""
+        mask = context.mask
+        if mask is None or a.ndim != 3:
+            return jnp.mean(a, axis=tuple(range(1, a.ndim - 1))), (a.shape, None)
+        w = mask.astype(a.dtype) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)
+        return jnp.sum(a * w[:, :, None], axis=1), (a.shape, w)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
-        shape = cache
+        shape, w = cache
+        if w is not None:
+            return {}, delta_out[:, None, :] * w[:, :, None]
         t = math.prod(shape[1:-1])
         return {}, lax.broadcast_in_dim(delta_out / t, shape, (0, len(shape) - 1))
 
@@ -221,6 +234,9 @@ class GlobalAvgPool(Layer):
         """The same spatial mean of ``a_dot`` (the layer is linear)."""
         if a_dot is None:
             return None
+        w = cache[1]
+        if w is not None:
+            return jnp.sum(a_dot * w[:, :, None], axis=1)
         return jnp.mean(a_dot, axis=tuple(range(1, a_dot.ndim - 1)))
 
 
@@ -234,6 +250,7 @@ class Flatten(Layer):
     """
 
     keeps_rank = False
+    mixes_positions = True  # positions become features: no padding mask
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
         check_dtype(dtype)
