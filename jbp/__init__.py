@@ -89,10 +89,13 @@ from ._zoo import random_problem as random_problem
 from .layers import Activation as Activation
 from .layers import AvgPool as AvgPool
 from .layers import Conv as Conv
+from .layers import Context as Context
 from .layers import Dense as Dense
+from .layers import Dropout as Dropout
 from .layers import Embedding as Embedding
 from .layers import Flatten as Flatten
 from .layers import GlobalAvgPool as GlobalAvgPool
+from .layers import GroupNorm as GroupNorm
 from .layers import Layer as Layer
 from .layers import LayerNorm as LayerNorm
 from .layers import MaxPool as MaxPool
@@ -103,7 +106,10 @@ from .layers import Residual as Residual
 from .layers import RMSNorm as RMSNorm
 from .layers import Sequential as Sequential
 from .layers import ShapeError as ShapeError
+from .layers import Tied as Tied
+from .layers import llama as llama
 from .layers import mlp as mlp
+from .layers import swiglu as swiglu
 from .layers import transformer as transformer
 
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ float64 ``1e-9``, float32 ``1e-4``, float16/bfloat16 ``1e-2``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -369,6 +370,8 @@ def finite_difference_checks(
     key: jax.Array,
     directions: int = 4,
     h: float = 1e-5,
+    mask: Any = None,
+    dropout_key: Any = None,
 ) -> tuple[FiniteDifferenceCheck, TaylorCheck]:
     """Float64 central differences and the Taylor-remainder test of ``jbp.backprop``.
 
@@ -378,8 +381,9 @@ def finite_difference_checks(
     """
     with jax.enable_x64(True):
         p64, x64, y64 = _to64(params), _to64(x), _to64(y)
-        f = jax.jit(objective(net, loss))
-        g = jax.jit(backprop(net, loss))(p64, x64, y64)
+        kw = {"mask": mask, "dropout_key": dropout_key}
+        f = jax.jit(functools.partial(objective(net, loss), **kw))
+        g = jax.jit(backprop(net, loss))(p64, x64, y64, **kw)
         gnorm = math.sqrt(_dot(g, g))
         c0 = float(f(p64, x64, y64))
         eps = float(np.finfo(np.float64).eps)
@@ -426,6 +430,8 @@ def verify(
     rtol: float | None = None,
     key: jax.Array | None = None,
     directions: int = 4,
+    mask: Any = None,
+    dropout_key: Any = None,
 ) -> Report:
     """Check ``jbp.backprop(net, loss)`` against ``jax.grad(jbp.objective(net, loss))``.
 
@@ -442,6 +448,8 @@ def verify(
       rtol: relative tolerance (default by dtype, see module docs).
       key: PRNG key for the finite-difference directions (default key 0).
       directions: number of finite-difference directions.
+      mask, dropout_key: as for :func:`jbp.backprop` (a padding mask; a dropout
+        key, given to both sides, so that both drop the same values).
 
     Returns:
       A :class:`Report`; ``report.raise_if_failed()`` raises
@@ -466,6 +474,8 @@ def verify(
         rtol=rtol,
         key=key,
         directions=directions,
+        mask=mask,
+        dropout_key=dropout_key,
     )[0]
 
 
@@ -481,12 +491,15 @@ def _verify_with_gradients(
     rtol: float | None = None,
     key: jax.Array | None = None,
     directions: int = 4,
+    mask: Any = None,
+    dropout_key: Any = None,
 ) -> tuple[Report, Any, Any]:
     """:func:`verify`, also returning ``jbp``'s gradient and jax.grad's (for
     :func:`arbitrate`, which then need not compute them again)."""
     net = check_net(net)
     loss = get_loss(loss)
-    g_manual, g_ref = _gradients(net, loss, params, x, y, jit)
+    kw = {"mask": mask, "dropout_key": dropout_key}
+    g_manual, g_ref = _gradients(net, loss, params, x, y, jit, **kw)
     with jax.default_matmul_precision("highest"):
         report = compare(
             g_manual,
@@ -504,6 +517,7 @@ def _verify_with_gradients(
             y,
             key=jax.random.key(0) if key is None else key,
             directions=directions,
+            **kw,
         )
     report = dataclasses.replace(
         report,
@@ -592,12 +606,14 @@ class Arbitration:
         return "\n".join(lines)
 
 
-def _gradients(net: Any, loss: Loss, params: Any, x: Any, y: Any, jit: bool) -> tuple[Any, Any]:
+def _gradients(
+    net: Any, loss: Loss, params: Any, x: Any, y: Any, jit: bool, **kw: Any
+) -> tuple[Any, Any]:
     manual, reference = backprop(net, loss), jax.grad(objective(net, loss))  # reference
     if jit:
         manual, reference = jax.jit(manual), jax.jit(reference)
     with jax.default_matmul_precision("highest"):
-        return manual(params, x, y), reference(params, x, y)
+        return manual(params, x, y, **kw), reference(params, x, y, **kw)
 
 
 def _second_name(dtype: str, jit: bool) -> str:
@@ -607,11 +623,11 @@ def _second_name(dtype: str, jit: bool) -> str:
 
 
 def _second_reference(
-    net: Any, loss: Loss, params: Any, x: Any, y: Any, dtype: str, jit: bool
+    net: Any, loss: Loss, params: Any, x: Any, y: Any, dtype: str, jit: bool, **kw: Any
 ) -> Any:
     """R2: float64 jit(jax.grad) of the upcast problem for a float32 (or lower)
     problem; for float64, jax.grad in the other mode (eager if R1 was jitted)."""
-    grad = jax.grad(objective(net, loss))  # reference
+    grad = functools.partial(jax.grad(objective(net, loss)), **kw)  # reference
     with jax.enable_x64(True), jax.default_matmul_precision("highest"):
         if dtype != "float64":
             return jax.device_get(jax.jit(grad)(_to64(params), _to64(x), _to64(y)))
@@ -631,6 +647,8 @@ def arbitrate(
     second: Any = None,
     jit: bool = True,
     rtol: float | None = None,
+    mask: Any = None,
+    dropout_key: Any = None,
 ) -> Arbitration:
     """Arbitrate a failed gradient check with a second, independent reference.
 
@@ -668,6 +686,7 @@ def arbitrate(
       second: R2, when already at hand (default: computed, if needed).
       jit: whether R1 (and ``jbp``) run under ``jax.jit``.
       rtol: the tolerance (default: the report's, else by dtype).
+      mask, dropout_key: as given to :func:`verify`.
 
     Returns:
       An :class:`Arbitration`: ``"passed"`` (R2 is not computed),
@@ -675,8 +694,9 @@ def arbitrate(
     """
     net = check_net(net)
     loss = get_loss(loss)
+    kw = {"mask": mask, "dropout_key": dropout_key}
     if tested is None or reference is None:
-        g_tested, g_reference = _gradients(net, loss, params, x, y, jit)
+        g_tested, g_reference = _gradients(net, loss, params, x, y, jit, **kw)
         tested = g_tested if tested is None else tested
         reference = g_reference if reference is None else reference
     if rtol is None and report is not None:
@@ -691,7 +711,7 @@ def arbitrate(
     if first.ok and not oracle_failed:
         return Arbitration("passed", (), (r1_name, "not needed"), rtol)
     if second is None:
-        second = _second_reference(net, loss, params, x, y, first.dtype, jit)
+        second = _second_reference(net, loss, params, x, y, first.dtype, jit, **kw)
     names = (r1_name, _second_name(first.dtype, jit))
     trees = [jtu.tree_leaves(jax.device_get(t)) for t in (tested, reference, second)]
     as64 = [[np.asarray(a, np.float64) for a in leaves] for leaves in trees]

@@ -19,7 +19,15 @@ import numpy as np
 from ._checks import check_dtype, check_key
 from ._per_example import walk_quantity
 from ._verify import DEFAULT_RTOL, LeafRow, Report, _precision, compare
-from .layers._base import has_params, output_shape, takes_tokens
+from .layers._base import (
+    NO_CONTEXT,
+    Context,
+    forward,
+    has_params,
+    output_shape,
+    takes_context,
+    takes_tokens,
+)
 from .layers._factors import METHODS
 
 Array = jax.Array
@@ -76,6 +84,7 @@ def check_layer(
     key: Array | None = None,
     batch: int = 3,
     rtol: float | None = None,
+    padded: bool = False,
 ) -> Report:
     """Compare a layer's ``backward`` and per-example rules with autodiff.
 
@@ -90,6 +99,15 @@ def check_layer(
         leaves of rank ≥ 2, N(0, 0.5²) for the rest.
       batch: examples in the random batch.
       rtol: relative tolerance (default by dtype, as :func:`jbp.compare`).
+      padded: for a layer that takes a context on sequences ``(T, ...)``: also a
+        random padding mask (right padding, each example at least one real
+        position). A layer that takes a context always gets a dropout key
+        drawn from ``key``, so a :class:`jbp.Dropout` drops.
+
+    A layer that takes a context is checked per example against the Jacobian of
+    its per-example outputs over the whole batch (``jax.jacrev``: one dropout
+    draw, one mask, for the batch); any other layer against ``vmap`` of
+    ``jax.vjp`` over single examples.
 
     Returns:
       A :class:`jbp.Report` whose rows are named by method and leaf:
@@ -118,13 +136,26 @@ def check_layer(
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
     params = _random_params(layer, dtype, rng)
     if takes_tokens(layer):  # an Embedding: integer tokens in, no input δ out
-        x = jnp.asarray(rng.integers(0, layer.vocab, (batch, *in_shape)), jnp.int32)
+        first = layer
+        while hasattr(first, "layers"):
+            first = first.layers[0]
+        x = jnp.asarray(rng.integers(0, first.vocab, (batch, *in_shape)), jnp.int32)
     else:
         x = jnp.asarray(rng.standard_normal((batch, *in_shape)), dtype)
     delta_out = jnp.asarray(rng.standard_normal((batch, *out_shape)), dtype)
     c = jnp.asarray(rng.uniform(0.5, 1.5, batch), dtype)
+    context = NO_CONTEXT
+    if takes_context(layer):
+        mask = None
+        if padded:
+            if not in_shape:
+                raise ValueError("`padded=True` needs sequences: `in_shape` of rank ≥ 1 (T, ...)")
+            t = in_shape[0]
+            lengths = rng.integers(1, t + 1, batch)
+            mask = jnp.asarray(np.arange(t)[None] < lengths[:, None])
+        context = Context(mask, jax.random.fold_in(key, 1))
     with jax.default_matmul_precision("highest"):
-        rows = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol)
+        rows = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol, context)
         precision = _precision()
     return Report(
         tuple(rows),
@@ -137,14 +168,17 @@ def check_layer(
     )
 
 
-def _reference(layer: Any, params: Any, x: Array, delta_out: Array, c: Array) -> dict[str, Any]:
+def _reference(
+    layer: Any, params: Any, x: Array, delta_out: Array, c: Array, context: Context
+) -> dict[str, Any]:
     """What autodiff says each rule should give: ``jax.vjp`` of ``forward`` for the
-    batch and, for each example alone, ``vmap`` of it."""
+    batch and, for each example, ``vmap`` of it over single examples (a layer that
+    takes a context: ``jax.jacrev`` of the per-example outputs of the batch)."""
     if takes_tokens(layer):
-        _, vjp = jax.vjp(lambda p: layer.forward(p, x)[0], params)  # reference
+        _, vjp = jax.vjp(lambda p: forward(layer, p, x, context)[0], params)  # reference
         ref = {"backward grads": vjp(delta_out)[0]}
     else:
-        _, vjp = jax.vjp(lambda p, a: layer.forward(p, a)[0], params, x)  # reference
+        _, vjp = jax.vjp(lambda p, a: forward(layer, p, a, context)[0], params, x)  # reference
         grads, delta_in = vjp(delta_out)
         ref = {"backward grads": grads, "backward delta_in": delta_in}
     if not has_params(params):
@@ -154,7 +188,14 @@ def _reference(layer: Any, params: Any, x: Array, delta_out: Array, c: Array) ->
         _, vjp = jax.vjp(lambda p: layer.forward(p, a[None])[0], params)  # reference
         return vjp(d[None])[0]
 
-    g = jax.vmap(one)(x, delta_out)
+    def per_example_outputs(p: Any) -> Array:
+        out = forward(layer, p, x, context)[0] * delta_out
+        return jnp.sum(out.reshape(out.shape[0], -1), axis=1)
+
+    if takes_context(layer):
+        g = jax.jacrev(per_example_outputs)(params)  # reference
+    else:
+        g = jax.vmap(one)(x, delta_out)
     sq = _sum_leaves(g)
     return {
         **ref,
@@ -170,10 +211,16 @@ def _norm_label(method: str) -> str:
 
 
 def _manual(
-    layer: Any, params: Any, x: Array, delta_out: Array, c: Array, methods: tuple[str, ...]
+    layer: Any,
+    params: Any,
+    x: Array,
+    delta_out: Array,
+    c: Array,
+    methods: tuple[str, ...],
+    context: Context,
 ) -> dict[str, Any]:
     """What the layer's own rules give, by the same names as :func:`_reference`."""
-    _, cache = layer.forward(params, x)
+    _, cache = forward(layer, params, x, context)
     grads, delta_in = layer.backward(params, cache, delta_out)
     got = {"backward grads": grads, "backward delta_in": delta_in}
     if not has_params(params):
@@ -198,8 +245,9 @@ def _compare_rules(
     c: Array,
     out_shape: tuple[int, ...],
     rtol: Any,
+    context: Context,
 ) -> list[LeafRow]:
-    shape = jax.eval_shape(lambda p, a: layer.forward(p, a)[0], params, x).shape
+    shape = jax.eval_shape(lambda p, a: forward(layer, p, a, context)[0], params, x).shape
     if tuple(shape[1:]) != out_shape:
         return [
             _failed(
@@ -210,10 +258,12 @@ def _compare_rules(
     methods = METHODS if factorised else ("auto",)
     # Fresh closures, compiled anew: a rule edited since the last check is never
     # served from jit's cache.
-    ref = jax.jit(lambda p, a, d, w: _reference(layer, p, a, d, w))(params, x, delta_out, c)
+    ref = jax.jit(lambda p, a, d, w, ctx: _reference(layer, p, a, d, w, ctx))(
+        params, x, delta_out, c, context
+    )
     try:
-        got = jax.jit(lambda p, a, d, w: _manual(layer, p, a, d, w, methods))(
-            params, x, delta_out, c
+        got = jax.jit(lambda p, a, d, w, ctx: _manual(layer, p, a, d, w, methods, ctx))(
+            params, x, delta_out, c, context
         )
     except Exception as e:  # a first draft that crashes is a failed check, not a crash
         return [_failed("backward", f"raised {type(e).__name__}: {e}")]

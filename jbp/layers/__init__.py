@@ -2,17 +2,18 @@
 
 One module per family: ``_dense`` (Dense, Activation), ``_conv`` (Conv),
 ``_pool`` (MaxPool, AvgPool, GlobalAvgPool, Flatten), ``_norm`` (LayerNorm,
-RMSNorm), ``_embedding`` (Embedding, PositionalEmbedding), ``_attention``
-(MultiHeadAttention), ``_combinators`` (Sequential, Residual, Parallel, mlp,
-transformer). The protocol
-is in ``_base``; the per-example quantities, written once per kind of
+RMSNorm, GroupNorm), ``_dropout`` (Dropout), ``_embedding`` (Embedding,
+PositionalEmbedding), ``_attention`` (MultiHeadAttention), ``_combinators``
+(Sequential, Residual, Parallel, mlp), ``_shared`` (Tied: shared weights),
+``_models`` (transformer, swiglu, llama). The protocol and the forward's
+:class:`Context` are in ``_base``; the per-example quantities, written once per kind of
 weight-gradient factorisation (:class:`Outer`, :class:`Elementwise`,
 :class:`Gather`), in
 ``_factors``. Everything public is re-exported by ``jbp``.
 """
 
 from ._attention import MultiHeadAttention as MultiHeadAttention
-from ._attention import transformer as transformer
+from ._base import Context as Context
 from ._base import Layer as Layer
 from ._base import ShapeError as ShapeError
 from ._combinators import Parallel as Parallel
@@ -22,15 +23,22 @@ from ._combinators import mlp as mlp
 from ._conv import Conv as Conv
 from ._dense import Activation as Activation
 from ._dense import Dense as Dense
+from ._dropout import Dropout as Dropout
 from ._embedding import Embedding as Embedding
 from ._embedding import PositionalEmbedding as PositionalEmbedding
 from ._factors import Elementwise as Elementwise
 from ._factors import Factorised as Factorised
 from ._factors import Gather as Gather
 from ._factors import Outer as Outer
+from ._factors import Sum as Sum
+from ._models import llama as llama
+from ._models import swiglu as swiglu
+from ._models import transformer as transformer
+from ._norm import GroupNorm as GroupNorm
 from ._norm import LayerNorm as LayerNorm
 from ._norm import RMSNorm as RMSNorm
 from ._pool import AvgPool as AvgPool
 from ._pool import Flatten as Flatten
 from ._pool import GlobalAvgPool as GlobalAvgPool
 from ._pool import MaxPool as MaxPool
+from ._shared import Tied as Tied

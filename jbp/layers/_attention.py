@@ -1,4 +1,4 @@
-"""Multi-head self-attention with its backward written out, and the transformer.
+"""Multi-head self-attention with its backward written out: grouped-query, RoPE, padding.
 
 On ``a`` of shape ``(batch, T, F)`` with H query heads of width ``D = F / H``
 and KV key/value heads, each shared by the ``G = H / KV`` query heads of its
@@ -60,11 +60,8 @@ from ._base import (
     last_axis,
     positive_int,
 )
-from ._combinators import Residual, Sequential
-from ._dense import Dense, contract_last, contract_leading
-from ._embedding import Embedding, PositionalEmbedding
+from ._dense import contract_last, contract_leading
 from ._factors import Elementwise, Factorised, Outer
-from ._norm import LayerNorm
 
 Array = jax.Array
 
@@ -327,49 +324,3 @@ class MultiHeadAttention(Factorised, Layer):
             if self.bias:
                 factors[f"b{n}"] = Elementwise(None, d4[:, :, 0], (width,))
         return factors
-
-
-def transformer(
-    vocab: int,
-    length: int,
-    features: int,
-    heads: int,
-    depth: int,
-    *,
-    mlp_ratio: int = 4,
-    activation: str = "gelu",
-    causal: bool = True,
-) -> Sequential:
-    """A pre-LN decoder built from public layers and combinators only.
-
-    ``Embedding(vocab, features)``, ``PositionalEmbedding(length, features)``,
-    then ``depth`` × [``Residual(Sequential([LayerNorm, MultiHeadAttention]))``,
-    ``Residual(Sequential([LayerNorm, Dense(features → mlp_ratio·features,
-    activation), Dense(→ features)]))``], then ``LayerNorm`` and
-    ``Dense(features → vocab)``: integer tokens ``(batch, T)``, ``T ≤ length``,
-    to logits ``(batch, T, vocab)``.
-
-    Example:
-      >>> import jbp
-      >>> net = jbp.transformer(vocab=16, length=8, features=12, heads=3, depth=2)
-      >>> net.output_shape((8,))
-      (8, 16)
-    """
-    positive_int(depth, "depth")
-    positive_int(mlp_ratio, "mlp_ratio")
-    hidden = mlp_ratio * features
-    blocks: list[Any] = []
-    for _ in range(depth):
-        attention = MultiHeadAttention(features, heads, causal=causal)
-        blocks.append(Residual(Sequential([LayerNorm(features), attention])))
-        mlp = [LayerNorm(features), Dense(features, hidden, activation), Dense(hidden, features)]
-        blocks.append(Residual(Sequential(mlp)))
-    return Sequential(
-        [
-            Embedding(vocab, features),
-            PositionalEmbedding(length, features),
-            *blocks,
-            LayerNorm(features),
-            Dense(features, vocab),
-        ]
-    )

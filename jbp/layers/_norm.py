@@ -12,11 +12,16 @@ The ``mean(g)`` term comes from μ and the ``x̂ ⊙ mean(g ⊙ x̂)`` term from
 dropping either is the classic bug. Per example, ``g_i(scale) = Σ_t x̂_it ⊙
 δ_it`` and ``g_i(bias) = Σ_t δ_it``: elementwise factors.
 
+- GroupNorm (channels last): per example, the mean and biased variance over
+  all of its positions and the ``features // groups`` channels of a group, the
+  same rule with means over a group; with a padding mask, statistics over the
+  real positions only (a padded input moves none of them).
+
 BatchNorm is not here on purpose: its statistics mix the examples of a batch,
 so an example's gradient is not a function of that example alone and
 per-example gradients (the point of jbp's per-example analysis) are undefined.
-Dropout is left out too: it needs a random key in the forward pass, which the
-layer protocol does not carry.
+GroupNorm, whose statistics stay inside one example, is what DP-trained CNNs
+use in its place.
 """
 
 from __future__ import annotations
@@ -30,7 +35,17 @@ import jax.tree_util as jtu
 from jax import lax
 
 from .._checks import check_dtype, check_key
-from ._base import Layer, Params, Shape, ShapeError, add_tangents, last_axis, positive_int
+from ._base import (
+    NO_CONTEXT,
+    Context,
+    Layer,
+    Params,
+    Shape,
+    ShapeError,
+    add_tangents,
+    last_axis,
+    positive_int,
+)
 from ._factors import Elementwise, Factorised
 
 Array = jax.Array
@@ -209,3 +224,105 @@ class RMSNorm(_Norm):
         """``r·(ȧ − x̂ ⊙ mean(x̂ ⊙ ȧ))`` (the δ rule's operator: it is symmetric)."""
         xhat, r = cache
         return r * (a_dot - xhat * jnp.mean(a_dot * xhat, axis=-1, keepdims=True))
+
+
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class GroupNorm(_Norm):
+    """Group normalisation, channels last: ``(batch, *positions, features)``.
+
+    Args:
+      groups: the number of channel groups; must divide ``features``.
+      features: the size of the last (channel) axis.
+      eps: added to the (biased) variance.
+
+    Per example and group: ``μ``, ``v`` over every position and the
+    ``features // groups`` channels of the group, ``x̂ = (a − μ)/√(v + eps)``,
+    ``out = x̂ ⊙ scale + bias``. δ rule: ``∂C/∂a = r·(g − mean(g) − x̂ ⊙ mean(g ⊙
+    x̂))`` with ``g = δ ⊙ scale`` and means over the group. With a padding mask
+    on sequences ``(batch, T, features)`` the statistics run over the real
+    positions only (n of them): ``∂C/∂a = r·(g − w·Σg/n − w·x̂·Σ(g ⊙ x̂)/n)``,
+    w = 1 at real positions and 0 at padded ones (which move no statistic).
+
+    Params: ``{"scale": (features,), "bias": (features,)}``, init 1 and 0.
+    """
+
+    groups: int
+    features: int
+    eps: float = dataclasses.field(default=1e-5, kw_only=True)
+
+    takes_context = True
+
+    def __post_init__(self) -> None:
+        positive_int(self.groups, "groups")
+        positive_int(self.features, "features")
+        _check_eps(self.eps)
+        if self.features % self.groups:
+            raise ValueError(
+                f"`features`={self.features} is not divisible by `groups`={self.groups}: groups "
+                "split the channels evenly"
+            )
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        dtype = check_dtype(dtype)
+        check_key(key)
+        return {
+            "scale": jnp.ones((self.features,), dtype),
+            "bias": jnp.zeros((self.features,), dtype),
+        }
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if len(in_shape) < 2:
+            raise ShapeError(
+                self,
+                f"normalises over positions and channels, so it expects examples (*positions, "
+                f"{self.features}) of rank ≥ 2, got shape {tuple(in_shape)}",
+            )
+        return super().output_shape(in_shape)
+
+    def _grouped(self, x: Array) -> Array:
+        """``(batch, *positions, F)`` → ``(batch, N, groups, F / groups)``."""
+        return x.reshape(x.shape[0], -1, self.groups, self.features // self.groups)
+
+    def _mean(self, x: Array, w: Array | None, weighted: bool = True) -> Array:
+        """``Σ x / n`` over a group, ``(batch, 1, groups, 1)``, with n the group's real
+        elements; the sum over real elements only (``weighted``) or over all of them."""
+        if w is None:
+            return jnp.mean(x, axis=(1, 3), keepdims=True)
+        n = jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1) * x.shape[3]
+        return jnp.sum(x * w if weighted else x, axis=(1, 3), keepdims=True) / n
+
+    def forward(self, params: Params, a: Array, context: Context = NO_CONTEXT) -> tuple[Array, Any]:
+        x = self._grouped(a)
+        mask = context.mask
+        w = None
+        if mask is not None and a.ndim == 3:  # sequences: statistics of real positions only
+            w = mask.astype(a.dtype)[:, :, None, None]
+        mu = self._mean(x, w)
+        centred = x - mu
+        r = lax.rsqrt(self._mean(centred * centred, w) + self.eps)
+        xhat = (centred * r).reshape(a.shape)
+        out = xhat * last_axis(params["scale"], a.ndim) + last_axis(params["bias"], a.ndim)
+        return out, (xhat, r, w)
+
+    def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
+        """``r·(g − w·Σg/n − w·x̂·Σ(g x̂)/n)``: every output (padded ones too) reads the
+        statistics, which only real inputs (w = 1) move."""
+        xhat, r, w = cache
+        grads = {"scale": _sum_leading(delta_out * xhat), "bias": _sum_leading(delta_out)}
+        g = self._grouped(delta_out * last_axis(params["scale"], delta_out.ndim))
+        xg = self._grouped(xhat)
+        mean_g = self._mean(g, w, weighted=False)
+        mean_gx = self._mean(g * xg, w, weighted=False)
+        if w is None:
+            delta = r * (g - mean_g - xg * mean_gx)
+        else:
+            delta = r * (g - w * (mean_g + xg * mean_gx))
+        return grads, delta.reshape(delta_out.shape)
+
+    def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
+        """``r·(ȧ − mean(ȧ) − x̂ ⊙ mean(x̂ ⊙ ȧ))``, means over each group's real elements."""
+        xhat, r, w = cache
+        ad, xg = self._grouped(a_dot), self._grouped(xhat)
+        out = r * (ad - self._mean(ad, w) - xg * self._mean(ad * xg, w))
+        return out.reshape(a_dot.shape)
