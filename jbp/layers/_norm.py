@@ -4,7 +4,10 @@ With F features, ``r = 1/√(v + eps)`` and the normalised ``x̂``:
 
 - LayerNorm: ``μ = mean(a)``, ``v = mean((a − μ)²)`` (biased), ``x̂ = (a − μ)·r``,
   ``out = x̂ ⊙ scale + bias``;
-  ``∂C/∂a = r·(g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`` with ``g = δ_out ⊙ scale``.
+  ``∂C/∂a = r·(g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`` with ``g = δ_out ⊙ scale``,
+  computed as ``d = r·(g − x̂ ⊙ mean(g ⊙ x̂))``, then ``d − mean(d)`` (the same in
+  exact arithmetic; in float32 as accurate as autodiff where the normalisation
+  is ill-conditioned, x̂ nearly ±1, where the one-line formula cancels worse).
 - RMSNorm: ``v = mean(a²)``, ``x̂ = a·r``, ``out = x̂ ⊙ scale``;
   ``∂C/∂a = r·(g − x̂ ⊙ mean(g ⊙ x̂))``.
 
@@ -172,9 +175,12 @@ class LayerNorm(_Norm):
             g = delta_out * last_axis(params["scale"], delta_out.ndim)
         if self.bias:
             grads["bias"] = _sum_leading(delta_out)
-        mean_g = jnp.mean(g, axis=-1, keepdims=True)
-        mean_gx = jnp.mean(g * xhat, axis=-1, keepdims=True)
-        return grads, r * (g - mean_g - xhat * mean_gx)
+        # The variance term first, then the mean: r·(g − x̂·mean(g ⊙ x̂)), centred. Equal
+        # in exact arithmetic to r·(g − mean(g) − x̂·mean(g ⊙ x̂)), but as accurate as
+        # autodiff in float32 when the normalisation is ill-conditioned (x̂ nearly ±1,
+        # e.g. 2 features), where that one formula cancels 3-5x worse.
+        d_centred = r * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+        return grads, d_centred - jnp.mean(d_centred, axis=-1, keepdims=True)
 
     def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
         """``r·(ȧ − mean(ȧ) − x̂ ⊙ mean(x̂ ⊙ ȧ))`` (the δ rule's operator: it is symmetric)."""
@@ -312,12 +318,12 @@ class GroupNorm(_Norm):
         grads = {"scale": _sum_leading(delta_out * xhat), "bias": _sum_leading(delta_out)}
         g = self._grouped(delta_out * last_axis(params["scale"], delta_out.ndim))
         xg = self._grouped(xhat)
-        mean_g = self._mean(g, w, weighted=False)
+        # As LayerNorm's: the variance term, then the mean (the order autodiff's
+        # accuracy needs where the normalisation is ill-conditioned).
         mean_gx = self._mean(g * xg, w, weighted=False)
-        if w is None:
-            delta = r * (g - mean_g - xg * mean_gx)
-        else:
-            delta = r * (g - w * (mean_g + xg * mean_gx))
+        d_centred = r * (g - (xg if w is None else w * xg) * mean_gx)
+        mean_d = self._mean(d_centred, w, weighted=False)
+        delta = d_centred - (mean_d if w is None else w * mean_d)
         return grads, delta.reshape(delta_out.shape)
 
     def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
