@@ -25,8 +25,11 @@ from .layers import (
     AvgPool,
     Conv,
     Dense,
+    Dropout,
+    Embedding,
     Flatten,
     GlobalAvgPool,
+    GroupNorm,
     LayerNorm,
     MaxPool,
     MultiHeadAttention,
@@ -36,10 +39,13 @@ from .layers import (
     RMSNorm,
     Sequential,
     ShapeError,
+    Tied,
+    llama,
+    swiglu,
     transformer,
 )
 
-FAMILIES = ("mlp", "cnn", "resnet", "transformer")
+FAMILIES = ("mlp", "cnn", "resnet", "transformer", "llama")
 
 
 class Architecture(NamedTuple):
@@ -417,3 +423,93 @@ def sequence_family(
         pick, max_blocks=max_blocks, max_width=max_width, activations=activations,
         fan_out=fan_out,
     )  # fmt: skip
+
+
+def llama_family(
+    pick: Picker, *, max_blocks: int, max_width: int, activations: Sequence[str],
+    max_length: int = 6,
+) -> Architecture:  # fmt: skip
+    """The ``"llama"`` family: the networks people train today, on integer tokens.
+
+    With odds 1/4 a :func:`jbp.llama` itself; otherwise a decoder or encoder
+    (causal or not) of 1 to ``max_blocks`` pairs of pre-normed residual blocks:
+    attention with 1 to 3 query heads, ``kv_heads`` drawn among the divisors of
+    ``heads`` (grouped-query, multi-query), rotary positions or learned ones,
+    bias or not; then a SwiGLU gate (``Parallel(..., merge="product")``) or a
+    Dense MLP. Norms: RMSNorm, LayerNorm or GroupNorm throughout; Dropout after
+    the blocks in some networks; the output projection tied to the embedding
+    (:class:`jbp.Tied`) or its own. Vocabulary 2 to ``max_width``, sequences of 1
+    to ``max_length`` tokens, at least 3 features (see :func:`_norm`).
+    """
+    vocab = pick.integer(2, max(2, max_width))
+    heads = pick.integer(1, 3)
+    kv_heads = pick.choice(_divisors(heads))
+    rope = pick.chance(0.5)
+    if rope:
+        width = pick.choice((2, 4))
+        width = 4 if heads * width < 3 else width
+    else:
+        width = pick.integer(-(-3 // heads), 3)
+    features = heads * width
+    depth = pick.integer(1, max_blocks)
+    t = pick.integer(1, max_length)
+    tie = pick.chance(0.5)
+    if pick.chance(0.25) and rope:
+        hidden = pick.integer(1, max(1, max_width))
+        net = llama(
+            vocab, features, heads, depth, kv_heads=kv_heads, hidden=hidden, rope_theta=10.0,
+            tie_embeddings=tie,
+        )  # fmt: skip
+        return Architecture(net, (t,), vocab)
+    norm_kind = pick.choice(("rms", "layer", "group"))
+    # at least 3 channels a group: a group of one or two numbers is degenerate (see _norm)
+    groups = pick.choice([g for g in _divisors(features) if features // g >= 3])
+
+    def norm() -> Any:
+        if norm_kind == "rms":
+            return RMSNorm(features)
+        if norm_kind == "layer":
+            return LayerNorm(features)
+        return GroupNorm(groups, features)
+
+    dropout = Dropout(pick.choice((0.1, 0.5))) if pick.chance(0.3) else None
+    causal = pick.chance(0.5)
+    layers: list[Any] = [Embedding(vocab, features)]
+    if not rope:
+        layers.append(PositionalEmbedding(t + pick.integer(0, 2), features))
+    for _ in range(depth):
+        attention = MultiHeadAttention(
+            features, heads, kv_heads=kv_heads, causal=causal, bias=pick.chance(0.3),
+            rope_theta=10.0 if rope else None,
+        )  # fmt: skip
+        block = [norm(), attention] + ([dropout] if dropout else [])
+        layers.append(Residual(Sequential(block)))
+        hidden = pick.integer(1, max(1, max_width))
+        if pick.chance(0.6):
+            mlp: list[Any] = [swiglu(features, hidden)]
+        else:
+            mlp = [Dense(features, hidden, pick.choice(activations)), Dense(hidden, features)]
+        layers.append(Residual(Sequential([norm(), *mlp] + ([dropout] if dropout else []))))
+    layers.append(norm())
+    if tie:
+        out = Dense(features, vocab, bias=False)
+        layers.append(Tied(out, source=0, leaves={"w": "table"}, transpose=True))
+    else:
+        layers.append(Dense(features, vocab, bias=pick.chance(0.5)))
+    return Architecture(Sequential(layers), (t,), vocab)
+
+
+def has_dropout(net: Any) -> bool:
+    """Whether a network holds a :class:`jbp.Dropout` anywhere."""
+    from .layers._base import walk_layers
+
+    return any(isinstance(layer, Dropout) for _, layer in walk_layers(net))
+
+
+def padding(pick: Picker, batch: int, length: int) -> list[int]:
+    """Real lengths of a padded batch: each in ``[1, length]``, now and then 0 (an
+    example that is all padding)."""
+    return [
+        pick.integer(0, length) if pick.chance(0.1) else pick.integer(1, length)
+        for _ in range(batch)
+    ]

@@ -17,14 +17,25 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._activations import activation_names
-from ._architectures import FAMILIES, NumpyPicker, cnn, resnet, sequence_family
+from ._architectures import (
+    FAMILIES,
+    NumpyPicker,
+    cnn,
+    has_dropout,
+    llama_family,
+    padding,
+    resnet,
+    sequence_family,
+)
 from ._losses import loss_names
 from .layers import (
     Activation,
     AvgPool,
     Conv,
     Dense,
+    Dropout,
     Embedding,
+    GroupNorm,
     LayerNorm,
     MaxPool,
     MultiHeadAttention,
@@ -33,6 +44,7 @@ from .layers import (
     Residual,
     RMSNorm,
     Sequential,
+    Tied,
 )
 from .layers._dense import HE_ACTIVATIONS as _HE_ACTIVATIONS
 
@@ -41,6 +53,8 @@ SINGLE_EXAMPLE_P = 0.125  # chance that x is one example (fan_in,) instead of a 
 ACTIVATION_LAYER_P = 0.25  # chance of a parameterless Activation layer in each gap
 MAX_BATCH = 32
 MAX_BATCH_IMAGES = 8  # conv and residual problems: small batches keep a sweep fast
+PADDED_P = 0.75  # chance that a llama-family batch is padded (a mask, labels -1 there)
+NO_TARGET_P = 0.15  # chance of the label -1 ("no target") at a real position
 
 
 class Problem(NamedTuple):
@@ -55,6 +69,8 @@ class Problem(NamedTuple):
         ``(batch,)`` / ``()`` for ``softmax_xent``.
       description: one line naming dtype, loss, batch, targets and layers,
         e.g. ``"float32 half_sse batch=4: x(3) → Dense(3→2, tanh, b) → sin"``.
+      mask: the padding mask ``(batch, T)`` of a padded batch, or None.
+      dropout_key: the dropout key of a network with :class:`jbp.Dropout`, or None.
     """
 
     net: Sequential
@@ -63,11 +79,18 @@ class Problem(NamedTuple):
     x: jax.Array
     y: jax.Array
     description: str
+    mask: jax.Array | None = None
+    dropout_key: jax.Array | None = None
 
     @property
     def n_params(self) -> int:
         """The number of scalar parameters (see :func:`n_params`)."""
         return n_params(self.params)
+
+    @property
+    def keywords(self) -> dict[str, Any]:
+        """``mask`` and ``dropout_key``, for every function of ``(params, x, y)``."""
+        return {"mask": self.mask, "dropout_key": self.dropout_key}
 
 
 def n_params(params: Any) -> int:
@@ -107,9 +130,19 @@ def _layer(layer: Any) -> str:
         return f"Parallel-{layer.merge}[" + " | ".join(_layer(b) for b in layer.branches) + "]"
     if isinstance(layer, (LayerNorm, RMSNorm)):
         return f"{type(layer).__name__}({layer.features})"
+    if isinstance(layer, GroupNorm):
+        return f"GroupNorm({layer.groups}×{layer.features // layer.groups})"
+    if isinstance(layer, Dropout):
+        return f"Dropout({layer.rate})"
+    if isinstance(layer, Tied):
+        return f"Tied[{_layer(layer.layer)} ← layers[{layer.source}]{'ᵀ' if layer.transpose else ''}]"
     if isinstance(layer, MultiHeadAttention):
         flags = ", causal" if layer.causal else ""
         flags += "" if layer.bias else ", no bias"
+        if layer.kv_heads is not None and layer.kv_heads != layer.heads:
+            flags += f", {layer.kv_heads} kv"
+        if layer.rope_theta is not None:
+            flags += ", rope"
         return f"MHA({layer.features}, {layer.heads} heads{flags})"
     if isinstance(layer, Embedding):
         return f"Embedding({layer.vocab}→{layer.features})"
@@ -249,7 +282,11 @@ def random_problem(
       activation_layers: whether to insert parameterless Activation layers.
       activations: the activation names to draw from (default every
         registered name, ``jbp.activation_names()``).
-      arch: the family, ``"mlp"``, ``"cnn"``, ``"resnet"`` or ``"transformer"``.
+      arch: the family, ``"mlp"``, ``"cnn"``, ``"resnet"``, ``"transformer"`` or
+        ``"llama"`` (modern decoders and encoders: RoPE, grouped-query attention,
+        SwiGLU gates, tied embeddings, GroupNorm, dropout; with odds 3/4 a padded
+        batch with its ``mask`` and labels -1 at padded positions, and a
+        ``dropout_key`` for a network with dropout: pass ``problem.keywords``).
       params_from_init: take params from ``net.init(jax.random.key(seed))``
         with zero biases perturbed by N(0, 0.5²), instead of drawing the same
         distributions with numpy (the default: ``jax.random`` compiles a kernel
@@ -308,11 +345,15 @@ def random_problem(
                 pick, max_blocks=max_depth, max_width=max_width, activations=names,
                 fan_out=fan_out,
             )  # fmt: skip
-        else:
+        elif arch == "transformer":
             net, in_shape, vocab = sequence_family(
                 pick, max_blocks=max_depth, max_width=max_width, activations=names,
                 fan_out=fan_out,
             )  # fmt: skip
+        else:
+            net, in_shape, vocab = llama_family(
+                pick, max_blocks=max_depth, max_width=max_width, activations=names
+            )
         max_batch = MAX_BATCH_IMAGES
 
     single = rng.random() < SINGLE_EXAMPLE_P
@@ -329,8 +370,30 @@ def random_problem(
     out_shape = net.output_shape(in_shape)
     y, kind = _targets(loss, rng, out_shape if single else (batch, *out_shape), dtype)
     shape = "single example" if single else f"batch={batch}"
-    description = f"{jnp.dtype(dtype).name} {loss} {shape}, {kind}: {describe(net, in_shape)}"
-    return Problem(net, loss, params, x, y, description)
+    mask = dropout_key = None
+    extra = ""
+    if arch == "llama":  # padded batches, labels -1, dropout
+        rows = 1 if single else batch
+        if rng.random() < PADDED_P:
+            lengths = padding(NumpyPicker(rng), rows, in_shape[0])
+            m = np.arange(in_shape[0])[None] < np.asarray(lengths)[:, None]
+            mask = jax.device_put(m[0] if single else m)
+            extra += f", padded to {in_shape[0]} (lengths {lengths})"
+        if kind == "integer labels":
+            labels = np.asarray(y).copy()
+            none = rng.random(labels.shape) < NO_TARGET_P
+            if mask is not None:
+                none |= ~np.asarray(mask)
+            labels[none] = -1
+            y = _array(labels, np.int32)
+            extra += ", labels -1 where no target"
+        if has_dropout(net):
+            dropout_key = jax.random.key(int(rng.integers(2**31)))
+            extra += ", dropout on"
+    description = (
+        f"{jnp.dtype(dtype).name} {loss} {shape}, {kind}{extra}: {describe(net, in_shape)}"
+    )
+    return Problem(net, loss, params, x, y, description, mask, dropout_key)
 
 
 def _mlp(

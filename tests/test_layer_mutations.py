@@ -192,7 +192,7 @@ class GlobalAvgPoolNotDivided(jbp.GlobalAvgPool):
 
 
 def _layer_norm_delta(layer, params, cache, delta_out, *, mean_term, variance_term):
-    xhat, r = cache
+    xhat, r = cache[:2]
     g = delta_out * params["scale"].reshape((1,) * (delta_out.ndim - 1) + (-1,))
     grads = {
         "scale": jnp.sum(delta_out * xhat, axis=tuple(range(xhat.ndim - 1))),
@@ -232,7 +232,7 @@ class RMSNormWithoutVariance(jbp.RMSNorm):
 
     def backward(self, params, cache, delta_out):
         grads, _ = super().backward(params, cache, delta_out)
-        xhat, r = cache
+        xhat, r = cache[:2]
         return grads, r * delta_out * params["scale"].reshape((1,) * (xhat.ndim - 1) + (-1,))
 
 

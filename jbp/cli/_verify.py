@@ -22,10 +22,10 @@ from .._verify import Arbitration, _verify_with_gradients, arbitrate
 from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
 DEFAULT_COUNT = 100
-ARCHS = ("mlp", "cnn", "resnet", "transformer")
+ARCHS = ("mlp", "cnn", "resnet", "transformer", "llama")
 # Default (max depth, max width) per family: Dense layers and widths for mlp,
 # blocks and channels (or widths) for cnn and resnet.
-LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8), "transformer": (2, 8)}
+LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8), "transformer": (2, 8), "llama": (2, 8)}
 PASSED, LIMITED, FAILED = "passed", "reference-limited", "failed"
 
 
@@ -37,8 +37,11 @@ cnn (1-D and 2-D convolutions with random kernels, strides, paddings,
 dilations and groups, pooling, norm layers, and a Flatten, global-pooling or
 feature-map head), resnet (residual and Parallel sum/concat blocks on vectors
 or images), transformer (jbp.transformer on integer tokens, or stacks of
-attention, Dense and LayerNorm blocks on continuous sequences); all (the
-default) takes them in turn. Problem i of a seed is the
+attention, Dense and LayerNorm blocks on continuous sequences), llama (jbp.llama
+and modern decoders and encoders: rotary positions, grouped-query attention,
+SwiGLU gates, tied embeddings, GroupNorm, dropout; most batches padded, with a
+padding mask and labels -1 where there is no target); all (the default) takes
+them in turn. Problem i of a seed is the
 same architecture for every dtype: jbp.random_problem(
 np.random.default_rng((seed, i)), dtype=..., arch=..., ...).
 
@@ -102,7 +105,7 @@ def add_verify(subparsers: Any) -> None:
         "--arch",
         choices=(*ARCHS, "all"),
         default="all",
-        help="architecture family (default all: mlp, cnn, resnet and transformer in turn)",
+        help="architecture family (default all: mlp, cnn, resnet, transformer and llama in turn)",
     )
     p.add_argument(
         "--min-depth",
@@ -273,12 +276,13 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
         activations=args.activations,
     )
     problem_args = (problem.net, problem.loss, problem.params, problem.x, problem.y)
+    kw = problem.keywords  # the padding mask and dropout key, if any
     start = time.perf_counter()
     report, error = None, ""
     tested = reference = None
     try:
         report, tested, reference = _verify_with_gradients(
-            *problem_args, finite_differences=args.finite_differences, jit=args.jit
+            *problem_args, finite_differences=args.finite_differences, jit=args.jit, **kw
         )
     except Exception as e:  # a crash on one problem is a failure to report, not a CLI crash
         error = "verification raised:\n" + _exception(e)
@@ -286,14 +290,14 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
     if report is not None and not report.ok:
         try:
             arbitration = arbitrate(
-                *problem_args, report, tested=tested, reference=reference, jit=args.jit
+                *problem_args, report, tested=tested, reference=reference, jit=args.jit, **kw
             )
         except Exception as e:  # unarbitrated, the problem stays failed
             error = "arbitration raised:\n" + _exception(e)
     curvature, curvature_error = None, ""
     if args.curvature:
         try:
-            curvature = jbp.check_curvature(*problem_args)
+            curvature = jbp.check_curvature(*problem_args, **kw)
         except Exception as e:
             curvature_error = "curvature check raised:\n" + _exception(e)
     return _Outcome(
