@@ -427,7 +427,7 @@ def sequence_family(
 
 def llama_family(
     pick: Picker, *, max_blocks: int, max_width: int, activations: Sequence[str],
-    max_length: int = 6,
+    max_length: int = 6, causal: bool | None = None,
 ) -> Architecture:  # fmt: skip
     """The ``"llama"`` family: the networks people train today, on integer tokens.
 
@@ -440,6 +440,7 @@ def llama_family(
     the blocks in some networks; the output projection tied to the embedding
     (:class:`jbp.Tied`) or its own. Vocabulary 2 to ``max_width``, sequences of 1
     to ``max_length`` tokens, at least 3 features (see :func:`_norm`).
+    ``causal``: only decoders (True), only encoders (False), or either (None).
     """
     vocab = pick.integer(2, max(2, max_width))
     heads = pick.integer(1, 3)
@@ -454,7 +455,7 @@ def llama_family(
     depth = pick.integer(1, max_blocks)
     t = pick.integer(1, max_length)
     tie = pick.chance(0.5)
-    if pick.chance(0.25) and rope:
+    if pick.chance(0.25) and rope and causal is not False:
         hidden = pick.integer(1, max(1, max_width))
         net = llama(
             vocab, features, heads, depth, kv_heads=kv_heads, hidden=hidden, rope_theta=10.0,
@@ -473,7 +474,7 @@ def llama_family(
         return GroupNorm(groups, features)
 
     dropout = Dropout(pick.choice((0.1, 0.5))) if pick.chance(0.3) else None
-    causal = pick.chance(0.5)
+    causal = pick.chance(0.5) if causal is None else causal
     layers: list[Any] = [Embedding(vocab, features)]
     if not rope:
         layers.append(PositionalEmbedding(t + pick.integer(0, 2), features))

@@ -306,12 +306,13 @@ def check_mask(net: Any, x: Array, mask: Any, single: bool) -> Array | None:
             f"`mask` must be boolean (True at real positions), got dtype {jnp.dtype(mask.dtype).name}"
         )
     want = tuple(x.shape[1:2]) if single else tuple(x.shape[:2])
-    if x.ndim < 2 or tuple(mask.shape) != want:
+    sequences = getattr(net, "takes_tokens", False) or x.ndim >= 3  # examples (T, ...)
+    if not sequences or tuple(mask.shape) != want:
         seq = "(T,)" if single else "(batch, T)"
         raise ValueError(
             f"`mask` must have shape {seq} = {want} to mark the positions of `x` (shape "
             f"{tuple(x.shape[1:] if single else x.shape)}), got shape {tuple(mask.shape)}"
-            if x.ndim >= 2
+            if sequences
             else f"`mask` marks the positions of sequences, but `x` holds examples of shape "
             f"{tuple(x.shape[1:])} (no sequence axis)"
         )

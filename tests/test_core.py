@@ -45,6 +45,8 @@ PUBLIC = [
     "sqrt_ggn", "diag_ggn", "per_example_diag_ggn", "kfac", "ggn_vector_product",
     "diag_hessian", "KroneckerFactors", "check_curvature", "CurvatureReport", "CurvatureRow",
     "ZERO", "benchmark_curvature", "BENCH_TARGETS_CURVATURE", "CURVATURE_BENCH_FUNCTIONS",
+    # modern transformers: gates, shared weights, padding, dropout
+    "Context", "Dropout", "GroupNorm", "Tied", "llama", "swiglu",
 ]  # fmt: skip
 
 

@@ -164,10 +164,12 @@ class Tied:
         return full
 
     def share(
-        self, owner: Any, user: Any, combine: Callable[[Any, Any, bool], Any] = combine_leaf
+        self, owner: Any, user: Any, combine: Callable[[Any, Any, bool], Any] | None = None
     ) -> tuple[Any, Any]:
         """Move what one walk gives for the shared leaves from the user's entry into the
-        owner's: ``(owner', user')``, with ``combine(owner_leaf, user_leaf, transposed)``."""
+        owner's: ``(owner', user')``, with ``combine(owner_leaf, user_leaf, transposed)``
+        (default :func:`combine_leaf`)."""
+        combine = combine_leaf if combine is None else combine
         owner, user = dict(owner), dict(user)
         for k, s in self.leaves:
             owner[s] = combine(owner[s], user.pop(k), self.transpose)

@@ -19,7 +19,10 @@ from ._strategies import architectures as architectures
 from ._strategies import batch_sizes as batch_sizes
 from ._strategies import cnns as cnns
 from ._strategies import dtypes as dtypes
+from ._strategies import PaddedProblem as PaddedProblem
+from ._strategies import llamas as llamas
 from ._strategies import losses as losses
+from ._strategies import padded_problems as padded_problems
 from ._strategies import problems as problems
 from ._strategies import resnets as resnets
 from ._strategies import sequence_stacks as sequence_stacks
@@ -27,12 +30,15 @@ from ._strategies import transformers as transformers
 
 __all__ = [
     "Architecture",
+    "PaddedProblem",
     "activations",
     "architectures",
     "batch_sizes",
     "cnns",
     "dtypes",
+    "llamas",
     "losses",
+    "padded_problems",
     "problems",
     "resnets",
     "sequence_stacks",

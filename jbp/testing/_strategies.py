@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,9 @@ from hypothesis.strategies import SearchStrategy
 import jbp
 from jbp._architectures import Architecture
 from jbp._architectures import cnn as _cnn_recipe
+from jbp._architectures import has_dropout as _has_dropout
+from jbp._architectures import llama_family as _llama_recipe
+from jbp._architectures import padding as _padding
 from jbp._architectures import resnet as _resnet_recipe
 from jbp._architectures import sequence_stack as _sequence_recipe
 from jbp._architectures import transformer_net as _transformer_recipe
@@ -418,6 +421,151 @@ def sequence_stacks(
         )
 
     return draw()
+
+
+def llamas(
+    *,
+    max_depth: int = 2,
+    max_vocab: int = 8,
+    max_length: int = 6,
+    activations: Sequence[str] | None = None,
+    causal: bool | None = None,
+) -> SearchStrategy[Architecture]:
+    """Random networks of the ``"llama"`` family on integer tokens.
+
+    :func:`jbp.llama` itself, or decoders and encoders (causal or not) of 1 to
+    ``max_depth`` pairs of residual blocks: attention with rotary or learned
+    positions, ``kv_heads`` dividing ``heads`` (grouped-query, multi-query),
+    bias or not; SwiGLU gates (``Parallel(..., merge="product")``) or Dense
+    MLPs; RMSNorm, LayerNorm or GroupNorm; Dropout in some; the output tied to
+    the embedding (:class:`jbp.Tied`) or its own. Vocabulary 2 to
+    ``max_vocab``, sequences of 1 to ``max_length`` tokens. ``causal``: decoders
+    only (True), encoders only (False) or either (None).
+
+    Returns:
+      A strategy of :class:`Architecture` ``(net, (T,), vocab)``; draw whole
+      problems with :func:`padded_problems`.
+    """
+    _check_int("max_depth", max_depth, 1)
+    _check_int("max_vocab", max_vocab, 2)
+    _check_int("max_length", max_length, 1)
+    names, _ = _family_args(1, 1, None, activations)
+
+    @st.composite
+    def draw(draw: Any) -> Architecture:
+        return _llama_recipe(
+            _HypothesisPicker(draw),
+            max_blocks=max_depth,
+            max_width=max_vocab,
+            activations=names,
+            max_length=max_length,
+            causal=causal,
+        )
+
+    return draw()
+
+
+class PaddedProblem(NamedTuple):
+    """A gradient problem on a padded batch of sequences.
+
+    Attributes:
+      net, loss, params, x, y: as :func:`problems` draws them; ``x`` is
+        ``(batch, T, ...)``, ``y`` integer labels (``-1`` at padded positions
+        and, now and then, at real ones: no target) or targets (any values at
+        padded positions: they must not matter).
+      mask: ``(batch, T)`` boolean, True at real positions (right padding), or
+        None when drawn unpadded.
+      dropout_key: a PRNG key for a network with :class:`jbp.Dropout`, or None.
+    """
+
+    net: jbp.Sequential
+    loss: Any
+    params: Any
+    x: jax.Array
+    y: jax.Array
+    mask: jax.Array | None
+    dropout_key: jax.Array | None
+
+    @property
+    def keywords(self) -> dict[str, Any]:
+        """``{"mask": ..., "dropout_key": ...}`` for every function of ``(params, x, y)``."""
+        return {"mask": self.mask, "dropout_key": self.dropout_key}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Each example's real length (``T`` for all when unpadded)."""
+        t = self.x.shape[1]
+        if self.mask is None:
+            return [t] * self.x.shape[0]
+        return [int(n) for n in np.asarray(self.mask).sum(axis=1)]
+
+
+def padded_problems(
+    *,
+    nets: SearchStrategy[Any] | None = None,
+    dtypes: Sequence[str] | SearchStrategy[Any] | None = None,
+    losses: Sequence[str | jbp.Loss] | SearchStrategy[Any] | None = None,
+    min_batch: int = 1,
+    max_batch: int = 4,
+    padded: bool | None = True,
+    dropout: bool = True,
+) -> SearchStrategy[PaddedProblem]:
+    """Whole problems on padded batches of sequences, as :class:`PaddedProblem`.
+
+    Args:
+      nets: a strategy of :class:`Architecture` on sequences (default
+        :func:`llamas`); ``in_shape[0]`` is the sequence length.
+      dtypes, losses: as for :func:`problems`.
+      min_batch, max_batch: the batch size's bounds.
+      padded: True (always a mask: each example's length in ``[1, T]``, now and
+        then 0), False (never), None (drawn).
+      dropout: whether a network with Dropout gets a ``dropout_key`` (else it
+        runs as at evaluation).
+
+    Padded positions of ``x`` hold random tokens (or values): a right answer does
+    not depend on them.
+    """
+    dtype_st = _as_strategy(dtypes, _dtypes_strategy)
+    loss_st = _as_strategy(losses, _losses_strategy)
+    nets = llamas() if nets is None else nets
+    _check_range(min_batch, max_batch, "min_batch", "max_batch", least=1)
+
+    @st.composite
+    def draw_problem(draw: Any) -> PaddedProblem:
+        dtype = draw(dtype_st)
+        loss = draw(loss_st)
+        kind = _target_kind(loss)
+        net, shape, vocab = draw(nets)
+        batch = draw(st.integers(min_batch, max_batch))
+        rng = np.random.default_rng(draw(_SEEDS))
+        params = _draw_params(net, dtype, rng)
+        x_shape = (batch, *shape)
+        if vocab is not None:
+            x = jnp.asarray(rng.integers(0, vocab, x_shape), dtype=jnp.int32)
+        else:
+            x = jnp.asarray(rng.standard_normal(x_shape), dtype=dtype)
+        out_shape = net.output_shape(shape)
+        if kind == _CLASSES:
+            assume(out_shape[-1] >= 2)
+        y = _targets(draw, kind, rng, (batch, *out_shape), dtype)
+        pad = draw(st.booleans()) if padded is None else padded
+        mask = None
+        if pad:
+            lengths = _padding(_HypothesisPicker(draw), batch, shape[0])
+            mask = jnp.asarray(np.arange(shape[0])[None] < np.asarray(lengths)[:, None])
+        if jnp.issubdtype(y.dtype, jnp.integer) and y.ndim >= 2:
+            labels = np.asarray(y).copy()
+            none = rng.random(labels.shape) < 0.15
+            if mask is not None:
+                none |= ~np.asarray(mask)
+            labels[none] = -1
+            y = jnp.asarray(labels, dtype=jnp.int32)
+        key = None
+        if dropout and _has_dropout(net):
+            key = jax.random.key(int(rng.integers(2**31)))
+        return PaddedProblem(net, loss, params, x, y, mask, key)
+
+    return draw_problem()
 
 
 def _target_kind(loss: str | jbp.Loss) -> str:
