@@ -48,6 +48,9 @@ class Dataset(NamedTuple):
       n_classes: number of classes; for a sequence data set the vocabulary
         (tokens and labels share it).
       name: a short description.
+      mask_train, mask_test: for padded sequences, the padding masks ``(n, T)``
+        (True at real positions, each row a prefix); None when every position
+        is real. :func:`jbp.fit` hands each batch's rows to every call.
     """
 
     x_train: np.ndarray
@@ -56,6 +59,8 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
     n_classes: int
     name: str
+    mask_train: np.ndarray | None = None
+    mask_test: np.ndarray | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -267,6 +272,113 @@ def sort_digits(
     return Dataset(x[train], y[train], x[test], y[test], SEPARATOR + 1, name)
 
 
+def _windows(data: bytes, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One document's bytes as next-byte windows of ``length``: tokens, labels (the
+    next byte; -1 past the end) and the padding mask; the last window padded."""
+    tokens = np.frombuffer(data, np.uint8).astype(np.int32)
+    n = len(tokens) - 1  # positions with a next byte
+    count = max(1, -(-n // length))
+    x = np.zeros((count, length), np.int32)
+    y = np.full((count, length), IGNORE_LABEL, np.int32)
+    mask = np.zeros((count, length), bool)
+    for k in range(count):
+        piece = tokens[k * length : k * length + length + 1]
+        m = len(piece) - 1
+        x[k, :m], y[k, :m], mask[k, :m] = piece[:-1], piece[1:], True
+    return x, y, mask
+
+
+def python_stdlib(
+    *, length: int = 128, max_bytes: int = 1_000_000, test_fraction: float = 0.1, seed: int = 0
+) -> Dataset:
+    """Byte-level language modelling on Python's own standard library: a real corpus
+    that every machine with Python has, no download.
+
+    The top-level ``.py`` files of the running interpreter's standard library
+    (``os.path.dirname(os.__file__)``), in a seeded order, are split *by file*
+    into training and held-out documents (``test_fraction`` of the files), taking
+    files until ``max_bytes`` are read. Each document is cut into windows of
+    ``length`` bytes, next-byte prediction: tokens are bytes (vocabulary 256),
+    labels the next byte. The last window of each document is shorter: padded
+    with token 0, label -1 and a False in the mask, so the data set holds
+    documents of different lengths padded into fixed shapes.
+
+    Returns:
+      A sequence :class:`Dataset` with ``mask_train``, ``mask_test``; its name
+      says how many files and bytes it holds.
+    """
+    for name, value in (("length", length), ("max_bytes", max_bytes)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction!r}")
+    folder = os.path.dirname(os.__file__)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    chosen, total = [], 0
+    for f in files:
+        with open(os.path.join(folder, f), "rb") as handle:
+            data = handle.read()
+        if len(data) < 2:
+            continue
+        chosen.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    n_test = max(1, round(test_fraction * len(chosen)))
+    if n_test >= len(chosen):
+        raise ValueError(f"{len(chosen)} files are too few to split; raise `max_bytes`")
+    parts = [_windows(data, length) for data in chosen]
+    test, train = parts[:n_test], parts[n_test:]
+    join = [np.concatenate([p[k] for p in split]) for split in (train, test) for k in range(3)]
+    order = np.random.default_rng([seed, 1]).permutation(len(join[0]))
+    x_tr, y_tr, m_tr = (a[order] for a in join[:3])
+    x_te, y_te, m_te = join[3:]
+    name = (
+        f"stdlib(files={len(train)}+{len(test)}, bytes={int(m_tr.sum()) + len(train)}+"
+        f"{int(m_te.sum()) + len(test)}, length={length})"
+    )
+    return Dataset(x_tr, y_tr, x_te, y_te, 256, name, m_tr, m_te)
+
+
+def majority(
+    n: int = 4000,
+    *,
+    max_length: int = 16,
+    vocab: int = 4,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dataset:
+    """Variable-length sequences, classified by their most frequent token.
+
+    Each sequence has a length uniform in ``[1, max_length]`` and tokens uniform
+    in ``[0, vocab)``, drawn again until one token is strictly the most frequent;
+    its label is that token. Sequences are right-padded with token 0 to
+    ``max_length``: without the padding mask the pads would count as zeros and
+    change the answer, so an encoder must respect the mask (attention over real
+    keys, a masked mean). One label per sequence: ``y`` ``(n,)``.
+    """
+    for name, value, least in (("n", n, 1), ("max_length", max_length, 1), ("vocab", vocab, 2)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}")
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, max_length), np.int32)
+    mask = np.zeros((n, max_length), bool)
+    y = np.zeros((n,), np.int32)
+    for i in range(n):
+        while True:
+            t = int(rng.integers(1, max_length + 1))
+            tokens = rng.integers(0, vocab, t)
+            counts = np.bincount(tokens, minlength=vocab)
+            if (counts == counts.max()).sum() == 1:
+                break
+        x[i, :t], mask[i, :t], y[i] = tokens, True, int(counts.argmax())
+    n_test = round(test_fraction * n)
+    test, train = np.arange(n_test), np.arange(n_test, n)
+    name = f"majority(n={n}, max_length={max_length}, vocab={vocab})"
+    return Dataset(x[train], y[train], x[test], y[test], vocab, name, mask[train], mask[test])
+
+
 def _check_xy(x: np.ndarray, y: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray]:
     if x.ndim < 2:
         raise ValueError(
@@ -403,7 +515,8 @@ def batches(
     epoch: int = 0,
     shuffle: bool = True,
     drop_last: bool = False,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    mask: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, ...]]:
     """Seeded minibatches: the order for ``(seed, epoch)`` is always the same.
 
     Args:
@@ -411,6 +524,8 @@ def batches(
       batch_size: examples per batch (the last may be smaller unless ``drop_last``).
       seed, epoch: the permutation is a function of both, so a resumed run
         sees the same batches as an uninterrupted one.
+      mask: a padding mask with the same leading length: then each batch is
+        ``(x, y, mask)``, else ``(x, y)``.
     """
     n = x.shape[0]
     if y.shape[0] != n:
@@ -421,14 +536,16 @@ def batches(
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
-        yield x[idx], y[idx]
+        yield (x[idx], y[idx]) if mask is None else (x[idx], y[idx], mask[idx])
 
 
 _BUILT_IN: dict[str, Callable[..., Dataset]] = {
     "digits": digits,
+    "majority": majority,
     "moons": moons,
     "sort": sort_digits,
     "spirals": spirals,
+    "stdlib": python_stdlib,
     "xor": xor,
 }
 _LOADERS: dict[str, Callable[..., Dataset]] = {".npz": load_npz, ".csv": load_csv}
@@ -452,14 +569,20 @@ def load_dataset(
         tokens ``(n, 2·length)`` and labels per position, :data:`IGNORE_LABEL`
         where there is no target; 11 tokens; see :func:`sort_digits`),
         ``"xor"`` (the four points; train = test, so ``seed`` and
-        ``test_fraction`` do not apply), or a path ending in ``.npz``
+        ``test_fraction`` do not apply), ``"stdlib"`` (byte-level language
+        modelling on the Python standard library's source, split by file,
+        documents padded into windows: a padding mask; see
+        :func:`python_stdlib`), ``"majority"`` (variable-length sequences
+        classified by their most frequent token, padded: a padding mask; see
+        :func:`majority`), or a path ending in ``.npz``
         (arrays ``x`` ``(n, features)`` or images ``(n, height, width)`` /
         ``(n, height, width, channels)``, and ``y`` ``(n,)``) or ``.csv``
         (numeric columns, labels in the last).
       seed: seeds the generated points and the train/test split.
       test_fraction: the share of examples held out for testing.
       **options: passed to the loader: ``n``, ``noise`` (moons, spirals),
-        ``classes`` (spirals), ``length`` (sort), ``images`` (digits), ``standardize`` (digits,
+        ``classes`` (spirals), ``length`` (sort, stdlib), ``max_bytes`` (stdlib),
+        ``max_length``, ``vocab`` (majority), ``images`` (digits), ``standardize`` (digits,
         files), ``x_key``, ``y_key``, ``add_channel`` (.npz),
         ``label_column``, ``header`` (.csv).
 

@@ -181,7 +181,7 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 def data_parallel_step(step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
-    """Run a training step ``(state, x, y) -> (state, metrics)`` on ``mesh``.
+    """Run a training step ``(state, x, y[, mask]) -> (state, metrics)`` on ``mesh``.
 
     The state stays replicated on every device; each global batch is split
     along the mesh's data axis (this process's rows, :func:`process_rows`),
@@ -194,19 +194,24 @@ def data_parallel_step(step: Callable[..., Any], mesh: Mesh) -> Callable[..., An
       mesh: a mesh from :func:`make_mesh`.
 
     Returns:
-      ``fn(state, x, y)`` taking the global batch as host arrays and returning
+      ``fn(state, x, y, mask=None)`` taking the global batch (and its padding mask,
+      split like ``x``) as host arrays and returning
       the next state (replicated) and the metrics (replicated).
     """
     repl, split = replicated(mesh), batch_sharded(mesh)
     on_split = jax.jit(step, in_shardings=(repl, split, split), out_shardings=(repl, repl))
     on_whole = jax.jit(step, in_shardings=(repl, repl, repl), out_shardings=(repl, repl))
+    masked_split = jax.jit(step, in_shardings=(repl,) + (split,) * 3, out_shardings=(repl, repl))
+    masked_whole = jax.jit(step, in_shardings=(repl,) * 4, out_shardings=(repl, repl))
     n = mesh.devices.size
 
-    def run(state: Any, x: Any, y: Any) -> Any:
+    def run(state: Any, x: Any, y: Any, mask: Any = None) -> Any:
+        arrays = (x, y) if mask is None else (x, y, mask)
         if np.shape(x)[0] % n == 0:
             rows = process_rows(np.shape(x)[0], mesh)
-            xs, ys = shard_batch((np.asarray(x)[rows], np.asarray(y)[rows]), mesh)
-            return on_split(state, xs, ys)
-        return on_whole(state, *replicate((np.asarray(x), np.asarray(y)), mesh))
+            parts = shard_batch(tuple(np.asarray(a)[rows] for a in arrays), mesh)
+            return (on_split if mask is None else masked_split)(state, *parts)
+        whole = replicate(tuple(np.asarray(a) for a in arrays), mesh)
+        return (on_whole if mask is None else masked_whole)(state, *whole)
 
     return run

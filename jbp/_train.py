@@ -37,7 +37,8 @@ import jax.random as jr
 import numpy as np
 import optax
 
-from ._backprop import check_net, objective, value_and_backprop
+from ._architectures import has_dropout
+from ._backprop import check_net, keeps_positions, objective, value_and_backprop
 from ._checks import check_dtype, check_key, check_params, params_dtype
 from ._data import IGNORE_LABEL
 from ._losses import Loss, get_loss
@@ -46,12 +47,13 @@ from ._train_checks import (
     check_class_labels,
     check_examples,
     check_gradient_source,
+    check_data_mask,
     check_inputs,
     check_optimizer,
     class_targets,
 )
 from ._verify import Report
-from .layers import Sequential
+from .layers import Context, Sequential
 
 Array = jax.Array
 Params = Any
@@ -66,8 +68,8 @@ class TrainState(NamedTuple):
       opt_state: the optimiser's state (``optimizer.init(params)``).
       step: int32 scalar, the number of updates applied so far.
       key: PRNG key, split once per step; the first half is carried on and
-        the second is the step's own randomness (unused by ``Dense`` and
-        ``Activation``, which draw none).
+        the second is the step's own randomness: the dropout key of a network
+        with :class:`jbp.Dropout` (unused by the others, which draw none).
     """
 
     params: Params
@@ -144,8 +146,10 @@ def make_step(
         e.g. to ``jax.jit`` it yourself with shardings.
 
     Returns:
-      ``step(state, x, y)``: ``x`` ``(batch, fan_in)``, ``y`` the loss's
-      targets for the batch (see :func:`targets`). Returns the next state and
+      ``step(state, x, y, mask=None)``: ``x`` ``(batch, fan_in)``, ``y`` the loss's
+      targets for the batch (see :func:`targets`), ``mask`` the padding mask of a
+      batch of padded sequences. A network with :class:`jbp.Dropout` drops with
+      the step's own key (see :class:`TrainState`). Returns the next state and
       ``{"loss": C, "grad_norm": ‖∇C‖, "param_norm": ‖θ_next‖}``, scalars; ``C``
       is the loss reduced over the batch (sum or mean, by the loss).
 
@@ -173,10 +177,15 @@ def build_step(net: Sequential, loss: Loss, optimizer: Any, gradient_source: str
         value_and_grad = value_and_backprop(net, loss)
     else:
         value_and_grad = jax.value_and_grad(objective(net, loss))  # reference
+    dropout = has_dropout(net)
 
-    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-        key, _step_key = jr.split(state.key)
-        value, grads = value_and_grad(state.params, x, y)
+    def step(
+        state: TrainState, x: Array, y: Array, mask: Array | None = None
+    ) -> tuple[TrainState, dict[str, Array]]:
+        key, step_key = jr.split(state.key)
+        value, grads = value_and_grad(
+            state.params, x, y, mask=mask, dropout_key=step_key if dropout else None
+        )
         return _apply(optimizer, state, key, grads, {"loss": value})
 
     return step
@@ -238,11 +247,13 @@ def make_dp_step(
     dp = dp_grad(net, loss, max_norm, noise_multiplier)
     value_fn = objective(net, loss)
 
-    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+    def step(
+        state: TrainState, x: Array, y: Array, mask: Array | None = None
+    ) -> tuple[TrainState, dict[str, Array]]:
         key, step_key = jr.split(state.key)
-        grads, norms = dp(state.params, x, y, step_key)
+        grads, norms = dp(state.params, x, y, step_key, mask=mask)
         metrics = {
-            "loss": value_fn(state.params, x, y),
+            "loss": value_fn(state.params, x, y, mask=mask),
             "clipped": jnp.mean((norms > max_norm).astype(norms.dtype)),
             "mean_example_norm": jnp.mean(norms),
         }
@@ -290,24 +301,39 @@ def check_labels(net: Sequential, loss: Loss, labels: np.ndarray, name: str = "l
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _evaluate_chunk(
-    net: Sequential, loss: Loss, params: Params, x: Array, y: Array, labels: Array
-) -> tuple[Array, Array, Array, Array]:
-    """Σ ℓ_i, the correct predictions, the positions with a target, and the
-    examples right at every such position."""
-    out, _ = net.forward(params, x)
+    net: Sequential, loss: Loss, params: Params, x: Array, y: Array, labels: Array, mask: Any
+) -> tuple[Array, Array, Array, Array, Array]:
+    """Σ ℓ_i, the correct predictions, the positions with a target, the examples
+    right at every such position, and Σ_i n_i ℓ_i (n_i: example i's positions with
+    a target; the total of the per-position losses for ``softmax_xent``)."""
+    out, _ = net.forward(params, x, Context(mask))
+    if mask is not None and keeps_positions(out.shape, x.shape):
+        loss = loss.with_mask(mask)
     if labels.ndim == 1 and out.shape[1] == 1:
         threshold = 0.0 if loss.name == "sigmoid_bce" else 0.5
         predicted = (out[:, 0] > threshold).astype(labels.dtype)
     else:
         predicted = jnp.argmax(out, axis=-1).astype(labels.dtype)
     scored = labels != IGNORE_LABEL
+    if mask is not None and labels.ndim > 1:
+        scored = scored & mask
     right = (predicted == labels) & scored
-    whole = jnp.all(right | ~scored, axis=tuple(range(1, labels.ndim)))
-    return jnp.sum(loss.per_example(out, y)), jnp.sum(right), jnp.sum(scored), jnp.sum(whole)
+    rest = tuple(range(1, labels.ndim))
+    whole = jnp.all(right | ~scored, axis=rest)
+    per_example = loss.per_example(out, y)
+    weighted = jnp.sum(per_example * jnp.sum(scored, axis=rest).astype(per_example.dtype))
+    return jnp.sum(per_example), jnp.sum(right), jnp.sum(scored), jnp.sum(whole), weighted
 
 
 def evaluate(
-    net: Any, loss: str | Loss, params: Params, x: Any, labels: Any, *, batch_size: int = 4096
+    net: Any,
+    loss: str | Loss,
+    params: Params,
+    x: Any,
+    labels: Any,
+    *,
+    batch_size: int = 4096,
+    mask: Any = None,
 ) -> dict[str, float]:
     """Mean per-example loss and accuracy of ``params`` on a labelled set.
 
@@ -322,6 +348,8 @@ def evaluate(
         for a network that maps an example to ``(T, classes)``, -1
         (``IGNORE_LABEL``) where a position has no target.
       batch_size: examples per forward pass.
+      mask: the padding mask ``(n, T)`` of padded sequences (True at real
+        positions): padded positions are left out of the loss and the accuracy.
 
     Returns:
       ``{"loss": mean_i ℓ_i, "accuracy": share of correct predictions, "n": n}``.
@@ -329,10 +357,13 @@ def evaluate(
       ``out > 0`` (``sigmoid_bce``, logits) or ``out > 0.5`` (other losses).
       With labels per position, the accuracy is over the positions that have
       a target (e.g. a sequence task's answer tokens), ``ℓ_i`` is the loss's
-      own (``softmax_xent``: the mean over all T positions, an ignored one
-      adding 0), and two more entries say ``"tokens"``, the positions with a
-      target, and ``"sequence_accuracy"``, the share of examples right at all
-      of them. An empty set gives NaN loss and accuracy.
+      own (``softmax_xent``: the mean over the example's positions with a
+      target), and three more entries say ``"tokens"``, the positions with a
+      target, ``"sequence_accuracy"``, the share of examples right at all of
+      them, and ``"loss_per_token"``, ``Σ_i n_i ℓ_i / Σ_i n_i`` (n_i the
+      example's positions with a target: for ``softmax_xent`` the mean loss per
+      target position, nats per token; divide by ln 2 for bits). An empty set
+      gives NaN loss and accuracy.
 
     Example:
       >>> import jax, numpy as np, jbp
@@ -360,31 +391,48 @@ def evaluate(
     outputs = check_examples(net, x.shape, "x", labels.shape[1:])
     check_class_labels(loss, labels, outputs, "labels")
     y = class_targets(loss, labels, outputs, dtype)
-    return evaluate_checked(net, loss, params, x, y, labels.astype(np.int32), batch_size)
+    if mask is not None:
+        mask = check_data_mask(mask, x, "mask")
+    return evaluate_checked(net, loss, params, x, y, labels.astype(np.int32), batch_size, mask)
 
 
 def evaluate_checked(
-    net: Sequential, loss: Loss, params: Params, x: Any, y: Any, labels: Any, batch_size: int
+    net: Sequential,
+    loss: Loss,
+    params: Params,
+    x: Any,
+    y: Any,
+    labels: Any,
+    batch_size: int,
+    mask: Any = None,
 ) -> dict[str, float]:
     """:func:`evaluate` on checked arrays: ``x`` in the params' dtype (or int32
-    tokens), ``y`` the loss's targets, ``labels`` int32. Reads the device
-    once, at the end."""
+    tokens), ``y`` the loss's targets, ``labels`` int32, ``mask`` a padding mask
+    or None. Reads the device once, at the end."""
     n = int(labels.shape[0])
     per_position = labels.ndim > 1
     if n == 0:
         empty = {"tokens": 0, "sequence_accuracy": math.nan} if per_position else {}
         return {"loss": math.nan, "accuracy": math.nan, "n": 0, **empty}
+    slices = [slice(start, start + batch_size) for start in range(0, n, batch_size)]
     sums = [
-        _evaluate_chunk(net, loss, params, x[sl], y[sl], labels[sl])
-        for sl in (slice(start, start + batch_size) for start in range(0, n, batch_size))
+        _evaluate_chunk(
+            net, loss, params, x[sl], y[sl], labels[sl], None if mask is None else mask[sl]
+        )
+        for sl in slices
     ]
-    total, correct, scored, whole = 0.0, 0, 0, 0
-    for s, c, k, w in jax.device_get(sums):
+    total, correct, scored, whole, weighted = 0.0, 0, 0, 0, 0.0
+    for s, c, k, w, t in jax.device_get(sums):
         total += float(s)
         correct += int(c)
         scored += int(k)
         whole += int(w)
+        weighted += float(t)
     result = {"loss": total / n, "accuracy": correct / scored if scored else math.nan, "n": n}
     if per_position:
-        result.update(tokens=scored, sequence_accuracy=whole / n)
+        result.update(
+            tokens=scored,
+            sequence_accuracy=whole / n,
+            loss_per_token=weighted / scored if scored else math.nan,
+        )
     return result

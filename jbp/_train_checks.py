@@ -86,10 +86,10 @@ def class_targets(loss: Loss, labels: np.ndarray, outputs: int | None, dtype: An
 
 def _position_targets(loss: Loss, labels: np.ndarray, outputs: int | None, dtype: Any) -> Any:
     """Labels per position ``(n, T)``: the labels themselves for a loss that takes
-    them when every position has one, else one-hot rows ``(n, T, outputs)`` with
-    a zero row where the label is :data:`IGNORE_LABEL`."""
-    ignored = bool(np.any(labels == IGNORE_LABEL))
-    if loss.integer_labels and not ignored:
+    them (:data:`IGNORE_LABEL` included: the loss leaves those positions out), else
+    one-hot rows ``(n, T, outputs)`` with a zero row where the label is
+    :data:`IGNORE_LABEL`."""
+    if loss.integer_labels:
         return labels.astype(np.int32)
     if outputs is None:
         raise ValueError(
@@ -290,6 +290,7 @@ class Split:
     x: np.ndarray
     y: np.ndarray
     labels: np.ndarray
+    mask: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +303,22 @@ class Data:
     train: Split
     test: Split | None
     meta: dict[str, Any]
+
+
+def check_data_mask(mask: Any, x: np.ndarray, name: str) -> np.ndarray | None:
+    """A data set's padding mask: boolean ``(n, T)`` for inputs ``(n, T, ...)``,
+    each row a prefix; None stays None."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ or mask.shape != x.shape[:2] or x.ndim < 2:
+        raise ValueError(
+            f"`{name}` must be a boolean padding mask of shape {x.shape[:2]} (n, T), got "
+            f"{mask.dtype.name} of shape {mask.shape}"
+        )
+    if np.any(~mask[:, :-1] & mask[:, 1:]):
+        raise ValueError(f"`{name}`: each row must be True (real) then False (padding on the right)")
+    return mask
 
 
 def check_data(data: Any, plan: Plan) -> Data:
@@ -324,7 +341,9 @@ def check_data(data: Any, plan: Plan) -> Data:
         outputs = check_examples(plan.net, x.shape, f"data.{xs}", y.shape[1:])
         check_class_labels(plan.loss, y, outputs, f"data.{ys}")
         targets = class_targets(plan.loss, y, outputs, plan.dtype)
-        splits.append(Split(x, targets, y.astype(np.int32)))
+        name = "mask" + xs[1:]
+        mask = check_data_mask(getattr(data, name, None), x, f"data.{name}")
+        splits.append(Split(x, targets, y.astype(np.int32), mask))
     train, test = splits
     if not len(train.labels):
         raise ValueError("`data.x_train` is empty: need at least one training example")

@@ -44,6 +44,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
+from ._architectures import has_dropout
 from ._backprop import backprop, objective
 from ._checkpoint import CHECKPOINT, RunFolder
 from ._data import batches
@@ -103,7 +104,7 @@ class Carry(NamedTuple):
     bad_step: jax.Array
 
 
-GuardedStep = Callable[[Carry, Any, Any], tuple[Carry, dict[str, jax.Array]]]
+GuardedStep = Callable[..., tuple[Carry, dict[str, jax.Array]]]
 
 
 def guarded_step(step: StepFn) -> GuardedStep:
@@ -111,8 +112,8 @@ def guarded_step(step: StepFn) -> GuardedStep:
     every later one are dropped on the device (the state is selected, bitwise,
     from the one before) and the marker keeps that step's number."""
 
-    def run(carry: Carry, x: Any, y: Any) -> tuple[Carry, dict[str, jax.Array]]:
-        new, metrics = step(carry.state, x, y)
+    def run(carry: Carry, x: Any, y: Any, mask: Any = None) -> tuple[Carry, dict[str, jax.Array]]:
+        new, metrics = step(carry.state, x, y, mask)
         finite = functools.reduce(operator.and_, (jnp.isfinite(metrics[k]) for k in _WATCHED))
         clean = carry.bad_step < 0
         keep = finite & clean
@@ -246,12 +247,14 @@ class _Loop:
     def _run_epoch(self, epoch: int, skip: int) -> bool:
         """The epoch's steps from batch ``skip`` on; True if ``max_steps`` stopped it."""
         plan, train = self.plan, self.data.train
-        order = batches(train.x, train.y, plan.batch_size, seed=plan.seed, epoch=epoch)
+        order = batches(
+            train.x, train.y, plan.batch_size, seed=plan.seed, epoch=epoch, mask=train.mask
+        )
         label = f"epoch {epoch + 1}/{plan.epochs}"
         with Progress(total=self.steps_per_epoch, label=label, quiet=not self.run.verbose) as bar:
             bar.update(skip)
-            for xb, yb in itertools.islice(order, skip, None):
-                self._take_step(xb, yb)
+            for batch in itertools.islice(order, skip, None):
+                self._take_step(*batch)
                 bar.update(note=None if self.last_loss is None else f"loss {self.last_loss:.4g}")
                 if self._past_max_steps():
                     return True
@@ -264,17 +267,17 @@ class _Loop:
         every = self.plan.checkpoint_every
         return every is not None and self.step % every == 0 and self.step % self.steps_per_epoch > 0
 
-    def _take_step(self, xb: np.ndarray, yb: np.ndarray) -> None:
+    def _take_step(self, xb: np.ndarray, yb: np.ndarray, mb: np.ndarray | None = None) -> None:
         """Dispatch one step; the host waits for it only when something reads."""
         before = self.carry
         started = time.perf_counter()
-        self.carry, metrics = self.step_fn(before, xb, yb)
+        self.carry, metrics = self.step_fn(before, xb, yb, mb)
         self.tally.seconds += time.perf_counter() - started
         self.pending.append((self.step, len(xb), metrics))
         every = self.plan.check_every
         if every is not None and self.step % every == 0:
             self._flush()  # a non-finite step, this one included, is reported first
-            self._gradient_check(before.state, xb, yb)
+            self._gradient_check(before.state, xb, yb, mb)
         self.step += 1
         if len(self.pending) >= READ_EVERY:
             self._flush()
@@ -313,14 +316,18 @@ class _Loop:
             state=self.carry.state,
         )
 
-    def _gradient_check(self, state: TrainState, x: Any, y: Any) -> None:
-        """Compare the δ equations with autodiff on this batch; raise on a mismatch."""
+    def _gradient_check(self, state: TrainState, x: Any, y: Any, mask: Any = None) -> None:
+        """Compare the δ equations with autodiff on this batch (with its padding mask,
+        and one dropout key for both); raise on a mismatch."""
         assert self.check_fns is not None
         manual, reference = self.check_fns
+        kw = {"mask": mask, "dropout_key": None}
+        if has_dropout(self.plan.net):
+            kw["dropout_key"] = jr.fold_in(jr.key(self.plan.seed), self.step)
         with jax.default_matmul_precision("highest"):
             report = compare(
-                manual(state.params, x, y),
-                reference(state.params, x, y),
+                manual(state.params, x, y, **kw),
+                reference(state.params, x, y, **kw),
                 rtol=self.plan.check_rtol,
                 names=("manual (jbp.backprop)", "autodiff (jax.grad)"),
             )
@@ -368,7 +375,7 @@ class _Loop:
             if split is None:
                 return {}
             return evaluate_checked(
-                plan.net, plan.loss, params, split.x, split.y, split.labels, 4096
+                plan.net, plan.loss, params, split.x, split.y, split.labels, 4096, split.mask
             )
 
         train, test = evaluate(self.data.train), evaluate(self.data.test)

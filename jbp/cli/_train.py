@@ -1,4 +1,5 @@
-"""``jbp train``: train an MLP, a CNN or a transformer with optax on hand-written gradients."""
+"""``jbp train``: train an MLP, a CNN, a transformer or a llama with optax on hand-written
+gradients."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ OPTIMIZERS = {
     "adamw": lambda lr: optax.adamw(lr),
 }
 SOURCES = ("backprop", "autodiff", "both")
-MODELS = ("mlp", "cnn", "transformer")
+MODELS = ("mlp", "cnn", "transformer", "llama")
+SEQUENCE_MODELS = ("transformer", "llama")
 SCHEDULES = ("constant", "cosine")
 # Arguments that must be the same to resume a run (the others may change);
 # --channels too for a cnn, --features, --heads and --depth for a transformer,
@@ -66,6 +68,12 @@ wide) from integer tokens to logits at every position. It needs a sequence
 data set: --data sort (sorting 8 digits as next-token prediction; the
 accuracy counts the answer tokens, the sorted half). --hidden does not apply.
 Its learning rate follows a cosine schedule unless --schedule says otherwise.
+--model llama: jbp.llama, a Llama-style decoder (RMSNorm, rotary positions,
+--kv-heads grouped-query attention, SwiGLU, no biases; --tie-embeddings shares
+the token embedding with the output projection), on a sequence data set such
+as --data stdlib (byte-level language modelling on Python's own standard
+library, documents padded into windows; the result line gives the held-out
+loss in bits per byte).
 
 Every --check-every steps the two gradient sources are compared on the
 current batch with jbp.compare, and the run stops (exit status 1) with the
@@ -85,7 +93,7 @@ mismatch, non-finite values), 2 on bad arguments, data or checkpoints."""
 def add_train(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train an MLP, a CNN or a transformer with optax on hand-written gradients",
+        help="train an MLP, a CNN, a transformer or a llama with optax on hand-written gradients",
         description=_TRAIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -97,7 +105,8 @@ def add_train(subparsers: Any) -> None:
         help="share of examples held out for testing (default 0.2; xor tests on its 4 points)")  # fmt: skip
     add("--model", choices=MODELS, default="mlp",
         help="mlp (Dense layers), cnn (3x3 convolutions, then the Dense layers; needs "
-        "images) or transformer (needs a sequence data set such as sort) (default mlp)")  # fmt: skip
+        "images), transformer or llama (need a sequence data set such as sort or stdlib) "
+        "(default mlp)")  # fmt: skip
     add("--channels", type=channel_counts, default=(32, 64), metavar="LIST",
         help="--model cnn: the convolutions' output channels, comma-separated "
         "(default 32,64)")  # fmt: skip
@@ -107,6 +116,10 @@ def add_train(subparsers: Any) -> None:
         help="--model transformer: attention heads; must divide --features (default 4)")  # fmt: skip
     add("--depth", type=int_at_least(1), default=2, metavar="N",
         help="--model transformer: attention + MLP blocks (default 2)")  # fmt: skip
+    add("--kv-heads", type=int_at_least(1), default=None, metavar="N",
+        help="--model llama: key/value heads, dividing --heads (default: --heads)")  # fmt: skip
+    add("--tie-embeddings", action="store_true",
+        help="--model llama: the output projection is the token embedding, transposed")  # fmt: skip
     add("--hidden", type=hidden_widths, default=(128, 64), metavar="LIST",
         help="hidden Dense layer widths, comma-separated, or none (default 128,64)")  # fmt: skip
     add("--activation", type=activation_name, default="relu", metavar="NAME",
@@ -165,8 +178,10 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     config["hidden"] = list(config["hidden"])
     if args.model == "cnn":
         config["channels"] = list(args.channels)
-    if args.model == "transformer":
+    if args.model in SEQUENCE_MODELS:
         config.update(features=args.features, heads=args.heads, depth=args.depth)
+    if args.model == "llama":
+        config.update(kv_heads=args.kv_heads, tie_embeddings=args.tie_embeddings)
     if args.schedule == "cosine":
         config["epochs"] = args.epochs
     return config
@@ -247,6 +262,8 @@ def build_net(
     features: int = 64,
     heads: int = 4,
     depth: int = 2,
+    kv_heads: int | None = None,
+    tie_embeddings: bool = False,
 ) -> tuple[jbp.Sequential, str]:
     """The network ``jbp train`` trains, and a line that describes it.
 
@@ -255,8 +272,19 @@ def build_net(
     of ``channels``, SAME padding, stride 1 for the first and 2 for the rest,
     then ``jbp.Flatten`` and the Dense layers. ``transformer``:
     ``jbp.transformer`` over ``classes`` tokens and sequences of
-    ``input_shape[0]``, causal. Public ``jbp`` names only.
+    ``input_shape[0]``, causal. ``llama``: ``jbp.llama`` over ``classes``
+    tokens. Public ``jbp`` names only.
     """
+    if model == "llama":
+        net = jbp.llama(
+            classes, features, heads, depth, kv_heads=kv_heads, tie_embeddings=tie_embeddings
+        )
+        text = (
+            f"llama: {depth} block{'s' if depth > 1 else ''}, {features} features, {heads} "
+            f"heads, {kv_heads or heads} kv heads, rope, swiglu, "
+            f"{'tied' if tie_embeddings else 'untied'} embeddings, vocab {classes}"
+        )
+        return net, text
     if model == "transformer":
         length = input_shape[0]
         net = jbp.transformer(classes, length, features, heads, depth, activation=activation)
@@ -295,17 +323,17 @@ def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> jbp
         )
     except (OSError, ValueError, TypeError) as err:
         parser.error(f"--data: {err}")
-    if args.model == "transformer" and not data.is_sequence:
+    if args.model in SEQUENCE_MODELS and not data.is_sequence:
         parser.error(
-            f"--model transformer needs a sequence data set, integer tokens (n, T) with labels "
+            f"--model {args.model} needs a sequence data set, integer tokens (n, T) with labels "
             f"per position (n, T), but {data.name} has examples of shape {data.input_shape} "
-            "with one label each; use --data sort, or --model mlp or cnn"
+            "with one label each; use --data sort or stdlib, or --model mlp or cnn"
         )
-    if args.model != "transformer" and data.is_sequence:
+    if args.model not in SEQUENCE_MODELS and data.is_sequence:
         parser.error(
             f"--model {args.model} needs feature vectors or images with one label each, but "
             f"{data.name} is a sequence data set (integer tokens (n, T), labels per position); "
-            "use --model transformer"
+            "use --model transformer or llama"
         )
     if args.model == "cnn" and len(data.input_shape) < 2:
         parser.error(
@@ -391,13 +419,15 @@ def _sources(args: argparse.Namespace) -> tuple[str, ...]:
 def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any) -> str:
     """The result line's accuracy part: on the test split, else on the training split."""
     params = result.state.params
-    ev = jbp.evaluate(net, args.loss, params, data.x_test, data.y_test)
+    ev = jbp.evaluate(net, args.loss, params, data.x_test, data.y_test, mask=data.mask_test)
     if ev["n"] and data.is_sequence:
         correct = round(ev["accuracy"] * ev["tokens"])
+        bits = ev["loss_per_token"] / math.log(2)
         return (
-            f"test accuracy {100 * ev['accuracy']:.2f}% of answer tokens "
+            f"test accuracy {100 * ev['accuracy']:.2f}% of target tokens "
             f"({correct}/{ev['tokens']}), {100 * ev['sequence_accuracy']:.2f}% of sequences "
-            f"right at every answer token, test loss {ev['loss']:.4f}"
+            f"right at every target token, test loss {ev['loss']:.4f}, "
+            f"{bits:.4f} bits per target token"
         )
     if ev["n"]:
         correct = round(ev["accuracy"] * ev["n"])
@@ -405,8 +435,8 @@ def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any)
             f"test accuracy {100 * ev['accuracy']:.2f}% ({correct}/{ev['n']}), "
             f"test loss {ev['loss']:.4f}"
         )
-    ev = jbp.evaluate(net, args.loss, params, data.x_train, data.y_train)
-    what = "of answer tokens " if data.is_sequence else ""
+    ev = jbp.evaluate(net, args.loss, params, data.x_train, data.y_train, mask=data.mask_train)
+    what = "of target tokens " if data.is_sequence else ""
     return f"train accuracy {100 * ev['accuracy']:.2f}% {what}(no test split)"
 
 
@@ -416,12 +446,13 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     mesh = _make_mesh(args, parser)
     data = _load_data(args, parser)
     if args.schedule is None:
-        args.schedule = "cosine" if args.model == "transformer" else "constant"
+        args.schedule = "cosine" if args.model in SEQUENCE_MODELS else "constant"
     try:
         net, model = build_net(
             args.model, data.input_shape, data.n_classes,
             hidden=args.hidden, activation=args.activation, channels=args.channels,
             features=args.features, heads=args.heads, depth=args.depth,
+            kv_heads=args.kv_heads, tie_embeddings=args.tie_embeddings,
         )  # fmt: skip
     except ValueError as err:
         parser.error(f"--model {args.model}: {err}")
