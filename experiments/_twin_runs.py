@@ -13,9 +13,12 @@ import jbp
 SOURCES = ("backprop", "autodiff")
 
 
-def fit_twins(net: Any, optimizer: Any, data: jbp.Dataset, args: Any) -> dict[str, tuple]:
+def fit_twins(
+    net: Any, optimizer: Any, data: jbp.Dataset, args: Any, **fit_options: Any
+) -> dict[str, tuple]:
     """``jbp.fit`` on softmax_xent once per gradient source, from the same seed
-    (``args``: epochs, batch_size, seed, dtype); each source's result and seconds."""
+    (``args``: epochs, batch_size, seed, dtype; ``fit_options``: any other keyword
+    of ``jbp.fit``, e.g. ``check_every``); each source's result and seconds."""
     runs = {}
     for source in SOURCES:
         start = time.perf_counter()
@@ -29,6 +32,7 @@ def fit_twins(net: Any, optimizer: Any, data: jbp.Dataset, args: Any) -> dict[st
             seed=args.seed,
             dtype=jnp.dtype(args.dtype),
             gradient_source=source,
+            **fit_options,
         )
         runs[source] = (result, time.perf_counter() - start)
     return runs

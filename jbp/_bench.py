@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from ._backprop import backprop, objective
 from ._per_example import (
@@ -31,7 +32,7 @@ from ._per_example import (
     per_example_norms,
     sum_grad_squared,
 )
-from .layers import Conv, Dense, Flatten, Sequential, mlp, transformer
+from .layers import Conv, Dense, Flatten, Sequential, llama, mlp, transformer
 
 K = TypeVar("K", bound=Hashable)
 
@@ -90,6 +91,21 @@ TRANSFORMER_BENCH_FUNCTIONS: tuple[str, ...] = (
     "clipped_grad",
 )
 TRANSFORMER_LENGTH = 64
+# The llama benchmark's rows (issue 16): the transformer's, on a padded batch.
+LLAMA_BENCH_FUNCTIONS = TRANSFORMER_BENCH_FUNCTIONS
+LLAMA_LENGTH = 64
+
+
+def _llama() -> Sequential:
+    """The benchmark llama: vocab 256, 128 features, 4 heads, 2 key/value heads,
+    depth 2, SwiGLU hidden 344, tied embeddings."""
+    return llama(256, 128, 4, 2, kv_heads=2, hidden=344, tie_embeddings=True)
+
+
+def padded_lengths(batch: int, length: int) -> np.ndarray:
+    """Real lengths of the benchmark's padded batches: evenly from ``length/2`` to
+    ``length``, so about a quarter of the positions are padding."""
+    return np.round(np.linspace(length // 2, length, batch)).astype(int)
 
 
 def _transformer() -> Sequential:
@@ -115,17 +131,26 @@ def _cnn() -> Sequential:
 
 
 def _functions(net: Any, loss: str, max_norm: float) -> dict[str, Callable[..., Any]]:
-    ref = jax.grad(objective(net, loss))  # reference
-    per_ex_ref = jax.vmap(ref, in_axes=(None, 0, 0))
+    """Every benchmark function as ``(params, x, y, mask)`` (``mask`` None: no padding)."""
+    grad = jax.grad(objective(net, loss))  # reference
+
+    def ref(p: Any, x: Any, y: Any, m: Any) -> Any:
+        return grad(p, x, y, mask=m)
+
+    per_ex_ref = jax.vmap(ref, in_axes=(None, 0, 0, 0))
+
+    def ours(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda p, x, y, m: fn(p, x, y, mask=m)
+
     fns = {
         "jax.grad": ref,
-        "jbp.backprop": backprop(net, loss),
+        "jbp.backprop": ours(backprop(net, loss)),
         "vmap(jax.grad)": per_ex_ref,
-        "per_example_grads": per_example_grads(net, loss),
-        "norms via vmap": lambda p, x, y: _tree_norms(per_ex_ref(p, x, y)),
-        "per_example_norms": per_example_norms(net, loss),
-        "sum_grad_squared": sum_grad_squared(net, loss),
-        "clipped_grad": clipped_grad(net, loss, max_norm),
+        "per_example_grads": ours(per_example_grads(net, loss)),
+        "norms via vmap": lambda p, x, y, m: _tree_norms(per_ex_ref(p, x, y, m)),
+        "per_example_norms": ours(per_example_norms(net, loss)),
+        "sum_grad_squared": ours(sum_grad_squared(net, loss)),
+        "clipped_grad": ours(clipped_grad(net, loss, max_norm)),
     }
     assert tuple(fns) == BENCH_FUNCTIONS
     return fns
@@ -200,10 +225,15 @@ def benchmark(
         :data:`CNN_BENCH_FUNCTIONS` by default; or ``"transformer"``:
         ``jbp.transformer(vocab=128, length=64, features=128, heads=4, depth=2,
         mlp_ratio=4, activation="gelu", causal=True)`` on tokens ``(B, 64)``
-        with labels ``(B, 64)``, timing :data:`TRANSFORMER_BENCH_FUNCTIONS`
-        (``sizes`` and ``activation`` unused for both).
+        with labels ``(B, 64)``, timing :data:`TRANSFORMER_BENCH_FUNCTIONS`; or
+        ``"llama"``: ``jbp.llama(vocab=256, features=128, heads=4, kv_heads=2,
+        depth=2, hidden=344, tie_embeddings=True)`` on padded batches of tokens
+        ``(B, 64)``, real lengths evenly from 32 to 64 (a quarter of the
+        positions padding: a mask, labels -1 there), timing
+        :data:`LLAMA_BENCH_FUNCTIONS` (``sizes`` and ``activation`` unused for
+        these).
       batches: batch sizes to run (default 64, 256, 1024 for the MLP; 32, 128
-        for the CNN; 16, 64 for the transformer).
+        for the CNN; 16, 64 for the transformer and the llama).
       activation, loss, dtype: the problem.
       rounds: interleaved timing rounds per batch size.
       budget_s: a function stops being timed once it has 3 rounds and its
@@ -214,8 +244,10 @@ def benchmark(
     Returns:
       One :class:`BenchRow` per function and batch size.
     """
-    if arch not in ("mlp", "cnn", "transformer"):
-        raise ValueError(f"`arch` must be 'mlp', 'cnn' or 'transformer', got {arch!r}")
+    if arch not in ("mlp", "cnn", "transformer", "llama"):
+        raise ValueError(
+            f"`arch` must be 'mlp', 'cnn', 'transformer' or 'llama', got {arch!r}"
+        )
     in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
@@ -225,6 +257,10 @@ def benchmark(
         net, in_shape = _transformer(), (TRANSFORMER_LENGTH,)
         batches = (16, 64) if batches is None else batches
         only = TRANSFORMER_BENCH_FUNCTIONS if only is None else only
+    elif arch == "llama":
+        net, in_shape = _llama(), (LLAMA_LENGTH,)
+        batches = (16, 64) if batches is None else batches
+        only = LLAMA_BENCH_FUNCTIONS if only is None else only
     else:
         net, in_shape = mlp(list(sizes), activation), (sizes[0],)
         batches = (64, 256, 1024) if batches is None else batches
@@ -239,7 +275,7 @@ def benchmark(
         fns = {k: v for k, v in fns.items() if k == "jax.grad" or k in only}
     rows = []
     for batch in batches:
-        if arch == "transformer":  # token ids in, next-token labels out
+        if arch in ("transformer", "llama"):  # token ids in, next-token labels out
             x = jax.random.randint(jax.random.key(1), (batch, *in_shape), 0, classes)
         else:
             x = jax.random.normal(jax.random.key(1), (batch, *in_shape), dtype)
@@ -247,12 +283,19 @@ def benchmark(
             y = jax.random.randint(jax.random.key(2), (batch, *out_shape[:-1]), 0, classes)
         else:
             y = jax.random.uniform(jax.random.key(2), (batch, *out_shape), dtype)
+        mask = None
+        if arch == "llama":  # a quarter of the positions padding, labels -1 there
+            lengths = padded_lengths(batch, in_shape[0])
+            mask = jnp.asarray(np.arange(in_shape[0])[None] < lengths[:, None])
+            if loss == "softmax_xent":
+                y = jnp.where(mask, y, -1)
+        args = (params, x, y, mask)
         compiled, compile_s = {}, {}
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            compiled[name] = jax.jit(fn).lower(params, x, y).compile()
+            compiled[name] = jax.jit(fn).lower(*args).compile()
             compile_s[name] = time.perf_counter() - t0
-            jax.block_until_ready(compiled[name](params, x, y))  # warm-up
+            jax.block_until_ready(compiled[name](*args))  # warm-up
         # Two phases, each with jax.grad as its own baseline: the functions
         # that materialise B·P numbers allocate and free gigabytes, whose page
         # faults would otherwise land on the fast functions timed beside them.
@@ -260,7 +303,7 @@ def benchmark(
         heavy = [n for n in names if n in MATERIALISING]
         light = [n for n in names if n not in MATERIALISING]
         for phase in (light, ["jax.grad", *heavy]) if heavy else (light,):
-            times = _time_interleaved(compiled, phase, (params, x, y), rounds, budget_s)
+            times = _time_interleaved(compiled, phase, args, rounds, budget_s)
             base = statistics.median(times["jax.grad"])
             for name in phase:
                 if name == "jax.grad" and phase is not light:
@@ -314,6 +357,15 @@ BENCH_TARGETS_TRANSFORMER: tuple[BenchTarget, ...] = (
     BenchTarget("per_example_norms", "jax.grad", 1.3),
     BenchTarget("clipped_grad", "jax.grad", 1.5),
     BenchTarget("per_example_norms", "norms via vmap", 1.0),
+)
+
+
+# The llama's targets (issue 16), as ratios in one run.
+BENCH_TARGETS_LLAMA: tuple[BenchTarget, ...] = (
+    BenchTarget("jbp.backprop", "jax.grad", 1.0),
+    BenchTarget("per_example_norms", "jax.grad", 1.0),
+    BenchTarget("clipped_grad", "jax.grad", 1.2),
+    BenchTarget("per_example_norms", "norms via vmap", 0.5),
 )
 
 

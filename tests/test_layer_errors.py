@@ -272,7 +272,7 @@ def test_strategy_and_zoo_arguments():
     with pytest.raises(ValueError, match=r"`max_size` must be an int >= 3, got 2"):
         jt.resnets(max_size=2)
     with pytest.raises(
-        ValueError, match=r"`arch` must be one of 'mlp', 'cnn', 'resnet', 'transformer', got 'rnn'"
+        ValueError, match=r"`arch` must be one of 'mlp', 'cnn', 'resnet', 'transformer', 'llama', got 'rnn'"
     ):
         jbp.random_problem(np.random.default_rng(0), dtype=jnp.float32, arch="rnn")
 

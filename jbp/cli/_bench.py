@@ -26,7 +26,11 @@ Conv 3->32 3x3 SAME relu, Conv 32->64 3x3 stride 2 SAME relu, Conv 64->64 3x3
 stride 2 SAME relu, Flatten, Dense 4096->10, B = 32 and 128; --arch
 transformer the transformer benchmark: jbp.transformer(vocab=128, length=64,
 features=128, heads=4, depth=2, mlp_ratio=4, gelu, causal) on (B, 64) tokens,
-B = 16 and 64. Prints median milliseconds (compile time excluded, reported
+B = 16 and 64; --arch llama the llama benchmark: jbp.llama(vocab=256,
+features=128, heads=4, kv_heads=2, depth=2, hidden=344, tie_embeddings=True)
+on padded batches of (B, 64) tokens (real lengths evenly from 32 to 64, a
+quarter of the positions padding, given as a mask, labels -1 there), B = 16
+and 64. Prints median milliseconds (compile time excluded, reported
 separately), the ratio to jax.grad in the same run, XLA's memory estimate,
 and the cost-model targets (met or MISSED).
 
@@ -61,9 +65,9 @@ def add_bench(subparsers: Any) -> None:
     )
     p.add_argument(
         "--arch",
-        choices=("mlp", "cnn", "transformer"),
+        choices=("mlp", "cnn", "transformer", "llama"),
         default="mlp",
-        help="the MLP of --sizes (default), the benchmark CNN or the benchmark transformer",
+        help="the MLP of --sizes (default), the benchmark CNN, transformer or llama",
     )
     p.add_argument(
         "--sizes",
@@ -78,7 +82,7 @@ def add_bench(subparsers: Any) -> None:
         default=None,
         metavar="LIST",
         help="batch sizes (default 64,256,1024 for the MLP, 32,128 for the CNN, 16,64 for "
-        "the transformer)",
+        "the transformer and the llama)",
     )
     p.add_argument(
         "--activation",
@@ -135,6 +139,8 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         "cnn": "CNN (32,32,3) conv32-conv64/2-conv64/2-dense10, relu",
         "transformer": "transformer vocab 128, length 64, 128 features, 4 heads, depth 2, gelu, "
         "causal",
+        "llama": "llama vocab 256, 128 features, 4 heads, 2 kv heads, depth 2, swiglu 344, "
+        "tied embeddings, tokens (B, 64) with a quarter of the positions padding",
     }.get(args.arch, f"MLP {'-'.join(map(str, args.sizes))}, {args.activation}")
     print(
         f"jbp bench: {what}, softmax_xent, "
@@ -143,7 +149,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     )
     sys.stdout.flush()
     if args.curvature:
-        if args.arch == "transformer":
+        if args.arch in ("transformer", "llama"):
             parser.error("--curvature takes --arch mlp or cnn")
         what = "MLP 784-512-512-10, relu" if args.arch == "mlp" else what
         print(f"curvature rows on the {what}, softmax_xent, float32")
@@ -166,7 +172,11 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         only=args.only,
     )
     print(jbp.format_benchmark(rows))
-    targets = {"cnn": jbp.BENCH_TARGETS_CNN, "transformer": jbp.BENCH_TARGETS_TRANSFORMER}
+    targets = {
+        "cnn": jbp.BENCH_TARGETS_CNN,
+        "transformer": jbp.BENCH_TARGETS_TRANSFORMER,
+        "llama": jbp.BENCH_TARGETS_LLAMA,
+    }
     checked = jbp.check_targets(rows, targets.get(args.arch, jbp.BENCH_TARGETS))
     if checked:
         print("\ntargets (ratios measured in this run):")
