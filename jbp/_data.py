@@ -23,6 +23,7 @@ import csv
 import inspect
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -288,6 +289,16 @@ def _windows(data: bytes, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return x, y, mask
 
 
+_TOP_LEVEL = re.compile(rb"\n(?=(?:def |class |async def |@))")
+
+
+def _blocks(data: bytes) -> list[bytes]:
+    """A source file's top-level blocks: split before each line that starts a
+    top-level definition (``def``, ``class``, a decorator), each at least two bytes
+    long (one next-byte target)."""
+    return [b for b in _TOP_LEVEL.split(data) if len(b) >= 2]
+
+
 def python_stdlib(
     *, length: int = 128, max_bytes: int = 1_000_000, test_fraction: float = 0.1, seed: int = 0
 ) -> Dataset:
@@ -297,7 +308,10 @@ def python_stdlib(
     The top-level ``.py`` files of the running interpreter's standard library
     (``os.path.dirname(os.__file__)``), in a seeded order, are split *by file*
     into training and held-out documents (``test_fraction`` of the files), taking
-    files until ``max_bytes`` are read. Each document is cut into windows of
+    files until ``max_bytes`` are read. A document is one top-level block of a
+    file (the file split before each line that starts a top-level ``def``,
+    ``class`` or decorator: a function, a class with its methods, the module's
+    header), so documents run from a few bytes to tens of kilobytes. Each is cut into windows of
     ``length`` bytes, next-byte prediction: tokens are bytes (vocabulary 256),
     labels the next byte. The last window of each document is shorter: padded
     with token 0, label -1 and a False in the mask, so the data set holds
@@ -328,15 +342,16 @@ def python_stdlib(
     n_test = max(1, round(test_fraction * len(chosen)))
     if n_test >= len(chosen):
         raise ValueError(f"{len(chosen)} files are too few to split; raise `max_bytes`")
-    parts = [_windows(data, length) for data in chosen]
-    test, train = parts[:n_test], parts[n_test:]
+    parts = [[_windows(doc, length) for doc in _blocks(data)] for data in chosen]
+    test = [w for file in parts[:n_test] for w in file]
+    train = [w for file in parts[n_test:] for w in file]
     join = [np.concatenate([p[k] for p in split]) for split in (train, test) for k in range(3)]
     order = np.random.default_rng([seed, 1]).permutation(len(join[0]))
     x_tr, y_tr, m_tr = (a[order] for a in join[:3])
     x_te, y_te, m_te = join[3:]
     name = (
-        f"stdlib(files={len(train)}+{len(test)}, bytes={int(m_tr.sum()) + len(train)}+"
-        f"{int(m_te.sum()) + len(test)}, length={length})"
+        f"stdlib(files={len(chosen) - n_test}+{n_test}, documents={len(train)}+{len(test)}, "
+        f"length={length})"
     )
     return Dataset(x_tr, y_tr, x_te, y_te, 256, name, m_tr, m_te)
 

@@ -274,18 +274,18 @@ def targets(net: Any, loss: str | Loss, labels: Any, dtype: Any = np.float32) ->
 
     Returns:
       For a loss that takes integer labels (``softmax_xent``): the labels,
-      int32 ``(n,)``. Otherwise one-hot rows ``(n, fan_out)`` in ``dtype``;
-      with a single output, the 0/1 column ``(n, 1)``. Labels per position:
-      the int32 labels ``(n, T)`` for ``softmax_xent`` when every position
-      has one, else one-hot rows ``(n, T, fan_out)`` with a zero row at each
-      ignored position (only ``softmax_xent`` accepts ignored positions: a
-      zero row gives it ℓ = 0 and δ = 0 there).
+      int32 ``(n,)``, or per position ``(n, T)`` with -1 where there is no
+      target (the loss leaves those out: ℓ_i is the mean over the example's own
+      targets). Otherwise one-hot rows ``(n, fan_out)`` (per position ``(n, T,
+      fan_out)``) in ``dtype``; with a single output, the 0/1 column ``(n, 1)``.
 
     Example:
       >>> import numpy as np, jbp
       >>> net = jbp.transformer(vocab=3, length=2, features=4, heads=1, depth=1)
       >>> jbp.targets(net, "softmax_xent", np.array([[-1, 2]])).tolist()
-      [[[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]]
+      [[-1, 2]]
+      >>> jbp.targets(net, "mse", np.array([[0, 2]])).tolist()
+      [[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]]
     """
     net = check_net(net)
     loss = get_loss(loss)

@@ -135,7 +135,7 @@ def test_bench_cnn_times_the_cnn_rows_and_checks_its_targets(tmp_path, capsys):
 
 def test_bench_arch_is_checked():
     with pytest.raises(
-        ValueError, match=r"`arch` must be .mlp., .cnn. or .transformer., got .rnn."
+        ValueError, match=r"`arch` must be .mlp., .cnn., .transformer. or .llama., got .rnn."
     ):
         jbp.benchmark(arch="rnn")
 

@@ -73,13 +73,13 @@ def test_digits_ships_with_scikit_learn():
 
 
 def test_dataset_names():
-    assert jbp.dataset_names() == ("digits", "moons", "sort", "spirals", "xor")
+    assert jbp.dataset_names() == ("digits", "majority", "moons", "sort", "spirals", "stdlib", "xor")
 
 
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(
         ValueError,
-        match=r"unknown data set 'mnist'; known: digits, moons, sort, spirals, xor, or a path",
+        match=r"unknown data set 'mnist'; known: digits, majority, moons, sort, spirals, stdlib, xor, or a path",
     ):
         jbp.load_dataset("mnist")
 

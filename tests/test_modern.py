@@ -5,13 +5,16 @@ the padding-invariance property, and planted bugs, each caught."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 import pytest
 from hypothesis import assume, given, settings
 
@@ -597,3 +600,65 @@ def test_bad_masks_and_keys_are_named():
         jbp.backprop(seq, custom)(p, jnp.zeros((2, 3, 2)), jnp.zeros((2, 3, 2)), mask=jnp.ones((2, 3), bool))
     with pytest.raises(TypeError, match=r"shares leaves with `layers\[0\]` of its Sequential; it can only run inside"):
         jbp.Tied(jbp.Dense(4, 6), 0, {"w": "w"}).forward({}, jnp.zeros((1, 4)))
+
+
+# --- training and the command line ------------------------------------------------------
+
+
+def test_fit_on_padded_sequences_with_dropout_and_the_live_check(tmp_path):
+    """The mask reaches every step, evaluation and the live check; the step's own
+    key drives dropout (a resumed run replays it: same state bitwise)."""
+    data = jbp.load_dataset("majority", n=96, max_length=6, vocab=3)
+    net = jbp.Sequential(
+        [
+            jbp.Embedding(3, 8),
+            jbp.Residual(jbp.Sequential([jbp.RMSNorm(8), jbp.MultiHeadAttention(8, 2, kv_heads=1), jbp.Dropout(0.2)])),
+            jbp.GroupNorm(2, 8),
+            jbp.GlobalAvgPool(),
+            jbp.Dense(8, 3),
+        ]
+    )
+    opt = optax.adam(1e-2)
+    kw = dict(epochs=2, batch_size=16, check_every=2, seed=3)
+    whole = jbp.fit(net, "softmax_xent", opt, data, **kw)
+    assert all(r["grad_checks"] and r["grad_check_max_rel_err"] <= 1e-4 for r in whole.history)
+    ev = jbp.evaluate(net, "softmax_xent", whole.state.params, data.x_test, data.y_test, mask=data.mask_test)
+    assert ev["accuracy"] == whole.history[-1]["test_accuracy"]
+    run = tmp_path / "run"
+    jbp.fit(net, "softmax_xent", opt, data, **kw, run_dir=str(run), max_steps=5)
+    resumed = jbp.fit(net, "softmax_xent", opt, data, **kw, run_dir=str(run), resume=True)
+    report = jbp.compare(resumed.state.params, whole.state.params, rtol=0.0)
+    assert report.n_bitwise == len(report.rows), str(report)
+
+
+def test_stdlib_corpus_is_split_by_file_and_padded():
+    data = jbp.load_dataset("stdlib", length=32, max_bytes=40_000, test_fraction=0.25)
+    assert data.n_classes == 256 and data.x_train.shape[1] == 32 and data.is_sequence
+    m = data.mask_train
+    assert (~m).any() and m.any(axis=1).all()  # some windows padded, none empty
+    assert np.all(data.y_train[~m] == -1) and np.all(data.y_train[m] >= 0)
+    # labels are the next byte of the same window
+    row = int(np.argmax(m.all(axis=1)))
+    np.testing.assert_array_equal(data.x_train[row, 1:], data.y_train[row, :-1])
+
+
+def test_cli_verify_train_and_bench_llama(tmp_path, capsys):
+    from jbp.cli import main
+
+    assert main(["verify", "--count", "2", "--arch", "llama", "--dtype", "float64"]) == 0
+    out = capsys.readouterr().out
+    assert "OK: all 2 problems pass" in out
+    argv = ["train", "--model", "llama", "--data", "stdlib", "--features", "8", "--heads", "2",
+            "--kv-heads", "1", "--tie-embeddings", "--depth", "1", "--max-steps", "3",
+            "--check-every", "1", "--batch-size", "8", "--epochs", "1"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "llama: 1 block, 8 features, 2 heads, 1 kv heads, rope, swiglu, tied embeddings" in out
+    assert re.search(r"backprop: test accuracy .* bits per answer token after", out), out
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--arch", "llama", "--batches", "2", "--rounds", "3", "--only", "per_example_norms"]
+    assert main([*argv, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "jbp bench: llama vocab 256, 128 features, 4 heads, 2 kv heads" in out
+    summary = json.loads(path.read_text())
+    assert [r["name"] for r in summary["rows"]] == ["jax.grad", "per_example_norms"]

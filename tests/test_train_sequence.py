@@ -101,13 +101,12 @@ TOKENS = np.array([[0, 1, 2], [2, 2, 1]])
 LABELS = np.array([[-1, 1, 0], [-1, 2, -1]])  # scored: (0,1) right, (0,2) wrong, (1,1) right
 
 
-def test_targets_are_one_hot_with_zero_rows_where_there_is_no_target():
+def test_targets_keep_labels_minus_one_for_softmax_xent_and_one_hot_otherwise():
     net, _ = _identity_net()
-    t = jbp.targets(net, "softmax_xent", LABELS, np.float64)
-    assert t.shape == (2, 3, 3) and t.dtype == np.float64
-    np.testing.assert_array_equal(t[0], [[0, 0, 0], [0, 1, 0], [1, 0, 0]])
-    np.testing.assert_array_equal(t[1], [[0, 0, 0], [0, 0, 1], [0, 0, 0]])
-    full = np.array([[0, 1, 2]])  # every position has a target: the labels themselves
+    t = jbp.targets(net, "softmax_xent", LABELS, np.float64)  # the loss takes -1 itself
+    assert t.dtype == np.int32
+    np.testing.assert_array_equal(t, LABELS)
+    full = np.array([[0, 1, 2]])
     assert jbp.targets(net, "softmax_xent", full).dtype == np.int32
     np.testing.assert_array_equal(jbp.targets(net, "mse", full)[0], np.eye(3))
 
@@ -116,7 +115,7 @@ def test_accuracy_and_loss_count_the_answer_tokens_only():
     net, params = _identity_net()
     ev = jbp.evaluate(net, "softmax_xent", params, TOKENS, LABELS)
     lse = math.log(math.e + 2)  # logsumexp of a row (1, 0, 0)
-    loss = ((lse - 1 + lse) / 3 + (lse - 1) / 3) / 2  # ℓ_i: mean over all 3 positions
+    loss = ((lse - 1 + lse) / 2 + (lse - 1) / 1) / 2  # ℓ_i: mean over its own targets
     assert ev["n"] == 2 and ev["tokens"] == 3
     assert ev["accuracy"] == 2 / 3 and ev["sequence_accuracy"] == 0.5
     np.testing.assert_allclose(ev["loss"], loss, rtol=1e-12)

@@ -73,7 +73,7 @@ Its learning rate follows a cosine schedule unless --schedule says otherwise.
 the token embedding with the output projection), on a sequence data set such
 as --data stdlib (byte-level language modelling on Python's own standard
 library, documents padded into windows; the result line gives the held-out
-loss in bits per byte).
+loss in bits per answer token: for stdlib, bits per byte).
 
 Every --check-every steps the two gradient sources are compared on the
 current batch with jbp.compare, and the run stops (exit status 1) with the
@@ -424,10 +424,10 @@ def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any)
         correct = round(ev["accuracy"] * ev["tokens"])
         bits = ev["loss_per_token"] / math.log(2)
         return (
-            f"test accuracy {100 * ev['accuracy']:.2f}% of target tokens "
+            f"test accuracy {100 * ev['accuracy']:.2f}% of answer tokens "
             f"({correct}/{ev['tokens']}), {100 * ev['sequence_accuracy']:.2f}% of sequences "
-            f"right at every target token, test loss {ev['loss']:.4f}, "
-            f"{bits:.4f} bits per target token"
+            f"right at every answer token, test loss {ev['loss']:.4f}, "
+            f"{bits:.4f} bits per answer token"
         )
     if ev["n"]:
         correct = round(ev["accuracy"] * ev["n"])
@@ -436,7 +436,7 @@ def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any)
             f"test loss {ev['loss']:.4f}"
         )
     ev = jbp.evaluate(net, args.loss, params, data.x_train, data.y_train, mask=data.mask_train)
-    what = "of target tokens " if data.is_sequence else ""
+    what = "of answer tokens " if data.is_sequence else ""
     return f"train accuracy {100 * ev['accuracy']:.2f}% {what}(no test split)"
 
 
