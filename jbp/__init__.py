@@ -90,8 +90,8 @@ from ._verify_layer import check_layer as check_layer
 from ._zoo import random_problem as random_problem
 from .layers import Activation as Activation
 from .layers import AvgPool as AvgPool
-from .layers import Conv as Conv
 from .layers import Context as Context
+from .layers import Conv as Conv
 from .layers import Dense as Dense
 from .layers import Dropout as Dropout
 from .layers import Embedding as Embedding

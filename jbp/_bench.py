@@ -245,9 +245,7 @@ def benchmark(
       One :class:`BenchRow` per function and batch size.
     """
     if arch not in ("mlp", "cnn", "transformer", "llama"):
-        raise ValueError(
-            f"`arch` must be 'mlp', 'cnn', 'transformer' or 'llama', got {arch!r}"
-        )
+        raise ValueError(f"`arch` must be 'mlp', 'cnn', 'transformer' or 'llama', got {arch!r}")
     in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE

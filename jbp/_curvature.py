@@ -280,9 +280,7 @@ def _column_grads(leaf: _Leaf, factors: Any) -> Params:
                 "per_example_grads: curvature needs one of them"
             )
         return jax.vmap(lambda d: method(leaf.params, leaf.cache, d))(leaf.columns)
-    return jtu.tree_map(
-        lambda f: _per_column(f, per_example_grad), factors, is_leaf=is_leaf_factor
-    )
+    return jtu.tree_map(lambda f: _per_column(f, per_example_grad), factors, is_leaf=is_leaf_factor)
 
 
 def _single_position_outer(f: Any) -> bool:

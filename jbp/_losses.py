@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,15 +85,15 @@ class Loss:
     """
 
     name: str
-    per_example: Callable[[Array, Array], Array]
-    delta: Callable[[Array, Array], Array]
+    per_example: Callable[..., Array]
+    delta: Callable[..., Array]
     reduction: str
     integer_labels: bool = False
     description: str = ""
-    reduced_delta: Callable[[Array, Array], Array] | None = None
-    sqrt_hessian: Callable[[Array, Array], Array] | None = None
-    sample_sqrt_hessian: Callable[[Array, Array, Array, int], Array] | None = None
-    hessian_vp: Callable[[Array, Array, Array], Array] | None = None
+    reduced_delta: Callable[..., Array] | None = None
+    sqrt_hessian: Callable[..., Array] | None = None
+    sample_sqrt_hessian: Callable[..., Array] | None = None
+    hessian_vp: Callable[..., Array] | None = None
     masked: bool = False
 
     def __post_init__(self) -> None:
@@ -118,7 +119,7 @@ class Loss:
             "sample_sqrt_hessian",
             "hessian_vp",
         )
-        bound = {
+        bound: dict[str, Any] = {
             n: functools.partial(getattr(self, n), mask=mask)
             for n in names
             if getattr(self, n) is not None
@@ -289,7 +290,9 @@ def _mse_root(a: Array, mask: Array | None) -> Array | float:
     """``√(2/K)`` per element (K the example's real elements; 0 at padded positions)."""
     if mask is None:
         return math.sqrt(2.0 / _elements(a))
-    return jnp.sqrt(2.0 / _counts(a, mask)) * _weights(mask, a)
+    return jnp.sqrt(2.0 / _counts(a, mask)) * mask.astype(a.dtype).reshape(
+        mask.shape + (1,) * (a.ndim - 2)
+    )
 
 
 def _mse_hvp(a: Array, y: Array, u: Array, *, mask: Array | None = None) -> Array:

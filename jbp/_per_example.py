@@ -138,7 +138,9 @@ def walk_quantity(
             return x.value
         return _from_factor(name, x, *extra, method=method)
 
-    return jtu.tree_map(finish, results, is_leaf=lambda x: is_leaf_factor(x) or isinstance(x, _Done))
+    return jtu.tree_map(
+        finish, results, is_leaf=lambda x: is_leaf_factor(x) or isinstance(x, _Done)
+    )
 
 
 class _Pass(NamedTuple):
@@ -196,9 +198,7 @@ def per_example_grads(net: Any, loss: str | Loss) -> Callable[..., Params]:
     """
     net, loss = _setup(net, loss)
 
-    def fn(
-        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
-    ) -> Params:
+    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
         b = prepare(net, loss, params, x, y, mask, dropout_key)
         return _like(params, _forward(net, params, b).quantity("per_example_grads"))
 
@@ -229,9 +229,7 @@ def per_example_norms(
     net, loss = _setup(net, loss)
     check_method(method)
 
-    def fn(
-        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
-    ) -> Array:
+    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Array:
         b = prepare(net, loss, params, x, y, mask, dropout_key)
         sq = _sq_norms(_forward(net, params, b), b.x.shape[0], _dtype(params, b), method)
         return jnp.sqrt(sq) if per_layer else jnp.sqrt(jnp.sum(sq, axis=1))
@@ -248,18 +246,14 @@ def sum_grad_squared(net: Any, loss: str | Loss) -> Callable[..., Params]:
     """
     net, loss = _setup(net, loss)
 
-    def fn(
-        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
-    ) -> Params:
+    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
         b = prepare(net, loss, params, x, y, mask, dropout_key)
         return _like(params, _forward(net, params, b).quantity("sum_grad_squared"))
 
     return fn
 
 
-def grad_variance(
-    net: Any, loss: str | Loss, *, ddof: int = 0
-) -> Callable[..., Params]:
+def grad_variance(net: Any, loss: str | Loss, *, ddof: int = 0) -> Callable[..., Params]:
     """The elementwise variance of the per-example gradients g_i over the batch.
 
     ``Var = (Σ_i g_i² − B·ḡ²) / (B − ddof)`` with ``ḡ = mean_i g_i``
@@ -273,9 +267,7 @@ def grad_variance(
     if ddof not in (0, 1):
         raise ValueError(f"`ddof` must be 0 or 1, got {ddof!r}")
 
-    def fn(
-        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
-    ) -> Params:
+    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
         batch = prepare(net, loss, params, x, y, mask, dropout_key)
         b = batch.x.shape[0]
         if b - ddof < 1:
@@ -437,7 +429,7 @@ def gradient_noise_scale(
         dtype = _dtype(params, batch)
         sq = _sq_norms(run, b, dtype, "auto")
         mean = run.quantity("weighted_grads", jnp.full((b,), 1.0 / b, dtype))
-        mean_sq = sum(jnp.sum(leaf * leaf) for leaf in jtu.tree_leaves(mean))
+        mean_sq = _tree_sum([jnp.sum(leaf * leaf) for leaf in jtu.tree_leaves(mean)])
         spread = jnp.mean(jnp.sum(sq, axis=1)) - mean_sq
         if unbiased:
             trace = b / (b - 1) * spread

@@ -45,9 +45,9 @@ from ._losses import Loss, get_loss
 from ._per_example import dp_grad
 from ._train_checks import (
     check_class_labels,
+    check_data_mask,
     check_examples,
     check_gradient_source,
-    check_data_mask,
     check_inputs,
     check_optimizer,
     class_targets,
@@ -57,7 +57,7 @@ from .layers import Context, Sequential
 
 Array = jax.Array
 Params = Any
-StepFn = Callable[["TrainState", Any, Any], tuple["TrainState", dict[str, Array]]]
+StepFn = Callable[..., tuple["TrainState", dict[str, Array]]]
 
 
 class TrainState(NamedTuple):

@@ -317,7 +317,9 @@ def check_data_mask(mask: Any, x: np.ndarray, name: str) -> np.ndarray | None:
             f"{mask.dtype.name} of shape {mask.shape}"
         )
     if np.any(~mask[:, :-1] & mask[:, 1:]):
-        raise ValueError(f"`{name}`: each row must be True (real) then False (padding on the right)")
+        raise ValueError(
+            f"`{name}`: each row must be True (real) then False (padding on the right)"
+        )
     return mask
 
 

@@ -135,7 +135,9 @@ def _layer(layer: Any) -> str:
     if isinstance(layer, Dropout):
         return f"Dropout({layer.rate})"
     if isinstance(layer, Tied):
-        return f"Tied[{_layer(layer.layer)} ← layers[{layer.source}]{'ᵀ' if layer.transpose else ''}]"
+        return (
+            f"Tied[{_layer(layer.layer)} ← layers[{layer.source}]{'ᵀ' if layer.transpose else ''}]"
+        )
     if isinstance(layer, MultiHeadAttention):
         flags = ", causal" if layer.causal else ""
         flags += "" if layer.bias else ", no bias"

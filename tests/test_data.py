@@ -73,7 +73,15 @@ def test_digits_ships_with_scikit_learn():
 
 
 def test_dataset_names():
-    assert jbp.dataset_names() == ("digits", "majority", "moons", "sort", "spirals", "stdlib", "xor")
+    assert jbp.dataset_names() == (
+        "digits",
+        "majority",
+        "moons",
+        "sort",
+        "spirals",
+        "stdlib",
+        "xor",
+    )
 
 
 def test_unknown_name_lists_the_known_ones():

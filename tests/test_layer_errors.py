@@ -185,7 +185,10 @@ def test_groups_that_do_not_divide_the_channels():
         (lambda: jbp.LayerNorm(0), r"`features` must be a positive int, got 0"),
         (lambda: jbp.LayerNorm(4, eps=0), r"`eps` must be a positive number, got 0"),
         (lambda: jbp.RMSNorm(4, eps=-1.0), r"`eps` must be a positive number, got -1.0"),
-        (lambda: jbp.Parallel([jbp.Dense(2, 2)], merge="max"), r"`merge` must be 'sum', 'concat' or 'product', got 'max'"),
+        (
+            lambda: jbp.Parallel([jbp.Dense(2, 2)], merge="max"),
+            r"`merge` must be 'sum', 'concat' or 'product', got 'max'",
+        ),
         (lambda: jbp.Parallel([]), r"`branches` is empty: a network needs at least one layer"),
         (lambda: jbp.Parallel([jbp.Dense(2, 2), 3]), r"`branches\[1\]` is 3, which is not a"),
         (lambda: jbp.Residual("tanh"), r"`block` is 'tanh', which is not a layer"),
@@ -272,7 +275,8 @@ def test_strategy_and_zoo_arguments():
     with pytest.raises(ValueError, match=r"`max_size` must be an int >= 3, got 2"):
         jt.resnets(max_size=2)
     with pytest.raises(
-        ValueError, match=r"`arch` must be one of 'mlp', 'cnn', 'resnet', 'transformer', 'llama', got 'rnn'"
+        ValueError,
+        match=r"`arch` must be one of 'mlp', 'cnn', 'resnet', 'transformer', 'llama', got 'rnn'",
     ):
         jbp.random_problem(np.random.default_rng(0), dtype=jnp.float32, arch="rnn")
 

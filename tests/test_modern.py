@@ -30,7 +30,9 @@ def _examples(n: int) -> int:
     return max(1, round(n * settings.default.max_examples / 25))
 
 
-def _tree_close(a: Any, b: Any, rtol: float = 1e-10, names: tuple[str, str] = ("jbp", "ref")) -> None:
+def _tree_close(
+    a: Any, b: Any, rtol: float = 1e-10, names: tuple[str, str] = ("jbp", "ref")
+) -> None:
     jbp.compare(a, b, rtol=rtol, names=names).raise_if_failed()
 
 
@@ -111,7 +113,8 @@ def test_new_tangent_rules_match_jax_jvp():
         p_dot = jtu.tree_map(lambda v: jnp.asarray(rng.standard_normal(v.shape)), params)
         _, cache = layer.forward(params, a, ctx)
         got = layer.tangent(params, cache, a_dot, p_dot)
-        want = jax.jvp(lambda p, x: layer.forward(p, x, ctx)[0], (params, a), (p_dot, a_dot))[1]
+        run = lambda p, x, layer=layer, ctx=ctx: layer.forward(p, x, ctx)[0]  # noqa: E731
+        want = jax.jvp(run, (params, a), (p_dot, a_dot))[1]
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=repr(layer))
 
 
@@ -129,7 +132,9 @@ def test_rope_rotation_and_grouped_heads_as_pinned():
     def rot(x: np.ndarray, p: int) -> np.ndarray:
         theta = p * 100.0 ** (-2 * np.arange(d // 2) / d)
         x1, x2 = x[: d // 2], x[d // 2 :]
-        return np.concatenate([x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta)])
+        return np.concatenate(
+            [x1 * np.cos(theta) - x2 * np.sin(theta), x2 * np.cos(theta) + x1 * np.sin(theta)]
+        )
 
     o = np.zeros((3, 8))
     for h in range(4):
@@ -275,7 +280,9 @@ def test_llama_family_against_autodiff(problem):
 
 
 def test_curvature_on_a_padded_tied_llama():
-    net = jbp.llama(vocab=9, features=8, heads=2, depth=1, kv_heads=1, hidden=5, tie_embeddings=True)
+    net = jbp.llama(
+        vocab=9, features=8, heads=2, depth=1, kv_heads=1, hidden=5, tie_embeddings=True
+    )
     params = _perturbed(net)
     x, y, m = _padded_tokens(np.random.default_rng(1), 9, [4, 2], 4)
     report = jbp.check_curvature(net, "softmax_xent", params, x, y, mask=m)
@@ -352,7 +359,13 @@ def test_untransposed_sharing_of_two_dense_layers():
 
 def test_dropout_is_exact_with_a_key_and_the_identity_without():
     net = jbp.Sequential(
-        [jbp.Dense(4, 6, "tanh"), jbp.Dropout(0.5), jbp.Dense(6, 6, "tanh"), jbp.Dropout(0.5), jbp.Dense(6, 2)]
+        [
+            jbp.Dense(4, 6, "tanh"),
+            jbp.Dropout(0.5),
+            jbp.Dense(6, 6, "tanh"),
+            jbp.Dropout(0.5),
+            jbp.Dense(6, 2),
+        ]
     )
     params = _perturbed(net)
     rng = np.random.default_rng(0)
@@ -362,7 +375,11 @@ def test_dropout_is_exact_with_a_key_and_the_identity_without():
     assert report.ok and report.n_bitwise >= 4, str(report)
     plain = jbp.mlp([4, 6, 6, 2], "tanh")
     no_key = jbp.backprop(net, "mse")(params, x, y)
-    _tree_close([no_key[i] for i in (0, 2, 4)], list(jbp.backprop(plain, "mse")((params[0], params[2], params[4]), x, y)), 0.0)
+    _tree_close(
+        [no_key[i] for i in (0, 2, 4)],
+        list(jbp.backprop(plain, "mse")((params[0], params[2], params[4]), x, y)),
+        0.0,
+    )
     _, caches = net.forward(params, x, jbp.Context(None, key))
     first, second = np.asarray(caches[1]), np.asarray(caches[3])
     assert 0.3 < first.mean() < 0.7 and not np.array_equal(first, second)  # two layers, two draws
@@ -379,18 +396,25 @@ def test_norm_rules_are_as_accurate_as_autodiff_in_float32_when_ill_conditioned(
     upstream leaf's gradient a small difference; jbp's float32 error must match
     jax.grad's (it was 3-10x worse with the one-line δ formula). Also RMSNorm of 2 and
     GroupNorm with groups of two numbers."""
+
     def net_with(norm: Any, f: int) -> Any:
         return jbp.Sequential(
             [
                 jbp.Embedding(7, f),
                 jbp.PositionalEmbedding(5, f),
-                jbp.Residual(jbp.Sequential([jbp.LayerNorm(f), jbp.MultiHeadAttention(f, 1, causal=True)])),
+                jbp.Residual(
+                    jbp.Sequential([jbp.LayerNorm(f), jbp.MultiHeadAttention(f, 1, causal=True)])
+                ),
                 norm,
                 jbp.Dense(f, 7),
             ]
         )
 
-    for norm, f, t in ((jbp.LayerNorm(2), 2, 5), (jbp.RMSNorm(2), 2, 5), (jbp.GroupNorm(4, 4), 4, 2)):
+    for norm, f, t in (
+        (jbp.LayerNorm(2), 2, 5),
+        (jbp.RMSNorm(2), 2, 5),
+        (jbp.GroupNorm(4, 4), 4, 2),
+    ):
         net = net_with(norm, f)
         truth_fn = jax.jit(jax.grad(jbp.objective(net, "softmax_xent")))
         ours, theirs = jax.jit(jbp.backprop(net, "softmax_xent")), truth_fn
@@ -398,7 +422,8 @@ def test_norm_rules_are_as_accurate_as_autodiff_in_float32_when_ill_conditioned(
         for seed in range(12):
             rng = np.random.default_rng(seed)
             p64 = jtu.tree_map(
-                lambda a: a + 0.5 * rng.standard_normal(a.shape), net.init(jax.random.key(seed), F64)
+                lambda a, rng=rng: a + 0.5 * rng.standard_normal(a.shape),
+                net.init(jax.random.key(seed), F64),
             )
             x, y = (jnp.asarray(rng.integers(0, 7, (4, t))) for _ in range(2))
             truth = truth_fn(p64, x, y)
@@ -437,7 +462,11 @@ def _attention_mutant(**switches: Any) -> type:
 @pytest.mark.parametrize(
     ("name", "switches", "kw"),
     [
-        ("RoPE's inverse rotation with the wrong sign", {"rope_inverse": False}, {"kv_heads": 2, "rope_theta": 10.0}),
+        (
+            "RoPE's inverse rotation with the wrong sign",
+            {"rope_inverse": False},
+            {"kv_heads": 2, "rope_theta": 10.0},
+        ),
         ("kv δ of a group not summed over its query heads", {"group_sum": False}, {"kv_heads": 1}),
     ],
 )
@@ -447,7 +476,12 @@ def test_attention_mutants_are_caught(name, switches, kw):
     report = jbp.check_layer(layer, (5, 8))
     assert not report.ok, f"{name} not caught by check_layer"
     net = jbp.Sequential(
-        [jbp.Embedding(7, 8), jbp.Residual(jbp.Sequential([jbp.RMSNorm(8), layer])), jbp.RMSNorm(8), jbp.Dense(8, 7)]
+        [
+            jbp.Embedding(7, 8),
+            jbp.Residual(jbp.Sequential([jbp.RMSNorm(8), layer])),
+            jbp.RMSNorm(8),
+            jbp.Dense(8, 7),
+        ]
     )
     x, y, _ = _padded_tokens(np.random.default_rng(0), 7, [5, 5, 5], 5)
     report = _caught_in(net, _perturbed(net), x, y)
@@ -470,7 +504,10 @@ class GroupNormWithoutMean(jbp.GroupNorm):
         g = self._grouped(delta_out * params["scale"][None, None])
         xg = self._grouped(xhat)
         delta = r * (g - xg * self._mean(g * xg, w))
-        grads = {"scale": jnp.sum(delta_out * xhat, axis=(0, 1)), "bias": jnp.sum(delta_out, axis=(0, 1))}
+        grads = {
+            "scale": jnp.sum(delta_out * xhat, axis=(0, 1)),
+            "bias": jnp.sum(delta_out, axis=(0, 1)),
+        }
         return grads, delta.reshape(delta_out.shape)
 
 
@@ -513,7 +550,9 @@ def test_tied_mutants_are_caught(monkeypatch):
 
     combine = _shared.combine_leaf
     monkeypatch.setattr(
-        _shared, "combine_leaf", lambda o, u, t: o if not _factors.is_leaf_factor(o) else combine(o, u, t)
+        _shared,
+        "combine_leaf",
+        lambda o, u, t: o if not _factors.is_leaf_factor(o) else combine(o, u, t),
     )
     report = jbp.verify(net, "softmax_xent", params, x, y, mask=m)
     assert not report.ok and report.first_mismatch.path == "params[0]['table']", str(report)
@@ -540,28 +579,60 @@ def test_tied_mutants_are_caught(monkeypatch):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: jbp.MultiHeadAttention(8, 4, kv_heads=3), r"`heads`=4 is not divisible by `kv_heads`=3"),
-        (lambda: jbp.MultiHeadAttention(6, 2, rope_theta=1e4), r"head width features/heads = 3 must be even"),
-        (lambda: jbp.MultiHeadAttention(8, 2, rope_theta=-1.0), r"`rope_theta` must be a positive number"),
-        (lambda: jbp.GroupNorm(4, 6), r"`features`=6 is not divisible by `groups`=4"),
-        (lambda: jbp.Dropout(1.0), r"`rate` is the probability of dropping a value and must lie in \[0, 1\), got 1.0"),
-        (lambda: jbp.Parallel([jbp.Dense(2, 2)] * 3, merge="product"), r"multiplies exactly two branches, got 3"),
         (
-            lambda: jbp.Sequential([jbp.Tied(jbp.Dense(4, 4), source=1, leaves={"w": "w"}), jbp.Dense(4, 4)]),
+            lambda: jbp.MultiHeadAttention(8, 4, kv_heads=3),
+            r"`heads`=4 is not divisible by `kv_heads`=3",
+        ),
+        (
+            lambda: jbp.MultiHeadAttention(6, 2, rope_theta=1e4),
+            r"head width features/heads = 3 must be even",
+        ),
+        (
+            lambda: jbp.MultiHeadAttention(8, 2, rope_theta=-1.0),
+            r"`rope_theta` must be a positive number",
+        ),
+        (lambda: jbp.GroupNorm(4, 6), r"`features`=6 is not divisible by `groups`=4"),
+        (
+            lambda: jbp.Dropout(1.0),
+            r"`rate` is the probability of dropping a value and must lie in \[0, 1\), got 1.0",
+        ),
+        (
+            lambda: jbp.Parallel([jbp.Dense(2, 2)] * 3, merge="product"),
+            r"multiplies exactly two branches, got 3",
+        ),
+        (
+            lambda: jbp.Sequential(
+                [jbp.Tied(jbp.Dense(4, 4), source=1, leaves={"w": "w"}), jbp.Dense(4, 4)]
+            ),
             r"`layers\[0\]` .* shares leaves of `layers\[1\]`, which must come before it",
         ),
         (
-            lambda: jbp.Sequential([jbp.Embedding(6, 4), jbp.Tied(jbp.Dense(4, 6), 0, {"w": "tabel"}, transpose=True)]),
+            lambda: jbp.Sequential(
+                [jbp.Embedding(6, 4), jbp.Tied(jbp.Dense(4, 6), 0, {"w": "tabel"}, transpose=True)]
+            ),
             r"shares leaf 'tabel' of `layers\[0\]` .* which has leaves \['table'\]",
         ),
         (
-            lambda: jbp.Sequential([jbp.Embedding(6, 4), jbp.Tied(jbp.Dense(4, 6), 0, {"w": "table"})]),
+            lambda: jbp.Sequential(
+                [jbp.Embedding(6, 4), jbp.Tied(jbp.Dense(4, 6), 0, {"w": "table"})]
+            ),
             r"needs `layers\[0\]`'s 'table' of shape \(4, 6\), but it has shape \(6, 4\)",
         ),
-        (lambda: jbp.Tied(jbp.Dense(4, 6), 0, {"b": "table"}, transpose=True), r"`transpose=True` needs 2-D leaves"),
-        (lambda: jbp.Tied(jbp.Dense(4, 6), 0, {"v": "table"}), r"`leaves` names 'v', but `layer` .* has leaves \['b', 'w'\]"),
+        (
+            lambda: jbp.Tied(jbp.Dense(4, 6), 0, {"b": "table"}, transpose=True),
+            r"`transpose=True` needs 2-D leaves",
+        ),
+        (
+            lambda: jbp.Tied(jbp.Dense(4, 6), 0, {"v": "table"}),
+            r"`leaves` names 'v', but `layer` .* has leaves \['b', 'w'\]",
+        ),
         (lambda: jbp.Tied(jbp.Dense(4, 6), -1, {"w": "w"}), r"`source` must be the index"),
-        (lambda: jbp.Parallel([jbp.Parallel([jbp.Dense(2, 2), jbp.Dense(2, 3)], merge="product")]).output_shape((2,)), r"multiplies its branches' outputs, but branches\[0\] gives shape \(2,\) and branches\[1\] gives \(3,\)"),
+        (
+            lambda: jbp.Parallel(
+                [jbp.Parallel([jbp.Dense(2, 2), jbp.Dense(2, 3)], merge="product")]
+            ).output_shape((2,)),
+            r"multiplies its branches' outputs, but branches\[0\] gives shape \(2,\) and branches\[1\] gives \(3,\)",
+        ),
     ],
 )
 def test_bad_arguments_of_the_new_layers(make, message):
@@ -575,9 +646,15 @@ def test_bad_masks_and_keys_are_named():
     x = jnp.zeros((2, 3), jnp.int32)
     grad = jbp.backprop(net, "softmax_xent")
     cases = [
-        (jnp.ones((2, 4), bool), r"`mask` must have shape \(batch, T\) = \(2, 3\) .* got shape \(2, 4\)"),
+        (
+            jnp.ones((2, 4), bool),
+            r"`mask` must have shape \(batch, T\) = \(2, 3\) .* got shape \(2, 4\)",
+        ),
         (jnp.ones((2, 3)), r"`mask` must be boolean \(True at real positions\), got dtype float"),
-        (jnp.asarray([[True, False, True], [True, True, True]]), r"`mask` row 0 is \[1, 0, 1\]: each row must be a prefix"),
+        (
+            jnp.asarray([[True, False, True], [True, True, True]]),
+            r"`mask` row 0 is \[1, 0, 1\]: each row must be a prefix",
+        ),
     ]
     for mask, message in cases:
         with pytest.raises((TypeError, ValueError), match=message):
@@ -588,17 +665,37 @@ def test_bad_masks_and_keys_are_named():
         grad(params, x, x - 2)
     conv = jbp.Sequential([jbp.Dense(2, 3), jbp.Conv(3, 3, 2), jbp.Dense(3, 1)])
     p = conv.init(jax.random.key(0), F64)
-    with pytest.raises(ValueError, match=r"`net.layers\[1\]` \(Conv.* mixes positions and does not take a padding mask"):
-        jbp.backprop(conv, "half_sse")(p, jnp.zeros((2, 4, 2)), jnp.zeros((2, 4, 1)), mask=jnp.ones((2, 4), bool))
+    with pytest.raises(
+        ValueError,
+        match=r"`net.layers\[1\]` \(Conv.* mixes positions and does not take a padding mask",
+    ):
+        jbp.backprop(conv, "half_sse")(
+            p, jnp.zeros((2, 4, 2)), jnp.zeros((2, 4, 1)), mask=jnp.ones((2, 4), bool)
+        )
     mlp = jbp.mlp([2, 1])
-    with pytest.raises(ValueError, match=r"`mask` marks the positions of sequences, but `x` holds examples of shape \(2,\)"):
-        jbp.backprop(mlp, "half_sse")(mlp.init(jax.random.key(0), F64), jnp.zeros((3, 2)), jnp.zeros((3, 1)), mask=jnp.ones((3,), bool))
-    custom = jbp.Loss("mine", lambda a, y: jnp.sum((a - y) ** 2, axis=(1, 2)), lambda a, y: 2 * (a - y), "sum")
+    with pytest.raises(
+        ValueError,
+        match=r"`mask` marks the positions of sequences, but `x` holds examples of shape \(2,\)",
+    ):
+        jbp.backprop(mlp, "half_sse")(
+            mlp.init(jax.random.key(0), F64),
+            jnp.zeros((3, 2)),
+            jnp.zeros((3, 1)),
+            mask=jnp.ones((3,), bool),
+        )
+    custom = jbp.Loss(
+        "mine", lambda a, y: jnp.sum((a - y) ** 2, axis=(1, 2)), lambda a, y: 2 * (a - y), "sum"
+    )
     seq = jbp.Sequential([jbp.Dense(2, 2), jbp.MultiHeadAttention(2, 1)])
     p = seq.init(jax.random.key(0), F64)
     with pytest.raises(ValueError, match=r"loss 'mine' takes no padding mask"):
-        jbp.backprop(seq, custom)(p, jnp.zeros((2, 3, 2)), jnp.zeros((2, 3, 2)), mask=jnp.ones((2, 3), bool))
-    with pytest.raises(TypeError, match=r"shares leaves with `layers\[0\]` of its Sequential; it can only run inside"):
+        jbp.backprop(seq, custom)(
+            p, jnp.zeros((2, 3, 2)), jnp.zeros((2, 3, 2)), mask=jnp.ones((2, 3), bool)
+        )
+    with pytest.raises(
+        TypeError,
+        match=r"shares leaves with `layers\[0\]` of its Sequential; it can only run inside",
+    ):
         jbp.Tied(jbp.Dense(4, 6), 0, {"w": "w"}).forward({}, jnp.zeros((1, 4)))
 
 
@@ -612,7 +709,11 @@ def test_fit_on_padded_sequences_with_dropout_and_the_live_check(tmp_path):
     net = jbp.Sequential(
         [
             jbp.Embedding(3, 8),
-            jbp.Residual(jbp.Sequential([jbp.RMSNorm(8), jbp.MultiHeadAttention(8, 2, kv_heads=1), jbp.Dropout(0.2)])),
+            jbp.Residual(
+                jbp.Sequential(
+                    [jbp.RMSNorm(8), jbp.MultiHeadAttention(8, 2, kv_heads=1), jbp.Dropout(0.2)]
+                )
+            ),
             jbp.GroupNorm(2, 8),
             jbp.GlobalAvgPool(),
             jbp.Dense(8, 3),
@@ -622,7 +723,9 @@ def test_fit_on_padded_sequences_with_dropout_and_the_live_check(tmp_path):
     kw = dict(epochs=2, batch_size=16, check_every=2, seed=3)
     whole = jbp.fit(net, "softmax_xent", opt, data, **kw)
     assert all(r["grad_checks"] and r["grad_check_max_rel_err"] <= 1e-4 for r in whole.history)
-    ev = jbp.evaluate(net, "softmax_xent", whole.state.params, data.x_test, data.y_test, mask=data.mask_test)
+    ev = jbp.evaluate(
+        net, "softmax_xent", whole.state.params, data.x_test, data.y_test, mask=data.mask_test
+    )
     assert ev["accuracy"] == whole.history[-1]["test_accuracy"]
     run = tmp_path / "run"
     jbp.fit(net, "softmax_xent", opt, data, **kw, run_dir=str(run), max_steps=5)
@@ -656,7 +759,17 @@ def test_cli_verify_train_and_bench_llama(tmp_path, capsys):
     assert "llama: 1 block, 8 features, 2 heads, 1 kv heads, rope, swiglu, tied embeddings" in out
     assert re.search(r"backprop: test accuracy .* bits per answer token after", out), out
     path = tmp_path / "bench.json"
-    argv = ["bench", "--arch", "llama", "--batches", "2", "--rounds", "3", "--only", "per_example_norms"]
+    argv = [
+        "bench",
+        "--arch",
+        "llama",
+        "--batches",
+        "2",
+        "--rounds",
+        "3",
+        "--only",
+        "per_example_norms",
+    ]
     assert main([*argv, "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "jbp bench: llama vocab 256, 128 features, 4 heads, 2 kv heads" in out

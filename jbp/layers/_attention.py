@@ -193,7 +193,9 @@ class MultiHeadAttention(Factorised, Layer):
             for n, k in zip((*_PROJECTIONS, "o"), keys, strict=True)
         }
         if self.bias:
-            params.update({f"b{n}": jnp.zeros((self._width(n),), dtype) for n in (*_PROJECTIONS, "o")})
+            params.update(
+                {f"b{n}": jnp.zeros((self._width(n),), dtype) for n in (*_PROJECTIONS, "o")}
+            )
         return params
 
     def output_shape(self, in_shape: Shape) -> Shape:

@@ -312,7 +312,7 @@ def dot_flops(f: Any, g: Any) -> tuple[int, int]:
     b = f.delta.shape[0]
     t, s = f.delta.shape[1], g.delta.shape[1]
     size = 1
-    for d in (f.shape if not isinstance(f, Gather) else (f.rows, f.delta.shape[-1])):
+    for d in f.shape if not isinstance(f, Gather) else (f.rows, f.delta.shape[-1]):
         size *= d
     gram = 2 * b * t * s * (f.delta.shape[-1] + g.delta.shape[-1] + 2)
     return gram, 2 * b * (t + s) * size

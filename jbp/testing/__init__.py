@@ -14,12 +14,12 @@ hypothesis. Use the strategies to check your own layers' backward rules:
 
 from jbp._architectures import Architecture as Architecture
 
+from ._strategies import PaddedProblem as PaddedProblem
 from ._strategies import activations as activations
 from ._strategies import architectures as architectures
 from ._strategies import batch_sizes as batch_sizes
 from ._strategies import cnns as cnns
 from ._strategies import dtypes as dtypes
-from ._strategies import PaddedProblem as PaddedProblem
 from ._strategies import llamas as llamas
 from ._strategies import losses as losses
 from ._strategies import padded_problems as padded_problems
