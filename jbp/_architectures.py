@@ -500,13 +500,6 @@ def llama_family(
     return Architecture(Sequential(layers), (t,), vocab)
 
 
-def has_dropout(net: Any) -> bool:
-    """Whether a network holds a :class:`jbp.Dropout` anywhere."""
-    from .layers._base import walk_layers
-
-    return any(isinstance(layer, Dropout) for _, layer in walk_layers(net))
-
-
 def padding(pick: Picker, batch: int, length: int) -> list[int]:
     """Real lengths of a padded batch: each in ``[1, length]``, now and then 0 (an
     example that is all padding)."""

@@ -37,7 +37,6 @@ import jax.random as jr
 import numpy as np
 import optax
 
-from ._architectures import has_dropout
 from ._backprop import check_net, keeps_positions, objective, value_and_backprop
 from ._checks import check_dtype, check_key, check_params, params_dtype
 from ._data import IGNORE_LABEL
@@ -54,6 +53,7 @@ from ._train_checks import (
 )
 from ._verify import Report
 from .layers import Context, Sequential
+from .layers._dropout import has_dropout
 
 Array = jax.Array
 Params = Any

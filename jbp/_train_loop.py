@@ -44,7 +44,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from ._architectures import has_dropout
 from ._backprop import backprop, objective
 from ._checkpoint import CHECKPOINT, RunFolder
 from ._data import batches
@@ -61,6 +60,7 @@ from ._train import (
 )
 from ._train_checks import Data, Plan, Split, check_data
 from ._verify import compare
+from .layers._dropout import has_dropout
 
 READ_EVERY = 50  # most steps dispatched between two host reads of the metrics
 _WATCHED = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}

@@ -21,7 +21,6 @@ from ._architectures import (
     FAMILIES,
     NumpyPicker,
     cnn,
-    has_dropout,
     llama_family,
     padding,
     resnet,
@@ -47,6 +46,7 @@ from .layers import (
     Tied,
 )
 from .layers._dense import HE_ACTIVATIONS as _HE_ACTIVATIONS
+from .layers._dropout import has_dropout
 
 BIAS_STD = 0.5  # std of the noise that makes zero-initialised biases nonzero
 SINGLE_EXAMPLE_P = 0.125  # chance that x is one example (fan_in,) instead of a batch

@@ -24,7 +24,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 
 from .._checks import check_dtype
-from ._base import NO_CONTEXT, Context, Layer, Params, Shape
+from ._base import NO_CONTEXT, Context, Layer, Params, Shape, walk_layers
 
 Array = jax.Array
 
@@ -77,3 +77,9 @@ class Dropout(Layer):
         if a_dot is None or cache is None:
             return a_dot
         return jnp.where(cache, a_dot * (1.0 / (1.0 - self.rate)), 0)
+
+
+def has_dropout(net: Any) -> bool:
+    """Whether a network holds a :class:`Dropout` anywhere (so a call draws masks when
+    given a dropout key)."""
+    return any(isinstance(layer, Dropout) for _, layer in walk_layers(net))
