@@ -32,7 +32,10 @@ and by other routes through the same rules:
 
 Every function returns ``fn(params, x, y)`` (``ggn_vector_product``:
 ``fn(params, x, y, v)``); with Monte-Carlo columns (``mc_samples=M``) the
-function takes ``key=`` as a keyword. Wrap them in ``jax.jit``.
+function takes ``key=`` as a keyword, and every one takes the keywords of
+:func:`jbp.backprop`, ``mask`` (a padding mask: padded positions add nothing)
+and ``dropout_key``. A leaf shared by two layers (:class:`jbp.Tied`) gets both
+uses' columns. Wrap them in ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -357,6 +360,26 @@ def _columns(
 CurvatureFn = Callable[..., Any]
 
 
+def _over_columns(
+    net: Sequential, loss: Loss, mc: int | None, finish: Callable[[_Columns], Any]
+) -> CurvatureFn:
+    """``fn(params, x, y, *, key=None, mask=None, dropout_key=None)``: the columns sent
+    back through the network, then ``finish`` of them (shaped like params)."""
+
+    def fn(
+        params: Params,
+        x: Any,
+        y: Any,
+        *,
+        key: Any = None,
+        mask: Any = None,
+        dropout_key: Any = None,
+    ) -> Params:
+        return _like(params, finish(_columns(net, loss, params, x, y, mc, key, mask, dropout_key)))
+
+    return fn
+
+
 def _setup(net: Any, loss: str | Loss, mc_samples: Any) -> tuple[Sequential, Loss, int | None]:
     net, loss = check_net(net), get_loss(loss)
     mc = _check_mc(mc_samples)
@@ -382,21 +405,11 @@ def sqrt_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> Cu
     """
     net, loss, mc = _setup(net, loss, mc_samples)
 
-    def fn(
-        params: Params,
-        x: Any,
-        y: Any,
-        *,
-        key: Any = None,
-        mask: Any = None,
-        dropout_key: Any = None,
-    ) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
+    def finish(run: _Columns) -> Any:
         root = run.scale**0.5
-        values = _fill(run, lambda leaf, f: _column_grads(leaf, f))
-        return _like(params, jtu.tree_map(lambda g: root * g, values))
+        return jtu.tree_map(lambda g: root * g, _fill(run, _column_grads))
 
-    return fn
+    return _over_columns(net, loss, mc, finish)
 
 
 def diag_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> CurvatureFn:
@@ -412,20 +425,11 @@ def diag_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> Cu
     """
     net, loss, mc = _setup(net, loss, mc_samples)
 
-    def fn(
-        params: Params,
-        x: Any,
-        y: Any,
-        *,
-        key: Any = None,
-        mask: Any = None,
-        dropout_key: Any = None,
-    ) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
+    def finish(run: _Columns) -> Any:
         values = _fill(run, lambda leaf, f: _leaf_diag(leaf, f, False))
-        return _like(params, jtu.tree_map(lambda d: run.scale * d, values))
+        return jtu.tree_map(lambda d: run.scale * d, values)
 
-    return fn
+    return _over_columns(net, loss, mc, finish)
 
 
 def per_example_diag_ggn(
@@ -442,19 +446,9 @@ def per_example_diag_ggn(
     """
     net, loss, mc = _setup(net, loss, mc_samples)
 
-    def fn(
-        params: Params,
-        x: Any,
-        y: Any,
-        *,
-        key: Any = None,
-        mask: Any = None,
-        dropout_key: Any = None,
-    ) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
-        return _like(params, _fill(run, lambda leaf, f: _leaf_diag(leaf, f, True)))
-
-    return fn
+    return _over_columns(
+        net, loss, mc, lambda run: _fill(run, lambda leaf, f: _leaf_diag(leaf, f, True))
+    )
 
 
 def _bias_key(weight_key: str) -> str:
@@ -520,19 +514,7 @@ def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1)
             result[k] = _kronecker(f, bias, run.scale, run.mask)
         return result
 
-    def fn(
-        params: Params,
-        x: Any,
-        y: Any,
-        *,
-        key: Any = None,
-        mask: Any = None,
-        dropout_key: Any = None,
-    ) -> Params:
-        run = _columns(net, loss, params, x, y, mc, key, mask, dropout_key)
-        return _like(params, _fill(run, lambda leaf, f: layer_factors(f, run)))
-
-    return fn
+    return _over_columns(net, loss, mc, lambda run: _fill(run, lambda _, f: layer_factors(f, run)))
 
 
 def _check_like(v: Any, params: Params) -> None:
