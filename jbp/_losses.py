@@ -162,7 +162,9 @@ def _weights(mask: Array | None, a: Array) -> Array | None:
 
 
 def _masked(x: Array, w: Array | None) -> Array:
-    return x if w is None else x * w
+    """``x`` at real positions, 0 at padded ones (a select, not a product: whatever a
+    padded position holds, NaN included, adds nothing)."""
+    return x if w is None else jnp.where(w > 0, x, jnp.zeros_like(x))
 
 
 def _half_sse(a: Array, y: Array, *, mask: Array | None = None) -> Array:
@@ -252,7 +254,8 @@ def _softmax_xent(a: Array, y: Array, *, mask: Array | None = None) -> Array:
     weights = _target_weights(a, y, mask)
     if weights is not None:
         w, n = weights
-        return jnp.sum(token * w[..., 0] / n[..., 0], axis=tuple(range(1, token.ndim)))
+        token = _masked(token, w[..., 0])
+        return jnp.sum(token / n[..., 0], axis=tuple(range(1, token.ndim)))
     return jnp.mean(token, axis=tuple(range(1, token.ndim))) if token.ndim > 1 else token
 
 
@@ -262,7 +265,7 @@ def _softmax_xent_delta(a: Array, y: Array, *, mask: Array | None = None) -> Arr
     weights = _target_weights(a, y, mask)
     if weights is not None:
         w, n = weights
-        return delta * (w / n)
+        return _masked(delta, w) / n
     return delta / _positions(a) if a.ndim > 2 else delta
 
 

@@ -10,7 +10,7 @@ With F features, ``r = 1/√(v + eps)`` and the normalised ``x̂``:
 - GroupNorm (channels last): per example, the mean and biased variance over
   all of its positions and the ``features // groups`` channels of a group, the
   same rule with means over a group; with a padding mask, statistics over the
-  real positions only (a padded input moves none of them).
+  real positions only, and x̂ = 0 at padded positions.
 
 The ``mean(g)`` term comes from μ and the ``x̂ ⊙ mean(g ⊙ x̂)`` term from v;
 dropping either is the classic bug. Per example, ``g_i(scale) = Σ_t x̂_it ⊙
@@ -255,8 +255,10 @@ class GroupNorm(_Norm):
     ``out = x̂ ⊙ scale + bias``. δ rule: ``∂C/∂a = r·(g − mean(g) − x̂ ⊙ mean(g ⊙
     x̂))`` with ``g = δ ⊙ scale`` and means over the group. With a padding mask
     on sequences ``(batch, T, features)`` the statistics run over the real
-    positions only (n of them): ``∂C/∂a = r·(g − w·Σg/n − w·x̂·Σ(g ⊙ x̂)/n)``,
-    w = 1 at real positions and 0 at padded ones (which move no statistic).
+    positions only (n of them) and a padded position's x̂ is 0 (its output is
+    the bias: a group of padding is never amplified by ``1/√eps``, even in an
+    example that is all padding): ``∂C/∂a = w·r·(g − Σ(w g)/n − x̂·Σ(w g ⊙
+    x̂)/n)``, w = 1 at real positions and 0 at padded ones.
 
     Params: ``{"scale": (features,), "bias": (features,)}``, init 1 and 0.
     """
@@ -319,17 +321,21 @@ class GroupNorm(_Norm):
         centred = x - self._mean(x, w)
         ve = self._mean(centred * centred, w) + self.eps
         r = lax.rsqrt(ve)
-        xhat = (centred * r).reshape(a.shape)
+        xhat = centred * r
+        if w is not None:  # padded positions: x̂ = 0, so their output is the bias
+            xhat = xhat * w
+        xhat = xhat.reshape(a.shape)
         out = xhat * last_axis(params["scale"], a.ndim) + last_axis(params["bias"], a.ndim)
         return out, (xhat, r, w, centred, ve)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
-        """``r·(g − w·Σg/n − w·x̂·Σ(g ⊙ x̂)/n)`` (sums over the whole group: every output,
-        a padded one too, reads the statistics, which only real inputs, w = 1, move), in
-        the chain rule's order (see the module docs)."""
+        """``r·(g − w·Σg/n − w·x̂·Σ(g ⊙ x̂)/n)`` with ``g`` zero at padded positions (their
+        output is the bias), in the chain rule's order (see the module docs)."""
         xhat, r, w, centred, ve = cache
         grads = {"scale": _sum_leading(delta_out * xhat), "bias": _sum_leading(delta_out)}
         g = self._grouped(delta_out * last_axis(params["scale"], delta_out.ndim))
+        if w is not None:
+            g = g * w
         n = self._count(centred, w)
         k = jnp.sum(centred * g, axis=(1, 3), keepdims=True) * (-0.5 * (r / ve)) / n
         kw = k if w is None else k * w
@@ -343,4 +349,6 @@ class GroupNorm(_Norm):
         xhat, r, w = cache[:3]
         ad, xg = self._grouped(a_dot), self._grouped(xhat)
         out = r * (ad - self._mean(ad, w) - xg * self._mean(ad * xg, w))
+        if w is not None:
+            out = out * w
         return out.reshape(a_dot.shape)
