@@ -802,3 +802,34 @@ def test_cli_verify_train_and_bench_llama(tmp_path, capsys):
     assert "jbp bench: llama vocab 256, 128 features, 4 heads, 2 kv heads" in out
     summary = json.loads(path.read_text())
     assert [r["name"] for r in summary["rows"]] == ["jax.grad", "per_example_norms"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scale(jbp.Layer):
+    """out = a ⊙ s, with per-example gradients of its own but no grad_factors."""
+
+    features: int
+
+    def init(self, key, dtype=jnp.float32):
+        return {"s": jnp.ones((self.features,), dtype)}
+
+    def forward(self, params, a):
+        return a * params["s"][None], a
+
+    def backward(self, params, cache, delta_out):
+        return {"s": jnp.sum(delta_out * cache, axis=0)}, delta_out * params["s"][None]
+
+    def per_example_grads(self, params, cache, delta_out):
+        return {"s": delta_out * cache}
+
+
+def test_a_shared_leaf_without_factors_is_named():
+    net = jbp.Sequential([_Scale(3), jbp.Tied(_Scale(3), source=0, leaves={"s": "s"})])
+    params = net.init(jax.random.key(0), F64)
+    x = y = jnp.ones((2, 3))
+    g = jbp.backprop(net, "half_sse")(params, x, y)  # gradients need no factors
+    _tree_close(g, jax.grad(jbp.objective(net, "half_sse"))(params, x, y))
+    with pytest.raises(TypeError, match=r"shares leaves with `layers\[0\]`: per-example"):
+        jbp.per_example_norms(net, "half_sse")(params, x, y)
+    with pytest.raises(TypeError, match=r"curvature of a shared leaf needs grad_factors"):
+        jbp.diag_ggn(net, "half_sse")(params, x, y)

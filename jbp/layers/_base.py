@@ -134,35 +134,31 @@ def forward(layer: Any, params: Params, a: Array, context: Context = NO_CONTEXT)
     return layer.forward(params, a)
 
 
-def children(layer: Any) -> tuple[Any, ...]:
-    """A combinator's child layers (Sequential's layers, Residual's block, Parallel's
-    branches, a wrapper's layer); ``()`` for a leaf layer."""
+def _named_children(layer: Any) -> list[tuple[str, Any]]:
+    """A combinator's child layers with their attribute paths (``layers[i]``,
+    ``branches[j]``, ``block``, a wrapper's ``layer``); ``[]`` for a leaf layer."""
     for name in ("layers", "branches"):
         kids = getattr(layer, name, None)
         if isinstance(kids, tuple):
-            return kids
+            return [(f"{name}[{i}]", kid) for i, kid in enumerate(kids)]
     for name in ("block", "layer"):
         kid = getattr(layer, name, None)
         if kid is not None and is_layer(kid):
-            return (kid,)
-    return ()
+            return [(name, kid)]
+    return []
+
+
+def children(layer: Any) -> tuple[Any, ...]:
+    """A combinator's child layers; ``()`` for a leaf layer."""
+    return tuple(kid for _, kid in _named_children(layer))
 
 
 def walk_layers(layer: Any, where: str = "net") -> Iterator[tuple[str, Any]]:
     """``(path, layer)`` for the layer and every layer inside it, depth first
     (paths such as ``net.layers[1].block.layers[0]``)."""
     yield where, layer
-    for name in ("layers", "branches"):
-        kids = getattr(layer, name, None)
-        if isinstance(kids, tuple):
-            for i, kid in enumerate(kids):
-                yield from walk_layers(kid, f"{where}.{name}[{i}]")
-            return
-    for name in ("block", "layer"):
-        kid = getattr(layer, name, None)
-        if kid is not None and is_layer(kid):
-            yield from walk_layers(kid, f"{where}.{name}")
-            return
+    for name, kid in _named_children(layer):
+        yield from walk_layers(kid, f"{where}.{name}")
 
 
 def traced_output_shape(layer: Any, in_shape: Shape) -> Shape:

@@ -263,8 +263,8 @@ def _share(at_leaf: Any, tied: Tied, owner: Any, user: Any) -> tuple[Any, Any]:
         return merge(owner, user, tied)
     if not isinstance(owner, dict) or not isinstance(user, dict):
         raise TypeError(
-            f"{tied!r} shares leaves with {tied.source}: per-example quantities of a shared leaf "
-            "need grad_factors on both layers (the uses' factors are combined)"
+            f"{tied!r} shares leaves with `layers[{tied.source}]`: per-example quantities of a "
+            "shared leaf need grad_factors on both layers (the uses' factors are combined)"
         )
     return tied.share(owner, user)
 
