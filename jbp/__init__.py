@@ -108,7 +108,17 @@ from .layers import Residual as Residual
 from .layers import RMSNorm as RMSNorm
 from .layers import Sequential as Sequential
 from .layers import ShapeError as ShapeError
+from .layers import GRU as GRU
+from .layers import LSTM as LSTM
+from .layers import RNN as RNN
+from .layers import Cell as Cell
+from .layers import GRUCell as GRUCell
+from .layers import LSTMCell as LSTMCell
+from .layers import Recurrent as Recurrent
+from .layers import Reverse as Reverse
+from .layers import RNNCell as RNNCell
 from .layers import Tied as Tied
+from .layers import bidirectional as bidirectional
 from .layers import llama as llama
 from .layers import mlp as mlp
 from .layers import swiglu as swiglu

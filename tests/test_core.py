@@ -48,6 +48,9 @@ PUBLIC = [
     # modern transformers: gates, shared weights, padding, dropout
     "Context", "Dropout", "GroupNorm", "Tied", "llama", "swiglu", "BENCH_TARGETS_LLAMA",
     "LLAMA_BENCH_FUNCTIONS",
+    # recurrent networks
+    "RNN", "LSTM", "GRU", "Cell", "RNNCell", "LSTMCell", "GRUCell", "Recurrent", "Reverse",
+    "bidirectional",
 ]  # fmt: skip
 
 

@@ -4,7 +4,8 @@ One module per family: ``_dense`` (Dense, Activation), ``_conv`` (Conv),
 ``_pool`` (MaxPool, AvgPool, GlobalAvgPool, Flatten), ``_norm`` (LayerNorm,
 RMSNorm, GroupNorm), ``_dropout`` (Dropout), ``_embedding`` (Embedding,
 PositionalEmbedding), ``_attention`` (MultiHeadAttention), ``_combinators``
-(Sequential, Residual, Parallel, mlp), ``_shared`` (Tied: shared weights),
+(Sequential, Residual, Parallel, mlp), ``_shared`` (Tied: shared weights), ``_recurrent`` (RNN, LSTM, GRU, the
+Cell protocol, Reverse, bidirectional),
 ``_models`` (transformer, swiglu, llama). The protocol and the forward's
 :class:`Context` are in ``_base``; the per-example quantities, written once per kind of
 weight-gradient factorisation (:class:`Outer`, :class:`Elementwise`,
@@ -41,4 +42,14 @@ from ._pool import AvgPool as AvgPool
 from ._pool import Flatten as Flatten
 from ._pool import GlobalAvgPool as GlobalAvgPool
 from ._pool import MaxPool as MaxPool
+from ._recurrent import GRU as GRU
+from ._recurrent import LSTM as LSTM
+from ._recurrent import RNN as RNN
+from ._recurrent import Cell as Cell
+from ._recurrent import GRUCell as GRUCell
+from ._recurrent import LSTMCell as LSTMCell
+from ._recurrent import Recurrent as Recurrent
+from ._recurrent import Reverse as Reverse
+from ._recurrent import RNNCell as RNNCell
+from ._recurrent import bidirectional as bidirectional
 from ._shared import Tied as Tied
