@@ -25,6 +25,9 @@ from .layers import (
     AvgPool,
     Conv,
     Dense,
+    GRU,
+    LSTM,
+    RNN,
     Dropout,
     Embedding,
     Flatten,
@@ -38,14 +41,16 @@ from .layers import (
     Residual,
     RMSNorm,
     Sequential,
+    Reverse,
     ShapeError,
     Tied,
+    bidirectional,
     llama,
     swiglu,
     transformer,
 )
 
-FAMILIES = ("mlp", "cnn", "resnet", "transformer", "llama")
+FAMILIES = ("mlp", "cnn", "resnet", "transformer", "llama", "rnn")
 
 
 class Architecture(NamedTuple):
@@ -498,6 +503,66 @@ def llama_family(
     else:
         layers.append(Dense(features, vocab, bias=pick.chance(0.5)))
     return Architecture(Sequential(layers), (t,), vocab)
+
+
+def _recurrent(pick: Picker, features: int, hidden: int, sequences: bool, names: Any) -> Any:
+    kind = pick.choice(("rnn", "lstm", "gru"))
+    if kind == "rnn":
+        return RNN(features, hidden, pick.choice(names), return_sequences=sequences)
+    layer = LSTM if kind == "lstm" else GRU
+    return layer(features, hidden, return_sequences=sequences)
+
+
+def rnn_family(
+    pick: Picker, *, max_blocks: int, max_width: int, activations: Sequence[str], fan_out: int,
+    max_length: int = 6,
+) -> Architecture:  # fmt: skip
+    """The ``"rnn"`` family: recurrent networks on continuous sequences or tokens.
+
+    An Embedding first (odds 1/4) or continuous inputs ``(T, features)``; then 1 to
+    ``max_blocks`` recurrent layers (RNN with a drawn activation, LSTM or GRU,
+    1 to ``max_width`` hidden units), each bidirectional with odds 1/3 (two cell
+    types, ``jbp.bidirectional``), now and then a time :class:`jbp.Reverse` or a
+    Dense layer between; every layer but the last returns sequences, the last
+    drawn (per-position outputs or one per sequence); a Dense head with ``fan_out``
+    outputs. Sequences of 1 to ``max_length`` steps.
+    """
+    t = pick.integer(1, max_length)
+    layers: list[Any] = []
+    vocab = None
+    if pick.chance(0.25):
+        vocab = pick.integer(2, max(2, max_width))
+        width = pick.integer(1, max_width)
+        layers.append(Embedding(vocab, width))
+        in_shape: tuple[int, ...] = (t,)
+    else:
+        width = pick.integer(1, max_width)
+        in_shape = (t, width)
+    depth = pick.integer(1, max_blocks)
+    for block in range(depth):
+        last = block == depth - 1
+        sequences = True if not last else pick.chance(0.5)
+        if pick.chance(0.1):
+            layers.append(Reverse())
+        hidden = pick.integer(1, max_width)
+        if pick.chance(1 / 3):
+            back = pick.integer(1, max_width)
+            layers.append(
+                bidirectional(
+                    _recurrent(pick, width, hidden, sequences, activations),
+                    _recurrent(pick, width, back, sequences, activations),
+                )
+            )
+            width = hidden + back
+        else:
+            layers.append(_recurrent(pick, width, hidden, sequences, activations))
+            width = hidden
+        if not last and pick.chance(0.2):
+            wider = pick.integer(1, max_width)
+            layers.append(Dense(width, wider, pick.choice(activations)))
+            width = wider
+    layers.append(Dense(width, fan_out, pick.choice(activations), bias=pick.chance(0.5)))
+    return Architecture(Sequential(layers), in_shape, vocab)
 
 
 def padding(pick: Picker, batch: int, length: int) -> list[int]:

@@ -24,6 +24,7 @@ from ._architectures import (
     llama_family,
     padding,
     resnet,
+    rnn_family,
     sequence_family,
 )
 from ._losses import loss_names
@@ -288,7 +289,9 @@ def random_problem(
         ``"llama"`` (modern decoders and encoders: RoPE, grouped-query attention,
         SwiGLU gates, tied embeddings, GroupNorm, dropout; with odds 3/4 a padded
         batch with its ``mask`` and labels -1 at padded positions, and a
-        ``dropout_key`` for a network with dropout: pass ``problem.keywords``).
+        ``dropout_key`` for a network with dropout: pass ``problem.keywords``);
+        ``"rnn"`` (RNN, LSTM and GRU layers, stacked and bidirectional, on
+        sequences or tokens; padded batches as for ``"llama"``).
       params_from_init: take params from ``net.init(jax.random.key(seed))``
         with zero biases perturbed by N(0, 0.5²), instead of drawing the same
         distributions with numpy (the default: ``jax.random`` compiles a kernel
@@ -352,6 +355,11 @@ def random_problem(
                 pick, max_blocks=max_depth, max_width=max_width, activations=names,
                 fan_out=fan_out,
             )  # fmt: skip
+        elif arch == "rnn":
+            net, in_shape, vocab = rnn_family(
+                pick, max_blocks=max_depth, max_width=max_width, activations=names,
+                fan_out=fan_out,
+            )  # fmt: skip
         else:
             net, in_shape, vocab = llama_family(
                 pick, max_blocks=max_depth, max_width=max_width, activations=names
@@ -374,7 +382,7 @@ def random_problem(
     shape = "single example" if single else f"batch={batch}"
     mask = dropout_key = None
     extra = ""
-    if arch == "llama":  # padded batches, labels -1, dropout
+    if arch in ("llama", "rnn"):  # padded batches, labels -1, dropout
         rows = 1 if single else batch
         if rng.random() < PADDED_P:
             lengths = padding(NumpyPicker(rng), rows, in_shape[0])

@@ -22,10 +22,11 @@ from .._verify import Arbitration, _verify_with_gradients, arbitrate
 from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
 DEFAULT_COUNT = 100
-ARCHS = ("mlp", "cnn", "resnet", "transformer", "llama")
+ARCHS = ("mlp", "cnn", "resnet", "transformer", "llama", "rnn")
 # Default (max depth, max width) per family: Dense layers and widths for mlp,
 # blocks and channels (or widths) for cnn and resnet.
-LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8), "transformer": (2, 8), "llama": (2, 8)}
+LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8), "transformer": (2, 8), "llama": (2, 8),
+          "rnn": (2, 8)}  # fmt: skip
 PASSED, LIMITED, FAILED = "passed", "reference-limited", "failed"
 
 
@@ -40,7 +41,9 @@ or images), transformer (jbp.transformer on integer tokens, or stacks of
 attention, Dense and LayerNorm blocks on continuous sequences), llama (jbp.llama
 and modern decoders and encoders: rotary positions, grouped-query attention,
 SwiGLU gates, tied embeddings, GroupNorm, dropout; most batches padded, with a
-padding mask and labels -1 where there is no target); all (the default) takes
+padding mask and labels -1 where there is no target), rnn (RNN, LSTM and GRU
+layers, stacked and bidirectional, on sequences or tokens, padded as llama);
+all (the default) takes
 them in turn. Problem i of a seed is the
 same architecture for every dtype: jbp.random_problem(
 np.random.default_rng((seed, i)), dtype=..., arch=..., ...).
@@ -105,7 +108,7 @@ def add_verify(subparsers: Any) -> None:
         "--arch",
         choices=(*ARCHS, "all"),
         default="all",
-        help="architecture family (default all: mlp, cnn, resnet, transformer and llama in turn)",
+        help="architecture family (default all: mlp, cnn, resnet, transformer, llama and rnn in turn)",
     )
     p.add_argument(
         "--min-depth",

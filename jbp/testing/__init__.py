@@ -24,6 +24,7 @@ from ._strategies import llamas as llamas
 from ._strategies import losses as losses
 from ._strategies import padded_problems as padded_problems
 from ._strategies import problems as problems
+from ._strategies import recurrents as recurrents
 from ._strategies import resnets as resnets
 from ._strategies import sequence_stacks as sequence_stacks
 from ._strategies import transformers as transformers
@@ -40,6 +41,7 @@ __all__ = [
     "losses",
     "padded_problems",
     "problems",
+    "recurrents",
     "resnets",
     "sequence_stacks",
     "transformers",

@@ -24,6 +24,7 @@ import jbp
 from jbp._architectures import Architecture
 from jbp._architectures import cnn as _cnn_recipe
 from jbp._architectures import llama_family as _llama_recipe
+from jbp._architectures import rnn_family as _rnn_recipe
 from jbp._architectures import padding as _padding
 from jbp._architectures import resnet as _resnet_recipe
 from jbp._architectures import sequence_stack as _sequence_recipe
@@ -460,6 +461,43 @@ def llamas(
             activations=names,
             max_length=max_length,
             causal=causal,
+        )
+
+    return draw()
+
+
+def recurrents(
+    *,
+    max_depth: int = 2,
+    max_width: int = 5,
+    max_length: int = 5,
+    fan_out: int | None = None,
+    activations: Sequence[str] | None = None,
+) -> SearchStrategy[Architecture]:
+    """Random recurrent networks: RNN (drawn activation), LSTM and GRU layers.
+
+    Continuous sequences ``(T, features)`` or tokens (an Embedding first); 1 to
+    ``max_depth`` recurrent layers of 1 to ``max_width`` hidden units, some
+    bidirectional (:func:`jbp.bidirectional`), a :class:`jbp.Reverse` or a Dense
+    layer now and then; the last returns sequences or its last state; a Dense
+    head with ``fan_out`` outputs (drawn if None). Draw whole problems, padded
+    or not, with :func:`padded_problems` (``nets=recurrents()``).
+
+    Returns:
+      A strategy of :class:`Architecture` ``(net, in_shape, vocab)``.
+    """
+    names, outs = _family_args(max_depth, max_width, fan_out, activations)
+    _check_int("max_length", max_length, 1)
+
+    @st.composite
+    def draw(draw: Any) -> Architecture:
+        return _rnn_recipe(
+            _HypothesisPicker(draw),
+            max_blocks=max_depth,
+            max_width=max_width,
+            activations=names,
+            fan_out=draw(outs),
+            max_length=max_length,
         )
 
     return draw()
