@@ -21,13 +21,13 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from .layers import (
+    GRU,
+    LSTM,
+    RNN,
     Activation,
     AvgPool,
     Conv,
     Dense,
-    GRU,
-    LSTM,
-    RNN,
     Dropout,
     Embedding,
     Flatten,
@@ -39,9 +39,9 @@ from .layers import (
     Parallel,
     PositionalEmbedding,
     Residual,
+    Reverse,
     RMSNorm,
     Sequential,
-    Reverse,
     ShapeError,
     Tied,
     bidirectional,

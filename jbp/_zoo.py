@@ -389,7 +389,7 @@ def random_problem(
             m = np.arange(in_shape[0])[None] < np.asarray(lengths)[:, None]
             mask = jax.device_put(m[0] if single else m)
             extra += f", padded to {in_shape[0]} (lengths {lengths})"
-        if kind == "integer labels":
+        if kind == "integer labels" and len(out_shape) >= 2:  # labels per position
             labels = np.asarray(y).copy()
             none = rng.random(labels.shape) < NO_TARGET_P
             if mask is not None:

@@ -169,7 +169,9 @@ def test_reverse_reverses_each_sequence_within_its_length():
     mask = jnp.asarray([[True, True, True, False], [True, True, True, True]])
     out, _ = jbp.Reverse().forward({}, x, jbp.Context(mask=mask))
     np.testing.assert_array_equal(out[..., 0], [[2, 1, 0, 3], [7, 6, 5, 4]])
-    np.testing.assert_array_equal(jbp.Reverse().forward({}, x)[0][..., 0], [[3, 2, 1, 0], [7, 6, 5, 4]])
+    np.testing.assert_array_equal(
+        jbp.Reverse().forward({}, x)[0][..., 0], [[3, 2, 1, 0], [7, 6, 5, 4]]
+    )
 
 
 # --- whole networks against autodiff ---------------------------------------------
@@ -308,7 +310,7 @@ def _bptt_loop(layer, params, cache, delta_out, *, late=False, mask_backward=Tru
     that plant bugs: ``late``: the recurrent δ of step t+1 reaches step t-1 (one step
     late), ``mask_backward=False``: padded steps not skipped in the backward pass."""
     cell = layer.cell
-    x, h_prev, caches, mask = cache
+    x, _, caches, mask = cache
     steps = x.shape[1]
     if not mask_backward:
         mask = None
@@ -320,7 +322,9 @@ def _bptt_loop(layer, params, cache, delta_out, *, late=False, mask_backward=Tru
     d_gis, d_ghs = [None] * steps, [None] * steps
     for t in reversed(range(steps)):
         if layer.return_sequences:
-            d_out = delta_out[:, t] if mask is None else jnp.where(mask[:, t, None], delta_out[:, t], 0)
+            d_out = (
+                delta_out[:, t] if mask is None else jnp.where(mask[:, t, None], delta_out[:, t], 0)
+            )
             d[0] = d[0] + d_out
         cache_t = jtu.tree_map(lambda v, t=t: v[t], caches)
         d_gi, d_gh, direct = cell.step_backward(cache_t, tuple(d))
@@ -329,10 +333,12 @@ def _bptt_loop(layer, params, cache, delta_out, *, late=False, mask_backward=Tru
         if late:
             recurrent, pending = pending, recurrent
         new = [recurrent if direct[0] is None else direct[0] + recurrent]
-        new += [jnp.zeros_like(v) if p is None else p for p, v in zip(direct[1:], d[1:])]
+        new += [
+            jnp.zeros_like(v) if p is None else p for p, v in zip(direct[1:], d[1:], strict=True)
+        ]
         if mask is not None:
             m = mask[:, t, None]
-            new = [jnp.where(m, n, o) for n, o in zip(new, d)]
+            new = [jnp.where(m, n, o) for n, o in zip(new, d, strict=True)]
             d_gi, d_gh = jnp.where(m, d_gi, 0), jnp.where(m, d_gh, 0)
         d, d_gis[t], d_ghs[t] = new, d_gi, d_gh
     return jnp.stack(d_gis, 1), jnp.stack(d_ghs, 1)
@@ -367,7 +373,8 @@ class ResetBeforeProduct(jbp.GRUCell):
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
 class LastStateFromPaddedEnd(jbp.GRU):
-    def forward(self, params, a, context=jbp.Context()):
+    def forward(self, params, a, context=None):
+        context = context or jbp.Context()
         m = context.mask
         a = a if m is None else jnp.where(m[..., None], a, 0)
         return super().forward(params, a, context._replace(mask=None))

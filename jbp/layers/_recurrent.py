@@ -111,7 +111,10 @@ class Cell:
         dtype = check_dtype(dtype)
         check_key(key)
         bound = 1.0 / math.sqrt(self.hidden)
-        shapes = {"wi": (self.features, self.gates), "wh": (self.hidden, self.gates)}
+        shapes: dict[str, tuple[int, ...]] = {
+            "wi": (self.features, self.gates),
+            "wh": (self.hidden, self.gates),
+        }
         shapes.update({name: (self.gates,) for name in self.biases})
         keys = jr.split(key, len(shapes))
         return {
@@ -357,7 +360,10 @@ class RecurrentBase(Factorised, Layer):
         d_gh = d_gi if d_gh is None else d_gh
         recurrent = lax.dot_general(d_gh, params["wh"], (((1,), (1,)), ((), ())))
         first = recurrent if direct[0] is None else direct[0] + recurrent
-        rest = tuple(jnp.zeros_like(d) if p is None else p for p, d in zip(direct[1:], d_state[1:]))
+        rest = tuple(
+            jnp.zeros_like(d) if p is None else p
+            for p, d in zip(direct[1:], d_state[1:], strict=True)
+        )
         d_prev = _select(m_t, (first, *rest), d_state)
         if m_t is not None:
             d_gi = jnp.where(m_t[:, None], d_gi, jnp.zeros_like(d_gi))
@@ -367,7 +373,7 @@ class RecurrentBase(Factorised, Layer):
     def _deltas(self, params: Params, cache: Any, delta_out: Array) -> tuple[Array, Array]:
         """BPTT: ``(δgi, δgh)``, each ``(batch, T, gates)``."""
         cell = self.cell
-        x, h_prev, caches, mask = cache
+        x, _, caches, mask = cache
         batch = x.shape[0]
         zeros = jnp.zeros((batch, cell.hidden), delta_out.dtype)
         if self.return_sequences:

@@ -24,9 +24,9 @@ import jbp
 from jbp._architectures import Architecture
 from jbp._architectures import cnn as _cnn_recipe
 from jbp._architectures import llama_family as _llama_recipe
-from jbp._architectures import rnn_family as _rnn_recipe
 from jbp._architectures import padding as _padding
 from jbp._architectures import resnet as _resnet_recipe
+from jbp._architectures import rnn_family as _rnn_recipe
 from jbp._architectures import sequence_stack as _sequence_recipe
 from jbp._architectures import transformer_net as _transformer_recipe
 from jbp.layers._dropout import has_dropout as _has_dropout
