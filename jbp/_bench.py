@@ -32,7 +32,7 @@ from ._per_example import (
     per_example_norms,
     sum_grad_squared,
 )
-from .layers import Conv, Dense, Flatten, Sequential, llama, mlp, transformer
+from .layers import LSTM, Conv, Dense, Flatten, Sequential, llama, mlp, transformer
 
 K = TypeVar("K", bound=Hashable)
 
@@ -94,6 +94,17 @@ TRANSFORMER_LENGTH = 64
 # The llama benchmark's rows (issue 16): the transformer's, on a padded batch.
 LLAMA_BENCH_FUNCTIONS = TRANSFORMER_BENCH_FUNCTIONS
 LLAMA_LENGTH = 64
+
+
+# The LSTM benchmark's rows (issue 17): the transformer's, on (B, 32, 32) sequences.
+LSTM_BENCH_FUNCTIONS = TRANSFORMER_BENCH_FUNCTIONS
+LSTM_IN_SHAPE = (32, 32)
+
+
+def _lstm() -> Sequential:
+    """The benchmark LSTM: two layers of 128 hidden units on 32 steps of 32 features,
+    the first returning sequences, then a Dense head of 10 classes."""
+    return Sequential([LSTM(32, 128, return_sequences=True), LSTM(128, 128), Dense(128, 10)])
 
 
 def _llama() -> Sequential:
@@ -231,9 +242,11 @@ def benchmark(
         ``(B, 64)``, real lengths evenly from 32 to 64 (a quarter of the
         positions padding: a mask, labels -1 there), timing
         :data:`LLAMA_BENCH_FUNCTIONS` (``sizes`` and ``activation`` unused for
-        these).
+        these); or ``"lstm"``: ``Sequential([LSTM(32, 128, return_sequences=True),
+        LSTM(128, 128), Dense(128, 10)])`` on ``(B, 32, 32)`` sequences, timing
+        :data:`LSTM_BENCH_FUNCTIONS`.
       batches: batch sizes to run (default 64, 256, 1024 for the MLP; 32, 128
-        for the CNN; 16, 64 for the transformer and the llama).
+        for the CNN and the LSTM; 16, 64 for the transformer and the llama).
       activation, loss, dtype: the problem.
       rounds: interleaved timing rounds per batch size.
       budget_s: a function stops being timed once it has 3 rounds and its
@@ -244,8 +257,10 @@ def benchmark(
     Returns:
       One :class:`BenchRow` per function and batch size.
     """
-    if arch not in ("mlp", "cnn", "transformer", "llama"):
-        raise ValueError(f"`arch` must be 'mlp', 'cnn', 'transformer' or 'llama', got {arch!r}")
+    if arch not in ("mlp", "cnn", "transformer", "llama", "lstm"):
+        raise ValueError(
+            f"`arch` must be 'mlp', 'cnn', 'transformer', 'llama' or 'lstm', got {arch!r}"
+        )
     in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
@@ -259,6 +274,10 @@ def benchmark(
         net, in_shape = _llama(), (LLAMA_LENGTH,)
         batches = (16, 64) if batches is None else batches
         only = LLAMA_BENCH_FUNCTIONS if only is None else only
+    elif arch == "lstm":
+        net, in_shape = _lstm(), LSTM_IN_SHAPE
+        batches = (32, 128) if batches is None else batches
+        only = LSTM_BENCH_FUNCTIONS if only is None else only
     else:
         net, in_shape = mlp(list(sizes), activation), (sizes[0],)
         batches = (64, 256, 1024) if batches is None else batches
@@ -363,6 +382,15 @@ BENCH_TARGETS_LLAMA: tuple[BenchTarget, ...] = (
     BenchTarget("jbp.backprop", "jax.grad", 1.0),
     BenchTarget("per_example_norms", "jax.grad", 1.0),
     BenchTarget("clipped_grad", "jax.grad", 1.2),
+    BenchTarget("per_example_norms", "norms via vmap", 0.5),
+)
+
+
+# The LSTM's targets (issue 17), as ratios in one run.
+BENCH_TARGETS_LSTM: tuple[BenchTarget, ...] = (
+    BenchTarget("jbp.backprop", "jax.grad", 1.0),
+    BenchTarget("per_example_norms", "jax.grad", 1.1),
+    BenchTarget("clipped_grad", "jax.grad", 1.3),
     BenchTarget("per_example_norms", "norms via vmap", 0.5),
 )
 

@@ -50,7 +50,7 @@ PUBLIC = [
     "LLAMA_BENCH_FUNCTIONS",
     # recurrent networks
     "RNN", "LSTM", "GRU", "Cell", "RNNCell", "LSTMCell", "GRUCell", "Recurrent", "Reverse",
-    "bidirectional",
+    "bidirectional", "BENCH_TARGETS_LSTM", "LSTM_BENCH_FUNCTIONS",
 ]  # fmt: skip
 
 

@@ -30,7 +30,8 @@ B = 16 and 64; --arch llama the llama benchmark: jbp.llama(vocab=256,
 features=128, heads=4, kv_heads=2, depth=2, hidden=344, tie_embeddings=True)
 on padded batches of (B, 64) tokens (real lengths evenly from 32 to 64, a
 quarter of the positions padding, given as a mask, labels -1 there), B = 16
-and 64. Prints median milliseconds (compile time excluded, reported
+and 64; --arch lstm the LSTM benchmark: LSTM(32, 128, return_sequences=True),
+LSTM(128, 128), Dense(128, 10) on (B, 32, 32) sequences, B = 32 and 128. Prints median milliseconds (compile time excluded, reported
 separately), the ratio to jax.grad in the same run, XLA's memory estimate,
 and the cost-model targets (met or MISSED).
 
@@ -65,9 +66,9 @@ def add_bench(subparsers: Any) -> None:
     )
     p.add_argument(
         "--arch",
-        choices=("mlp", "cnn", "transformer", "llama"),
+        choices=("mlp", "cnn", "transformer", "llama", "lstm"),
         default="mlp",
-        help="the MLP of --sizes (default), the benchmark CNN, transformer or llama",
+        help="the MLP of --sizes (default), the benchmark CNN, transformer, llama or LSTM",
     )
     p.add_argument(
         "--sizes",
@@ -141,6 +142,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         "causal",
         "llama": "llama vocab 256, 128 features, 4 heads, 2 kv heads, depth 2, swiglu 344, "
         "tied embeddings, tokens (B, 64) with a quarter of the positions padding",
+        "lstm": "LSTM(32→128, sequences) → LSTM(128→128) → Dense(128→10) on (B, 32, 32)",
     }.get(args.arch, f"MLP {'-'.join(map(str, args.sizes))}, {args.activation}")
     print(
         f"jbp bench: {what}, softmax_xent, "
@@ -149,7 +151,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     )
     sys.stdout.flush()
     if args.curvature:
-        if args.arch in ("transformer", "llama"):
+        if args.arch in ("transformer", "llama", "lstm"):
             parser.error("--curvature takes --arch mlp or cnn")
         what = "MLP 784-512-512-10, relu" if args.arch == "mlp" else what
         print(f"curvature rows on the {what}, softmax_xent, float32")
@@ -176,6 +178,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         "cnn": jbp.BENCH_TARGETS_CNN,
         "transformer": jbp.BENCH_TARGETS_TRANSFORMER,
         "llama": jbp.BENCH_TARGETS_LLAMA,
+        "lstm": jbp.BENCH_TARGETS_LSTM,
     }
     checked = jbp.check_targets(rows, targets.get(args.arch, jbp.BENCH_TARGETS))
     if checked:

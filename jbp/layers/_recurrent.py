@@ -352,12 +352,14 @@ class RecurrentBase(Factorised, Layer):
 
     def _back_step(self, params: Params, d_state: State, step: Any) -> tuple[State, Any]:
         """One step of the reverse scan: Δ_t (carried from t + 1, plus the output δ at
-        t) → (Δ_{t-1}, (δgi_t, δgh_t)); a padded step passes Δ through."""
+        t) → (Δ_{t-1}, (δgi_t, δgh_t or None when it is δgi_t)); a padded step passes
+        Δ through."""
         cache, m_t, d_out_t = step
         if d_out_t is not None:
             d_state = (d_state[0] + d_out_t, *d_state[1:])
         d_gi, d_gh, direct = self.cell.step_backward(cache, d_state)
-        d_gh = d_gi if d_gh is None else d_gh
+        same = d_gh is None  # the cell uses gi + gh only: one δ for both (stored once)
+        d_gh = d_gi if same else d_gh
         recurrent = lax.dot_general(d_gh, params["wh"], (((1,), (1,)), ((), ())))
         first = recurrent if direct[0] is None else direct[0] + recurrent
         rest = tuple(
@@ -368,7 +370,7 @@ class RecurrentBase(Factorised, Layer):
         if m_t is not None:
             d_gi = jnp.where(m_t[:, None], d_gi, jnp.zeros_like(d_gi))
             d_gh = jnp.where(m_t[:, None], d_gh, jnp.zeros_like(d_gh))
-        return d_prev, (d_gi, d_gh)
+        return d_prev, (d_gi, None if same else d_gh)
 
     def _deltas(self, params: Params, cache: Any, delta_out: Array) -> tuple[Array, Array]:
         """BPTT: ``(δgi, δgh)``, each ``(batch, T, gates)``."""
@@ -389,7 +391,8 @@ class RecurrentBase(Factorised, Layer):
             (caches, steps_mask, d_out),
             reverse=True,
         )
-        return jnp.swapaxes(d_gi, 0, 1), jnp.swapaxes(d_gh, 0, 1)
+        d_gi = jnp.swapaxes(d_gi, 0, 1)
+        return d_gi, (d_gi if d_gh is None else jnp.swapaxes(d_gh, 0, 1))
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         x, h_prev = cache[0], cache[1]
