@@ -165,7 +165,12 @@ def spirals(
 
 
 def digits(
-    *, test_fraction: float = 0.2, seed: int = 0, standardize: bool = True, images: bool = False
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    standardize: bool = True,
+    images: bool = False,
+    rows: bool = False,
 ) -> Dataset:
     """scikit-learn's 8×8 digits (1797 examples, 10 classes), split and standardised.
 
@@ -177,12 +182,23 @@ def digits(
         last, standardised with one mean and standard deviation over all
         pixels of the training images (per channel; digits have one), so
         every pixel keeps its place on one scale, as a convolution expects.
+      rows: ``True``: each image read row by row as a sequence of 8 steps of 8
+        pixels, ``(n, 8, 8)`` (standardised per pixel, as the 64 features), for
+        recurrent networks.
     """
     from sklearn.datasets import load_digits  # ships with scikit-learn: no download
 
-    if not isinstance(images, bool):
-        raise TypeError(f"`images` must be True or False, got {images!r}")
+    for flag, value in (("images", images), ("rows", rows)):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{flag}` must be True or False, got {value!r}")
+    if images and rows:
+        raise ValueError("`images` and `rows` are two forms of digits: give one of them")
     data = load_digits()
+    if rows:
+        flat = _split(data.data, data.target, test_fraction, seed, standardize, "digits (8 rows)")
+        return flat._replace(
+            x_train=flat.x_train.reshape(-1, 8, 8), x_test=flat.x_test.reshape(-1, 8, 8)
+        )
     x = data.images[..., None] if images else data.data
     name = "digits (8×8 images)" if images else "digits"
     return _split(x, data.target, test_fraction, seed, standardize, name)
@@ -597,7 +613,7 @@ def load_dataset(
       test_fraction: the share of examples held out for testing.
       **options: passed to the loader: ``n``, ``noise`` (moons, spirals),
         ``classes`` (spirals), ``length`` (sort, stdlib), ``max_bytes`` (stdlib),
-        ``max_length``, ``vocab`` (majority), ``images`` (digits), ``standardize`` (digits,
+        ``max_length``, ``vocab`` (majority), ``images``, ``rows`` (digits), ``standardize`` (digits,
         files), ``x_key``, ``y_key``, ``add_channel`` (.npz),
         ``label_column``, ``header`` (.csv).
 

@@ -1,5 +1,5 @@
-"""``jbp train``: train an MLP, a CNN, a transformer or a llama with optax on hand-written
-gradients."""
+"""``jbp train``: train an MLP, a CNN, a transformer, a llama or a recurrent network with
+optax on hand-written gradients."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ OPTIMIZERS = {
     "adamw": lambda lr: optax.adamw(lr),
 }
 SOURCES = ("backprop", "autodiff", "both")
-MODELS = ("mlp", "cnn", "transformer", "llama")
+MODELS = ("mlp", "cnn", "transformer", "llama", "lstm", "gru", "rnn")
 SEQUENCE_MODELS = ("transformer", "llama")
+RECURRENT_MODELS = ("lstm", "gru", "rnn")
 SCHEDULES = ("constant", "cosine")
 # Arguments that must be the same to resume a run (the others may change);
 # --channels too for a cnn, --features, --heads and --depth for a transformer,
@@ -74,6 +75,13 @@ the token embedding with the output projection), on a sequence data set such
 as --data stdlib (byte-level language modelling on Python's own standard
 library, documents padded into windows; the result line gives the held-out
 loss in bits per answer token: for stdlib, bits per byte).
+--model lstm, gru or rnn: --depth recurrent layers (jbp.LSTM, jbp.GRU, or
+jbp.RNN with --activation) of --features hidden units, then a Dense head; on
+tokens an Embedding of --features first. It takes sequences: --data digits
+(read row by row, 8 steps of 8 pixels), a data set of padded token sequences
+with one label each (--data majority: the last real step's state is
+classified, the padding mask respected), or a sequence data set with labels per
+position (--data sort or stdlib: a recurrent language model).
 
 Every --check-every steps the two gradient sources are compared on the
 current batch with jbp.compare, and the run stops (exit status 1) with the
@@ -93,7 +101,8 @@ mismatch, non-finite values), 2 on bad arguments, data or checkpoints."""
 def add_train(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train an MLP, a CNN, a transformer or a llama with optax on hand-written gradients",
+        help="train an MLP, a CNN, a transformer, a llama or an LSTM/GRU/RNN with optax on "
+        "hand-written gradients",
         description=_TRAIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,7 +114,8 @@ def add_train(subparsers: Any) -> None:
         help="share of examples held out for testing (default 0.2; xor tests on its 4 points)")  # fmt: skip
     add("--model", choices=MODELS, default="mlp",
         help="mlp (Dense layers), cnn (3x3 convolutions, then the Dense layers; needs "
-        "images), transformer or llama (need a sequence data set such as sort or stdlib) "
+        "images), transformer or llama (need a sequence data set such as sort or stdlib), "
+        "lstm, gru or rnn (recurrent: digits row by row, majority, sort or stdlib) "
         "(default mlp)")  # fmt: skip
     add("--channels", type=channel_counts, default=(32, 64), metavar="LIST",
         help="--model cnn: the convolutions' output channels, comma-separated "
@@ -180,6 +190,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         config["channels"] = list(args.channels)
     if args.model in SEQUENCE_MODELS:
         config.update(features=args.features, heads=args.heads, depth=args.depth)
+    if args.model in RECURRENT_MODELS:
+        config.update(features=args.features, depth=args.depth)
     if args.model == "llama":
         config.update(kv_heads=args.kv_heads, tie_embeddings=args.tie_embeddings)
     if args.schedule == "cosine":
@@ -264,6 +276,8 @@ def build_net(
     depth: int = 2,
     kv_heads: int | None = None,
     tie_embeddings: bool = False,
+    vocab: int | None = None,
+    per_position: bool = False,
 ) -> tuple[jbp.Sequential, str]:
     """The network ``jbp train`` trains, and a line that describes it.
 
@@ -273,8 +287,15 @@ def build_net(
     then ``jbp.Flatten`` and the Dense layers. ``transformer``:
     ``jbp.transformer`` over ``classes`` tokens and sequences of
     ``input_shape[0]``, causal. ``llama``: ``jbp.llama`` over ``classes``
-    tokens. Public ``jbp`` names only.
+    tokens. ``lstm``, ``gru``, ``rnn``: ``depth`` recurrent layers of ``features``
+    hidden units (``rnn`` with ``activation``), each returning sequences but the last
+    (which does too for per-position labels, ``per_position``), a Dense head; an
+    Embedding of ``vocab`` tokens first for token inputs. Public ``jbp`` names only.
     """
+    if model in RECURRENT_MODELS:
+        return _recurrent_net(
+            model, input_shape, classes, features, depth, activation, vocab, per_position
+        )
     if model == "llama":
         net = jbp.llama(
             classes, features, heads, depth, kv_heads=kv_heads, tie_embeddings=tie_embeddings
@@ -314,9 +335,46 @@ def build_net(
     return jbp.Sequential([*convs, jbp.Flatten(), *head.layers]), text
 
 
+def _recurrent_net(
+    model: str,
+    input_shape: tuple[int, ...],
+    classes: int,
+    features: int,
+    depth: int,
+    activation: str,
+    vocab: int | None,
+    per_position: bool,
+) -> tuple[jbp.Sequential, str]:
+    layers: list[Any] = []
+    width = input_shape[-1] if vocab is None else features
+    if vocab is not None:
+        layers.append(jbp.Embedding(vocab, features))
+    for i in range(depth):
+        sequences = per_position or i < depth - 1
+        if model == "rnn":
+            layers.append(jbp.RNN(width, features, activation, return_sequences=sequences))
+        else:
+            kind = jbp.LSTM if model == "lstm" else jbp.GRU
+            layers.append(kind(width, features, return_sequences=sequences))
+        width = features
+    layers.append(jbp.Dense(features, classes))
+    name = {"lstm": "LSTM", "gru": "GRU", "rnn": f"RNN ({activation})"}[model]
+    source = f"embedding {vocab}→{features}, " if vocab is not None else ""
+    text = (
+        f"{model}: {source}{depth} {name} layer{'s' if depth > 1 else ''} of {features}, "
+        f"{'every step' if per_position else 'the last real step'} → dense {classes}"
+    )
+    return jbp.Sequential(layers), text
+
+
 def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> jbp.Dataset:
-    """The data set; digits as images for a cnn. Bad data: a usage error."""
-    options = {"images": True} if args.model == "cnn" and args.data == "digits" else {}
+    """The data set; digits as images for a cnn, row by row for a recurrent network.
+    Bad data: a usage error."""
+    options: dict[str, Any] = {}
+    if args.data == "digits" and args.model == "cnn":
+        options = {"images": True}
+    elif args.data == "digits" and args.model in RECURRENT_MODELS:
+        options = {"rows": True}
     try:
         data = jbp.load_dataset(
             args.data, seed=args.seed, test_fraction=args.test_fraction, **options
@@ -329,6 +387,15 @@ def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> jbp
             f"per position (n, T), but {data.name} has examples of shape {data.input_shape} "
             "with one label each; use --data sort or stdlib, or --model mlp or cnn"
         )
+    if args.model in RECURRENT_MODELS:
+        tokens = jnp.issubdtype(data.x_train.dtype, jnp.integer)
+        if not (tokens and data.x_train.ndim == 2) and len(data.input_shape) != 2:
+            parser.error(
+                f"--model {args.model} needs sequences: integer tokens (n, T) or steps of "
+                f"features (n, T, features), but {data.name} has examples of shape "
+                f"{data.input_shape}; use --data digits (row by row), majority, sort or stdlib"
+            )
+        return data
     if args.model not in SEQUENCE_MODELS and data.is_sequence:
         parser.error(
             f"--model {args.model} needs feature vectors or images with one label each, but "
@@ -383,6 +450,12 @@ def _start(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def _describe(args: argparse.Namespace, data: jbp.Dataset, model: str, mesh: Any) -> None:
     shape = data.input_shape
     inputs = f"{shape[0]} features" if len(shape) == 1 else f"{'×'.join(map(str, shape))} images"
+    if model.startswith(RECURRENT_MODELS):
+        inputs = f"sequences of {shape[0]} steps" + (
+            f" of {shape[1]} features" if len(shape) == 2 else " (tokens)"
+        )
+        if data.mask_train is not None:
+            inputs += f", {100 * (1 - data.mask_train.mean()):.0f}% of the steps padding"
     classes = f"{data.n_classes} classes"
     if data.is_sequence:
         answers = int((data.y_train[0] >= 0).sum())
@@ -446,13 +519,21 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     mesh = _make_mesh(args, parser)
     data = _load_data(args, parser)
     if args.schedule is None:
-        args.schedule = "cosine" if args.model in SEQUENCE_MODELS else "constant"
+        cosine = args.model in SEQUENCE_MODELS or args.model in RECURRENT_MODELS
+        args.schedule = "cosine" if cosine else "constant"
+    tokens = jnp.issubdtype(data.x_train.dtype, jnp.integer)
+    vocab = None
+    if tokens and args.model in RECURRENT_MODELS:
+        vocab = max(
+            data.n_classes, int(data.x_train.max()) + 1, int(data.x_test.max(initial=0)) + 1
+        )
     try:
         net, model = build_net(
             args.model, data.input_shape, data.n_classes,
             hidden=args.hidden, activation=args.activation, channels=args.channels,
             features=args.features, heads=args.heads, depth=args.depth,
             kv_heads=args.kv_heads, tie_embeddings=args.tie_embeddings,
+            vocab=vocab, per_position=data.is_sequence,
         )  # fmt: skip
     except ValueError as err:
         parser.error(f"--model {args.model}: {err}")
