@@ -475,3 +475,22 @@ def test_wrong_input_shapes_and_a_cell_without_tangent_are_named():
     with pytest.raises(TypeError, match=r"has no step_tangent\(cache, gi_dot, gh_dot, state_dot\)"):
         jbp.ggn_vector_product(net, "half_sse")(params, jnp.ones((2, 3, 2)), jnp.ones((2, 1)), v)
     assert _recurrent.RecurrentBase.takes_context
+
+
+def test_cli_verify_train_and_bench_recurrent(tmp_path, capsys):
+    from jbp.cli import main
+
+    assert main(["verify", "--count", "2", "--arch", "rnn", "--dtype", "float64"]) == 0
+    assert "OK: all 2 problems pass" in capsys.readouterr().out
+    argv = ["train", "--model", "gru", "--data", "majority", "--features", "4", "--depth", "1",
+            "--max-steps", "3", "--check-every", "1", "--batch-size", "8", "--epochs", "1"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "gru: embedding 4→4, 1 GRU layer of 4, the last real step → dense 4" in out, out
+    assert "45% of the steps padding" in out
+    argv = ["bench", "--arch", "lstm", "--batches", "2", "--rounds", "3", "--only",
+            "per_example_norms", "--json", str(tmp_path / "bench.json")]  # fmt: skip
+    assert main(argv) == 0
+    assert "LSTM(32→128, sequences) → LSTM(128→128) → Dense(128→10)" in capsys.readouterr().out
+    assert main(["train", "--model", "lstm", "--data", "xor"]) == 2
+    assert "--model lstm needs sequences" in capsys.readouterr().err
