@@ -486,8 +486,10 @@ def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1)
       ``fn(params, x, y, *, key=None)`` → a tree like params in which each
       parameterised layer's dict holds a :class:`KroneckerFactors` under each
       outer-product weight key (Dense and Conv ``"w"``; attention ``"wq"``,
-      ``"wk"``, ``"wv"``, ``"wo"``), covering the matching bias (``"b"``,
-      ``"bq"``, ...) as A's last row and column. Leaves of other forms (norm
+      ``"wk"``, ``"wv"``, ``"wo"``; recurrent layers ``"wi"``, ``"wh"``, time
+      steps taken as positions, "K-FAC expand"), covering the matching bias
+      (``"b"``, ``"bq"``, ..., the GRU's ``"bi"``, ``"bh"``; not the one bias of an
+      RNN or LSTM, which both projections share) as A's last row and column. Leaves of other forms (norm
       scales, embedding tables) have no Kronecker factors and are absent, and so
       are shared leaves (:class:`jbp.Tied`: their GGN block sums the blocks of two
       uses of different forms, not one Kronecker product; take their
