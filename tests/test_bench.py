@@ -135,9 +135,10 @@ def test_bench_cnn_times_the_cnn_rows_and_checks_its_targets(tmp_path, capsys):
 
 def test_bench_arch_is_checked():
     with pytest.raises(
-        ValueError, match=r"`arch` must be .mlp., .cnn., .transformer. or .llama., got .rnn."
+        ValueError,
+        match=r"`arch` must be .mlp., .cnn., .transformer., .llama. or .lstm., got .gpt.",
     ):
-        jbp.benchmark(arch="rnn")
+        jbp.benchmark(arch="gpt")
 
 
 def test_bench_transformer_times_tokens_and_checks_its_targets(tmp_path, capsys):
