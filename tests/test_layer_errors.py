@@ -276,9 +276,10 @@ def test_strategy_and_zoo_arguments():
         jt.resnets(max_size=2)
     with pytest.raises(
         ValueError,
-        match=r"`arch` must be one of 'mlp', 'cnn', 'resnet', 'transformer', 'llama', got 'rnn'",
+        match=r"`arch` must be one of 'mlp', 'cnn', 'resnet', 'transformer', 'llama', 'rnn', "
+        r"got 'gpt'",
     ):
-        jbp.random_problem(np.random.default_rng(0), dtype=jnp.float32, arch="rnn")
+        jbp.random_problem(np.random.default_rng(0), dtype=jnp.float32, arch="gpt")
 
 
 def test_a_bad_layer_draft_is_a_failed_check_not_a_crash():

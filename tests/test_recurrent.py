@@ -292,7 +292,7 @@ def test_curvature_of_a_padded_bidirectional_network():
     report = jbp.check_curvature(net, "softmax_xent", params, x, y, mask=mask)
     assert report.passed, report.format()
     assert {r.quantity for r in report.rows} >= {"diag_ggn", "ggn_vector_product", "sqrt_ggn"}
-    factors = jbp.kfac(net, "softmax_xent", kind="kflr")(params, x, y, mask=mask)
+    factors = jax.jit(jbp.kfac(net, "softmax_xent", kind="kflr"))(params, x, y, mask=mask)
     gru, lstm = factors[0][0], factors[0][1][1]
     assert set(gru) == {"wi", "wh"} and set(lstm) == {"wi", "wh"}
     assert gru["wi"].a.shape == (3, 3) and gru["wi"].g.shape == (9, 9)  # bi paired: 2 + 1
@@ -429,7 +429,7 @@ def test_last_state_from_the_padded_end_is_caught_by_padding_invariance():
     for layer, caught in ((jbp.GRU(2, 3), False), (LastStateFromPaddedEnd(2, 3), True)):
         net = jbp.Sequential([layer, jbp.Dense(3, 3)])
         params = _perturbed(jbp.Sequential([jbp.GRU(2, 3), jbp.Dense(3, 3)]), 5)
-        norms = jbp.per_example_norms(net, "softmax_xent")
+        norms = jax.jit(jbp.per_example_norms(net, "softmax_xent"))
         padded = norms(params, x, y, mask=mask)[1]
         alone = norms(params, x[1:, :2], y[1:])[0]
         assert (abs(float(padded - alone)) > 1e-6) == caught, (layer, padded, alone)
