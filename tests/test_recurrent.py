@@ -446,6 +446,14 @@ def test_last_state_from_the_padded_end_is_caught_by_padding_invariance():
         (lambda: jbp.RNN(3, 2, "nope"), r"unknown activation 'nope'"),
         (lambda: jbp.Recurrent(object()), r"`cell` \(.*\) has no step\(...\): see jbp.Cell"),
         (
+            lambda: jbp.Sequential([jbp.LSTM(3, 4), jbp.Dense(5, 2)]),
+            r"`layers\[1\]` \(Dense.*\) expects fan_in=5 but the layers before it give 4",
+        ),
+        (
+            lambda: jbp.Sequential([jbp.Embedding(5, 6), jbp.GRU(4, 4)]),
+            r"`layers\[1\]` \(GRU.*\) expects fan_in=4 but the layers before it give 6",
+        ),
+        (
             lambda: jbp.bidirectional(jbp.LSTM(2, 2), jbp.GRU(2, 2, return_sequences=True)),
             r"must be recurrent layers with the same return_sequences, got False and True",
         ),
@@ -459,8 +467,12 @@ def test_bad_arguments_are_named(make, message):
 def test_wrong_input_shapes_and_a_cell_without_tangent_are_named():
     net = jbp.Sequential([jbp.LSTM(3, 4), jbp.Dense(4, 2)])
     params = net.init(jax.random.key(0), F64)
-    with pytest.raises(jbp.ShapeError, match=r"expects sequences \(T, features=3\) per example"):
+    with pytest.raises(
+        ValueError, match=r"`x` has 4 features but the first layer expects fan_in=3"
+    ):
         jbp.backprop(net, "half_sse")(params, jnp.ones((2, 5, 4)), jnp.ones((2, 2)))
+    with pytest.raises(jbp.ShapeError, match=r"expects sequences \(T, features=3\) per example"):
+        jbp.LSTM(3, 4).output_shape((5,))
     with pytest.raises(ValueError, match=r"`x` must have shape \(batch, length, channels\) or"):
         jbp.backprop(net, "half_sse")(params, jnp.ones((2, 5, 3, 1)), jnp.ones((2, 2)))
 

@@ -298,6 +298,17 @@ class RecurrentBase(Factorised, Layer):
     def keeps_rank(self) -> bool:  # type: ignore[override]
         return bool(self.return_sequences)
 
+    @property
+    def fan_in(self) -> int:
+        """Input features (the last axis), checked against the layer before when a
+        :class:`Sequential` is built."""
+        return int(self.cell.features)
+
+    @property
+    def fan_out(self) -> int:
+        """Output features (the last axis): ``hidden``."""
+        return int(self.cell.hidden)
+
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
         return self.cell.init(key, dtype)
 
