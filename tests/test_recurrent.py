@@ -146,8 +146,15 @@ class MinimalGatedCell(jbp.Cell):
         return (z_dot * (n - h) + (1 - z) * state_dot[0] + z * n_dot,)
 
 
+@jtu.register_static
+@dataclasses.dataclass(frozen=True)
+class BiaslessCell(MinimalGatedCell):
+    biases = ()
+
+
 LAYERS = [
     jbp.RNN(3, 4, "relu", return_sequences=True),
+    jbp.Recurrent(BiaslessCell(3, 2), return_sequences=True),
     jbp.LSTM(3, 4),
     jbp.GRU(3, 4, return_sequences=True),
     jbp.Recurrent(MinimalGatedCell(3, 4)),

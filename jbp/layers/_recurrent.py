@@ -84,8 +84,8 @@ class Cell:
 
     - ``gates``: the width K of both projections ``gi = x wi (+ b)``,
       ``gh = h wh (+ bh)``: params ``wi (features, K)``, ``wh (hidden, K)``;
-    - ``biases``: ``("b",)`` (one bias, added to ``gi``) or ``("bi", "bh")``
-      (one per projection, as GRU needs), each ``(K,)``;
+    - ``biases``: ``("b",)`` (one bias, added to ``gi``), ``("bi", "bh")``
+      (one per projection, as GRU needs) or ``()`` (none), each ``(K,)``;
     - ``state_parts``: the number of ``(batch, hidden)`` arrays in the state
       (its first is the output ``h``);
     - ``step(gi, gh, state) -> (state', cache)``: ``gi``, ``gh`` are ``(batch, K)``;
@@ -327,7 +327,7 @@ class RecurrentBase(Factorised, Layer):
     def _gi(self, params: Params, x: Array) -> Array:
         gi = jnp.matmul(x, params["wi"])
         bias = params.get("b", params.get("bi"))
-        return gi + last_axis(bias, gi.ndim)
+        return gi if bias is None else gi + last_axis(bias, gi.ndim)
 
     def _gh(self, params: Params, h: Array) -> Array:
         gh = jnp.matmul(h, params["wh"])
@@ -412,11 +412,9 @@ class RecurrentBase(Factorised, Layer):
             "wi": lax.dot_general(x, d_gi, contract_leading(3)),
             "wh": lax.dot_general(h_prev, d_gh, contract_leading(3)),
         }
-        if "b" in params:
-            grads["b"] = jnp.sum(d_gi, axis=(0, 1))
-        else:
-            grads["bi"] = jnp.sum(d_gi, axis=(0, 1))
-            grads["bh"] = jnp.sum(d_gh, axis=(0, 1))
+        for name, d in (("b", d_gi), ("bi", d_gi), ("bh", d_gh)):
+            if name in params:
+                grads[name] = jnp.sum(d, axis=(0, 1))
         delta_in = lax.dot_general(d_gi, params["wi"], (((2,), (1,)), ((), ())))
         mask = cache[3]
         return grads, _zero_where(mask, delta_in)
@@ -433,11 +431,9 @@ class RecurrentBase(Factorised, Layer):
             "wi": Outer(x[:, :, None], gi4, (cell.features, k)),
             "wh": Outer(h_prev[:, :, None], gh4, (cell.hidden, k)),
         }
-        if "b" in params:
-            factors["b"] = Elementwise(None, d_gi, (k,))
-        else:
-            factors["bi"] = Elementwise(None, d_gi, (k,))
-            factors["bh"] = Elementwise(None, d_gh, (k,))
+        for name, d in (("b", d_gi), ("bi", d_gi), ("bh", d_gh)):
+            if name in params:
+                factors[name] = Elementwise(None, d, (k,))
         return factors
 
     # --- tangent: the forward scan of the linearised cell ---------------------
