@@ -6,7 +6,7 @@ identity in expectation and at evaluation, when no key is given. The keep mask i
 drawn over the whole input ``(batch, ...)``, one independent mask per example,
 from the context's key (which every combinator folds with the child's index, so
 two Dropout layers draw different masks). Given the key, the layer is a fixed
-elementwise linear map: ``jax.grad`` of the objective called with the same
+elementwise linear map: autodiff of the objective called with the same
 ``dropout_key`` sees the same masks, so verification is exact, and each
 example's gradient is defined (its mask is part of the batch's draw).
 

@@ -56,17 +56,21 @@ from jax import lax
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
-from ._base import NO_CONTEXT, Context, Layer, Params, Shape, ShapeError, last_axis
+from ._base import (
+    NO_CONTEXT,
+    Context,
+    Layer,
+    Params,
+    Shape,
+    ShapeError,
+    last_axis,
+    positive_int,
+)
 from ._dense import contract_leading
 from ._factors import Elementwise, Factorised, Outer
 
 Array = jax.Array
 State = tuple[Array, ...]
-
-
-def _check_width(value: Any, name: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
 
 
 def _sigmoid_slope(s: Array) -> Array:
@@ -277,6 +281,15 @@ def _select(m: Array | None, new: Any, old: Any) -> Any:
     return jtu.tree_map(lambda n, o: jnp.where(m[:, None], n, o), new, old)
 
 
+def _zero_state(cell: Any, batch: int, dtype: Any) -> State:
+    return tuple(jnp.zeros((batch, cell.hidden), dtype) for _ in range(cell.state_parts))
+
+
+def _steps(mask: Array | None) -> Array | None:
+    """The padding mask time-major, ``(T, batch)``, as the scans take it."""
+    return None if mask is None else jnp.swapaxes(mask, 0, 1)
+
+
 def _zero_where(m: Array | None, x: Array) -> Array:
     return x if m is None else jnp.where(m[..., None], x, jnp.zeros_like(x))
 
@@ -339,10 +352,8 @@ class RecurrentBase(Factorised, Layer):
         if a.ndim != 3:
             raise ShapeError(self, f"expects (batch, T, features), got shape {a.shape}")
         x = _zero_where(mask, a)
-        batch = x.shape[0]
-        state0 = tuple(jnp.zeros((batch, cell.hidden), x.dtype) for _ in range(cell.state_parts))
+        state0 = _zero_state(cell, x.shape[0], x.dtype)
         gi = _time_major(self._gi(params, x))
-        steps_mask = None if mask is None else jnp.swapaxes(mask, 0, 1)
 
         def body(state: State, step: Any) -> tuple[State, Any]:
             gi_t, m_t = step
@@ -350,7 +361,7 @@ class RecurrentBase(Factorised, Layer):
             new = _select(m_t, new, state)
             return new, (cache, new[0])
 
-        final, (caches, hs) = lax.scan(body, state0, (gi, steps_mask))
+        final, (caches, hs) = lax.scan(body, state0, (gi, _steps(mask)))
         hs = jnp.swapaxes(hs, 0, 1)  # (batch, T, hidden): the state after each step
         h_prev = jnp.concatenate([state0[0][:, None], hs[:, :-1]], axis=1)
         if self.return_sequences:
@@ -387,19 +398,16 @@ class RecurrentBase(Factorised, Layer):
         """BPTT: ``(δgi, δgh)``, each ``(batch, T, gates)``."""
         cell = self.cell
         x, _, caches, mask = cache
-        batch = x.shape[0]
-        zeros = jnp.zeros((batch, cell.hidden), delta_out.dtype)
-        if self.return_sequences:
+        d_last = _zero_state(cell, x.shape[0], delta_out.dtype)
+        d_out = None
+        if self.return_sequences:  # a δ at every step, else only at the last state
             d_out = _time_major(_zero_where(mask, delta_out))
-            d_last = (zeros,) + (zeros,) * (cell.state_parts - 1)
         else:
-            d_out = None
-            d_last = (delta_out,) + (zeros,) * (cell.state_parts - 1)
-        steps_mask = None if mask is None else jnp.swapaxes(mask, 0, 1)
+            d_last = (delta_out, *d_last[1:])
         _, (d_gi, d_gh) = lax.scan(
             lambda d, step: self._back_step(params, d, step),
             d_last,
-            (caches, steps_mask, d_out),
+            (caches, _steps(mask), d_out),
             reverse=True,
         )
         d_gi = jnp.swapaxes(d_gi, 0, 1)
@@ -458,8 +466,6 @@ class RecurrentBase(Factorised, Layer):
         if params_dot is not None:
             gi_dot = gi_dot + self._gi(params_dot, x)
             gh_extra = gh_extra + self._gh(params_dot, h_prev)
-        steps_mask = None if mask is None else jnp.swapaxes(mask, 0, 1)
-        state0 = tuple(jnp.zeros((batch, cell.hidden), x.dtype) for _ in range(cell.state_parts))
 
         def body(state_dot: State, step: Any) -> tuple[State, Array]:
             cache_t, gi_t, extra_t, m_t = step
@@ -468,7 +474,9 @@ class RecurrentBase(Factorised, Layer):
             return new, new[0]
 
         final, hs = lax.scan(
-            body, state0, (caches, _time_major(gi_dot), _time_major(gh_extra), steps_mask)
+            body,
+            _zero_state(cell, batch, x.dtype),
+            (caches, _time_major(gi_dot), _time_major(gh_extra), _steps(mask)),
         )
         if self.return_sequences:
             return _zero_where(mask, jnp.swapaxes(hs, 0, 1))
@@ -494,12 +502,28 @@ class Recurrent(RecurrentBase):
             if not callable(getattr(self.cell, m, None)):
                 raise TypeError(f"`cell` ({self.cell!r}) has no {m}(...): see jbp.Cell")
         for name in ("features", "hidden", "gates"):
-            _check_width(getattr(self.cell, name, None), f"cell.{name}")
+            positive_int(getattr(self.cell, name, None), f"cell.{name}")
+
+
+class _BuiltIn(RecurrentBase):
+    """RNN, LSTM and GRU: ``features`` and ``hidden`` checked, the cell built from them."""
+
+    features: int
+    hidden: int
+    _cell: Any = None  # the cell class
+
+    def __post_init__(self) -> None:
+        positive_int(self.features, "features")
+        positive_int(self.hidden, "hidden")
+
+    @property
+    def cell(self) -> Any:
+        return self._cell(self.features, self.hidden)
 
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
-class RNN(RecurrentBase):
+class RNN(_BuiltIn):
     """Elman RNN: ``h' = f(x_t wi + h wh + b)`` over ``(batch, T, features)``.
 
     Params: ``wi (features, hidden)``, ``wh (hidden, hidden)``, ``b (hidden,)``.
@@ -513,18 +537,17 @@ class RNN(RecurrentBase):
     return_sequences: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
-        _check_width(self.features, "features")
-        _check_width(self.hidden, "hidden")
+        super().__post_init__()
         get_activation(self.activation)
 
     @property
-    def cell(self) -> RNNCell:  # type: ignore[override]
+    def cell(self) -> RNNCell:
         return RNNCell(self.features, self.hidden, self.activation)
 
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
-class LSTM(RecurrentBase):
+class LSTM(_BuiltIn):
     """LSTM over ``(batch, T, features)``; gate blocks i, f, g, o.
 
     Params: ``wi (features, 4·hidden)``, ``wh (hidden, 4·hidden)``, ``b (4·hidden,)``.
@@ -534,19 +557,12 @@ class LSTM(RecurrentBase):
     features: int
     hidden: int
     return_sequences: bool = dataclasses.field(default=False, kw_only=True)
-
-    def __post_init__(self) -> None:
-        _check_width(self.features, "features")
-        _check_width(self.hidden, "hidden")
-
-    @property
-    def cell(self) -> LSTMCell:  # type: ignore[override]
-        return LSTMCell(self.features, self.hidden)
+    _cell = LSTMCell
 
 
 @jtu.register_static
 @dataclasses.dataclass(frozen=True)
-class GRU(RecurrentBase):
+class GRU(_BuiltIn):
     """GRU over ``(batch, T, features)`` (PyTorch's form); gate blocks r, z, n.
 
     Params: ``wi (features, 3·hidden)``, ``wh (hidden, 3·hidden)``, ``bi``, ``bh``
@@ -556,14 +572,7 @@ class GRU(RecurrentBase):
     features: int
     hidden: int
     return_sequences: bool = dataclasses.field(default=False, kw_only=True)
-
-    def __post_init__(self) -> None:
-        _check_width(self.features, "features")
-        _check_width(self.hidden, "hidden")
-
-    @property
-    def cell(self) -> GRUCell:  # type: ignore[override]
-        return GRUCell(self.features, self.hidden)
+    _cell = GRUCell
 
 
 # --- time reversal, for bidirectional networks ----------------------------------
