@@ -61,6 +61,10 @@ from ._per_example import per_example_grads as per_example_grads
 from ._per_example import per_example_norms as per_example_norms
 from ._per_example import sum_grad_squared as sum_grad_squared
 from ._plot import plot_curves as plot_curves
+from ._privacy import Privacy as Privacy
+from ._privacy import dp_epsilon as dp_epsilon
+from ._privacy import dp_noise_multiplier as dp_noise_multiplier
+from ._sampling import PoissonSampler as PoissonSampler
 from ._sharding import batch_sharded as batch_sharded
 from ._sharding import data_parallel_step as data_parallel_step
 from ._sharding import is_main_process as is_main_process

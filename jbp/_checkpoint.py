@@ -240,6 +240,7 @@ def read_checkpoint(path: str | os.PathLike, like: Any, network: str) -> tuple[A
 
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
+CONFIG = "config.json"
 
 
 class RunFolder:
@@ -279,6 +280,18 @@ class RunFolder:
         if self.dir is not None and self.main:
             os.makedirs(self.dir, exist_ok=True)
             self._write_metrics([])
+
+    def write_config(self, fields: dict[str, Any]) -> None:
+        """Merge ``fields`` into the run folder's ``config.json`` (kept by ``jbp train``)."""
+        if self.dir is None or not self.main:
+            return
+        path, config = self.path(CONFIG), {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        config.update(fields)
+        text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+        atomic_write(path, lambda f: f.write(text.encode()))
 
     def history(self, upto_step: int) -> list[dict[str, Any]]:
         """The records in ``metrics.jsonl`` up to ``upto_step``, for a resumed run.

@@ -351,3 +351,22 @@ def check_context(net: Any, x: Array, mask: Any, dropout_key: Any, single: bool)
                 f"`dropout_key` must be a PRNG key from jax.random.key(seed), got {dropout_key!r}"
             ) from None
     return Context(mask, dropout_key)
+
+
+def check_example_mask(example_mask: Any, batch: int) -> Array | None:
+    """Which rows of a batch ``(batch, ...)`` are examples: boolean ``(batch,)``, True at
+    real examples, False at padding (any contents, NaN included). None stays None."""
+    if example_mask is None:
+        return None
+    example_mask = _as_array(example_mask, "example_mask")
+    if jnp.dtype(example_mask.dtype) != jnp.bool_:
+        raise TypeError(
+            "`example_mask` must be boolean (True at real examples), got dtype "
+            f"{jnp.dtype(example_mask.dtype).name}"
+        )
+    if tuple(example_mask.shape) != (batch,):
+        raise ValueError(
+            f"`example_mask` must have shape (batch,) = ({batch},) to mark the rows of `x`, "
+            f"got shape {tuple(example_mask.shape)}"
+        )
+    return example_mask

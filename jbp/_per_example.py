@@ -31,7 +31,11 @@ the cross term ``2⟨g_i¹, g_i²⟩`` of its squared norm included.
 Every function returned here takes, after its positional arguments, the
 keywords of :func:`jbp.backprop`: ``mask`` (a padding mask ``(batch, T)``: a
 padded position contributes nothing to any example's quantity) and
-``dropout_key``.
+``dropout_key``; and ``example_mask``, boolean ``(batch,)``, False at rows
+that are padding rather than examples (a Poisson batch padded to a fixed
+shape, :class:`jbp.PoissonSampler`): such a row contributes exactly zero to
+every quantity whatever it holds (NaN included), its own gradient and norm
+are zero, and the batch counts its real examples only.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._backprop import Batch, check_net, prepare
-from ._checks import params_dtype
+from ._checks import check_example_mask, params_dtype
 from ._losses import Loss, get_loss
 from .layers import Sequential
 from .layers._base import backward_walk, has_params
@@ -150,6 +154,8 @@ class _Pass(NamedTuple):
     params: Params
     caches: tuple[Any, ...]
     delta: Array
+    out: Array
+    batch: Batch
 
     def quantity(self, name: str, *extra: Any, method: str = "auto") -> tuple[Any, ...]:
         """``name`` for every leaf layer, in a tree like params (``{}`` where a layer
@@ -159,9 +165,41 @@ class _Pass(NamedTuple):
         )
 
 
-def _forward(net: Sequential, params: Params, batch: Batch) -> _Pass:
+def _rows(m: Array, a: Array) -> Array:
+    """The example mask ``(batch,)`` shaped to broadcast against ``a`` ``(batch, ...)``."""
+    return m.reshape(m.shape + (1,) * (a.ndim - 1))
+
+
+def _forward(net: Sequential, params: Params, batch: Batch, example_mask: Any = None) -> _Pass:
+    """The forward pass and the per-example output δ. Rows where ``example_mask`` is
+    False are padding: their ``x`` and ``y`` are replaced by zeros before the forward
+    (so NaN or Inf there reach no number) and their δ is zero, so every per-example
+    quantity of theirs is exactly zero."""
+    if example_mask is not None:
+        x, y = batch.x, batch.y
+        zero = lambda a: jnp.where(_rows(example_mask, a), a, jnp.zeros((), a.dtype))  # noqa: E731
+        batch = batch._replace(x=zero(x), y=zero(y))
     out, caches = net.forward(params, batch.x, batch.context)
-    return _Pass(net, params, caches, batch.loss.delta(out, batch.y))
+    delta = batch.loss.delta(out, batch.y)
+    if example_mask is not None:
+        delta = jnp.where(_rows(example_mask, delta), delta, jnp.zeros((), delta.dtype))
+    return _Pass(net, params, caches, delta, out, batch)
+
+
+def _start(
+    net: Sequential,
+    loss: Loss,
+    params: Params,
+    x: Any,
+    y: Any,
+    mask: Any,
+    dropout_key: Any,
+    example_mask: Any,
+) -> tuple[_Pass, Array | None]:
+    """Check every argument, then the forward pass (see :func:`_forward`)."""
+    b = prepare(net, loss, params, x, y, mask, dropout_key)
+    em = check_example_mask(example_mask, b.x.shape[0])
+    return _forward(net, params, b, em), em
 
 
 def _dtype(params: Params, batch: Batch) -> Any:
@@ -198,9 +236,12 @@ def per_example_grads(net: Any, loss: str | Loss) -> Callable[..., Params]:
     """
     net, loss = _setup(net, loss)
 
-    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
-        b = prepare(net, loss, params, x, y, mask, dropout_key)
-        return _like(params, _forward(net, params, b).quantity("per_example_grads"))
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
+        example_mask: Any = None,
+    ) -> Params:  # fmt: skip
+        run, _ = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        return _like(params, run.quantity("per_example_grads"))
 
     return fn
 
@@ -229,9 +270,12 @@ def per_example_norms(
     net, loss = _setup(net, loss)
     check_method(method)
 
-    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Array:
-        b = prepare(net, loss, params, x, y, mask, dropout_key)
-        sq = _sq_norms(_forward(net, params, b), b.x.shape[0], _dtype(params, b), method)
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
+        example_mask: Any = None,
+    ) -> Array:  # fmt: skip
+        run, _ = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        sq = _sq_norms(run, run.batch.x.shape[0], _dtype(params, run.batch), method)
         return jnp.sqrt(sq) if per_layer else jnp.sqrt(jnp.sum(sq, axis=1))
 
     return fn
@@ -246,9 +290,12 @@ def sum_grad_squared(net: Any, loss: str | Loss) -> Callable[..., Params]:
     """
     net, loss = _setup(net, loss)
 
-    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
-        b = prepare(net, loss, params, x, y, mask, dropout_key)
-        return _like(params, _forward(net, params, b).quantity("sum_grad_squared"))
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
+        example_mask: Any = None,
+    ) -> Params:  # fmt: skip
+        run, _ = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        return _like(params, run.quantity("sum_grad_squared"))
 
     return fn
 
@@ -267,16 +314,19 @@ def grad_variance(net: Any, loss: str | Loss, *, ddof: int = 0) -> Callable[...,
     if ddof not in (0, 1):
         raise ValueError(f"`ddof` must be 0 or 1, got {ddof!r}")
 
-    def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
-        batch = prepare(net, loss, params, x, y, mask, dropout_key)
-        b = batch.x.shape[0]
-        if b - ddof < 1:
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
+        example_mask: Any = None,
+    ) -> Params:  # fmt: skip
+        run, em = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        rows, dtype = run.batch.x.shape[0], _dtype(params, run.batch)
+        if rows - ddof < 1:
             raise ValueError(
-                f"`x` has batch {b}; a variance with ddof={ddof} needs at least {ddof + 1}"
+                f"`x` has batch {rows}; a variance with ddof={ddof} needs at least {ddof + 1}"
             )
-        run = _forward(net, params, batch)
+        b = rows if em is None else jnp.sum(em).astype(dtype)  # the real examples
         sq = run.quantity("sum_grad_squared")
-        total = run.quantity("weighted_grads", jnp.ones((b,), _dtype(params, batch)))
+        total = run.quantity("weighted_grads", jnp.ones((rows,), dtype))
 
         def var(s: Array, t: Array) -> Array:
             mean = t / b
@@ -301,16 +351,55 @@ def clip_factors(norms: Array, max_norm: Any) -> Array:
     return jnp.where(over, max_norm / jnp.where(over, norms, 1), jnp.ones_like(norms))
 
 
+class ClippedSum(NamedTuple):
+    """One batch's clipped sum and what a DP step reports about it.
+
+    Attributes:
+      grads: ``Σ_i min(1, C/‖g_i‖) g_i`` over the real examples, unscaled, like params.
+      norms: the unclipped ``‖g_i‖``, ``(batch,)`` (0 at padding rows).
+      loss_sum: ``Σ_i ℓ_i`` over the real examples.
+      examples: how many real examples the batch holds.
+    """
+
+    grads: Params
+    norms: Array
+    loss_sum: Array
+    examples: Array
+
+
+def clipped_sum(
+    net: Sequential, loss: Loss, max_norm: Any, method: str
+) -> Callable[..., ClippedSum]:
+    """``fn(params, x, y, *, mask, dropout_key, example_mask) -> ClippedSum`` on checked
+    ``net``, ``loss`` and ``max_norm``: one forward, one backward for the norms, one
+    re-weighted weight-gradient pass."""
+
+    def fn(
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
+        example_mask: Any = None,
+    ) -> ClippedSum:  # fmt: skip
+        run, em = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        n, dtype = run.batch.x.shape[0], _dtype(params, run.batch)
+        norms = jnp.sqrt(jnp.sum(_sq_norms(run, n, dtype, method), axis=1))
+        grads = run.quantity("weighted_grads", clip_factors(norms, max_norm), method=method)
+        per_example = run.batch.loss.per_example(run.out, run.batch.y)
+        real = jnp.ones((n,), bool) if em is None else em
+        loss_sum = jnp.sum(jnp.where(real, per_example, jnp.zeros((), per_example.dtype)))
+        return ClippedSum(_like(params, grads), norms, loss_sum, jnp.sum(real.astype(jnp.int32)))
+
+    return fn
+
+
 def clipped_grad(
     net: Any, loss: str | Loss, max_norm: float, *, method: str = "auto"
 ) -> Callable[..., tuple[Params, Array]]:
     """The per-example-clipped gradient in one backward pass (ghost clipping).
 
     ``Σ_i min(1, max_norm/‖g_i‖) g_i`` for ``"sum"`` losses, and that over B
-    for ``"mean"`` losses. The norms come from (a_i, δ_i) as in
-    :func:`per_example_norms`; the clipped sum is one re-weighted
-    weight-gradient pass ``aᵀ(c ⊙ δ)`` per layer, or, for a layer whose norm
-    materialised g_i, ``Σ_i c_i g_i`` from them.
+    for ``"mean"`` losses (B: the real examples, with an ``example_mask``). The
+    norms come from (a_i, δ_i) as in :func:`per_example_norms`; the clipped sum
+    is one re-weighted weight-gradient pass ``aᵀ(c ⊙ δ)`` per layer, or, for a
+    layer whose norm materialised g_i, ``Σ_i c_i g_i`` from them.
 
     Args:
       net, loss: the network and loss.
@@ -324,39 +413,94 @@ def clipped_grad(
     net, loss = _setup(net, loss)
     _check_max_norm(max_norm)
     check_method(method)
+    clipped = clipped_sum(net, loss, max_norm, method)
 
     def fn(
-        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
-    ) -> tuple[Params, Array]:
-        b = prepare(net, loss, params, x, y, mask, dropout_key)
-        run = _forward(net, params, b)
-        n = b.x.shape[0]
-        norms = jnp.sqrt(jnp.sum(_sq_norms(run, n, _dtype(params, b), method), axis=1))
-        c = clip_factors(norms, max_norm) * loss.scale(n)
-        return _like(params, run.quantity("weighted_grads", c, method=method)), norms
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
+        example_mask: Any = None,
+    ) -> tuple[Params, Array]:  # fmt: skip
+        r = clipped(params, x, y, mask=mask, dropout_key=dropout_key, example_mask=example_mask)
+        if loss.reduction == "sum":
+            return r.grads, r.norms
+        count = jnp.maximum(r.examples, 1).astype(r.norms.dtype)
+        return jtu.tree_map(lambda g: g / count.astype(g.dtype), r.grads), r.norms
 
     return fn
 
 
-def dp_grad(
-    net: Any, loss: str | Loss, max_norm: float, noise_multiplier: float, *, method: str = "auto"
-) -> Callable[..., tuple[Params, Array]]:
-    """A DP-SGD gradient: clip each g_i to ``max_norm``, sum, add Gaussian noise.
+def check_noise_multiplier(noise_multiplier: Any) -> float:
+    if (
+        isinstance(noise_multiplier, bool)
+        or not isinstance(noise_multiplier, (int, float))
+        or not noise_multiplier >= 0
+        or not math.isfinite(noise_multiplier)
+    ):
+        raise ValueError(f"`noise_multiplier` must be a number ≥ 0, got {noise_multiplier!r}")
+    return float(noise_multiplier)
 
-    ``(Σ_i clip(g_i) + N(0, (noise_multiplier·max_norm)² I)) · s`` with
-    ``s = 1`` for ``"sum"`` losses and ``1/B`` for ``"mean"`` losses (Abadi et
-    al. 2016). Feed the result to any optax optimiser's ``update``.
 
-    Returns:
-      ``fn(params, x, y, key) -> (grads, norms)``.
-    """
-    net, loss = _setup(net, loss)
+def check_dp_max_norm(max_norm: Any) -> float:
     _check_max_norm(max_norm)
     if not math.isfinite(max_norm):
         raise ValueError("`max_norm` must be finite for DP-SGD: the noise scales with it")
-    if not isinstance(noise_multiplier, (int, float)) or noise_multiplier < 0:
-        raise ValueError(f"`noise_multiplier` must be a number ≥ 0, got {noise_multiplier!r}")
-    clipped = clipped_grad(net, loss, max_norm, method=method)
+    return float(max_norm)
+
+
+def check_expected_batch_size(expected_batch_size: Any) -> float | None:
+    if expected_batch_size is None:
+        return None
+    e = expected_batch_size
+    if isinstance(e, bool) or not isinstance(e, (int, float)) or not (0 < e < math.inf):
+        raise ValueError(
+            f"`expected_batch_size` must be a positive number (q·N), got {expected_batch_size!r}"
+        )
+    return float(e)
+
+
+def add_noise(grads: Params, key: Array, std: Any) -> Params:
+    """``grads`` plus independent Gaussian noise of standard deviation ``std`` in
+    every coordinate (one key per leaf)."""
+    leaves, treedef = jtu.tree_flatten(grads)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    noisy = [
+        g + jnp.asarray(std, g.dtype) * jax.random.normal(k, g.shape, g.dtype)
+        for g, k in zip(leaves, keys, strict=False)
+    ]
+    return jtu.tree_unflatten(treedef, noisy)
+
+
+def dp_grad(
+    net: Any,
+    loss: str | Loss,
+    max_norm: float,
+    noise_multiplier: float,
+    *,
+    expected_batch_size: float | None = None,
+    method: str = "auto",
+) -> Callable[..., tuple[Params, Array]]:
+    """A DP-SGD gradient: clip each g_i to ``max_norm``, sum, add Gaussian noise.
+
+    ``(Σ_i clip(g_i) + N(0, (σ·C)² I)) / E`` with ``C = max_norm``, ``σ =
+    noise_multiplier`` and ``E = expected_batch_size``, the expected batch size
+    ``q·N`` of Poisson sampling, a public constant: never the realised batch
+    size, which depends on the data and would leak it (the convention of Abadi
+    et al. 2016, Opacus and jax-privacy). The result estimates the *mean*
+    gradient whatever the loss's reduction. Without ``expected_batch_size`` (the
+    older convention, for fixed-size batches without an example mask): ``E = 1``
+    for ``"sum"`` losses and ``B`` for ``"mean"`` losses. The sum's sensitivity
+    to adding or removing one example is ``C`` (see :mod:`jbp._privacy` for the
+    guarantee and :func:`jbp.dp_epsilon` for its ε). Feed the result to any
+    optax optimiser's ``update``.
+
+    Returns:
+      ``fn(params, x, y, key, *, example_mask=None, ...) -> (grads, norms)``.
+    """
+    net, loss = _setup(net, loss)
+    max_norm = check_dp_max_norm(max_norm)
+    sigma = check_noise_multiplier(noise_multiplier)
+    expected = check_expected_batch_size(expected_batch_size)
+    check_method(method)
+    clipped = clipped_sum(net, loss, max_norm, method)
 
     def fn(
         params: Params,
@@ -366,17 +510,17 @@ def dp_grad(
         *,
         mask: Any = None,
         dropout_key: Any = None,
+        example_mask: Any = None,
     ) -> tuple[Params, Array]:
-        grads, norms = clipped(params, x, y, mask=mask, dropout_key=dropout_key)
-        scale = loss.scale(norms.shape[0])
-        leaves, treedef = jtu.tree_flatten(grads)
-        keys = jax.random.split(key, max(len(leaves), 1))
-        std = noise_multiplier * max_norm * scale
-        noisy = [
-            g + std * jax.random.normal(k, g.shape, g.dtype)
-            for g, k in zip(leaves, keys, strict=False)
-        ]
-        return jtu.tree_unflatten(treedef, noisy), norms
+        if expected is None and example_mask is not None and loss.reduction == "mean":
+            raise ValueError(
+                "dp_grad with an `example_mask` and a mean loss needs `expected_batch_size` "
+                "(q·N): dividing by the realised number of examples would leak it"
+            )
+        r = clipped(params, x, y, mask=mask, dropout_key=dropout_key, example_mask=example_mask)
+        scale = expected if expected is not None else 1 / loss.scale(r.norms.shape[0])
+        noisy = add_noise(r.grads, key, sigma * max_norm)
+        return jtu.tree_map(lambda g: g / jnp.asarray(scale, g.dtype), noisy), r.norms
 
     return fn
 

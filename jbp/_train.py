@@ -34,14 +34,23 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import jax.tree_util as jtu
 import numpy as np
 import optax
+from jax import lax
 
 from ._backprop import check_net, keeps_positions, objective, value_and_backprop
 from ._checks import check_dtype, check_key, check_params, params_dtype
 from ._data import IGNORE_LABEL
 from ._losses import Loss, get_loss
-from ._per_example import dp_grad
+from ._per_example import (
+    ClippedSum,
+    add_noise,
+    check_dp_max_norm,
+    check_expected_batch_size,
+    check_noise_multiplier,
+    clipped_sum,
+)
 from ._train_checks import (
     check_class_labels,
     check_data_mask,
@@ -208,29 +217,46 @@ def make_dp_step(
     *,
     max_norm: float,
     noise_multiplier: float,
+    expected_batch_size: float | None = None,
+    physical_batch_size: int | None = None,
     jit: bool = True,
 ) -> StepFn:
     """A DP-SGD training step (Abadi et al. 2016) on the δ equations, built once.
 
     Each example's gradient is clipped to ``max_norm`` without being formed
-    (:func:`jbp.clipped_grad`: one backward pass and a re-weighted
-    weight-gradient pass), the clipped sum gets Gaussian noise of standard
-    deviation ``noise_multiplier · max_norm`` (:func:`jbp.dp_grad`; divided
-    by B for mean losses), and ``optimizer`` applies the result. The noise
-    key is the step's own half of ``state.key``, split once per step, so a
-    run is reproducible from its seed and a resumed run draws the same noise.
+    (ghost clipping: one backward pass and a re-weighted weight-gradient
+    pass), the clipped sum gets Gaussian noise of standard deviation
+    ``noise_multiplier · max_norm``, is divided by ``expected_batch_size``
+    (:func:`jbp.dp_grad`), and ``optimizer`` applies the result. The noise key
+    is the step's own half of ``state.key``, split once per step, so a run is
+    reproducible from its seed and a resumed run draws the same noise.
+
+    For a privacy guarantee, feed it the batches of :class:`jbp.PoissonSampler`
+    (Poisson sampling, padded to a fixed shape, with their ``example_mask``)
+    and account its steps with :func:`jbp.dp_epsilon`; :func:`jbp.fit` with
+    ``privacy=jbp.Privacy(...)`` does both.
 
     Args:
       net, loss, optimizer: as :func:`make_step`.
-      max_norm: the per-example clipping norm (finite, positive).
+      max_norm: the per-example clipping norm C (finite, positive).
       noise_multiplier: σ in units of ``max_norm``, ≥ 0 (0: clipping only).
+      expected_batch_size: ``q·N``, the divisor of the noisy sum (see
+        :func:`jbp.dp_grad`); None: 1 for sum losses, the batch for mean ones.
+      physical_batch_size: process the batch in chunks of this many rows
+        (the batch must be a multiple of it), accumulating their clipped sums
+        inside the step before the noise is added once (Opacus's virtual
+        steps: a logical batch larger than fits in memory at once). None: one
+        chunk.
       jit: return the step under ``jax.jit`` (default) or the pure function.
 
     Returns:
-      ``step(state, x, y) -> (state, metrics)`` with the metrics of
-      :func:`make_step` (``grad_norm`` is the noisy gradient's) plus
-      ``"clipped"``, the share of examples whose gradient was clipped, and
-      ``"mean_example_norm"``, the mean unclipped ‖g_i‖.
+      ``step(state, x, y, mask=None, example_mask=None) -> (state, metrics)``;
+      ``example_mask`` ``(batch,)`` marks the real examples of a padded batch
+      (padding rows contribute exactly nothing, whatever they hold). The
+      metrics of :func:`make_step` (``loss``: the mean ℓ_i over the real
+      examples; ``grad_norm``: the noisy gradient's) plus ``"clipped"``, the
+      share of real examples whose gradient was clipped, ``"mean_example_norm"``,
+      their mean unclipped ‖g_i‖, and ``"examples"``, how many there were.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jbp
@@ -239,27 +265,114 @@ def make_dp_step(
       >>> step = jbp.make_dp_step(net, "softmax_xent", opt, max_norm=1.0, noise_multiplier=1.1)
       >>> state, metrics = step(state, jnp.ones((3, 2), jnp.float32), jnp.array([0, 1, 1]))
       >>> sorted(metrics)
-      ['clipped', 'grad_norm', 'loss', 'mean_example_norm', 'param_norm']
+      ['clipped', 'examples', 'grad_norm', 'loss', 'mean_example_norm', 'param_norm']
     """
     net = check_net(net)
     loss = get_loss(loss)
     check_optimizer(optimizer)
-    dp = dp_grad(net, loss, max_norm, noise_multiplier)
-    value_fn = objective(net, loss)
+    max_norm = check_dp_max_norm(max_norm)
+    sigma = check_noise_multiplier(noise_multiplier)
+    expected = check_expected_batch_size(expected_batch_size)
+    chunk = check_physical_batch_size(physical_batch_size)
+    clipped = clipped_sum(net, loss, max_norm, "auto")
+    dropout = has_dropout(net)
 
     def step(
-        state: TrainState, x: Array, y: Array, mask: Array | None = None
+        state: TrainState,
+        x: Array,
+        y: Array,
+        mask: Array | None = None,
+        example_mask: Array | None = None,
     ) -> tuple[TrainState, dict[str, Array]]:
         key, step_key = jr.split(state.key)
-        grads, norms = dp(state.params, x, y, step_key, mask=mask)
+        noise_key, dropout_key = jr.split(step_key)
+        r = _chunked(clipped, chunk, state.params, x, y, mask, example_mask, dropout_key, dropout)
+        count = r.examples.astype(r.norms.dtype)
+        if expected is None and example_mask is not None and loss.reduction == "mean":
+            raise ValueError(
+                "make_dp_step with an `example_mask` and a mean loss needs "
+                "`expected_batch_size` (q·N): dividing by the realised number of examples "
+                "would leak it"
+            )
+        scale = expected if expected is not None else 1 / loss.scale(r.norms.shape[0])
+        noisy = add_noise(r.grads, noise_key, sigma * max_norm)
+        grads = jtu.tree_map(lambda g: g / jnp.asarray(scale, g.dtype), noisy)
+        real = r.norms > -1 if example_mask is None else example_mask
+        per = jnp.maximum(count, 1)
         metrics = {
-            "loss": value_fn(state.params, x, y, mask=mask),
-            "clipped": jnp.mean((norms > max_norm).astype(norms.dtype)),
-            "mean_example_norm": jnp.mean(norms),
+            "loss": r.loss_sum / per,
+            "clipped": jnp.sum(real & (r.norms > max_norm)) / per,
+            "mean_example_norm": jnp.sum(r.norms) / per,
+            "examples": r.examples,
         }
         return _apply(optimizer, state, key, grads, metrics)
 
     return jax.jit(step) if jit else step
+
+
+def check_physical_batch_size(physical_batch_size: Any) -> int | None:
+    if physical_batch_size is None:
+        return None
+    p = physical_batch_size
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"`physical_batch_size` must be an integer ≥ 1, got {p!r}")
+    return p
+
+
+def _chunked(
+    clipped: Callable[..., ClippedSum],
+    chunk: int | None,
+    params: Any,
+    x: Any,
+    y: Any,
+    mask: Any,
+    example_mask: Any,
+    key: Array,
+    dropout: bool,
+) -> ClippedSum:
+    """The clipped sum of a batch, in chunks of ``chunk`` rows accumulated by a scan
+    (one compiled chunk, the activations of one chunk alive at a time)."""
+    rows = np.shape(x)[0]
+    if chunk is None or chunk >= rows:
+        return clipped(
+            params, x, y, mask=mask, example_mask=example_mask,
+            dropout_key=key if dropout else None,
+        )  # fmt: skip
+    if rows % chunk:
+        raise ValueError(
+            f"`x` has a batch of {rows} rows, not a multiple of `physical_batch_size` {chunk}; "
+            "pad the batch to whole chunks (jbp.PoissonSampler(..., multiple_of=chunk) does)"
+        )
+    k = rows // chunk
+    if example_mask is None:
+        example_mask = jnp.ones((rows,), bool)
+    split = lambda a: None if a is None else jnp.reshape(a, (k, chunk, *np.shape(a)[1:]))  # noqa: E731
+    parts = (split(jnp.asarray(x)), split(jnp.asarray(y)), split(mask), split(example_mask))
+
+    def body_chunk(p: Any, i: Array, part: Any) -> ClippedSum:
+        xc, yc, mc, ec = part
+        dropout_key = jr.fold_in(key, i) if dropout else None
+        return clipped(p, xc, yc, mask=mc, example_mask=ec, dropout_key=dropout_key)
+
+    def body(total: Any, part: Any) -> tuple[Any, Array]:
+        r = body_chunk(params, *part)
+        grads, loss_sum, examples = total
+        total = (
+            jtu.tree_map(jnp.add, grads, r.grads),
+            loss_sum + r.loss_sum,
+            examples + r.examples,
+        )
+        return total, r.norms
+
+    chunk_0 = jtu.tree_map(lambda a: a[0], parts)
+    first = jax.eval_shape(lambda p: body_chunk(p, jnp.int32(0), chunk_0), params)
+    zeros = (
+        jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first.grads),
+        jnp.zeros((), first.loss_sum.dtype),
+        jnp.zeros((), first.examples.dtype),
+    )
+    (grads, loss_sum, examples), norms = lax.scan(body, zeros, (jnp.arange(k), parts))
+    return ClippedSum(grads, norms.reshape(rows), loss_sum, examples)
 
 
 def targets(net: Any, loss: str | Loss, labels: Any, dtype: Any = np.float32) -> np.ndarray:

@@ -35,6 +35,7 @@ from ._backprop import check_net
 from ._checks import check_dtype, example_rank
 from ._data import IGNORE_LABEL
 from ._losses import Loss, get_loss
+from ._train_private import check_privacy
 from .layers import Sequential, ShapeError
 from .layers._conv import example_axes
 
@@ -264,6 +265,7 @@ class Plan:
     checkpoint_every: int | None
     max_steps: int | None
     mesh: Mesh | None
+    privacy: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "net", check_net(self.net))
@@ -280,6 +282,17 @@ class Plan:
         if self.monitor not in MONITORS:
             raise ValueError(f"`monitor` must be 'train_loss' or 'test_loss', got {self.monitor!r}")
         object.__setattr__(self, "dtype", check_dtype(self.dtype))
+        if check_privacy(self.privacy) is not None:
+            if self.mesh is not None:
+                raise ValueError(
+                    "`privacy` with a `mesh`: private training runs on one device for now; "
+                    "pass mesh=None"
+                )
+            if self.gradient_source != "backprop":
+                raise ValueError(
+                    "`privacy` trains on jbp's per-example clipped gradients (ghost clipping); "
+                    f"`gradient_source` must be 'backprop', got {self.gradient_source!r}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +365,11 @@ def check_data(data: Any, plan: Plan) -> Data:
     if train.labels.ndim > 1 and not np.any(train.labels != IGNORE_LABEL):
         raise ValueError(
             f"`data.y_train` has no position with a target: every label is {IGNORE_LABEL}"
+        )
+    if plan.privacy is not None and plan.batch_size > len(train.labels):
+        raise ValueError(
+            f"`batch_size` {plan.batch_size} is the expected batch of private training (q·N), "
+            f"but `data.x_train` holds only {len(train.labels)} examples"
         )
     if plan.monitor == "test_loss" and not len(test.labels):
         raise ValueError("`monitor='test_loss'` but `data` has no test split")

@@ -48,6 +48,7 @@ from ._backprop import backprop, objective
 from ._checkpoint import CHECKPOINT, RunFolder
 from ._data import batches
 from ._losses import Loss
+from ._privacy import Privacy
 from ._progress import Progress
 from ._sharding import data_parallel_step, replicate
 from ._train import (
@@ -57,8 +58,10 @@ from ._train import (
     build_step,
     evaluate_checked,
     fresh_state,
+    make_dp_step,
 )
 from ._train_checks import Data, Plan, Split, check_data
+from ._train_private import PrivateRun
 from ._verify import compare
 from .layers._dropout import has_dropout
 
@@ -81,14 +84,20 @@ class FitResult:
         if none ran), ``grad_checks``, ``step_time`` (seconds per step spent
         dispatching steps and waiting for the device, the first epoch's
         including compilation) and ``epoch_time``.
-      stop_reason: ``"epochs"``, ``"early_stopping"`` or ``"max_steps"``.
+      stop_reason: ``"epochs"``, ``"early_stopping"``, ``"max_steps"`` or
+        ``"privacy_budget"`` (the next step would have spent more than the
+        target ε).
       run_dir: the run folder, or None.
+      privacy: for a private run, its configuration (``noise_multiplier``,
+        ``sampling_rate``, ``max_norm``, ``delta``, ``accountant``, ...) with
+        ``steps`` and ``epsilon``, the ε spent by them; else None.
     """
 
     state: TrainState
     history: tuple[dict[str, Any], ...]
     stop_reason: str
     run_dir: str | None
+    privacy: dict[str, Any] | None = None
 
 
 class Carry(NamedTuple):
@@ -112,8 +121,10 @@ def guarded_step(step: StepFn) -> GuardedStep:
     every later one are dropped on the device (the state is selected, bitwise,
     from the one before) and the marker keeps that step's number."""
 
-    def run(carry: Carry, x: Any, y: Any, mask: Any = None) -> tuple[Carry, dict[str, jax.Array]]:
-        new, metrics = step(carry.state, x, y, mask)
+    def run(
+        carry: Carry, x: Any, y: Any, mask: Any = None, *example_mask: Any
+    ) -> tuple[Carry, dict[str, jax.Array]]:
+        new, metrics = step(carry.state, x, y, mask, *example_mask)
         finite = functools.reduce(operator.and_, (jnp.isfinite(metrics[k]) for k in _WATCHED))
         clean = carry.bad_step < 0
         keep = finite & clean
@@ -154,7 +165,16 @@ def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _compile_step(plan: Plan) -> GuardedStep:
+def _compile_step(plan: Plan, private: PrivateRun | None) -> GuardedStep:
+    if private is not None:
+        assert private.noise_multiplier is not None
+        p = private.privacy
+        dp = make_dp_step(
+            plan.net, plan.loss, plan.optimizer, max_norm=p.max_norm,
+            noise_multiplier=private.noise_multiplier, expected_batch_size=plan.batch_size,
+            physical_batch_size=p.physical_batch_size, jit=False,
+        )  # fmt: skip
+        return jax.jit(guarded_step(dp))
     step = guarded_step(build_step(plan.net, plan.loss, plan.optimizer, plan.gradient_source))
     return jax.jit(step) if plan.mesh is None else data_parallel_step(step, plan.mesh)
 
@@ -175,8 +195,16 @@ class _Loop:
 
     def __init__(self, plan: Plan, data: Data, run: RunFolder) -> None:
         self.plan, self.data, self.run = plan, data, run
-        self.steps_per_epoch = math.ceil(data.meta["n_train"] / plan.batch_size)
-        self.step_fn = _compile_step(plan)
+        n_train = data.meta["n_train"]
+        self.private: PrivateRun | None = None
+        self.steps_per_epoch = math.ceil(n_train / plan.batch_size)
+        if plan.privacy is not None:
+            per_epoch = max(1, round(n_train / plan.batch_size))
+            planned = plan.epochs * per_epoch
+            if plan.max_steps is not None:
+                planned = min(planned, plan.max_steps)
+            self.private = PrivateRun(plan.privacy, n_train, plan.batch_size, plan.seed, planned)
+            self.steps_per_epoch = self.private.steps_per_epoch
         self.check_fns = _check_fns(plan)
         self.step = 0
         self.tally, self.early = _Tally(), _Early()
@@ -190,9 +218,16 @@ class _Loop:
 
     def begin(self, resume: bool) -> None:
         """A fresh run, or the state, tally and history of the run being resumed."""
-        state = self.carry.state
+        state, saved_privacy = self.carry.state, None
         if resume:
             state, extra = self.run.load(state)
+            saved_privacy = extra.get("privacy")
+            if (saved_privacy is None) != (self.private is None):
+                raise ValueError(
+                    f"cannot resume {self.run.path(CHECKPOINT)}: it was written by a "
+                    f"{'private' if saved_privacy else 'non-private'} run but this call is "
+                    f"{'private' if self.private else 'not'}; resume as it was trained"
+                )
             if extra.get("data") != self.data.meta:
                 raise ValueError(
                     f"cannot resume {self.run.path(CHECKPOINT)}: it was written for data "
@@ -210,6 +245,10 @@ class _Loop:
             )
         else:
             self.run.start()
+        if self.private is not None:
+            self.private.resolve(saved_privacy)
+            self.run.write_config(self.private.record())
+        self.step_fn = _compile_step(self.plan, self.private)
         self.carry = self.carry._replace(state=state)
         if self.plan.mesh is not None:
             self.carry = replicate(self.carry, self.plan.mesh)
@@ -222,12 +261,11 @@ class _Loop:
             self.run.say(
                 f"resumed at step {self.step} (epoch {epoch + 1}, batch {skip + 1}/{per_epoch})"
             )
-        stop = "max_steps" if self._past_max_steps() else "epochs"
+        stop = self._stop_before_step() or "epochs"
         while stop == "epochs" and epoch < plan.epochs:
             started = time.perf_counter()
-            if self._run_epoch(epoch, skip):
-                stop = "max_steps"
-            if self.step % per_epoch:  # max_steps stopped the run mid-epoch
+            stop = self._run_epoch(epoch, skip) or stop
+            if self.step % per_epoch:  # max_steps or the ε budget stopped the run mid-epoch
                 self._save()
                 break
             self._end_epoch(epoch, started)
@@ -239,39 +277,77 @@ class _Loop:
                     f"{plan.min_delta} for {plan.patience} epochs (best {self.early.best:.4g})"
                 )
         self._flush()
-        return FitResult(self.carry.state, tuple(self.history), stop, self.run.dir)
+        privacy = None
+        if self.private is not None:
+            if stop == "privacy_budget":
+                self.run.say(
+                    f"privacy budget: step {self.step + 1} would spend more than ε = "
+                    f"{self.private.privacy.epsilon:g}; stopped after {self.step} steps"
+                )
+            self.run.say(self.private.summary(self.step))
+            eps = self.private.epsilon(self.step)
+            privacy = {**self.private.record(), "steps": self.step, "epsilon": eps}
+        return FitResult(self.carry.state, tuple(self.history), stop, self.run.dir, privacy)
 
-    def _past_max_steps(self) -> bool:
-        return self.plan.max_steps is not None and self.step >= self.plan.max_steps
+    def _stop_before_step(self) -> str | None:
+        """Why the run must stop before its next step, or None (also once all its
+        epochs are done: a budget spent exactly by them stopped nothing)."""
+        if self.plan.max_steps is not None and self.step >= self.plan.max_steps:
+            return "max_steps"
+        done = self.step >= self.plan.epochs * self.steps_per_epoch
+        if self.private is not None and self.private.over_budget(self.step) and not done:
+            return "privacy_budget"
+        return None
 
-    def _run_epoch(self, epoch: int, skip: int) -> bool:
-        """The epoch's steps from batch ``skip`` on; True if ``max_steps`` stopped it."""
+    def _epoch_batches(self, epoch: int) -> Any:
+        """The epoch's batches: shuffled, or for a private run Poisson samples padded
+        to a fixed shape, ``(x, y, position mask, example mask)``."""
         plan, train = self.plan, self.data.train
-        order = batches(
-            train.x, train.y, plan.batch_size, seed=plan.seed, epoch=epoch, mask=train.mask
-        )
-        label = f"epoch {epoch + 1}/{plan.epochs}"
+        if self.private is None:
+            return batches(
+                train.x, train.y, plan.batch_size, seed=plan.seed, epoch=epoch, mask=train.mask
+            )
+        sampler, first = self.private.sampler, epoch * self.steps_per_epoch
+        arrays = (train.x, train.y) if train.mask is None else (train.x, train.y, train.mask)
+
+        def private() -> Any:
+            for step in range(first, first + self.steps_per_epoch):
+                (xb, yb, *mb), em = sampler.batch(arrays, step)
+                if mb:
+                    mb[0][~em] = True  # a padding row's positions: zeros, all "real"
+                yield xb, yb, (mb[0] if mb else None), em
+
+        return private()
+
+    def _run_epoch(self, epoch: int, skip: int) -> str | None:
+        """The epoch's steps from batch ``skip`` on; why it stopped early, or None."""
+        label = f"epoch {epoch + 1}/{self.plan.epochs}"
         with Progress(total=self.steps_per_epoch, label=label, quiet=not self.run.verbose) as bar:
             bar.update(skip)
-            for batch in itertools.islice(order, skip, None):
+            for batch in itertools.islice(self._epoch_batches(epoch), skip, None):
+                stop = self._stop_before_step()
+                if stop is not None:
+                    return stop
                 self._take_step(*batch)
                 bar.update(note=None if self.last_loss is None else f"loss {self.last_loss:.4g}")
-                if self._past_max_steps():
-                    return True
                 if self._checkpoint_due():
                     self._save()
-        return False
+        return self._stop_before_step()
 
     def _checkpoint_due(self) -> bool:
         """A ``checkpoint_every`` step inside an epoch (its end checkpoints anyway)."""
         every = self.plan.checkpoint_every
         return every is not None and self.step % every == 0 and self.step % self.steps_per_epoch > 0
 
-    def _take_step(self, xb: np.ndarray, yb: np.ndarray, mb: np.ndarray | None = None) -> None:
-        """Dispatch one step; the host waits for it only when something reads."""
+    def _take_step(
+        self, xb: np.ndarray, yb: np.ndarray, mb: np.ndarray | None = None, *em: np.ndarray
+    ) -> None:
+        """Dispatch one step; the host waits for it only when something reads. A private
+        step's batch comes with its example mask ``em``; the live check compares the
+        unclipped gradients of the padded batch (padding rows hold zeros)."""
         before = self.carry
         started = time.perf_counter()
-        self.carry, metrics = self.step_fn(before, xb, yb, mb)
+        self.carry, metrics = self.step_fn(before, xb, yb, mb, *em)
         self.tally.seconds += time.perf_counter() - started
         self.pending.append((self.step, len(xb), metrics))
         every = self.plan.check_every
@@ -296,7 +372,11 @@ class _Loop:
             bad = next(m for (k, *_), m in zip(pending, metrics, strict=True) if k == first_bad)
             raise self._non_finite(first_bad, bad)
         for (_, n, _), m in zip(pending, metrics, strict=True):
-            self.tally.loss_sum += float(m["loss"]) / self.plan.loss.scale(n)
+            if "examples" in m:  # a private step: the mean ℓ_i over its real examples
+                n = int(m["examples"])
+                self.tally.loss_sum += float(m["loss"]) * n
+            else:
+                self.tally.loss_sum += float(m["loss"]) / self.plan.loss.scale(n)
             self.tally.examples += n
             self.tally.steps += 1
         self.last_loss = float(metrics[-1]["loss"])
@@ -345,12 +425,15 @@ class _Loop:
         self.tally.checks += 1
 
     def _meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "data": self.data.meta,
             "epoch_progress": dataclasses.asdict(self.tally),
             "early_stopping": dataclasses.asdict(self.early),
             "gradient_source": self.plan.gradient_source,
         }
+        if self.private is not None:
+            meta["privacy"] = self.private.record()
+        return meta
 
     def _save(self) -> None:
         """Checkpoint the state, once every step before it is known to be finite."""
@@ -379,6 +462,9 @@ class _Loop:
             )
 
         train, test = evaluate(self.data.train), evaluate(self.data.test)
+        private = {}
+        if self.private is not None:
+            private = {"epsilon": self.private.epsilon(self.step)}
         return {
             "epoch": epoch + 1,
             "step": self.step,
@@ -391,6 +477,7 @@ class _Loop:
             "grad_check_max_rel_err": tally.check,
             "grad_checks": tally.checks,
             "step_time": tally.seconds / max(tally.steps, 1),
+            **private,
         }
 
 
@@ -415,6 +502,7 @@ def fit(
     checkpoint_every: int | None = None,
     max_steps: int | None = None,
     mesh: Mesh | None = None,
+    privacy: Privacy | None = None,
     verbose: bool = False,
 ) -> FitResult:
     """Train ``net`` on a data set with optax, evaluating on its test split.
@@ -457,6 +545,16 @@ def fit(
         replicated, each batch split over the devices (see
         :func:`jbp.data_parallel_step`). The result equals the one-device run
         up to the order of the batch sums. None: the default device.
+      privacy: train privately (DP-SGD, :class:`jbp.Privacy`): ``batch_size``
+        becomes the expected batch ``q·N`` of Poisson sampling, an epoch
+        ``round(N / batch_size)`` steps; each step's batch is padded to a fixed
+        shape (one compilation), its examples' gradients clipped and summed in
+        chunks of ``privacy.physical_batch_size``, noise σ·C added, and the sum
+        divided by ``batch_size``. σ is given or calibrated for the planned steps;
+        every epoch's record holds ``epsilon``, the ε spent so far (from
+        dp-accounting); a run with a target ε stops before a step that would exceed
+        it; ``run_dir`` gets the privacy fields in ``config.json``. Not with
+        ``mesh`` or ``gradient_source="autodiff"``. None: non-private.
       verbose: print a line per epoch and draw a progress bar on a terminal.
 
     Returns:
@@ -475,7 +573,7 @@ def fit(
         net=net, loss=loss, optimizer=optimizer, epochs=epochs, batch_size=batch_size,
         seed=seed, dtype=dtype, gradient_source=gradient_source, check_every=check_every,
         check_rtol=check_rtol, patience=patience, min_delta=min_delta, monitor=monitor,
-        checkpoint_every=checkpoint_every, max_steps=max_steps, mesh=mesh,
+        checkpoint_every=checkpoint_every, max_steps=max_steps, mesh=mesh, privacy=privacy,
     )  # fmt: skip
     checked = check_data(data, plan)
     if resume and run_dir is None:
@@ -496,5 +594,7 @@ def _epoch_line(r: dict[str, Any], epochs: int) -> str:
         parts += [f"test loss {r['test_loss']:.4f}", f"test acc {100 * r['test_accuracy']:.1f}%"]
     if r["grad_check_max_rel_err"] is not None:
         parts.append(f"grad check {r['grad_check_max_rel_err']:.1e}")
+    if r.get("epsilon") is not None:
+        parts.append(f"ε {r['epsilon']:.3g}")
     parts.append(f"{1e3 * r['step_time']:.2f} ms/step")
     return "  ".join(parts)

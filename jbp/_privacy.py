@@ -1,0 +1,295 @@
+"""The privacy ledger of DP-SGD: ε from σ, q and the steps, and σ for a target ε.
+
+jbp keeps no accountant of its own. Every ε here comes from Google's
+``dp-accounting`` (an optional dependency: ``pip install 'jbp[dp]'``):
+
+- ``"pld"`` (default): privacy loss distributions (Koskela et al. 2020,
+  Doroshenko et al. 2022), numerically tight, pessimistic by construction;
+- ``"rdp"``: Rényi DP (Mironov et al. 2019), looser, faster.
+
+The mechanism accounted is the one :func:`jbp.make_dp_step` runs on the
+batches of :class:`jbp.PoissonSampler`: each step includes every training
+example independently with probability ``q`` (Poisson sampling), clips each
+example's gradient to L2 norm ``C``, adds Gaussian noise of standard deviation
+``σ·C`` to the *sum* and divides by the expected batch size ``q·N``, a public
+constant. Neighbouring data sets differ by adding or removing one example
+(``ADD_OR_REMOVE_ONE``, the sensitivity of the clipped sum is ``C``); under
+replace-one the sensitivity is ``2C``, so the same run's ε is that of
+``σ/2``. A cap on the batch (``max_batch_size``: a Poisson batch larger than
+the cap is cut to a random subset of the cap's size) is accounted for as
+truncated Poisson sampling (``TruncatedSubsampledGaussianDpEvent``, PLD only):
+a cap close to the expected batch costs ε (q·N = 64 with a cap of 72 instead of
+96 more than doubles it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+ACCOUNTANTS = ("pld", "rdp")
+
+
+def _dp_accounting() -> Any:
+    try:
+        import dp_accounting
+    except ImportError:  # pragma: no cover - the test install has it
+        raise ImportError(
+            "the privacy ledger needs Google's dp-accounting: pip install 'jbp[dp]' "
+            "(or pip install dp-accounting)"
+        ) from None
+    return dp_accounting
+
+
+def _number(name: str, value: Any, *, low: float, high: float = math.inf, closed: bool = False):
+    """``value`` is a real number in ``(low, high)`` (``[low, high)`` if ``closed``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
+    ok = (value >= low if closed else value > low) and value < high
+    if math.isnan(value) or not ok:
+        where = f"{'[' if closed else '('}{low:g}, {high:g})"
+        raise ValueError(f"`{name}` must be in {where}, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer ≥ {low}, got {value!r}")
+    return int(value)
+
+
+def check_accountant(accountant: Any) -> str:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(
+            f"`accountant` must be one of {', '.join(map(repr, ACCOUNTANTS))}, got {accountant!r}"
+        )
+    return str(accountant)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mechanism:
+    """One DP-SGD step as dp-accounting describes it (checked arguments)."""
+
+    sampling_rate: float
+    accountant: str = "pld"
+    dataset_size: int | None = None
+    max_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        q = self.sampling_rate
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+            raise ValueError(f"`sampling_rate` must be in (0, 1], got {q!r}")
+        check_accountant(self.accountant)
+        if self.max_batch_size is not None:
+            _count("max_batch_size", self.max_batch_size)
+            if self.dataset_size is None:
+                raise ValueError("`max_batch_size` (truncated Poisson) needs `dataset_size`")
+            _count("dataset_size", self.dataset_size)
+            if self.accountant != "pld":
+                raise ValueError(
+                    "a capped batch (`max_batch_size`, truncated Poisson sampling) is accounted "
+                    "by the PLD accountant only; use accountant='pld'"
+                )
+
+    def event(self, noise_multiplier: float) -> Any:
+        dpa = _dp_accounting()
+        if self.max_batch_size is not None:
+            assert self.dataset_size is not None
+            return dpa.TruncatedSubsampledGaussianDpEvent(
+                self.dataset_size, self.sampling_rate, self.max_batch_size, noise_multiplier
+            )
+        return dpa.PoissonSampledDpEvent(self.sampling_rate, dpa.GaussianDpEvent(noise_multiplier))
+
+    def fresh_accountant(self) -> Any:
+        dpa = _dp_accounting()
+        if self.accountant == "pld":
+            return dpa.pld.PLDAccountant()  # add-or-remove-one is its default
+        return dpa.rdp.RdpAccountant()
+
+    def epsilon(self, noise_multiplier: float, steps: int, delta: float) -> float:
+        if steps == 0:
+            return 0.0
+        if noise_multiplier == 0:
+            return math.inf
+        acc = self.fresh_accountant()
+        acc.compose(self.event(noise_multiplier), steps)
+        return float(acc.get_epsilon(delta))
+
+
+def dp_epsilon(
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    accountant: str = "pld",
+    dataset_size: int | None = None,
+    max_batch_size: int | None = None,
+) -> float:
+    """ε spent by ``steps`` DP-SGD steps (add-or-remove-one neighbours), from dp-accounting.
+
+    Args:
+      noise_multiplier: σ, the noise's standard deviation over the clipping norm.
+      sampling_rate: q, each example's probability of joining a step (Poisson).
+      steps: the number of steps taken (0 gives ε = 0).
+      delta: the δ of the (ε, δ) guarantee, in (0, 1).
+      accountant: ``"pld"`` (default, tight) or ``"rdp"``.
+      dataset_size, max_batch_size: for a capped batch (truncated Poisson), N and
+        the cap; PLD only.
+
+    Returns:
+      ε (``inf`` for σ = 0).
+
+    Example:
+      >>> round(dp_epsilon(3.0, 0.1, 512, 1e-6), 2)
+      3.77
+    """
+    _number("noise_multiplier", noise_multiplier, low=0.0, closed=True)
+    _count("steps", steps, low=0)
+    _number("delta", delta, low=0.0, high=1.0)
+    mech = _Mechanism(sampling_rate, accountant, dataset_size, max_batch_size)
+    return mech.epsilon(float(noise_multiplier), steps, float(delta))
+
+
+def dp_noise_multiplier(
+    epsilon: float,
+    delta: float,
+    sampling_rate: float,
+    steps: int,
+    *,
+    accountant: str = "pld",
+    dataset_size: int | None = None,
+    max_batch_size: int | None = None,
+) -> float:
+    """The smallest σ whose ``steps`` steps spend at most ``epsilon`` (dp-accounting's
+    ``calibrate_dp_mechanism``, then rounded up by 1e-4 relative so ε stays within the
+    target).
+
+    Example:
+      >>> round(dp_noise_multiplier(1.0, 1e-6, 0.1, 512), 2)
+      9.66
+    """
+    target = _number("epsilon", epsilon, low=0.0)
+    delta = _number("delta", delta, low=0.0, high=1.0)
+    steps = _count("steps", steps)
+    mech = _Mechanism(sampling_rate, accountant, dataset_size, max_batch_size)
+    return _calibrate(mech, target, delta, steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate(mech: _Mechanism, target: float, delta: float, steps: int) -> float:
+    dpa = _dp_accounting()
+    sigma = dpa.calibrate_dp_mechanism(
+        mech.fresh_accountant,
+        lambda s: dpa.SelfComposedDpEvent(mech.event(s), steps),
+        target,
+        delta,
+        tol=1e-5,
+    )
+    sigma = float(sigma) * (1 + 1e-4)
+    while mech.epsilon(sigma, steps, delta) > target:  # Brent's tolerance, on the safe side
+        sigma *= 1 + 1e-3
+    return sigma
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """Private training for :func:`jbp.fit`: DP-SGD with Poisson sampling and a ledger.
+
+    With ``privacy=Privacy(...)``, ``fit``'s ``batch_size`` is the *expected*
+    (logical) batch size ``q·N``: each step includes every training example
+    independently with probability ``q = batch_size / N``, an epoch is
+    ``round(N / batch_size)`` steps, and each step's batch is padded to a fixed
+    shape with an example mask, so the step compiles once.
+
+    Attributes:
+      max_norm: C, the per-example clipping norm (default 1.0).
+      noise_multiplier: σ; None: calibrated so that the run's planned steps
+        (``epochs`` × steps per epoch, or ``max_steps``) spend exactly ``epsilon``.
+      epsilon: the target ε. With ``noise_multiplier`` too it is a budget: the
+        run stops before the first step that would exceed it.
+      delta: the δ of the guarantee (default 1e-5; keep it below 1/N).
+      accountant: ``"pld"`` (default) or ``"rdp"``.
+      physical_batch_size: examples per chunk of the step (Opacus's virtual
+        steps): the padded logical batch is processed in chunks of this size,
+        their clipped sums accumulated inside the step, the noise added once.
+        None: one chunk.
+      max_batch_size: cap the logical batch (truncated Poisson, accounted as
+        such; PLD only). None (default): no cap; the batch is padded to
+        ``q·N + 6·sd`` (rounded up to whole chunks), and the rare larger batch
+        gets a larger padding (one more compilation) rather than being cut.
+    """
+
+    max_norm: float = 1.0
+    noise_multiplier: float | None = None
+    epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = "pld"
+    physical_batch_size: int | None = None
+    max_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _number("max_norm", self.max_norm, low=0.0)
+        if self.noise_multiplier is None and self.epsilon is None:
+            raise ValueError(
+                "Privacy needs `noise_multiplier` (σ) or `epsilon` (a target ε to calibrate σ "
+                "for), or both (σ with an ε budget)"
+            )
+        if self.noise_multiplier is not None:
+            _number("noise_multiplier", self.noise_multiplier, low=0.0)
+        if self.epsilon is not None:
+            _number("epsilon", self.epsilon, low=0.0)
+        _number("delta", self.delta, low=0.0, high=1.0)
+        check_accountant(self.accountant)
+        if self.physical_batch_size is not None:
+            _count("physical_batch_size", self.physical_batch_size)
+        if self.max_batch_size is not None:
+            _count("max_batch_size", self.max_batch_size)
+            if self.accountant != "pld":
+                raise ValueError(
+                    "`max_batch_size` (truncated Poisson sampling) is accounted by the PLD "
+                    "accountant only; use accountant='pld' or no cap"
+                )
+
+
+class Ledger:
+    """ε after any number of steps of one private run (σ, q, δ and the accountant fixed).
+
+    Args:
+      noise_multiplier, sampling_rate, delta, accountant, dataset_size,
+      max_batch_size: as :func:`dp_epsilon`.
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float,
+        sampling_rate: float,
+        delta: float,
+        *,
+        accountant: str = "pld",
+        dataset_size: int | None = None,
+        max_batch_size: int | None = None,
+    ) -> None:
+        self.noise_multiplier = float(noise_multiplier)
+        self.delta = float(delta)
+        self.mechanism = _Mechanism(sampling_rate, accountant, dataset_size, max_batch_size)
+        self._memo: dict[int, float] = {}
+
+    def epsilon(self, steps: int) -> float:
+        """ε spent by the first ``steps`` steps."""
+        if steps not in self._memo:
+            self._memo[steps] = self.mechanism.epsilon(self.noise_multiplier, steps, self.delta)
+        return self._memo[steps]
+
+    def steps_within(self, budget: float, upto: int) -> int:
+        """The most steps, at most ``upto``, whose ε stays within ``budget`` (bisection;
+        ε grows with the steps)."""
+        if self.epsilon(upto) <= budget:
+            return upto
+        lo, hi = 0, upto  # ε(lo) ≤ budget < ε(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.epsilon(mid) <= budget else (lo, mid)
+        return lo
