@@ -51,6 +51,8 @@ PUBLIC = [
     # recurrent networks
     "RNN", "LSTM", "GRU", "Cell", "RNNCell", "LSTMCell", "GRUCell", "Recurrent", "Reverse",
     "bidirectional", "BENCH_TARGETS_LSTM", "LSTM_BENCH_FUNCTIONS",
+    # private training
+    "Privacy", "PoissonSampler", "dp_epsilon", "dp_noise_multiplier",
 ]  # fmt: skip
 
 

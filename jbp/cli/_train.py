@@ -49,8 +49,15 @@ _RESUME_KEYS = (
     "data", "test_fraction", "model", "hidden", "activation", "loss", "optimizer", "lr",
     "schedule", "batch_size", "seed", "dtype", "gradient_source",
 )  # fmt: skip
+# Arguments of a private run that must be the same to resume it (σ is checked by fit).
+_DP_KEYS = (
+    "dp", "epsilon", "delta", "max_norm", "accountant", "physical_batch_size", "max_batch_size",
+)  # fmt: skip
+_DP_FLAGS = (
+    "epsilon", "noise_multiplier", "physical_batch_size", "max_batch_size",
+)  # fmt: skip
 # What a config.json written before a key existed meant by its absence.
-_OLD_DEFAULTS = {"model": "mlp", "schedule": "constant"}
+_OLD_DEFAULTS = {"model": "mlp", "schedule": "constant", "dp": False}
 
 _TRAIN_HELP = """\
 Train a classifier on a data set with optax, on gradients from jbp's
@@ -93,6 +100,20 @@ checkpoint.npz (atomic, at every epoch end) and config.json; --resume
 continues it and ends with bitwise the same parameters as an uninterrupted
 run. With --gradient-source both, the two runs go to RUN_DIR/backprop and
 RUN_DIR/autodiff.
+
+--dp trains privately (DP-SGD): each step includes every training example
+independently with probability q = --batch-size / N (Poisson sampling; an
+epoch is N / --batch-size steps), clips each example's gradient to L2 norm
+--max-norm (default 1.0), adds Gaussian noise of standard deviation σ·C to
+the sum and divides by the expected batch. σ is --noise-multiplier, or
+calibrated so that the run's steps spend exactly --epsilon at --delta
+(default 1e-5); with both, --epsilon is a budget the run stops at. The
+privacy ledger is dp-accounting's (PLD by default, --accountant rdp), for
+add-or-remove-one neighbours; every epoch line and metrics.jsonl record
+holds the ε spent so far, config.json the mechanism (noise_multiplier,
+sampling_rate, max_norm, delta, accountant), and the run ends with σ, q,
+the steps and ε. --physical-batch-size processes each step's batch in
+chunks of that size (the noise is added once, to their sum).
 
 Exit status: 0 on success, 1 if training stopped on an error (gradient
 mismatch, non-finite values), 2 on bad arguments, data or checkpoints."""
@@ -177,6 +198,24 @@ def add_train(subparsers: Any) -> None:
     add("--distributed", action="store_true",
         help="multi-process run configured by the cluster (Slurm, TPU pods, ...): "
         "jax.distributed.initialize() with no arguments")  # fmt: skip
+    add("--dp", action="store_true",
+        help="train privately: DP-SGD with Poisson sampling and a dp-accounting ledger")  # fmt: skip
+    add("--epsilon", type=positive_float, default=None, metavar="E",
+        help="--dp: the target ε (σ calibrated for the run's steps), or with "
+        "--noise-multiplier a budget the run stops at")  # fmt: skip
+    add("--delta", type=positive_float, default=1e-5, metavar="D",
+        help="--dp: the δ of the (ε, δ) guarantee (default 1e-5; keep it below 1/N)")  # fmt: skip
+    add("--max-norm", type=positive_float, default=1.0, metavar="C",
+        help="--dp: the per-example clipping norm (default 1.0)")  # fmt: skip
+    add("--noise-multiplier", type=positive_float, default=None, metavar="S",
+        help="--dp: σ, the noise's standard deviation over --max-norm (instead of --epsilon)")  # fmt: skip
+    add("--accountant", choices=("pld", "rdp"), default="pld",
+        help="--dp: the privacy accountant (default pld)")  # fmt: skip
+    add("--physical-batch-size", type=int_at_least(1), default=None, metavar="N",
+        help="--dp: process each step's batch in chunks of N examples (default: at once)")  # fmt: skip
+    add("--max-batch-size", type=int_at_least(1), default=None, metavar="N",
+        help="--dp: cap each step's batch at N (truncated Poisson, accounted as such; "
+        "default: no cap)")  # fmt: skip
     add("--plot", default=None, metavar="PNG",
         help="write loss and accuracy curves to this PNG (needs matplotlib)")  # fmt: skip
     add("--quiet", action="store_true", help="print the final result only")
@@ -196,6 +235,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         config.update(kv_heads=args.kv_heads, tie_embeddings=args.tie_embeddings)
     if args.schedule == "cosine":
         config["epochs"] = args.epochs
+    if args.dp:
+        config.update({k: getattr(args, k) for k in _DP_KEYS})
     return config
 
 
@@ -427,6 +468,33 @@ def _make_mesh(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any
     return mesh
 
 
+def _privacy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> jbp.Privacy | None:
+    """``jbp.Privacy`` from the --dp flags, or None; flags that need --dp without it:
+    a usage error."""
+    if not args.dp:
+        given = [f"--{k.replace('_', '-')}" for k in _DP_FLAGS if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} configure private training: add --dp")
+        return None
+    if args.epsilon is None and args.noise_multiplier is None:
+        parser.error("--dp needs --epsilon E (σ calibrated for it) or --noise-multiplier S")
+    if args.gradient_source != "backprop":
+        parser.error(
+            f"--dp trains on jbp's clipped per-example gradients: --gradient-source must be "
+            f"backprop, got {args.gradient_source}"
+        )
+    if args.devices is not None:
+        parser.error("--dp runs on one device for now: drop --devices")
+    try:
+        return jbp.Privacy(
+            max_norm=args.max_norm, noise_multiplier=args.noise_multiplier,
+            epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
+            physical_batch_size=args.physical_batch_size, max_batch_size=args.max_batch_size,
+        )  # fmt: skip
+    except ValueError as err:
+        parser.error(f"--dp: {err}")
+
+
 def _start(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Check the flags that need no data, and start JAX (devices, processes)."""
     if args.resume and args.run_dir is None:
@@ -473,6 +541,14 @@ def _describe(args: argparse.Namespace, data: jbp.Dataset, model: str, mesh: Any
         f"{args.check_every or 'never'}, backend {device()}"
         + (f" × {args.devices} (data-parallel)" if mesh is not None else "")
     )
+    if args.dp:
+        target = f"ε = {args.epsilon:g}" if args.epsilon is not None else "no ε target"
+        sigma = "" if args.noise_multiplier is None else f", σ = {args.noise_multiplier:g}"
+        print(
+            f"private (DP-SGD): Poisson sampling, expected batch {args.batch_size} of "
+            f"{len(data.y_train)}, clipping norm {args.max_norm:g}{sigma}, {target} at δ = "
+            f"{args.delta:g} ({args.accountant.upper()})"
+        )
 
 
 def _learning_rate(args: argparse.Namespace, data: jbp.Dataset) -> Any:
@@ -480,7 +556,9 @@ def _learning_rate(args: argparse.Namespace, data: jbp.Dataset) -> Any:
     ``--epochs`` (``--max-steps`` stops a run early but does not change it)."""
     if args.schedule == "constant":
         return args.lr
-    steps = args.epochs * math.ceil(len(data.y_train) / args.batch_size)
+    n = len(data.y_train)
+    per_epoch = max(1, round(n / args.batch_size)) if args.dp else math.ceil(n / args.batch_size)
+    steps = args.epochs * per_epoch
     return optax.warmup_cosine_decay_schedule(0.0, args.lr, steps // 20, max(steps, 1), 0.0)
 
 
@@ -515,6 +593,7 @@ def _outcome(args: argparse.Namespace, net: Any, data: jbp.Dataset, result: Any)
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _start(args, parser)
+    privacy = _privacy(args, parser)
     say = print if jbp.is_main_process() else _silent
     mesh = _make_mesh(args, parser)
     data = _load_data(args, parser)
@@ -559,7 +638,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 check_every=args.check_every or None, patience=args.patience,
                 min_delta=args.min_delta, monitor=args.monitor, run_dir=run_dir,
                 resume=args.resume, checkpoint_every=args.checkpoint_every,
-                max_steps=args.max_steps, mesh=mesh, verbose=not args.quiet,
+                max_steps=args.max_steps, mesh=mesh, privacy=privacy, verbose=not args.quiet,
             )  # fmt: skip
         except jbp.TrainingError as err:
             print(f"jbp train: {source}: {err}")
@@ -569,12 +648,23 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         seconds = time.perf_counter() - start
         results[source] = result
         epochs_done = result.history[-1]["epoch"] if result.history else 0
-        stopped = {"early_stopping": ", stopped early", "max_steps": ", stopped at --max-steps"}
+        stopped = {
+            "early_stopping": ", stopped early",
+            "max_steps": ", stopped at --max-steps",
+            "privacy_budget": ", stopped at the --epsilon budget",
+        }
         say(
             f"{source}: {_outcome(args, net, data, result)} after {epochs_done} epochs "
             f"({int(result.state.step)} steps{stopped.get(result.stop_reason, '')}) in "
             f"{format_duration(seconds)}"
         )
+        if result.privacy is not None and args.quiet:
+            p = result.privacy
+            say(
+                f"DP-SGD: σ = {p['noise_multiplier']:.4g}, q = {p['sampling_rate']:.4g}, C = "
+                f"{p['max_norm']:g}, {p['steps']} steps: ε = {p['epsilon']:.4g} at δ = "
+                f"{p['delta']:g} ({p['accountant'].upper()}, add-or-remove-one)"
+            )
     _compare_and_plot(args, data, model, results, say)
     return 0
 
