@@ -207,7 +207,8 @@ class Privacy:
     Attributes:
       max_norm: C, the per-example clipping norm (default 1.0).
       noise_multiplier: σ; None: calibrated so that the run's planned steps
-        (``epochs`` × steps per epoch, or ``max_steps``) spend exactly ``epsilon``.
+        (``epochs`` × steps per epoch; ``max_steps`` interrupts a run, it does not
+        change its plan) spend exactly ``epsilon``.
       epsilon: the target ε. With ``noise_multiplier`` too it is a budget: the
         run stops before the first step that would exceed it.
       delta: the δ of the guarantee (default 1e-5; keep it below 1/N).

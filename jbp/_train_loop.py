@@ -200,9 +200,7 @@ class _Loop:
         self.steps_per_epoch = math.ceil(n_train / plan.batch_size)
         if plan.privacy is not None:
             per_epoch = max(1, round(n_train / plan.batch_size))
-            planned = plan.epochs * per_epoch
-            if plan.max_steps is not None:
-                planned = min(planned, plan.max_steps)
+            planned = plan.epochs * per_epoch  # max_steps interrupts a run, not its plan
             self.private = PrivateRun(plan.privacy, n_train, plan.batch_size, plan.seed, planned)
             self.steps_per_epoch = self.private.steps_per_epoch
         self.check_fns = _check_fns(plan)

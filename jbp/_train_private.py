@@ -33,7 +33,7 @@ class PrivateRun:
       batch_size: the expected batch size ``q·N``.
       seed: the run's seed (the sampler's too).
       planned_steps: the steps the run means to take (``epochs`` × steps per
-        epoch, capped by ``max_steps``): σ is calibrated for these.
+        epoch): σ is calibrated for these.
     """
 
     def __init__(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import dp_accounting
 import jax
@@ -403,3 +404,49 @@ def test_fit_refuses_what_it_cannot_account_for(small, kwargs, message):
     kw = {"batch_size": 24, **kwargs}
     with pytest.raises((TypeError, ValueError), match=message):
         jbp.fit(jbp.mlp([2, 8, 2], "tanh"), "softmax_xent", optax.adam(1e-2), small, **kw)
+
+
+def test_cli_trains_privately_prints_the_ledger_and_resumes(tmp_path, capsys):
+    from jbp.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--data", "moons", "--hidden", "8", "--activation", "tanh", "--lr", "0.01",
+            "--batch-size", "80", "--epochs", "3", "--dp", "--epsilon", "3", "--delta", "1e-4",
+            "--max-norm", "0.5", "--physical-batch-size", "16", "--run-dir", str(run)]  # fmt: skip
+    assert main([*argv, "--max-steps", "13"]) == 0
+    out = capsys.readouterr().out
+    assert "private (DP-SGD): Poisson sampling, expected batch 80 of 800" in out
+    assert re.search(r"epoch 1/3  step 10 .* ε \d", out)
+    assert re.search(r"DP-SGD: σ = [\d.]+, q = 0\.1 .* 13 steps: ε = [\d.]+ at δ = 0\.0001", out)
+    config = json.loads((run / "config.json").read_text())
+    assert config["dp"] is True and config["sampling_rate"] == 0.1 and config["max_norm"] == 0.5
+    assert main([*argv, "--resume", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("backprop: test accuracy") and "after 3 epochs (30 steps)" in out
+    eps = float(re.search(r"30 steps: ε = ([\d.]+)", out).group(1))
+    assert 2.9 < eps <= 3.0
+    assert main([*argv, "--resume", "--quiet", "--max-norm", "1"]) == 2
+    assert "--max-norm is 1.0 but the run being resumed used 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epsilon", "3"], r"--epsilon configure private training: add --dp"),
+        (["--dp"], r"--dp needs --epsilon E"),
+        (
+            ["--dp", "--epsilon", "3", "--gradient-source", "both"],
+            "--gradient-source must be backprop",
+        ),
+        (["--dp", "--epsilon", "3", "--devices", "2"], "--dp runs on one device"),
+        (
+            ["--dp", "--epsilon", "3", "--max-batch-size", "9", "--accountant", "rdp"],
+            "PLD accountant only",
+        ),
+    ],
+)
+def test_cli_bad_privacy_flags_exit_2(capsys, args, message):
+    from jbp.cli import main
+
+    assert main(["train", "--data", "xor", "--epochs", "1", *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
