@@ -563,18 +563,18 @@ def gradient_noise_scale(
     net, loss = _setup(net, loss)
 
     def fn(
-        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None
-    ) -> NoiseScale:
-        batch = prepare(net, loss, params, x, y, mask, dropout_key)
-        b = batch.x.shape[0]
-        if b < 2:
-            raise ValueError(f"`x` has batch {b}; the gradient noise scale needs at least 2")
-        run = _forward(net, params, batch)
-        dtype = _dtype(params, batch)
-        sq = _sq_norms(run, b, dtype, "auto")
-        mean = run.quantity("weighted_grads", jnp.full((b,), 1.0 / b, dtype))
+        params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
+        example_mask: Any = None,
+    ) -> NoiseScale:  # fmt: skip
+        run, em = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        rows, dtype = run.batch.x.shape[0], _dtype(params, run.batch)
+        if rows < 2:
+            raise ValueError(f"`x` has batch {rows}; the gradient noise scale needs at least 2")
+        b = rows if em is None else jnp.sum(em).astype(dtype)  # the real examples
+        sq = _sq_norms(run, rows, dtype, "auto")
+        mean = run.quantity("weighted_grads", jnp.ones((rows,), dtype) / b)
         mean_sq = _tree_sum([jnp.sum(leaf * leaf) for leaf in jtu.tree_leaves(mean)])
-        spread = jnp.mean(jnp.sum(sq, axis=1)) - mean_sq
+        spread = jnp.sum(sq) / b - mean_sq
         if unbiased:
             trace = b / (b - 1) * spread
             g2 = mean_sq - trace / b

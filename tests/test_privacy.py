@@ -150,7 +150,7 @@ def test_padding_rows_contribute_exactly_nothing_whatever_they_hold(family, seed
     jbp.compare(got["clipped"][0], want["clipped"][0], rtol=1e-10).raise_if_failed()
 
 
-def test_variance_and_dp_grad_count_the_real_examples_only():
+def test_variance_noise_scale_and_dp_grad_count_the_real_examples_only():
     net = jbp.mlp([5, 7, 3], "tanh")
     params = net.init(jax.random.key(0), jnp.float64)
     x = np.random.default_rng(0).normal(size=(9, 5))
@@ -162,6 +162,11 @@ def test_variance_and_dp_grad_count_the_real_examples_only():
         var = jax.jit(jbp.grad_variance(net, "softmax_xent", ddof=ddof))
         jbp.compare(var(params, xn, y, example_mask=keep), var(params, x[keep], y[keep]),
                     rtol=1e-10).raise_if_failed()  # fmt: skip
+    gns = jax.jit(jbp.gradient_noise_scale(net, "softmax_xent"))
+    for got, want in zip(
+        gns(params, xn, y, example_mask=keep), gns(params, x[keep], y[keep]), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-10)
     key = jax.random.key(1)
     dp = jax.jit(jbp.dp_grad(net, "softmax_xent", 0.5, 0.0, expected_batch_size=6.0))
     clipped, _ = jbp.clipped_grad(net, "softmax_xent", 0.5)(params, x[keep], y[keep])
