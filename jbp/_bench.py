@@ -14,6 +14,8 @@ outputs, excluding the arguments), the same measure for every row.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 import statistics
 import time
@@ -710,3 +712,218 @@ def benchmark_curvature(
         if log is not None:
             log(format_benchmark([r for r in rows if r.batch == batch], header=False))
     return rows
+
+
+# --- private training, DP-SGD (issue 18) --------------------------------------------
+
+# The DP benchmark's rows, in table order: the non-private jax.grad step and the
+# private step at expected batch E, what the padding and the clipping each cost,
+# then the accumulating private step (4 physical chunks) beside 4 jax.grad steps,
+# and the host's share (numpy Poisson sampling and gathering, not in any other row).
+DP_BENCH_FUNCTIONS: tuple[str, ...] = (
+    "jax.grad step",
+    "dp step",
+    "dp step, E rows",
+    "jax.grad step, padded rows",
+    "noise draw",
+    "4 × jax.grad step",
+    "dp step, 4 chunks",
+    "host: sampler.batch",
+    "host: sampler.batch, 4E",
+)
+
+# Targets (issue 18), as ratios in one run.
+BENCH_TARGETS_DP: tuple[BenchTarget, ...] = (
+    BenchTarget("dp step", "jax.grad step", 1.15),
+    BenchTarget("dp step, 4 chunks", "4 × jax.grad step", 1.2),
+)
+
+# The physical chunks of the accumulating private step in :func:`benchmark_dp`.
+DP_CHUNKS = 4
+
+# The data set each arch samples from: MNIST's and CIFAR-10's training-set sizes.
+DP_DATASET_SIZES = {"mlp": 60_000, "cnn": 50_000}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPBench:
+    """One :func:`benchmark_dp` run at one expected batch size."""
+
+    arch: str
+    dataset_size: int
+    expected_batch: int  # E
+    padded_size: int  # the rows of the private step: E + 6 sd, rounded up
+    chunk: int  # the physical batch of the accumulating step
+    accumulated_padded_size: int  # its rows: 4 chunks, holding 4E + 6 sd
+    rows: tuple[BenchRow, ...]
+
+
+def _draws(sampler: Any, arrays: tuple[Any, ...]) -> Callable[[], Any]:
+    """A call that draws the sampler's next step's batch on the host (a fresh sample
+    each call, as in training)."""
+    steps = itertools.count(1)
+    return lambda: sampler.batch(arrays, next(steps))
+
+
+def benchmark_dp(
+    *,
+    arch: str = "mlp",
+    sizes: Sequence[int] = (784, 512, 512, 10),
+    batches: Sequence[int] | None = None,
+    dataset_size: int | None = None,
+    rounds: int = 30,
+    budget_s: float = 10.0,
+    log: Callable[[str], None] | None = None,
+) -> list[DPBench]:
+    """Time a DP-SGD step (``jbp.make_dp_step``) beside a non-private ``jax.grad`` step.
+
+    The network: ``arch="mlp"`` an MLP of ``sizes`` (relu; default 784-512-512-10,
+    batch 256), ``"cnn"`` the CNN of :func:`benchmark` on (32, 32, 3) images
+    (batch 32); ``softmax_xent``, float32, ``optax.adam(1e-3)`` in every step.
+    Fixed data: ``dataset_size`` random normal inputs and random labels (default
+    60000 for the MLP, 50000 for the CNN). At each expected batch E of ``batches``:
+
+    - ``jax.grad step``: ``make_step(gradient_source="autodiff")`` on E rows,
+      the baseline of every ratio.
+    - ``dp step``: ``make_dp_step(max_norm=1, noise_multiplier=1,
+      expected_batch_size=E)`` on a Poisson batch of ``PoissonSampler(N, E)``:
+      ``padded_size`` rows (E + 6 sd, rounded up) with its example mask.
+    - ``dp step, E rows``: the same private step on exactly E rows, no padding.
+    - ``jax.grad step, padded rows``: the baseline on ``padded_size`` rows.
+    - ``noise draw``: the Gaussian noise alone, one normal per parameter.
+    - ``4 × jax.grad step``: 4 calls of the baseline's compiled step on 4
+      batches of E rows, the state passed on, blocking once at the end. (Not
+      one call of a ``lax.scan`` over the 4 steps: on CPU, XLA runs the CNN's
+      convolutions inside a loop body about 30× slower, 2.6 s for the 4 steps.)
+    - ``dp step, 4 chunks``: the private step on a logical batch of expected
+      size 4E, sampled with ``multiple_of=chunk`` where ``chunk`` is the
+      padded size of that batch over 4, rounded up, and
+      ``physical_batch_size=chunk``: 4 chunks accumulated by the step's own
+      scan.
+    - ``host: sampler.batch`` (and ``, 4E``): drawing a Poisson sample and
+      gathering its padded batch on the host with numpy, per step. Every
+      device row is timed on a batch drawn beforehand, so no device row
+      includes this.
+
+    Every function is compiled and warmed up first, then all are timed
+    interleaved as in :func:`benchmark`; the ratios are to ``jax.grad step``.
+
+    Returns:
+      One :class:`DPBench` per expected batch size.
+    """
+    import optax
+
+    from ._sampling import PoissonSampler
+    from ._train import init_state, make_dp_step, make_step
+
+    if arch not in ("mlp", "cnn"):
+        raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    in_shape: tuple[int, ...]
+    if arch == "cnn":
+        net, in_shape = _cnn(), CNN_IN_SHAPE
+        batches = (32,) if batches is None else batches
+    else:
+        net, in_shape = mlp(list(sizes), "relu"), (sizes[0],)
+        batches = (256,) if batches is None else batches
+    n = DP_DATASET_SIZES[arch] if dataset_size is None else dataset_size
+    classes = net.output_shape(in_shape)[-1]
+    rng = np.random.default_rng(0)
+    data_x = rng.standard_normal((n, *in_shape), dtype=np.float32)
+    data_y = rng.integers(0, classes, n).astype(np.int32)
+    opt = optax.adam(1e-3)
+    state = init_state(net, opt, jax.random.key(0))
+    loss = "softmax_xent"
+    ref_step = make_step(net, loss, opt, gradient_source="autodiff", jit=False)
+
+    def noise(s: Any) -> Any:
+        leaves = jtu.tree_leaves(s.params)
+        keys = jax.random.split(s.key, len(leaves))
+        return [jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys, strict=True)]
+
+    chunks = DP_CHUNKS
+    out = []
+    for e in batches:
+        if not 0 < chunks * e <= n:
+            raise ValueError(f"{chunks} × batch {e} does not fit a data set of {n} examples")
+        sampler = PoissonSampler(n, e, seed=0)
+        chunk = -(-PoissonSampler(n, chunks * e).padded_size // chunks)
+        big = PoissonSampler(n, chunks * e, seed=0, multiple_of=chunk)
+        dp = make_dp_step(
+            net, loss, opt, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=e, jit=False
+        )
+        dp_acc = make_dp_step(
+            net,
+            loss,
+            opt,
+            max_norm=1.0,
+            noise_multiplier=1.0,
+            expected_batch_size=chunks * e,
+            physical_batch_size=chunk,
+            jit=False,
+        )
+        (xp, yp), mp = sampler.batch((data_x, data_y), 0)
+        (xa, ya), ma = big.batch((data_x, data_y), 0)
+        x_e, y_e = jnp.asarray(data_x[:e]), jnp.asarray(data_y[:e])
+        parts = [
+            (jnp.asarray(data_x[k * e : (k + 1) * e]), jnp.asarray(data_y[k * e : (k + 1) * e]))
+            for k in range(chunks)
+        ]
+        device_rows: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
+            "jax.grad step": (ref_step, (state, x_e, y_e)),
+            "dp step": (dp, (state, jnp.asarray(xp), jnp.asarray(yp), None, jnp.asarray(mp))),
+            "dp step, E rows": (dp, (state, x_e, y_e)),
+            "jax.grad step, padded rows": (ref_step, (state, jnp.asarray(xp), jnp.asarray(yp))),
+            "noise draw": (noise, (state,)),
+            "dp step, 4 chunks": (
+                dp_acc,
+                (state, jnp.asarray(xa), jnp.asarray(ya), None, jnp.asarray(ma)),
+            ),
+        }
+        compiled: dict[str, Any] = {}
+        compile_s: dict[str, float] = {}
+        bound: dict[str, Callable[[], Any]] = {}
+        for name, (fn, args) in device_rows.items():
+            t0 = time.perf_counter()
+            compiled[name] = jax.jit(fn).lower(*args).compile()
+            compile_s[name] = time.perf_counter() - t0
+            bound[name] = functools.partial(compiled[name], *args)
+            jax.block_until_ready(bound[name]())  # warm-up
+
+        def ref_steps(c: Any = compiled["jax.grad step"], batches: Any = parts) -> Any:
+            st = state
+            for xk, yk in batches:
+                st, metrics = c(st, xk, yk)
+            return st, metrics
+
+        jax.block_until_ready(ref_steps())
+        bound["4 × jax.grad step"] = ref_steps
+        compiled["4 × jax.grad step"] = compiled["jax.grad step"]
+        compile_s["4 × jax.grad step"] = compile_s["jax.grad step"]
+        for name, sam in (("host: sampler.batch", sampler), ("host: sampler.batch, 4E", big)):
+            bound[name] = _draws(sam, (data_x, data_y))
+            compiled[name], compile_s[name] = None, 0.0
+        names = list(DP_BENCH_FUNCTIONS)
+        times = _time_interleaved(bound, names, (), rounds, budget_s)
+        base = statistics.median(times["jax.grad step"])
+        rows = tuple(_row(e, name, times[name], base, compile_s, compiled) for name in names)
+        result = DPBench(arch, n, e, len(mp), chunk, len(ma), rows)
+        out.append(result)
+        if log is not None:
+            log(format_dp_benchmark([result]))
+    return out
+
+
+def format_dp_benchmark(results: Sequence[DPBench]) -> str:
+    """:func:`benchmark_dp`'s results: per expected batch, the padded sizes, then the rows."""
+    parts = []
+    for r in results:
+        parts.append(
+            f"expected batch E = {r.expected_batch} of N = {r.dataset_size} "
+            f"(q = {r.expected_batch / r.dataset_size:.4g}): the private step's batch is padded "
+            f"to {r.padded_size} rows ({r.padded_size / r.expected_batch:.2f} E); the "
+            f"accumulating step's to {r.accumulated_padded_size} rows = "
+            f"{r.accumulated_padded_size // r.chunk} chunks of {r.chunk} "
+            f"({r.accumulated_padded_size / (DP_CHUNKS * r.expected_batch):.2f} × {DP_CHUNKS}E)\n"
+            + format_benchmark(r.rows)
+        )
+    return "\n\n".join(parts)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import jbp
+from jbp._bench import BENCH_TARGETS_DP, DP_BENCH_FUNCTIONS
 from jbp.cli import main
 
 
@@ -165,3 +166,19 @@ def test_bench_curvature_times_every_curvature_row_and_checks_its_targets(capsys
     assert out.count("(target ≤") == len(jbp.BENCH_TARGETS_CURVATURE)
     with pytest.raises(ValueError, match=r"unknown curvature rows \['kfc'\]"):
         jbp.benchmark_curvature(only=["kfc"])
+
+
+def test_bench_dp_times_the_private_step_and_checks_its_targets(tmp_path, capsys):
+    path = tmp_path / "dp.json"
+    argv = ["bench", "--dp", "--arch", "mlp", "--sizes", "6,5,3", "--batches", "4"]
+    assert main([*argv, "--rounds", "3", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "MLP 6-5-3, relu" in out and "expected batch E = 4 of N = 60000" in out
+    for name in DP_BENCH_FUNCTIONS:
+        assert f"  {name} " in out, name
+    assert out.count("(target ≤") == len(BENCH_TARGETS_DP)
+    (run,) = json.loads(path.read_text())["runs"]
+    assert run["padded_size"] > run["expected_batch"] == 4
+    assert run["accumulated_padded_size"] == 4 * run["chunk"] >= 16
+    assert [r["name"] for r in run["rows"]] == list(DP_BENCH_FUNCTIONS)
+    assert main(["bench", "--dp", "--arch", "lstm"]) == 2

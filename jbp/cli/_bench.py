@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 import jbp
 
+from .._bench import BENCH_TARGETS_DP, benchmark_dp, format_dp_benchmark
 from ._args import activation_name, device, int_at_least, json_safe, names_list
 
 _BENCH_HELP = """\
@@ -34,6 +35,20 @@ and 64; --arch lstm the LSTM benchmark: LSTM(32, 128, return_sequences=True),
 LSTM(128, 128), Dense(128, 10) on (B, 32, 32) sequences, B = 32 and 128. Prints median milliseconds (compile time excluded, reported
 separately), the ratio to jax.grad in the same run, XLA's memory estimate,
 and the cost-model targets (met or MISSED).
+
+--dp times a DP-SGD step (jbp.make_dp_step, max_norm 1, noise_multiplier 1,
+adam) beside a non-private jax.grad step (jbp.make_step with
+gradient_source="autodiff", adam) at expected batch E (--batches; default 256
+for the MLP, 32 for the CNN), on the MLP (--arch mlp, --sizes) and the
+benchmark CNN (--arch cnn); both when --arch is not given. The private step
+takes a Poisson batch of jbp.PoissonSampler(N, E) (N = 60000 for the MLP,
+50000 for the CNN, random data), padded to the sampler's padded_size (E +
+6 sd, printed) with its example mask; the accumulating private step a
+logical batch of expected size 4E in 4 physical chunks, beside 4 calls of
+the jax.grad step on E rows each. Device steps are timed on batches
+drawn beforehand; the host's sampling (numpy) is timed in rows of its own.
+Targets: dp step <= 1.15 x jax.grad step, dp step in 4 chunks <= 1.2 x 4
+jax.grad steps.
 
 Exit status: 0 (a missed target is reported, not an error), 2 on bad arguments."""
 
@@ -67,8 +82,9 @@ def add_bench(subparsers: Any) -> None:
     p.add_argument(
         "--arch",
         choices=("mlp", "cnn", "transformer", "llama", "lstm"),
-        default="mlp",
-        help="the MLP of --sizes (default), the benchmark CNN, transformer, llama or LSTM",
+        default=None,
+        help="the MLP of --sizes (default), the benchmark CNN, transformer, llama or LSTM "
+        "(with --dp: mlp or cnn; both when not given)",
     )
     p.add_argument(
         "--sizes",
@@ -128,12 +144,23 @@ def add_bench(subparsers: Any) -> None:
         "--sizes, --activation, --dtype and --only do not apply",
     )
     p.add_argument(
+        "--dp",
+        action="store_true",
+        help="time a DP-SGD step (jbp.make_dp_step on a padded Poisson batch, and in 4 "
+        "accumulated chunks) beside jax.grad training steps, on the MLP and the CNN "
+        "(--arch picks one); --activation, --dtype, --only and --curvature do not apply",
+    )
+    p.add_argument(
         "--json", metavar="PATH", default=None, help="also write the rows and targets to PATH"
     )
     p.set_defaults(run=_run_bench, subparser=p)
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.dp:
+        return _run_bench_dp(args, parser)
+    if args.arch is None:
+        args.arch = "mlp"
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     what = {
@@ -207,6 +234,55 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 for t, batch, ratio, met in checked
             ],
         }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
+            f.write("\n")
+    return 0
+
+
+def _run_bench_dp(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.curvature or args.only is not None or args.dtype != "float32":
+        parser.error("--dp takes neither --curvature, --only nor --dtype")
+    if args.arch not in (None, "mlp", "cnn"):
+        parser.error("--dp takes --arch mlp or cnn")
+    archs = ("mlp", "cnn") if args.arch is None else (args.arch,)
+    print(
+        f"jbp bench --dp: DP-SGD step beside jax.grad steps, softmax_xent, float32, adam; "
+        f"backend {device()}, jax {jax.__version__}, {platform.machine()}, "
+        f"python {platform.python_version()}"
+    )
+    sys.stdout.flush()
+    summary: dict[str, Any] = {"command": "bench --dp", "device": device(), "runs": []}
+    summary["jax_version"] = jax.__version__
+    for arch in archs:
+        what = (
+            f"MLP {'-'.join(map(str, args.sizes))}, relu"
+            if arch == "mlp"
+            else "CNN (32,32,3) conv32-conv64/2-conv64/2-dense10, relu"
+        )
+        print(f"\n{what}")
+        results = benchmark_dp(
+            arch=arch, sizes=args.sizes, batches=args.batches, rounds=args.rounds,
+            budget_s=args.budget,
+        )  # fmt: skip
+        print(format_dp_benchmark(results))
+        checked = [c for r in results for c in jbp.check_targets(r.rows, BENCH_TARGETS_DP)]
+        print("\ntargets (ratios measured in this run):")
+        print(jbp.format_targets(checked))
+        sys.stdout.flush()
+        for r in results:
+            summary["runs"].append(
+                {
+                    **{k: v for k, v in dataclasses.asdict(r).items() if k != "rows"},
+                    "rows": [dataclasses.asdict(row) for row in r.rows],
+                    "targets": [
+                        {"name": t.name, "baseline": t.baseline, "bound": t.bound,
+                         "ratio": ratio, "met": met}
+                        for t, _, ratio, met in jbp.check_targets(r.rows, BENCH_TARGETS_DP)
+                    ],
+                }
+            )  # fmt: skip
+    if args.json is not None:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(json_safe(summary), f, indent=2, allow_nan=False)
             f.write("\n")
