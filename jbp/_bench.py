@@ -723,6 +723,7 @@ def benchmark_curvature(
 DP_BENCH_FUNCTIONS: tuple[str, ...] = (
     "jax.grad step",
     "dp step",
+    "dp step, chunks of E/4",
     "dp step, E rows",
     "jax.grad step, padded rows",
     "noise draw",
@@ -735,6 +736,7 @@ DP_BENCH_FUNCTIONS: tuple[str, ...] = (
 # Targets (issue 18), as ratios in one run.
 BENCH_TARGETS_DP: tuple[BenchTarget, ...] = (
     BenchTarget("dp step", "jax.grad step", 1.15),
+    BenchTarget("dp step, chunks of E/4", "jax.grad step", 1.15),
     BenchTarget("dp step, 4 chunks", "4 × jax.grad step", 1.2),
 )
 
@@ -753,8 +755,8 @@ class DPBench:
     dataset_size: int
     expected_batch: int  # E
     padded_size: int  # the rows of the private step: E + 6 sd, rounded up
-    chunk: int  # the physical batch of the accumulating step
-    accumulated_padded_size: int  # its rows: 4 chunks, holding 4E + 6 sd
+    chunk: int  # the physical batch of the accumulating step: E
+    accumulated_padded_size: int  # its rows: 4E + 6 sd, rounded up to whole chunks
     rows: tuple[BenchRow, ...]
 
 
@@ -763,6 +765,17 @@ def _draws(sampler: Any, arrays: tuple[Any, ...]) -> Callable[[], Any]:
     each call, as in training)."""
     steps = itertools.count(1)
     return lambda: sampler.batch(arrays, next(steps))
+
+
+# Poisson batches each chunked row cycles through, one per call: its time depends on
+# the batch's size (the chunks after the last real example are skipped).
+DP_DRAWS = 8
+
+
+def _cycle(compiled: Any, calls: list[tuple[Any, ...]]) -> Callable[[], Any]:
+    """A call that runs ``compiled`` on the next of ``calls``' arguments, in turn."""
+    turn = itertools.cycle(calls)
+    return lambda: compiled(*next(turn))
 
 
 def benchmark_dp(
@@ -787,7 +800,12 @@ def benchmark_dp(
       the baseline of every ratio.
     - ``dp step``: ``make_dp_step(max_norm=1, noise_multiplier=1,
       expected_batch_size=E)`` on a Poisson batch of ``PoissonSampler(N, E)``:
-      ``padded_size`` rows (E + 6 sd, rounded up) with its example mask.
+      ``padded_size`` rows (E + 6 sd, rounded up) with its example mask, in one
+      pass over every row.
+    - ``dp step, chunks of E/4``: the same step with ``physical_batch_size=E/4``
+      on batches sampled with ``multiple_of=E/4``: the chunks after the last real
+      example are skipped, so the step costs about its real rows; timed over
+      ``DP_DRAWS`` Poisson batches in turn (its time depends on the batch's size).
     - ``dp step, E rows``: the same private step on exactly E rows, no padding.
     - ``jax.grad step, padded rows``: the baseline on ``padded_size`` rows.
     - ``noise draw``: the Gaussian noise alone, one normal per parameter.
@@ -796,10 +814,10 @@ def benchmark_dp(
       one call of a ``lax.scan`` over the 4 steps: on CPU, XLA runs the CNN's
       convolutions inside a loop body about 30× slower, 2.6 s for the 4 steps.)
     - ``dp step, 4 chunks``: the private step on a logical batch of expected
-      size 4E, sampled with ``multiple_of=chunk`` where ``chunk`` is the
-      padded size of that batch over 4, rounded up, and
-      ``physical_batch_size=chunk``: 4 chunks accumulated by the step's own
-      scan.
+      size 4E, sampled with ``multiple_of=E`` and ``physical_batch_size=E``:
+      the chunks holding real examples (4 or 5, mostly) accumulated by the
+      step's own loop, one noise draw, one update; over ``DP_DRAWS`` batches
+      in turn.
     - ``host: sampler.batch`` (and ``, 4E``): drawing a Poisson sample and
       gathering its padded batch on the host with numpy, per step. Every
       device row is timed on a batch drawn beforehand, so no device row
@@ -846,11 +864,17 @@ def benchmark_dp(
         if not 0 < chunks * e <= n:
             raise ValueError(f"{chunks} × batch {e} does not fit a data set of {n} examples")
         sampler = PoissonSampler(n, e, seed=0)
-        chunk = -(-PoissonSampler(n, chunks * e).padded_size // chunks)
+        quarter = max(1, e // 4)
+        small = PoissonSampler(n, e, seed=0, multiple_of=quarter)
+        chunk = e
         big = PoissonSampler(n, chunks * e, seed=0, multiple_of=chunk)
         dp = make_dp_step(
             net, loss, opt, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=e, jit=False
         )
+        dp_quarters = make_dp_step(
+            net, loss, opt, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=e,
+            physical_batch_size=quarter, jit=False,
+        )  # fmt: skip
         dp_acc = make_dp_step(
             net,
             loss,
@@ -862,7 +886,15 @@ def benchmark_dp(
             jit=False,
         )
         (xp, yp), mp = sampler.batch((data_x, data_y), 0)
-        (xa, ya), ma = big.batch((data_x, data_y), 0)
+
+        def drawn(sam: Any) -> list[tuple[Any, ...]]:
+            calls = []
+            for k in range(DP_DRAWS):
+                (xs, ys), ms = sam.batch((data_x, data_y), k)
+                calls.append((state, jnp.asarray(xs), jnp.asarray(ys), None, jnp.asarray(ms)))
+            return calls
+
+        quarter_calls, big_calls = drawn(small), drawn(big)
         x_e, y_e = jnp.asarray(data_x[:e]), jnp.asarray(data_y[:e])
         parts = [
             (jnp.asarray(data_x[k * e : (k + 1) * e]), jnp.asarray(data_y[k * e : (k + 1) * e]))
@@ -874,10 +906,10 @@ def benchmark_dp(
             "dp step, E rows": (dp, (state, x_e, y_e)),
             "jax.grad step, padded rows": (ref_step, (state, jnp.asarray(xp), jnp.asarray(yp))),
             "noise draw": (noise, (state,)),
-            "dp step, 4 chunks": (
-                dp_acc,
-                (state, jnp.asarray(xa), jnp.asarray(ya), None, jnp.asarray(ma)),
-            ),
+        }
+        cycled = {
+            "dp step, chunks of E/4": (dp_quarters, quarter_calls),
+            "dp step, 4 chunks": (dp_acc, big_calls),
         }
         compiled: dict[str, Any] = {}
         compile_s: dict[str, float] = {}
@@ -888,6 +920,13 @@ def benchmark_dp(
             compile_s[name] = time.perf_counter() - t0
             bound[name] = functools.partial(compiled[name], *args)
             jax.block_until_ready(bound[name]())  # warm-up
+        for name, (fn, calls) in cycled.items():
+            t0 = time.perf_counter()
+            compiled[name] = jax.jit(fn).lower(*calls[0]).compile()
+            compile_s[name] = time.perf_counter() - t0
+            bound[name] = _cycle(compiled[name], calls)
+            for _ in calls:
+                jax.block_until_ready(bound[name]())  # warm-up
 
         def ref_steps(c: Any = compiled["jax.grad step"], batches: Any = parts) -> Any:
             st = state
@@ -906,7 +945,7 @@ def benchmark_dp(
         times = _time_interleaved(bound, names, (), rounds, budget_s)
         base = statistics.median(times["jax.grad step"])
         rows = tuple(_row(e, name, times[name], base, compile_s, compiled) for name in names)
-        result = DPBench(arch, n, e, len(mp), chunk, len(ma), rows)
+        result = DPBench(arch, n, e, len(mp), chunk, big.padded_size, rows)
         out.append(result)
         if log is not None:
             log(format_dp_benchmark([result]))
@@ -921,9 +960,8 @@ def format_dp_benchmark(results: Sequence[DPBench]) -> str:
             f"expected batch E = {r.expected_batch} of N = {r.dataset_size} "
             f"(q = {r.expected_batch / r.dataset_size:.4g}): the private step's batch is padded "
             f"to {r.padded_size} rows ({r.padded_size / r.expected_batch:.2f} E); the "
-            f"accumulating step's to {r.accumulated_padded_size} rows = "
-            f"{r.accumulated_padded_size // r.chunk} chunks of {r.chunk} "
-            f"({r.accumulated_padded_size / (DP_CHUNKS * r.expected_batch):.2f} × {DP_CHUNKS}E)\n"
-            + format_benchmark(r.rows)
+            f"accumulating step's (4E) to {r.accumulated_padded_size} rows = "
+            f"{r.accumulated_padded_size // r.chunk} chunks of E, those after the last real "
+            "example skipped\n" + format_benchmark(r.rows)
         )
     return "\n\n".join(parts)

@@ -245,8 +245,12 @@ def make_dp_step(
       physical_batch_size: process the batch in chunks of this many rows
         (the batch must be a multiple of it), accumulating their clipped sums
         inside the step before the noise is added once (Opacus's virtual
-        steps: a logical batch larger than fits in memory at once). None: one
-        chunk.
+        steps: a logical batch larger than fits in memory at once). Chunks
+        after the last real example (``example_mask``) are skipped, so a
+        padded Poisson batch costs about its real rows, not its padding; the
+        step's time then depends on the realised batch size, as in any
+        variable-size Poisson batching (Opacus): the guarantee covers the
+        released parameters, not timing. None: one pass over every row.
       jit: return the step under ``jax.jit`` (default) or the pure function.
 
     Returns:
@@ -330,8 +334,9 @@ def _chunked(
     key: Array,
     dropout: bool,
 ) -> ClippedSum:
-    """The clipped sum of a batch, in chunks of ``chunk`` rows accumulated by a scan
-    (one compiled chunk, the activations of one chunk alive at a time)."""
+    """The clipped sum of a batch, in chunks of ``chunk`` rows accumulated by a loop
+    (one compiled chunk, the activations of one chunk alive at a time) that stops
+    after the last chunk holding a real example."""
     rows = np.shape(x)[0]
     if chunk is None or chunk >= rows:
         return clipped(
@@ -349,29 +354,33 @@ def _chunked(
     split = lambda a: None if a is None else jnp.reshape(a, (k, chunk, *np.shape(a)[1:]))  # noqa: E731
     parts = (split(jnp.asarray(x)), split(jnp.asarray(y)), split(mask), split(example_mask))
 
-    def body_chunk(p: Any, i: Array, part: Any) -> ClippedSum:
-        xc, yc, mc, ec = part
+    def one(p: Any, i: Array) -> ClippedSum:
+        xc, yc, mc, ec = jtu.tree_map(lambda a: a[i], parts)
         dropout_key = jr.fold_in(key, i) if dropout else None
         return clipped(p, xc, yc, mask=mc, example_mask=ec, dropout_key=dropout_key)
 
-    def body(total: Any, part: Any) -> tuple[Any, Array]:
-        r = body_chunk(params, *part)
-        grads, loss_sum, examples = total
-        total = (
+    first = jax.eval_shape(lambda p: one(p, jnp.int32(0)), params)
+
+    def body(i: Array, total: Any) -> Any:
+        grads, norms, loss_sum, examples = total
+        r = one(params, i)
+        return (
             jtu.tree_map(jnp.add, grads, r.grads),
+            lax.dynamic_update_index_in_dim(norms, r.norms, i, 0),
             loss_sum + r.loss_sum,
             examples + r.examples,
         )
-        return total, r.norms
 
-    chunk_0 = jtu.tree_map(lambda a: a[0], parts)
-    first = jax.eval_shape(lambda p: body_chunk(p, jnp.int32(0), chunk_0), params)
     zeros = (
         jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first.grads),
+        jnp.zeros((k, chunk), first.norms.dtype),
         jnp.zeros((), first.loss_sum.dtype),
         jnp.zeros((), first.examples.dtype),
     )
-    (grads, loss_sum, examples), norms = lax.scan(body, zeros, (jnp.arange(k), parts))
+    # Only the chunks up to the last real example run: a Poisson batch's padding at
+    # the end costs nothing (the step's time then depends on the batch's size).
+    used = jnp.max(jnp.where(example_mask, jnp.arange(rows) // chunk + 1, 0))
+    grads, norms, loss_sum, examples = lax.fori_loop(0, used, body, zeros)
     return ClippedSum(grads, norms.reshape(rows), loss_sum, examples)
 
 

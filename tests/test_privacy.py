@@ -455,3 +455,23 @@ def test_cli_bad_privacy_flags_exit_2(capsys, args, message):
 
     assert main(["train", "--data", "xor", "--epochs", "1", *args]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_chunks_accumulate_to_the_one_pass_step_and_padding_chunks_are_skipped():
+    net = jbp.mlp([3, 6, 3], "tanh")
+    opt = optax.sgd(0.3)
+    state = jbp.init_state(net, opt, jax.random.key(0), dtype=jnp.float64)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 3)), rng.integers(3, size=16)
+    # chunks of 4: chunk 1 and chunk 3 hold padding only, chunk 3 after the last example
+    keep = np.array([1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0], bool)
+    x[~keep] = np.nan
+    kw = dict(max_norm=0.2, noise_multiplier=1.3, expected_batch_size=5.0)
+    one = jbp.make_dp_step(net, "softmax_xent", opt, **kw)
+    chunked = jbp.make_dp_step(net, "softmax_xent", opt, physical_batch_size=4, **kw)
+    a, ma = one(state, x, y, None, keep)
+    b, mb = chunked(state, x, y, None, keep)
+    jbp.compare(b.params, a.params, rtol=1e-12).raise_if_failed()
+    assert int(mb["examples"]) == 6 and float(mb["loss"]) == pytest.approx(float(ma["loss"]))
+    with pytest.raises(ValueError, match="not a multiple of `physical_batch_size` 4"):
+        chunked(state, x[:14], y[:14], None, keep[:14])
