@@ -11,11 +11,13 @@ from ._bench import BENCH_FUNCTIONS as BENCH_FUNCTIONS
 from ._bench import BENCH_TARGETS as BENCH_TARGETS
 from ._bench import BENCH_TARGETS_CNN as BENCH_TARGETS_CNN
 from ._bench import BENCH_TARGETS_CURVATURE as BENCH_TARGETS_CURVATURE
+from ._bench import BENCH_TARGETS_DP as BENCH_TARGETS_DP
 from ._bench import BENCH_TARGETS_LLAMA as BENCH_TARGETS_LLAMA
 from ._bench import BENCH_TARGETS_LSTM as BENCH_TARGETS_LSTM
 from ._bench import BENCH_TARGETS_TRANSFORMER as BENCH_TARGETS_TRANSFORMER
 from ._bench import CNN_BENCH_FUNCTIONS as CNN_BENCH_FUNCTIONS
 from ._bench import CURVATURE_BENCH_FUNCTIONS as CURVATURE_BENCH_FUNCTIONS
+from ._bench import DP_BENCH_FUNCTIONS as DP_BENCH_FUNCTIONS
 from ._bench import LLAMA_BENCH_FUNCTIONS as LLAMA_BENCH_FUNCTIONS
 from ._bench import LSTM_BENCH_FUNCTIONS as LSTM_BENCH_FUNCTIONS
 from ._bench import MATERIALISING as MATERIALISING
@@ -25,6 +27,7 @@ from ._bench import BenchTarget as BenchTarget
 from ._bench import ScalingRow as ScalingRow
 from ._bench import benchmark as benchmark
 from ._bench import benchmark_curvature as benchmark_curvature
+from ._bench import benchmark_dp as benchmark_dp
 from ._bench import benchmark_scaling as benchmark_scaling
 from ._bench import check_targets as check_targets
 from ._bench import format_benchmark as format_benchmark
