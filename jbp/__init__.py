@@ -65,6 +65,7 @@ from ._per_example import per_example_norms as per_example_norms
 from ._per_example import sum_grad_squared as sum_grad_squared
 from ._plot import plot_curves as plot_curves
 from ._privacy import Privacy as Privacy
+from ._privacy import audit_epsilon as audit_epsilon
 from ._privacy import dp_epsilon as dp_epsilon
 from ._privacy import dp_noise_multiplier as dp_noise_multiplier
 from ._sampling import PoissonSampler as PoissonSampler

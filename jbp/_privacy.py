@@ -29,6 +29,8 @@ import functools
 import math
 from typing import Any
 
+import numpy as np
+
 ACCOUNTANTS = ("pld", "rdp")
 
 
@@ -294,3 +296,52 @@ class Ledger:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.epsilon(mid) <= budget else (lo, mid)
         return lo
+
+
+def audit_epsilon(
+    canaries: int, guesses: int, correct: int, delta: float, *, confidence: float = 0.95
+) -> float:
+    """A lower bound on ε from a one-run privacy audit (Steinke, Nasr & Jagielski 2023).
+
+    The audit: ``canaries`` examples, each put in the training set independently
+    with probability 1/2; after training, an attack guesses, for ``guesses`` of
+    them, whether each was in, and ``correct`` guesses are right. If training is
+    (ε, δ)-DP, the chance of that many right guesses or more is at most
+    ``P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ·max_i P[v−i ≤ Binomial(r, ·) < v]/i``
+    (their Theorem 3 with the δ term of their Proposition 5.7's algorithm), for
+    ``m`` canaries, ``r`` guesses and ``v`` right ones. Returned: the largest ε
+    that this rejects at ``confidence``, 0 if none. The guesses (which canaries,
+    how many) must be fixed before looking at the scores, or the bound is void.
+
+    Example:
+      >>> round(audit_epsilon(100, 20, 20, 0.0), 4)  # 20 of 20 right, pure DP
+      1.8227
+    """
+    from scipy.stats import binom
+
+    m = _count("canaries", canaries)
+    r = _count("guesses", guesses)
+    v = _count("correct", correct, low=0)
+    if not v <= r <= m:
+        raise ValueError(f"need correct ≤ guesses ≤ canaries, got {correct}, {guesses}, {canaries}")
+    delta = _number("delta", delta, low=0.0, high=1.0, closed=True)
+    beta = 1 - _number("confidence", confidence, low=0.0, high=1.0)
+
+    def p_value(eps: float) -> float:
+        q = 1 / (1 + math.exp(-eps))
+        tail = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) ≥ v]
+        below = binom.pmf(np.arange(v - 1, -1, -1), r, q)  # P[= v-1], P[= v-2], ...
+        alpha = float(np.max(np.cumsum(below) / np.arange(1, v + 1))) if v else 0.0
+        return min(1.0, tail + 2 * m * delta * alpha)
+
+    if p_value(0.0) >= beta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while p_value(hi) < beta:
+        lo, hi = hi, 2 * hi
+        if hi > 1e3:
+            return math.inf
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p_value(mid) < beta else (lo, mid)
+    return lo

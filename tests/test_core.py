@@ -52,7 +52,7 @@ PUBLIC = [
     "RNN", "LSTM", "GRU", "Cell", "RNNCell", "LSTMCell", "GRUCell", "Recurrent", "Reverse",
     "bidirectional", "BENCH_TARGETS_LSTM", "LSTM_BENCH_FUNCTIONS",
     # private training
-    "Privacy", "PoissonSampler", "dp_epsilon", "dp_noise_multiplier", "benchmark_dp",
+    "Privacy", "PoissonSampler", "dp_epsilon", "dp_noise_multiplier", "benchmark_dp", "audit_epsilon",
     "BENCH_TARGETS_DP", "DP_BENCH_FUNCTIONS",
 ]  # fmt: skip
 

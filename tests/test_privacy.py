@@ -475,3 +475,14 @@ def test_chunks_accumulate_to_the_one_pass_step_and_padding_chunks_are_skipped()
     assert int(mb["examples"]) == 6 and float(mb["loss"]) == pytest.approx(float(ma["loss"]))
     with pytest.raises(ValueError, match="not a multiple of `physical_batch_size` 4"):
         chunked(state, x[:14], y[:14], None, keep[:14])
+
+
+def test_the_audit_bound_matches_its_closed_form_and_weakens_with_delta():
+    # δ = 0 and every guess right: P[Binomial(r, q) ≥ r] = q^r = β, so ε = log(q / (1 - q)).
+    q = 0.05 ** (1 / 20)
+    assert jbp.audit_epsilon(100, 20, 20, 0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-9)
+    strict, loose = jbp.audit_epsilon(1000, 100, 80, 0.0), jbp.audit_epsilon(1000, 100, 80, 1e-4)
+    assert 0 < loose < strict
+    assert jbp.audit_epsilon(1000, 100, 55, 1e-5) == 0.0  # no better than chance: no bound
+    with pytest.raises(ValueError, match="need correct ≤ guesses ≤ canaries"):
+        jbp.audit_epsilon(10, 20, 5, 1e-5)
