@@ -293,6 +293,12 @@ class Plan:
                     "`privacy` trains on jbp's per-example clipped gradients (ghost clipping); "
                     f"`gradient_source` must be 'backprop', got {self.gradient_source!r}"
                 )
+            if self.patience is not None and self.monitor == "train_loss":
+                raise ValueError(
+                    "`patience` with `privacy` would stop the run on the training loss, computed "
+                    "from the private data without noise, which the ε does not cover; monitor "
+                    "'test_loss' (held-out data) or pass patience=None"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

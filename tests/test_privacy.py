@@ -404,6 +404,7 @@ def test_a_budget_stops_before_the_step_that_would_exceed_it_and_a_resume_contin
             "must be 'backprop'",
         ),
         ({"privacy": jbp.Privacy(epsilon=1.0), "batch_size": 500}, "holds only 240 examples"),
+        ({"privacy": jbp.Privacy(epsilon=1.0), "patience": 2}, "on the training loss, computed"),
     ],
 )
 def test_fit_refuses_what_it_cannot_account_for(small, kwargs, message):
