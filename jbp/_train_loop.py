@@ -551,8 +551,10 @@ def fit(
         divided by ``batch_size``. σ is given or calibrated for the planned steps;
         every epoch's record holds ``epsilon``, the ε spent so far (from
         dp-accounting); a run with a target ε stops before a step that would exceed
-        it; ``run_dir`` gets the privacy fields in ``config.json``. Not with
-        ``mesh`` or ``gradient_source="autodiff"``. None: non-private.
+        it; ``run_dir`` gets the privacy fields in ``config.json``. The guarantee
+        covers the parameters, not the metrics recorded on the training split. Not
+        with ``mesh``, ``gradient_source="autodiff"`` or early stopping on the
+        training loss. None: non-private.
       verbose: print a line per epoch and draw a progress bar on a terminal.
 
     Returns:
