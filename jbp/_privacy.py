@@ -24,8 +24,10 @@ a cap of 72 instead of 96 more than doubles it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any
 
@@ -43,6 +45,18 @@ def _dp_accounting() -> Any:
             "(or pip install dp-accounting)"
         ) from None
     return dp_accounting
+
+
+@contextlib.contextmanager
+def _quiet_absl() -> Any:
+    """dp-accounting's absl warnings held back (the result does not change)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _number(name: str, value: Any, *, low: float, high: float = math.inf, closed: bool = False):
@@ -116,8 +130,9 @@ class _Mechanism:
         if noise_multiplier == 0:
             return math.inf
         acc = self.fresh_accountant()
-        acc.compose(self.event(noise_multiplier), steps)
-        return float(acc.get_epsilon(delta))
+        with _quiet_absl():  # RDP warns of each Rényi order it drops, harmlessly
+            acc.compose(self.event(noise_multiplier), steps)
+            return float(acc.get_epsilon(delta))
 
 
 def dp_epsilon(
@@ -183,13 +198,14 @@ def dp_noise_multiplier(
 @functools.lru_cache(maxsize=64)
 def _calibrate(mech: _Mechanism, target: float, delta: float, steps: int) -> float:
     dpa = _dp_accounting()
-    sigma = dpa.calibrate_dp_mechanism(
-        mech.fresh_accountant,
-        lambda s: dpa.SelfComposedDpEvent(mech.event(s), steps),
-        target,
-        delta,
-        tol=1e-5,
-    )
+    with _quiet_absl():
+        sigma = dpa.calibrate_dp_mechanism(
+            mech.fresh_accountant,
+            lambda s: dpa.SelfComposedDpEvent(mech.event(s), steps),
+            target,
+            delta,
+            tol=1e-5,
+        )
     sigma = float(sigma) * (1 + 1e-4)
     while mech.epsilon(sigma, steps, delta) > target:  # Brent's tolerance, on the safe side
         sigma *= 1 + 1e-3
