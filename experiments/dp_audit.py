@@ -4,7 +4,7 @@ accountant's ε, and should rise well above zero when the same run is not privat
 
 ``--canaries`` canaries (default 1000): random inputs, N(0, 1) in the digits' standardised
 feature space, far from every digit, each with a random label. Each is put in the training
-set independently with probability 1/2 (the 1,437 digits are always in). The MLP of
+set independently with probability 1/2 (the 1,438 training digits are always in). The MLP of
 ``experiments/dp_digits.py`` (64-64-10 tanh) is trained on that set with its tuned DP-SGD
 recipe (expected batch 256, 40 epochs, adam 1e-2, C = 0.3; σ calibrated by PLD for the
 run's own N and q) at each ε of ``--epsilons``, and once without privacy (the same batch,

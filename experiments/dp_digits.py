@@ -14,7 +14,7 @@ q = expected batch / N). Three recipes:
 - ``non-private``: the tuned recipe's batch, epochs and learning rate with shuffled
   batches and no clipping or noise.
 
-Digits has 1,437 training images (sklearn's 8×8 digits, 80/20 split), so q is large
+Digits has 1,438 training images (sklearn's 8×8 digits, 80/20 split), so q is large
 and every step costs a lot of ε: large batches (more signal per unit of noise, fewer
 steps) and a small clipping norm (less noise for the clipped gradients' typical
 norm) help most. Reported: mean ± standard deviation over the seeds (and the range),
@@ -169,7 +169,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     ax.minorticks_off()
     ax.set_xlabel("ε (δ = 1e-5, PLD, add-or-remove-one)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("digits (1,437 training images): accuracy against ε")
+    ax.set_title("digits (1,438 training images): accuracy against ε")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
