@@ -8,6 +8,7 @@ expected and what was given, before any XLA computation is built.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -370,3 +371,23 @@ def check_example_mask(example_mask: Any, batch: int) -> Array | None:
             f"got shape {tuple(example_mask.shape)}"
         )
     return example_mask
+
+
+def check_number(
+    name: str, value: Any, *, low: float, high: float = math.inf, closed: bool = False
+) -> float:
+    """``value`` is a real number in ``(low, high)`` (``[low, high)`` if ``closed``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
+    ok = (value >= low if closed else value > low) and value < high
+    if math.isnan(value) or not ok:
+        where = f"{'[' if closed else '('}{low:g}, {high:g})"
+        raise ValueError(f"`{name}` must be in {where}, got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value: Any, *, low: int = 1) -> int:
+    """``value`` is an int ≥ ``low`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer ≥ {low}, got {value!r}")
+    return int(value)

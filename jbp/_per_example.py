@@ -457,13 +457,28 @@ def check_expected_batch_size(expected_batch_size: Any) -> float | None:
     return float(e)
 
 
-def add_noise(grads: Params, key: Array, std: Any) -> Params:
-    """``grads`` plus independent Gaussian noise of standard deviation ``std`` in
-    every coordinate (one key per leaf)."""
+def check_divisor(who: str, expected: float | None, loss: Loss, example_mask: Any) -> None:
+    """A padded batch with a mean loss needs the public divisor q·N: the realised
+    number of examples would leak it."""
+    if expected is None and example_mask is not None and loss.reduction == "mean":
+        raise ValueError(
+            f"{who} with an `example_mask` and a mean loss needs `expected_batch_size` "
+            "(q·N): dividing by the realised number of examples would leak it"
+        )
+
+
+def noisy_mean(
+    grads: Params, rows: int, key: Array, std: float, expected: float | None, loss: Loss
+) -> Params:
+    """``(grads + N(0, std² I)) / E``: independent Gaussian noise in every coordinate
+    (one key per leaf) on a clipped sum, divided by ``E = expected``, or without it by
+    the loss's own divisor for ``rows`` rows (1 or the batch)."""
+    divisor = expected if expected is not None else 1 / loss.scale(rows)
     leaves, treedef = jtu.tree_flatten(grads)
     keys = jax.random.split(key, max(len(leaves), 1))
     noisy = [
-        g + jnp.asarray(std, g.dtype) * jax.random.normal(k, g.shape, g.dtype)
+        (g + jnp.asarray(std, g.dtype) * jax.random.normal(k, g.shape, g.dtype))
+        / jnp.asarray(divisor, g.dtype)
         for g, k in zip(leaves, keys, strict=False)
     ]
     return jtu.tree_unflatten(treedef, noisy)
@@ -512,15 +527,10 @@ def dp_grad(
         dropout_key: Any = None,
         example_mask: Any = None,
     ) -> tuple[Params, Array]:
-        if expected is None and example_mask is not None and loss.reduction == "mean":
-            raise ValueError(
-                "dp_grad with an `example_mask` and a mean loss needs `expected_batch_size` "
-                "(q·N): dividing by the realised number of examples would leak it"
-            )
+        check_divisor("dp_grad", expected, loss, example_mask)
         r = clipped(params, x, y, mask=mask, dropout_key=dropout_key, example_mask=example_mask)
-        scale = expected if expected is not None else 1 / loss.scale(r.norms.shape[0])
-        noisy = add_noise(r.grads, key, sigma * max_norm)
-        return jtu.tree_map(lambda g: g / jnp.asarray(scale, g.dtype), noisy), r.norms
+        rows = r.norms.shape[0]
+        return noisy_mean(r.grads, rows, key, sigma * max_norm, expected, loss), r.norms
 
     return fn
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_count, check_number
+
 ACCOUNTANTS = ("pld", "rdp")
 
 
@@ -59,23 +61,6 @@ def _quiet_absl() -> Any:
         logger.setLevel(level)
 
 
-def _number(name: str, value: Any, *, low: float, high: float = math.inf, closed: bool = False):
-    """``value`` is a real number in ``(low, high)`` (``[low, high)`` if ``closed``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
-    ok = (value >= low if closed else value > low) and value < high
-    if math.isnan(value) or not ok:
-        where = f"{'[' if closed else '('}{low:g}, {high:g})"
-        raise ValueError(f"`{name}` must be in {where}, got {value!r}")
-    return float(value)
-
-
-def _count(name: str, value: Any, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an integer ≥ {low}, got {value!r}")
-    return int(value)
-
-
 def check_accountant(accountant: Any) -> str:
     if accountant not in ACCOUNTANTS:
         raise ValueError(
@@ -99,10 +84,10 @@ class _Mechanism:
             raise ValueError(f"`sampling_rate` must be in (0, 1], got {q!r}")
         check_accountant(self.accountant)
         if self.max_batch_size is not None:
-            _count("max_batch_size", self.max_batch_size)
+            check_count("max_batch_size", self.max_batch_size)
             if self.dataset_size is None:
                 raise ValueError("`max_batch_size` (truncated Poisson) needs `dataset_size`")
-            _count("dataset_size", self.dataset_size)
+            check_count("dataset_size", self.dataset_size)
             if self.accountant != "pld":
                 raise ValueError(
                     "a capped batch (`max_batch_size`, truncated Poisson sampling) is accounted "
@@ -163,9 +148,9 @@ def dp_epsilon(
       >>> round(dp_epsilon(3.0, 0.1, 512, 1e-6), 2)
       3.77
     """
-    _number("noise_multiplier", noise_multiplier, low=0.0, closed=True)
-    _count("steps", steps, low=0)
-    _number("delta", delta, low=0.0, high=1.0)
+    check_number("noise_multiplier", noise_multiplier, low=0.0, closed=True)
+    check_count("steps", steps, low=0)
+    check_number("delta", delta, low=0.0, high=1.0)
     mech = _Mechanism(sampling_rate, accountant, dataset_size, max_batch_size)
     return mech.epsilon(float(noise_multiplier), steps, float(delta))
 
@@ -181,16 +166,16 @@ def dp_noise_multiplier(
     max_batch_size: int | None = None,
 ) -> float:
     """The smallest σ whose ``steps`` steps spend at most ``epsilon`` (dp-accounting's
-    ``calibrate_dp_mechanism``, then rounded up by 1e-4 relative so ε stays within the
-    target).
+    ``calibrate_dp_mechanism``, then raised until ε is within the target: Brent's
+    tolerance may land on either side).
 
     Example:
       >>> round(dp_noise_multiplier(1.0, 1e-6, 0.1, 512), 2)
       9.66
     """
-    target = _number("epsilon", epsilon, low=0.0)
-    delta = _number("delta", delta, low=0.0, high=1.0)
-    steps = _count("steps", steps)
+    target = check_number("epsilon", epsilon, low=0.0)
+    delta = check_number("delta", delta, low=0.0, high=1.0)
+    steps = check_count("steps", steps)
     mech = _Mechanism(sampling_rate, accountant, dataset_size, max_batch_size)
     return _calibrate(mech, target, delta, steps)
 
@@ -250,22 +235,22 @@ class Privacy:
     max_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        _number("max_norm", self.max_norm, low=0.0)
+        check_number("max_norm", self.max_norm, low=0.0)
         if self.noise_multiplier is None and self.epsilon is None:
             raise ValueError(
                 "Privacy needs `noise_multiplier` (σ) or `epsilon` (a target ε to calibrate σ "
                 "for), or both (σ with an ε budget)"
             )
         if self.noise_multiplier is not None:
-            _number("noise_multiplier", self.noise_multiplier, low=0.0)
+            check_number("noise_multiplier", self.noise_multiplier, low=0.0)
         if self.epsilon is not None:
-            _number("epsilon", self.epsilon, low=0.0)
-        _number("delta", self.delta, low=0.0, high=1.0)
+            check_number("epsilon", self.epsilon, low=0.0)
+        check_number("delta", self.delta, low=0.0, high=1.0)
         check_accountant(self.accountant)
         if self.physical_batch_size is not None:
-            _count("physical_batch_size", self.physical_batch_size)
+            check_count("physical_batch_size", self.physical_batch_size)
         if self.max_batch_size is not None:
-            _count("max_batch_size", self.max_batch_size)
+            check_count("max_batch_size", self.max_batch_size)
             if self.accountant != "pld":
                 raise ValueError(
                     "`max_batch_size` (truncated Poisson sampling) is accounted by the PLD "
@@ -335,13 +320,13 @@ def audit_epsilon(
     """
     from scipy.stats import binom
 
-    m = _count("canaries", canaries)
-    r = _count("guesses", guesses)
-    v = _count("correct", correct, low=0)
+    m = check_count("canaries", canaries)
+    r = check_count("guesses", guesses)
+    v = check_count("correct", correct, low=0)
     if not v <= r <= m:
         raise ValueError(f"need correct ≤ guesses ≤ canaries, got {correct}, {guesses}, {canaries}")
-    delta = _number("delta", delta, low=0.0, high=1.0, closed=True)
-    beta = 1 - _number("confidence", confidence, low=0.0, high=1.0)
+    delta = check_number("delta", delta, low=0.0, high=1.0, closed=True)
+    beta = 1 - check_number("confidence", confidence, low=0.0, high=1.0)
 
     def p_value(eps: float) -> float:
         q = 1 / (1 + math.exp(-eps))

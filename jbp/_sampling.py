@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_count
+
 # How many standard deviations above q·N the default padding reaches: a batch
 # larger than that has probability below 1e-9 per step (it gets a larger
 # padding, not a cut).
@@ -62,22 +64,16 @@ class PoissonSampler:
         multiple_of: int = 1,
         max_batch_size: int | None = None,
     ) -> None:
-        for name, value in (("dataset_size", dataset_size), ("multiple_of", multiple_of)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer ≥ 1, got {value!r}")
+        check_count("dataset_size", dataset_size)
+        check_count("multiple_of", multiple_of)
         e = expected_batch_size
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e <= dataset_size:
             raise ValueError(
                 f"`expected_batch_size` must be in (0, dataset_size = {dataset_size}], got {e!r}"
             )
-        if max_batch_size is not None and (
-            isinstance(max_batch_size, bool)
-            or not isinstance(max_batch_size, int)
-            or max_batch_size < 1
-        ):
-            raise ValueError(f"`max_batch_size` must be an integer ≥ 1, got {max_batch_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`seed` must be an integer ≥ 0, got {seed!r}")
+        if max_batch_size is not None:
+            check_count("max_batch_size", max_batch_size)
+        check_count("seed", seed, low=0)
         self.dataset_size = dataset_size
         self.expected_batch_size = float(e)
         self.sampling_rate = float(e) / dataset_size

@@ -40,16 +40,17 @@ import optax
 from jax import lax
 
 from ._backprop import check_net, keeps_positions, objective, value_and_backprop
-from ._checks import check_dtype, check_key, check_params, params_dtype
+from ._checks import check_count, check_dtype, check_key, check_params, params_dtype
 from ._data import IGNORE_LABEL
 from ._losses import Loss, get_loss
 from ._per_example import (
     ClippedSum,
-    add_noise,
+    check_divisor,
     check_dp_max_norm,
     check_expected_batch_size,
     check_noise_multiplier,
     clipped_sum,
+    noisy_mean,
 )
 from ._train_checks import (
     check_class_labels,
@@ -277,7 +278,9 @@ def make_dp_step(
     max_norm = check_dp_max_norm(max_norm)
     sigma = check_noise_multiplier(noise_multiplier)
     expected = check_expected_batch_size(expected_batch_size)
-    chunk = check_physical_batch_size(physical_batch_size)
+    chunk = physical_batch_size
+    if chunk is not None:
+        check_count("physical_batch_size", chunk)
     clipped = clipped_sum(net, loss, max_norm, "auto")
     dropout = has_dropout(net)
 
@@ -290,17 +293,10 @@ def make_dp_step(
     ) -> tuple[TrainState, dict[str, Array]]:
         key, step_key = jr.split(state.key)
         noise_key, dropout_key = jr.split(step_key)
+        check_divisor("make_dp_step", expected, loss, example_mask)
         r = _chunked(clipped, chunk, state.params, x, y, mask, example_mask, dropout_key, dropout)
         count = r.examples.astype(r.norms.dtype)
-        if expected is None and example_mask is not None and loss.reduction == "mean":
-            raise ValueError(
-                "make_dp_step with an `example_mask` and a mean loss needs "
-                "`expected_batch_size` (q·N): dividing by the realised number of examples "
-                "would leak it"
-            )
-        scale = expected if expected is not None else 1 / loss.scale(r.norms.shape[0])
-        noisy = add_noise(r.grads, noise_key, sigma * max_norm)
-        grads = jtu.tree_map(lambda g: g / jnp.asarray(scale, g.dtype), noisy)
+        grads = noisy_mean(r.grads, r.norms.shape[0], noise_key, sigma * max_norm, expected, loss)
         real = r.norms > -1 if example_mask is None else example_mask
         per = jnp.maximum(count, 1)
         metrics = {
@@ -312,15 +308,6 @@ def make_dp_step(
         return _apply(optimizer, state, key, grads, metrics)
 
     return jax.jit(step) if jit else step
-
-
-def check_physical_batch_size(physical_batch_size: Any) -> int | None:
-    if physical_batch_size is None:
-        return None
-    p = physical_batch_size
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise ValueError(f"`physical_batch_size` must be an integer ≥ 1, got {p!r}")
-    return p
 
 
 def _chunked(

@@ -199,9 +199,9 @@ class _Loop:
         self.private: PrivateRun | None = None
         self.steps_per_epoch = math.ceil(n_train / plan.batch_size)
         if plan.privacy is not None:
-            per_epoch = max(1, round(n_train / plan.batch_size))
-            planned = plan.epochs * per_epoch  # max_steps interrupts a run, not its plan
-            self.private = PrivateRun(plan.privacy, n_train, plan.batch_size, plan.seed, planned)
+            self.private = PrivateRun(
+                plan.privacy, n_train, plan.batch_size, plan.seed, plan.epochs
+            )
             self.steps_per_epoch = self.private.steps_per_epoch
         self.check_fns = _check_fns(plan)
         self.step = 0

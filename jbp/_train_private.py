@@ -32,18 +32,17 @@ class PrivateRun:
       n_train: N.
       batch_size: the expected batch size ``q·N``.
       seed: the run's seed (the sampler's too).
-      planned_steps: the steps the run means to take (``epochs`` × steps per
-        epoch): σ is calibrated for these.
+      epochs: the run's epochs; σ is calibrated for ``epochs`` × steps per epoch.
     """
 
     def __init__(
-        self, privacy: Privacy, n_train: int, batch_size: int, seed: int, planned_steps: int
+        self, privacy: Privacy, n_train: int, batch_size: int, seed: int, epochs: int
     ) -> None:
         self.privacy = privacy
         self.n_train, self.batch_size = n_train, batch_size
         self.sampling_rate = batch_size / n_train
         self.steps_per_epoch = max(1, round(n_train / batch_size))
-        self.planned_steps = planned_steps
+        self.planned_steps = epochs * self.steps_per_epoch  # max_steps interrupts, not plans
         self.sampler = PoissonSampler(
             n_train,
             batch_size,
