@@ -4,6 +4,7 @@ from ._activations import ZERO as ZERO
 from ._activations import ActivationFn as ActivationFn
 from ._activations import activation_names as activation_names
 from ._activations import register_activation as register_activation
+from ._attribution import per_example_dots as per_example_dots
 from ._backprop import backprop as backprop
 from ._backprop import objective as objective
 from ._backprop import value_and_backprop as value_and_backprop

@@ -55,6 +55,7 @@ from ._losses import Loss, get_loss
 from .layers import Sequential
 from .layers._base import backward_walk, has_params
 from .layers._factors import (
+    Elementwise,
     check_method,
     is_leaf_factor,
     per_example_grad,
@@ -147,6 +148,30 @@ def walk_quantity(
     )
 
 
+def as_factors(layer: Any, p: Params, cache: Any, d: Array) -> Any:
+    """The factors of a leaf layer's params: its ``grad_factors``, or else its
+    materialised ``g_i``, each leaf as an :class:`Elementwise` factor of one position
+    (``g_i = Σ_t 1 ⊙ δ_it`` with ``δ_i0 = g_i``), so every quantity written per factor
+    kind takes it."""
+    grad_factors = getattr(layer, "grad_factors", None)
+    if grad_factors is not None:
+        return grad_factors(p, cache, d)
+    grads = _grads_method(layer)(p, cache, d)
+    return jtu.tree_map(
+        lambda g: Elementwise(None, g.reshape(g.shape[0], 1, -1), g.shape[1:]), grads
+    )
+
+
+def walk_factors(net: Any, params: Params, caches: Any, delta: Array) -> Any:
+    """The factors of every leaf of ``net`` by the δ recursion of the whole tree
+    (see :func:`as_factors`): a tree like params (``{}`` where a layer has none)."""
+
+    def at_leaf(layer: Any, p: Params, cache: Any, d: Array) -> Any:
+        return as_factors(layer, p, cache, d) if has_params(p) else p
+
+    return backward_walk(net, params, caches, delta, at_leaf)[0]
+
+
 class _Pass(NamedTuple):
     """One forward pass and the unscaled per-example output δ, ready for quantities."""
 
@@ -163,6 +188,10 @@ class _Pass(NamedTuple):
         return walk_quantity(
             self.net, self.params, self.caches, self.delta, name, *extra, method=method
         )
+
+    def factors(self) -> tuple[Any, ...]:
+        """Every leaf's factor (:func:`walk_factors`), one entry per top-level layer."""
+        return walk_factors(self.net, self.params, self.caches, self.delta)
 
 
 def _rows(m: Array, a: Array) -> Array:

@@ -32,6 +32,7 @@ the token-equality one, ``Σ_{t,s} [tok_it = tok_is] (δ_it·δ_is)``, taken whe
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -352,6 +353,121 @@ def dot(f: Any, g: Any, method: str = "auto") -> Array:
         return _sum_rows(at * dots)
     x, y = per_example_grad(f), per_example_grad(g)
     return _sum_rows(x * y)
+
+
+# --- dot products across two batches: ⟨g_i, g'_j⟩ for every pair ----------------------
+
+
+def _size(f: Any) -> int:
+    shape = (f.rows, f.delta.shape[-1]) if isinstance(f, Gather) else f.shape
+    return math.prod(shape)
+
+
+def cross_flops(f: Any, g: Any) -> tuple[int, int]:
+    """Approximate flops of ``⟨g_i, g'_j⟩`` for every pair of two factors of one leaf
+    over two batches: (Gram form, materialised).
+
+    Outer–outer with ``T``, ``S`` positions: the Gram form costs
+    ``2·B·B'·G·T·S·(I + O)`` (and holds ``B·B'·G·T·S`` numbers); materialising both
+    sides and multiplying costs ``2·(B·T + B'·S)·G·I·O + 2·B·B'·G·I·O``. Gather:
+    ``2·B·B'·T·S·F`` against ``2·B·B'·rows·F`` (plus the scatters).
+    """
+    b, b2 = f.delta.shape[0], g.delta.shape[0]
+    t, s = f.delta.shape[1], g.delta.shape[1]
+    groups = f.delta.shape[2] if f.delta.ndim == 4 else 1
+    width = f.delta.shape[-1]  # the δ-Gram's, plus the ã-Gram's for outer–outer
+    if isinstance(f, Outer) and isinstance(g, Outer):
+        width += sum(block.shape[-1] for block in f.blocks)
+    size = _size(f)
+    gram = b * b2 * groups * t * s * (2 * width + 1)
+    materialise = 2 * (b * t + b2 * s) * size + 2 * b * b2 * size
+    return gram, materialise
+
+
+def _flat(g: Array) -> Array:
+    return g.reshape(g.shape[0], -1)
+
+
+def _gather_cross_gram(f: Gather, g: Any) -> Array:
+    """``Σ_{t,s} [row_it = row'_js](δ_it·δ'_js)`` (gather–gather) or
+    ``Σ_{t,s} ã'_js[row_it](δ_it·δ'_js)`` (gather–outer with one group)."""
+    rows = _gather_rows(f)  # (B, T)
+    d2 = g.delta if isinstance(g, Gather) else g.delta[:, :, 0]  # (B', S, F)
+    dots = jnp.einsum("btf,csf->btcs", f.delta, d2)
+    if isinstance(g, Gather):
+        weight = (rows[:, :, None, None] == _gather_rows(g)[None, None]).astype(dots.dtype)
+    else:
+        a = _outer_a(g)[:, :, 0]  # (B', S, rows)
+        weight = jnp.moveaxis(jnp.take(a, rows, axis=2), (2, 3), (0, 1))  # (B, T, B', S)
+    return jnp.sum(weight * dots, axis=(1, 3))
+
+
+def cross(f: Any, g: Any, method: str = "auto") -> Array:
+    """``⟨g_i, g'_j⟩`` for every pair, ``(B, B')``: ``f`` a factor of a leaf over one
+    batch, ``g`` a factor of the same leaf over another, no ``g_i`` formed in the
+    Gram forms.
+
+    Outer–outer: ``Σ_{t,s} (ã_it·ã'_js)(δ_it·δ'_js)`` per group (one position:
+    ``(ã_i·ã'_j)(δ_i·δ'_j)``, two ``B×B'`` Grams); gather–gather:
+    ``Σ_{t,s} [row_it = row'_js](δ_it·δ'_js)``; gather–outer (a shared table used
+    transposed): ``Σ_{t,s} ã'_js[row_it](δ_it·δ'_js)``. Each is taken in that form or
+    by materialising both sides' ``g`` (this leaf only) and multiplying, whichever
+    :func:`cross_flops` says costs less (``method`` forces one); elementwise leaves and
+    other pairs are materialised (``B·F`` numbers). A :class:`Sum` (shared leaf) is the
+    sum over pairs of uses, its cross terms included.
+    """
+    if isinstance(f, Sum) or isinstance(g, Sum):
+        fs = f.parts if isinstance(f, Sum) else (f,)
+        gs = g.parts if isinstance(g, Sum) else (g,)
+        return _add([cross(p, q, method) for p in fs for q in gs])
+    if isinstance(f, Outer) and isinstance(g, Gather):
+        return cross(g, f, method).T
+    gram, materialise = cross_flops(f, g)
+    use_gram = method == "gram" or (method == "auto" and gram < materialise)
+    if use_gram and isinstance(f, Outer) and isinstance(g, Outer):
+        a, a2 = _outer_a(f), _outer_a(g)
+        if a.shape[1] == 1 and a2.shape[1] == 1:  # one position: (ã_i·ã'_j)(δ_i·δ'_j)
+            grams = jnp.einsum("bgi,cgi->bcg", a[:, 0], a2[:, 0])
+            return jnp.sum(grams * jnp.einsum("bgo,cgo->bcg", f.delta[:, 0], g.delta[:, 0]), -1)
+        grams = jnp.einsum("btgi,csgi->bcgts", a, a2)
+        return jnp.sum(grams * jnp.einsum("btgo,csgo->bcgts", f.delta, g.delta), (2, 3, 4))
+    if (
+        use_gram
+        and isinstance(f, Gather)
+        and (isinstance(g, Gather) or (isinstance(g, Outer) and g.delta.shape[2] == 1))
+    ):
+        return _gather_cross_gram(f, g)
+    return _flat(per_example_grad(f)) @ _flat(per_example_grad(g)).T
+
+
+def project_flops(f: Any) -> int:
+    """Approximate flops of :func:`project` (one weight-gradient-sized pass)."""
+    if isinstance(f, Sum):
+        return sum(project_flops(p) for p in f.parts)
+    b, t = f.delta.shape[:2]
+    return 2 * b * t * (_size(f) if isinstance(f, Outer) else f.delta.shape[-1])
+
+
+def project(f: Any, v: Array) -> Array:
+    """``⟨g_i, v⟩`` for every example, ``(batch,)``, for a fixed ``v`` shaped like the
+    leaf, without forming ``g_i``: outer ``Σ_t (ã_it v)·δ_it`` (one matmul, the cost of
+    the weight gradient's), elementwise ``(Σ_t u_it ⊙ δ_it)·v``, gather
+    ``Σ_t v[row_it]·δ_it``."""
+    if isinstance(f, Sum):
+        return _add([project(p, v) for p in f.parts])
+    if isinstance(f, Gather):
+        rows = v[: f.delta.shape[1]] if f.tokens is None else v[f.tokens]  # (b, T, F) / (T, F)
+        return jnp.sum((rows * f.delta).reshape(f.delta.shape[0], -1), axis=1)
+    if isinstance(f, Elementwise):
+        return _per_example_elementwise(f) @ v.reshape(-1)
+    groups, o = f.delta.shape[2:]
+    w = v.reshape(-1, groups, o)  # the leaf as (I, G, O), as _outer_to_leaf lays it out
+    av, start = [], 0
+    for a in f.blocks:
+        i = a.shape[-1]
+        av.append(jnp.einsum("btgi,igo->btgo", a, w[start : start + i]))
+        start += i
+    return _sum_rows(_add(av) * f.delta)
 
 
 _CONTRACT_BATCH = (((0,), (0,)), ((), ()))
