@@ -4,6 +4,9 @@ from ._activations import ZERO as ZERO
 from ._activations import ActivationFn as ActivationFn
 from ._activations import activation_names as activation_names
 from ._activations import register_activation as register_activation
+from ._attribution import InRunShapley as InRunShapley
+from ._attribution import Proponents as Proponents
+from ._attribution import TracIn as TracIn
 from ._attribution import per_example_dots as per_example_dots
 from ._backprop import backprop as backprop
 from ._backprop import objective as objective

@@ -12,16 +12,39 @@ gradient similarity between examples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 
+from ._backprop import check_net, prepare
+from ._checkpoint import PARAMS, read_params
+from ._checks import check_count
 from ._losses import Loss
-from ._per_example import _setup, _start
-from .layers._factors import check_method, cross, is_leaf_factor, sq_norm
+from ._per_example import _forward, _like, _setup, _start, per_example_norms
+from .layers import Sequential
+from .layers._dropout import has_dropout
+from .layers._factors import (
+    _leaves,
+    _map,
+    check_method,
+    cross,
+    cross_flops,
+    is_factor,
+    is_leaf_factor,
+    project,
+    project_flops,
+    sq_norm,
+    take_rows,
+    weighted,
+)
 
 Array = jax.Array
 Params = Any
@@ -120,3 +143,271 @@ def per_example_dots(
         return dots if per_layer else sum(dots.values())
 
     return fn
+
+
+# --- TracIn over kept checkpoints ------------------------------------------------------
+
+
+def _learning_rate(learning_rate: Any, name: str = "learning_rate") -> Callable[[Any], Any]:
+    """A step → η function from a positive float or a schedule (e.g. an optax one)."""
+    if callable(learning_rate):
+        return learning_rate
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a positive float or a schedule step -> learning rate (the "
+            f"optimiser's), got {type(learning_rate).__name__}"
+        )
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"`{name}` must be a positive float, got {learning_rate!r}")
+    return lambda step: learning_rate
+
+
+class Proponents(NamedTuple):
+    """The strongest training examples for each test example, strongest first.
+
+    Attributes:
+      proponents: ``(B_test, k)`` indices of the training examples with the largest
+        influence (their steps lowered the test example's loss the most).
+      opponents: ``(B_test, k)`` indices of the most negative influence (raised it).
+      influence: ``(B_test, B_train)``, the TracIn influence they were ranked by.
+    """
+
+    proponents: np.ndarray
+    opponents: np.ndarray
+    influence: np.ndarray
+
+
+class TracIn:
+    """TracIn (Pruthi et al., 2020), TracInCP form, exact for every layer.
+
+    Over checkpoints ``w_k`` with learning rates ``η_k``:
+
+    - self-influence ``Σ_k η_k ‖g_i(w_k)‖²`` (high for mislabelled and atypical
+      examples);
+    - influence of training example ``j`` on test example ``t``:
+      ``Σ_k η_k ⟨g_t(w_k), g_j(w_k)⟩`` (positive: a proponent, its gradient step
+      lowered the test loss to first order; negative: an opponent).
+
+    Gradients are unscaled per-example gradients ``∂ℓ_i/∂θ``, their dot products formed
+    by :func:`per_example_dots` and their norms by :func:`jbp.per_example_norms`, never
+    materialised; the training set is taken in chunks of ``chunk_size`` rows (one
+    compilation per checkpoint shape).
+
+    Args:
+      net, loss: the network and loss the checkpoints were trained with.
+      checkpoints: a sequence of ``(params, learning_rate)`` pairs.
+      method: as in :func:`per_example_dots`.
+      chunk_size: training rows per dot-product call.
+    """
+
+    def __init__(
+        self,
+        net: Any,
+        loss: str | Loss,
+        checkpoints: Sequence[tuple[Params, float]],
+        *,
+        method: str = "auto",
+        chunk_size: int = 512,
+    ) -> None:
+        self.net, self.loss = _setup(net, loss)
+        checkpoints = list(checkpoints)
+        if not checkpoints or not all(
+            isinstance(c, (tuple, list)) and len(c) == 2 for c in checkpoints
+        ):
+            raise ValueError(
+                "`checkpoints` must be a non-empty sequence of (params, learning_rate) pairs, "
+                f"got {type(checkpoints).__name__} of {len(checkpoints)}"
+            )
+        self.params = [p for p, _ in checkpoints]
+        self.learning_rates = [
+            float(_learning_rate(lr, f"checkpoints[{k}] learning rate")(0))
+            for k, (_, lr) in enumerate(checkpoints)
+        ]
+        check_count("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
+        self._dots = jax.jit(per_example_dots(self.net, self.loss, method=check_method(method)))
+        self._norms = jax.jit(per_example_norms(self.net, self.loss, method=method))
+        self.steps: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_run(
+        cls, run_dir: str | os.PathLike, net: Any, loss: str | Loss, learning_rate: Any,
+        **kwargs: Any,
+    ) -> TracIn:  # fmt: skip
+        """The params a :func:`jbp.fit` run kept (``keep_every=k``: ``params/step_*.npz``),
+        each weighted by ``η_k = learning_rate(step_k)``, the learning rate of the update
+        that followed it (a float for a constant one; an optax schedule counts updates
+        from 0, as the optimiser does)."""
+        folder = os.path.join(os.fspath(run_dir), PARAMS)
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        names = [n for n in names if n.startswith("step_") and n.endswith(".npz")]
+        if not names:
+            raise ValueError(
+                f"{run_dir} keeps no params for TracIn ({PARAMS}/step_*.npz): train with "
+                "jbp.fit(..., run_dir=..., keep_every=k)"
+            )
+        schedule = _learning_rate(learning_rate)
+        net = check_net(net)
+        checkpoints, steps = [], []
+        for name in names:
+            params, extra = read_params(os.path.join(folder, name), net)
+            steps.append(int(extra["step"]))
+            checkpoints.append((params, float(schedule(steps[-1]))))
+        tracin = cls(net, loss, checkpoints, **kwargs)
+        tracin.steps = tuple(steps)
+        return tracin
+
+    def _chunks(self, x: Any, y: Any, mask: Any) -> Iterator[tuple[int, Any, Any, Any]]:
+        """``(rows, x, y, mask)`` chunks of ``chunk_size`` rows, the last padded with
+        copies of the first row (one shape, one compilation)."""
+        x, y = np.asarray(x), np.asarray(y)
+        n, size = x.shape[0], self.chunk_size
+        for start in range(0, n, size):
+            idx = np.arange(start, start + size) if n > size else np.arange(n)
+            idx = np.where(idx < n, idx, 0)
+            rows = min(size, n - start)
+            yield rows, x[idx], y[idx], None if mask is None else np.asarray(mask)[idx]
+
+    def self_influence(self, x: Any, y: Any, *, mask: Any = None) -> np.ndarray:
+        """``Σ_k η_k ‖g_i(w_k)‖²`` for every example, ``(B,)`` float64."""
+        out = []
+        for rows, xc, yc, mc in self._chunks(x, y, mask):
+            total = np.zeros(rows)
+            for params, lr in zip(self.params, self.learning_rates, strict=True):
+                norms = np.asarray(self._norms(params, xc, yc, mask=mc), np.float64)[:rows]
+                total += lr * norms**2
+            out.append(total)
+        return np.concatenate(out)
+
+    def influence(
+        self, x_test: Any, y_test: Any, x_train: Any, y_train: Any, *,
+        mask_test: Any = None, mask_train: Any = None,
+    ) -> np.ndarray:  # fmt: skip
+        """``Σ_k η_k ⟨g_t(w_k), g_j(w_k)⟩``, ``(B_test, B_train)`` float64."""
+        out = []
+        for rows, xc, yc, mc in self._chunks(x_train, y_train, mask_train):
+            total = np.zeros((np.shape(x_test)[0], rows))
+            for params, lr in zip(self.params, self.learning_rates, strict=True):
+                d = self._dots(params, x_test, y_test, xc, yc, mask=mask_test, mask_other=mc)
+                total += lr * np.asarray(d, np.float64)[:, :rows]
+            out.append(total)
+        return np.concatenate(out, axis=1)
+
+    def proponents(
+        self, x_test: Any, y_test: Any, x_train: Any, y_train: Any, k: int = 5, **masks: Any
+    ) -> Proponents:
+        """The ``k`` strongest proponents and opponents of each test example."""
+        check_count("k", k)
+        influence = self.influence(x_test, y_test, x_train, y_train, **masks)
+        order = np.argsort(-influence, axis=1, kind="stable")
+        k = min(k, influence.shape[1])
+        return Proponents(order[:, :k], order[:, ::-1][:, :k], influence)
+
+
+# --- in-run first-order data Shapley ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class InRunShapley:
+    """First-order in-run data Shapley during :func:`jbp.fit` (Wang et al., ICLR 2025).
+
+    At every step ``t`` each example ``i`` of the batch gains
+    ``η_t · s · ⟨g_val(w_t), g_i(w_t)⟩``: ``g_val`` the mean gradient of a validation
+    batch, ``g_i`` the example's unscaled gradient, ``s`` its weight in the batch
+    gradient (``1/B`` for a mean loss, 1 for a sum). Positive: the example's share of
+    the step lowered the validation loss (to first order). For plain SGD with learning
+    rate ``η_t`` a step's values add up to the first-order decrease of the validation
+    loss, ``⟨g_val, η_t ĝ⟩``. With any other optimiser (momentum, Adam) the values
+    still use the raw gradient direction ``η_t·s·g_i``: they say how the step would
+    have moved the validation loss under SGD at the current parameters, not how the
+    preconditioned update did (Adam's update is not linear in the ``g_i``; the paper
+    leaves this open too).
+
+    The validation rows join the step's forward and backward pass; the training
+    gradient is formed from the training rows' factors (not recomputed) and each
+    ``⟨g_val, g_i⟩`` by the cross-Gram ("ghost dot product") mean over the validation
+    rows or, where it costs fewer flops, as ``⟨g_i, g_val⟩`` with ``g_val`` formed once
+    (one weight-gradient-sized matmul per layer); no ``g_i`` is materialised.
+
+    Args:
+      x, y: the validation set, as the data set's splits (inputs, integer labels).
+      learning_rate: the optimiser's learning rate: a float or a schedule
+        ``step -> η`` (the optax schedule the optimiser was built with).
+      batch_size: validation rows per step, drawn without replacement by
+        ``(seed, step)`` (so a resumed run draws the same); None: all of them.
+      mask: the validation set's padding mask for sequence data.
+      seed: seeds the validation batches.
+    """
+
+    x: Any
+    y: Any
+    learning_rate: Any
+    batch_size: int | None = None
+    mask: Any = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "learning_rate", _learning_rate(self.learning_rate))
+        if self.batch_size is not None:
+            check_count("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative int, got {self.seed!r}")
+
+    def rows(self, n: int, step: int) -> np.ndarray:
+        """The validation rows of ``step`` (all ``n`` without a batch size)."""
+        if self.batch_size is None or self.batch_size >= n:
+            return np.arange(n)
+        return np.sort(np.random.default_rng([self.seed, step]).choice(n, self.batch_size, False))
+
+
+def _validation_dots(val: Any, train: Any, v: int, dtype: Any) -> Array:
+    """``⟨g_val, g_i⟩`` over one leaf, ``(B,)``: ``g_val`` the mean of the ``v``
+    validation rows' gradients. The cross-Gram mean where it is cheaper, else
+    ``⟨g_i, g_val⟩`` with ``g_val`` formed once."""
+    if is_factor(val) and is_factor(train):
+        gram, _ = cross_flops(val, train)
+        if gram < project_flops(train) + project_flops(val):
+            return jnp.mean(cross(val, train, "gram"), axis=0)
+    mean = jnp.full((v,), 1.0 / v, dtype)
+    return project(train, weighted(val, mean))
+
+
+def shapley_step(net: Sequential, loss: Loss, optimizer: Any, learning_rate: Any) -> Any:
+    """The training step of ``fit(..., shapley=...)`` on checked arguments:
+    ``step(state, x, y, mask, x_val, y_val, mask_val) -> (state, metrics)``, metrics
+    as :func:`jbp.make_step`'s plus ``values`` ``(B,)`` (the step's in-run values of
+    the batch's examples, :class:`InRunShapley`) and ``val_loss``."""
+    from ._train import _apply  # the trainer's optax update, shared
+
+    schedule = _learning_rate(learning_rate)
+    dropout = has_dropout(net)
+
+    def step(
+        state: Any, x: Array, y: Array, mask: Any, xv: Array, yv: Array, mv: Any
+    ) -> tuple[Any, dict[str, Array]]:
+        key, step_key = jr.split(state.key)
+        b, v = x.shape[0], xv.shape[0]
+        both = None
+        if mask is not None or mv is not None:
+            ones = lambda a, m: jnp.ones(a.shape[:2], bool) if m is None else m  # noqa: E731
+            both = jnp.concatenate([ones(x, mask), ones(xv, mv)])
+        batch = prepare(
+            net, loss, state.params, jnp.concatenate([x, xv]), jnp.concatenate([y, yv]),
+            both, step_key if dropout else None,
+        )  # fmt: skip
+        run = _forward(net, state.params, batch)
+        factors = run.factors()
+        train = _map(lambda f: take_rows(f, 0, b), factors)
+        val = _map(lambda f: take_rows(f, b, b + v), factors)
+        per_example = batch.loss.per_example(run.out, batch.y)
+        scale = loss.scale(b)
+        c = jnp.full((b,), scale, per_example.dtype)
+        grads = _like(state.params, _map(lambda f: weighted(f, c), train))
+        pairs = zip(_leaves(val), _leaves(train), strict=True)
+        dots = sum(_validation_dots(fv, ft, v, c.dtype) for fv, ft in pairs)
+        values = schedule(state.step) * scale * dots
+        metrics = {"loss": loss.reduce(per_example[:b])}
+        new, metrics = _apply(optimizer, state, key, grads, metrics)
+        return new, {**metrics, "values": values, "val_loss": jnp.mean(per_example[b:])}
+
+    return step

@@ -238,9 +238,22 @@ def read_checkpoint(path: str | os.PathLike, like: Any, network: str) -> tuple[A
     return jtu.tree_unflatten(treedef, leaves), meta["extra"]
 
 
+def read_params(path: str | os.PathLike, net: Any) -> tuple[Any, dict[str, Any]]:
+    """Params kept by ``fit(keep_every=...)`` (``params/step_*.npz``) for ``net``, in
+    the dtype they were saved in: ``(params, extra)``."""
+    path = os.fspath(path)
+    meta, _ = _read(path)
+    floats = [np.dtype(leaf["dtype"]) for leaf in meta["leaves"]]
+    dtype = next((d for d in floats if np.issubdtype(d, np.floating)), np.dtype(np.float32))
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), dtype))
+    like = jtu.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    return read_checkpoint(path, like, network_description(net))
+
+
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+PARAMS = "params"  # fit(keep_every=k): the params every k steps, params/step_00000100.npz
 
 
 class RunFolder:
@@ -333,15 +346,24 @@ class RunFolder:
                 os.fsync(f.fileno())
 
     def save(self, state: Any, extra: dict[str, Any]) -> None:
-        """Checkpoint ``state`` (a :class:`TrainState`) atomically."""
+        """Checkpoint ``state`` (a :class:`TrainState`, or a tuple whose first entry is
+        one and whose others travel with it, such as in-run data values) atomically."""
         if self.dir is not None and self.main:
             write_checkpoint(self.path(CHECKPOINT), state, self.network, extra)
-            self.saved_step = int(jax.device_get(state.step))
+            train_state = state[0] if type(state) is tuple else state
+            self.saved_step = int(jax.device_get(train_state.step))
+
+    def keep_params(self, params: Any, step: int) -> None:
+        """Keep the params after ``step`` steps as ``params/step_{step:08d}.npz``."""
+        if self.dir is not None and self.main:
+            path = os.path.join(self.path(PARAMS), f"step_{step:08d}.npz")
+            write_checkpoint(path, params, self.network, {"step": step})
 
     def load(self, like: Any) -> tuple[Any, dict[str, Any]]:
         """Read the run's checkpoint (every process reads it)."""
         if not self.has_checkpoint:
             raise CheckpointError(f"{self.dir} holds no {CHECKPOINT} to resume")
         state, extra = read_checkpoint(self.path(CHECKPOINT), like, self.network)
-        self.saved_step = int(jax.device_get(state.step))
+        train_state = state[0] if type(state) is tuple else state
+        self.saved_step = int(jax.device_get(train_state.step))
         return state, extra

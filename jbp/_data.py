@@ -537,6 +537,11 @@ def load_csv(
     return _split(x, y.astype(np.int64), test_fraction, seed, standardize, os.path.basename(path))
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of ``n`` examples in ``epoch`` of a run seeded ``seed``."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def batches(
     x: np.ndarray,
     y: np.ndarray,
@@ -563,7 +568,7 @@ def batches(
         raise ValueError(f"`x` has {n} examples but `y` has {y.shape[0]}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from ._attribution import InRunShapley
 from ._backprop import check_net
 from ._checks import check_dtype, example_rank
 from ._data import IGNORE_LABEL
@@ -266,6 +267,8 @@ class Plan:
     max_steps: int | None
     mesh: Mesh | None
     privacy: Any = None
+    keep_every: int | None = None
+    shapley: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "net", check_net(self.net))
@@ -274,7 +277,7 @@ class Plan:
         check_gradient_source(self.gradient_source)
         for name in ("epochs", "batch_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("check_every", "patience", "checkpoint_every", "max_steps"):
+        for name in ("check_every", "patience", "checkpoint_every", "max_steps", "keep_every"):
             _positive_int(name, getattr(self, name), optional=True)
         seed = self.seed
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -299,6 +302,24 @@ class Plan:
                     "from the private data without noise, which the ε does not cover; monitor "
                     "'test_loss' (held-out data) or pass patience=None"
                 )
+        if self.shapley is not None:
+            if not isinstance(self.shapley, InRunShapley):
+                raise TypeError(
+                    "`shapley` must be a jbp.InRunShapley(x_val, y_val, learning_rate), got "
+                    f"{type(self.shapley).__name__}"
+                )
+            clash = {
+                "privacy": self.privacy is not None,
+                "mesh": self.mesh is not None,
+                "gradient_source='autodiff'": self.gradient_source != "backprop",
+            }
+            for what, bad in clash.items():
+                if bad:
+                    raise ValueError(
+                        f"`shapley` with `{what}`: in-run data values are formed from the "
+                        "step's own per-example factors, on one device, without privacy "
+                        "(they read the private data without noise); drop one of the two"
+                    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +363,24 @@ def check_data_mask(mask: Any, x: np.ndarray, name: str) -> np.ndarray | None:
     return mask
 
 
+def check_split(plan: Plan, x: Any, y: Any, mask: Any, names: tuple[str, str, str]) -> Split:
+    """One split of inputs and integer labels checked against the plan's network and
+    loss; ``names`` name ``x``, ``y`` and ``mask`` in errors."""
+    xs, ys, ms = names
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 2 or y.ndim < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"`{xs}` must have shape (n, features) or (n, *example_shape) and "
+            f"`{ys}` shape (n,), got {x.shape} and {y.shape}"
+        )
+    check_class_labels(plan.loss, y, None, ys)
+    x = check_inputs(plan.net, x, plan.dtype, xs)
+    outputs = check_examples(plan.net, x.shape, xs, y.shape[1:])
+    check_class_labels(plan.loss, y, outputs, ys)
+    targets = class_targets(plan.loss, y, outputs, plan.dtype)
+    return Split(x, targets, y.astype(np.int32), check_data_mask(mask, x, ms))
+
+
 def check_data(data: Any, plan: Plan) -> Data:
     names = ("x_train", "y_train", "x_test", "y_test")
     if not all(hasattr(data, n) for n in names):
@@ -349,23 +388,13 @@ def check_data(data: Any, plan: Plan) -> Data:
             "`data` must be a jbp.Dataset (x_train, y_train, x_test, y_test, ...), e.g. from "
             f"jbp.load_dataset, got {type(data).__name__}"
         )
-    splits = []
-    for xs, ys in (("x_train", "y_train"), ("x_test", "y_test")):
-        x, y = np.asarray(getattr(data, xs)), np.asarray(getattr(data, ys))
-        if x.ndim < 2 or y.ndim < 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"`data.{xs}` must have shape (n, features) or (n, *example_shape) and "
-                f"`data.{ys}` shape (n,), got {x.shape} and {y.shape}"
-            )
-        check_class_labels(plan.loss, y, None, f"data.{ys}")
-        x = check_inputs(plan.net, x, plan.dtype, f"data.{xs}")
-        outputs = check_examples(plan.net, x.shape, f"data.{xs}", y.shape[1:])
-        check_class_labels(plan.loss, y, outputs, f"data.{ys}")
-        targets = class_targets(plan.loss, y, outputs, plan.dtype)
-        name = "mask" + xs[1:]
-        mask = check_data_mask(getattr(data, name, None), x, f"data.{name}")
-        splits.append(Split(x, targets, y.astype(np.int32), mask))
-    train, test = splits
+    train, test = (
+        check_split(
+            plan, getattr(data, f"x_{s}"), getattr(data, f"y_{s}"), getattr(data, f"mask_{s}", None),
+            (f"data.x_{s}", f"data.y_{s}", f"data.mask_{s}"),
+        )
+        for s in ("train", "test")
+    )  # fmt: skip
     if not len(train.labels):
         raise ValueError("`data.x_train` is empty: need at least one training example")
     if train.labels.ndim > 1 and not np.any(train.labels != IGNORE_LABEL):

@@ -44,9 +44,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
+from ._attribution import InRunShapley, shapley_step
 from ._backprop import backprop, objective
-from ._checkpoint import CHECKPOINT, RunFolder
-from ._data import batches
+from ._checkpoint import CHECKPOINT, CheckpointError, RunFolder
+from ._data import batches, epoch_order
 from ._losses import Loss
 from ._privacy import Privacy
 from ._progress import Progress
@@ -60,7 +61,7 @@ from ._train import (
     fresh_state,
     make_dp_step,
 )
-from ._train_checks import Data, Plan, Split, check_data
+from ._train_checks import Data, Plan, Split, check_data, check_split
 from ._train_private import PrivateRun
 from ._verify import compare
 from .layers._dropout import has_dropout
@@ -88,6 +89,8 @@ class FitResult:
         ``"privacy_budget"`` (the next step would have spent more than the
         target ε).
       run_dir: the run folder, or None.
+      shapley: with ``shapley=``, every training example's in-run data value
+        ``(n_train,)`` float64 (:class:`jbp.InRunShapley`), else None.
       privacy: for a private run, its configuration (``noise_multiplier``,
         ``sampling_rate``, ``max_norm``, ``delta``, ``accountant``, ...) with
         ``steps`` and ``epsilon``, the ε spent by them; else None.
@@ -98,6 +101,7 @@ class FitResult:
     stop_reason: str
     run_dir: str | None
     privacy: dict[str, Any] | None = None
+    shapley: np.ndarray | None = None
 
 
 class Carry(NamedTuple):
@@ -166,6 +170,9 @@ def _join(words: list[str]) -> str:
 
 
 def _compile_step(plan: Plan, private: PrivateRun | None) -> GuardedStep:
+    if plan.shapley is not None:
+        step = shapley_step(plan.net, plan.loss, plan.optimizer, plan.shapley.learning_rate)
+        return jax.jit(guarded_step(step))
     if private is not None:
         assert private.noise_multiplier is not None
         p = private.privacy
@@ -204,6 +211,13 @@ class _Loop:
             )
             self.steps_per_epoch = self.private.steps_per_epoch
         self.check_fns = _check_fns(plan)
+        self.values: np.ndarray | None = None  # in-run data values, one per training example
+        self.value_rows: dict[int, np.ndarray] = {}  # step -> its batch's rows, until read
+        if plan.shapley is not None:
+            v = plan.shapley
+            names = ("shapley.x", "shapley.y", "shapley.mask")
+            self.val = check_split(plan, v.x, v.y, v.mask, names)
+            self.values = np.zeros(n_train)
         self.step = 0
         self.tally, self.early = _Tally(), _Early()
         self.history: list[dict[str, Any]] = []
@@ -218,7 +232,18 @@ class _Loop:
         """A fresh run, or the state, tally and history of the run being resumed."""
         state, saved_privacy = self.carry.state, None
         if resume:
-            state, extra = self.run.load(state)
+            try:
+                state, extra = self.run.load(self._saved(state))
+            except CheckpointError as err:
+                if "does not match the training state" not in str(err):
+                    raise
+                raise CheckpointError(
+                    f"{err}; or it was written by a run {'without' if self.values is not None else 'with'}"
+                    " `shapley` (in-run data values are kept with the state): resume as it was trained"
+                ) from None
+            if self.values is not None:
+                state, values = state
+                self.values = np.asarray(values, np.float64)
             saved_privacy = extra.get("privacy")
             if (saved_privacy is None) != (self.private is None):
                 raise ValueError(
@@ -285,7 +310,9 @@ class _Loop:
             self.run.say(self.private.summary(self.step))
             eps = self.private.epsilon(self.step)
             privacy = {**self.private.record(), "steps": self.step, "epsilon": eps}
-        return FitResult(self.carry.state, tuple(self.history), stop, self.run.dir, privacy)
+        return FitResult(
+            self.carry.state, tuple(self.history), stop, self.run.dir, privacy, self.values
+        )
 
     def _stop_before_step(self) -> str | None:
         """Why the run must stop before its next step, or None (also once all its
@@ -299,8 +326,11 @@ class _Loop:
 
     def _epoch_batches(self, epoch: int) -> Any:
         """The epoch's batches: shuffled, or for a private run Poisson samples padded
-        to a fixed shape, ``(x, y, position mask, example mask)``."""
+        to a fixed shape, ``(x, y, position mask, example mask)``; with in-run Shapley
+        values ``(x, y, position mask, x_val, y_val, val mask, rows)``."""
         plan, train = self.plan, self.data.train
+        if plan.shapley is not None:
+            return self._shapley_batches(epoch)
         if self.private is None:
             return batches(
                 train.x, train.y, plan.batch_size, seed=plan.seed, epoch=epoch, mask=train.mask
@@ -317,6 +347,17 @@ class _Loop:
 
         return private()
 
+    def _shapley_batches(self, epoch: int) -> Any:
+        plan, train, val = self.plan, self.data.train, self.val
+        order = epoch_order(len(train.y), plan.seed, epoch)
+        step = epoch * self.steps_per_epoch
+        for k, start in enumerate(range(0, len(order), plan.batch_size)):
+            idx = order[start : start + plan.batch_size]
+            v = plan.shapley.rows(len(val.y), step + k)
+            pick = lambda m, i: None if m is None else m[i]  # noqa: E731
+            yield (train.x[idx], train.y[idx], pick(train.mask, idx), val.x[v], val.y[v],
+                   pick(val.mask, v), idx)  # fmt: skip
+
     def _run_epoch(self, epoch: int, skip: int) -> str | None:
         """The epoch's steps from batch ``skip`` on; why it stopped early, or None."""
         label = f"epoch {epoch + 1}/{self.plan.epochs}"
@@ -326,6 +367,9 @@ class _Loop:
                 stop = self._stop_before_step()
                 if stop is not None:
                     return stop
+                if self.values is not None:
+                    *batch, rows = batch
+                    self.value_rows[self.step] = rows
                 self._take_step(*batch)
                 bar.update(note=None if self.last_loss is None else f"loss {self.last_loss:.4g}")
                 if self._checkpoint_due():
@@ -355,6 +399,10 @@ class _Loop:
         self.step += 1
         if len(self.pending) >= READ_EVERY:
             self._flush()
+        keep = self.plan.keep_every
+        if keep is not None and self.step % keep == 0:
+            self._flush()  # kept params are finite ones
+            self.run.keep_params(self.carry.state.params, self.step)
 
     def _flush(self) -> None:
         """Read the marker and the pending steps' metrics (one host read); raise
@@ -369,7 +417,9 @@ class _Loop:
         if first_bad >= 0:  # it is among the pending steps: the last read saw none
             bad = next(m for (k, *_), m in zip(pending, metrics, strict=True) if k == first_bad)
             raise self._non_finite(first_bad, bad)
-        for (_, n, _), m in zip(pending, metrics, strict=True):
+        for (k, n, _), m in zip(pending, metrics, strict=True):
+            if self.values is not None:
+                np.add.at(self.values, self.value_rows.pop(k), np.asarray(m["values"], np.float64))
             if "examples" in m:  # a private step: the mean ℓ_i over its real examples
                 n = int(m["examples"])
                 self.tally.loss_sum += float(m["loss"]) * n
@@ -433,10 +483,14 @@ class _Loop:
             meta["privacy"] = self.private.record()
         return meta
 
+    def _saved(self, state: TrainState) -> Any:
+        """What a checkpoint holds: the state, and the in-run data values with it."""
+        return state if self.values is None else (state, self.values)
+
     def _save(self) -> None:
         """Checkpoint the state, once every step before it is known to be finite."""
         self._flush()
-        self.run.save(self.carry.state, self._meta())
+        self.run.save(self._saved(self.carry.state), self._meta())
 
     def _end_epoch(self, epoch: int, started: float) -> None:
         self._flush()
@@ -446,7 +500,7 @@ class _Loop:
         self.history.append(record)
         self.tally = _Tally()
         self.run.record(record)  # metrics first: a resume drops records past its checkpoint
-        self.run.save(self.carry.state, self._meta())
+        self.run.save(self._saved(self.carry.state), self._meta())
         self.run.say(_epoch_line(record, self.plan.epochs))
 
     def _record(self, epoch: int) -> dict[str, Any]:
@@ -501,6 +555,8 @@ def fit(
     max_steps: int | None = None,
     mesh: Mesh | None = None,
     privacy: Privacy | None = None,
+    keep_every: int | None = None,
+    shapley: InRunShapley | None = None,
     verbose: bool = False,
 ) -> FitResult:
     """Train ``net`` on a data set with optax, evaluating on its test split.
@@ -555,6 +611,13 @@ def fit(
         covers the parameters, not the metrics recorded on the training split. Not
         with ``mesh``, ``gradient_source="autodiff"`` or early stopping on the
         training loss. None: non-private.
+      keep_every: also keep the params every this many steps in ``run_dir``
+        (``params/step_00000100.npz``), for :meth:`jbp.TracIn.from_run`.
+      shapley: in-run first-order data Shapley (:class:`jbp.InRunShapley`): every
+        step adds ``η_t·s·⟨g_val, g_i⟩`` to each of its examples' values, formed in
+        the step's own pass; ``FitResult.shapley`` holds them, one per training
+        example (``run_dir`` keeps them with the checkpoint, so they survive a
+        resume). Not with ``privacy``, ``mesh`` or ``gradient_source="autodiff"``.
       verbose: print a line per epoch and draw a progress bar on a terminal.
 
     Returns:
@@ -574,10 +637,13 @@ def fit(
         seed=seed, dtype=dtype, gradient_source=gradient_source, check_every=check_every,
         check_rtol=check_rtol, patience=patience, min_delta=min_delta, monitor=monitor,
         checkpoint_every=checkpoint_every, max_steps=max_steps, mesh=mesh, privacy=privacy,
+        keep_every=keep_every, shapley=shapley,
     )  # fmt: skip
     checked = check_data(data, plan)
     if resume and run_dir is None:
         raise ValueError("`resume=True` needs the `run_dir` of the run to continue")
+    if keep_every is not None and run_dir is None:
+        raise ValueError("`keep_every` keeps params in a run folder: give `run_dir` too")
     loop = _Loop(plan, checked, RunFolder(run_dir, verbose, plan.net))
     loop.begin(resume)
     return loop.train()

@@ -440,6 +440,19 @@ def cross(f: Any, g: Any, method: str = "auto") -> Array:
     return _flat(per_example_grad(f)) @ _flat(per_example_grad(g)).T
 
 
+def take_rows(f: Any, start: int, stop: int) -> Any:
+    """The factor of the examples ``start:stop`` only (a batch that joined two sets of
+    rows in one pass, split again)."""
+    cut = lambda x: None if x is None else x[start:stop]  # noqa: E731
+    if isinstance(f, Sum):
+        return Sum(tuple(take_rows(p, start, stop) for p in f.parts))
+    if isinstance(f, Outer):
+        return f._replace(a=tuple(map(cut, f.blocks)), delta=cut(f.delta))
+    if isinstance(f, Elementwise):
+        return f._replace(u=cut(f.u), delta=cut(f.delta))
+    return f._replace(tokens=cut(f.tokens), delta=cut(f.delta))
+
+
 def project_flops(f: Any) -> int:
     """Approximate flops of :func:`project` (one weight-gradient-sized pass)."""
     if isinstance(f, Sum):
