@@ -183,3 +183,21 @@ def test_bench_dp_times_the_private_step_and_checks_its_targets(tmp_path, capsys
     assert run["accumulated_padded_size"] > 4 * run["expected_batch"]
     assert [r["name"] for r in run["rows"]] == list(DP_BENCH_FUNCTIONS)
     assert main(["bench", "--dp", "--arch", "lstm"]) == 2
+
+
+def test_bench_dots_times_dot_products_and_the_shapley_step(tmp_path, capsys):
+    from jbp._bench_dots import DOTS_BENCH_FUNCTIONS
+
+    path = tmp_path / "dots.json"
+    argv = ["bench", "--dots", "--arch", "mlp", "--sizes", "6,5,3", "--batches", "4"]
+    assert main([*argv, "--rounds", "3", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "mlp: B = 4 training rows, B_other = 4 query rows, V = 32 validation" in out
+    for name in DOTS_BENCH_FUNCTIONS:
+        assert f"  {name} " in out, name
+    assert out.count("(target ≤") == 2
+    (run,) = json.loads(path.read_text())["runs"]
+    assert [r["name"] for r in run["rows"]] == list(DOTS_BENCH_FUNCTIONS)
+    assert {t["name"] for t in run["targets"]} == {"per_example_dots", "shapley step"}
+    assert main(["bench", "--dots", "--arch", "lstm"]) == 2
+    assert main(["bench", "--dots", "--batches", "4,8"]) == 2

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import jbp
 
 from .._bench import BENCH_TARGETS_DP, benchmark_dp, format_dp_benchmark
+from .._bench_dots import BENCH_TARGETS_DOTS, benchmark_dots, format_dots_benchmark
 from ._args import activation_name, device, int_at_least, json_safe, names_list
 
 _BENCH_HELP = """\
@@ -49,6 +50,14 @@ the jax.grad step on E rows each. Device steps are timed on batches
 drawn beforehand; the host's sampling (numpy) is timed in rows of its own.
 Targets: dp step <= 1.15 x jax.grad step, dp step in 4 chunks <= 1.2 x 4
 jax.grad steps.
+
+--dots times jbp.per_example_dots of B training against B query examples
+(B = 256, or the one --batches value) beside materialising both sides'
+per-example gradients with vmap(jax.grad) and multiplying, and the step of
+fit(..., shapley=...) with 32 validation rows beside a plain jbp.make_step
+(SGD), on the MLP, the CNN and the transformer (--arch picks one). Targets:
+per_example_dots <= 0.1 x the materialised route on the MLP; the Shapley step
+<= 1.3 x the plain step on the MLP and the CNN.
 
 Exit status: 0 (a missed target is reported, not an error), 2 on bad arguments."""
 
@@ -151,6 +160,14 @@ def add_bench(subparsers: Any) -> None:
         "(--arch picks one); --activation, --dtype, --only and --curvature do not apply",
     )
     p.add_argument(
+        "--dots",
+        action="store_true",
+        help="time per_example_dots of B training against B query examples beside "
+        "materialising both sides with vmap(jax.grad), and the in-run Shapley step (32 "
+        "validation rows) beside a plain step, on the MLP, the CNN and the transformer "
+        "(--arch picks one; --batches the one B, default 256)",
+    )
+    p.add_argument(
         "--json", metavar="PATH", default=None, help="also write the rows and targets to PATH"
     )
     p.set_defaults(run=_run_bench, subparser=p)
@@ -159,6 +176,8 @@ def add_bench(subparsers: Any) -> None:
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.dp:
         return _run_bench_dp(args, parser)
+    if args.dots:
+        return _run_bench_dots(args, parser)
     if args.arch is None:
         args.arch = "mlp"
     if args.dtype == "float64":
@@ -282,6 +301,51 @@ def _run_bench_dp(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                     ],
                 }
             )  # fmt: skip
+    if args.json is not None:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
+            f.write("\n")
+    return 0
+
+
+def _run_bench_dots(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.curvature or args.only is not None or args.dtype != "float32":
+        parser.error("--dots takes neither --curvature, --only nor --dtype")
+    if args.arch not in (None, "mlp", "cnn", "transformer"):
+        parser.error("--dots takes --arch mlp, cnn or transformer")
+    if args.batches is not None and len(args.batches) != 1:
+        parser.error(f"--dots takes one batch size (B training = B query rows), got {args.batches}")
+    archs = ("mlp", "cnn", "transformer") if args.arch is None else (args.arch,)
+    batch = 256 if args.batches is None else args.batches[0]
+    print(
+        f"jbp bench --dots: per_example_dots and the in-run Shapley step, softmax_xent, "
+        f"float32; backend {device()}, jax {jax.__version__}, {platform.machine()}, "
+        f"python {platform.python_version()}"
+    )
+    summary: dict[str, Any] = {"command": "bench --dots", "device": device(), "runs": []}
+    summary["jax_version"] = jax.__version__
+    for arch in archs:
+        sys.stdout.flush()
+        result = benchmark_dots(
+            arch=arch, sizes=args.sizes, batch=batch, query=batch, rounds=args.rounds,
+            budget_s=args.budget,
+        )  # fmt: skip
+        print("\n" + format_dots_benchmark(result))
+        checked = jbp.check_targets(result.rows, BENCH_TARGETS_DOTS[arch])
+        if checked:
+            print("targets (ratios measured in this run):")
+            print(jbp.format_targets(checked))
+        summary["runs"].append(
+            {
+                **{k: v for k, v in dataclasses.asdict(result).items() if k != "rows"},
+                "rows": [dataclasses.asdict(row) for row in result.rows],
+                "targets": [
+                    {"name": t.name, "baseline": t.baseline, "bound": t.bound,
+                     "ratio": ratio, "met": met}
+                    for t, _, ratio, met in checked
+                ],
+            }
+        )  # fmt: skip
     if args.json is not None:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(json_safe(summary), f, indent=2, allow_nan=False)
