@@ -369,7 +369,7 @@ def _validation_dots(val: Any, train: Any, v: int, dtype: Any) -> Array:
         if gram < project_flops(train) + project_flops(val):
             return jnp.mean(cross(val, train, "gram"), axis=0)
     mean = jnp.full((v,), 1.0 / v, dtype)
-    return project(train, weighted(val, mean))
+    return project(train, weighted(val, mean, "gram"))
 
 
 def shapley_step(net: Sequential, loss: Loss, optimizer: Any, learning_rate: Any) -> Any:
@@ -402,7 +402,8 @@ def shapley_step(net: Sequential, loss: Loss, optimizer: Any, learning_rate: Any
         per_example = batch.loss.per_example(run.out, batch.y)
         scale = loss.scale(b)
         c = jnp.full((b,), scale, per_example.dtype)
-        grads = _like(state.params, _map(lambda f: weighted(f, c), train))
+        # "gram": the re-weighted pass ãᵀ(c ⊙ δ), never the per-example g_i
+        grads = _like(state.params, _map(lambda f: weighted(f, c, "gram"), train))
         pairs = zip(_leaves(val), _leaves(train), strict=True)
         dots = sum(_validation_dots(fv, ft, v, c.dtype) for fv, ft in pairs)
         values = schedule(state.step) * scale * dots
