@@ -463,7 +463,7 @@ def project_flops(f: Any) -> int:
 
 def project(f: Any, v: Array) -> Array:
     """``⟨g_i, v⟩`` for every example, ``(batch,)``, for a fixed ``v`` shaped like the
-    leaf, without forming ``g_i``: outer ``Σ_t (ã_it v)·δ_it`` (one matmul, the cost of
+    leaf, without forming ``g_i``: outer ``Σ_t (ã_it v)·δ_it`` (one matmul over ã with its blocks joined, the cost of
     the weight gradient's), elementwise ``(Σ_t u_it ⊙ δ_it)·v``, gather
     ``Σ_t v[row_it]·δ_it``."""
     if isinstance(f, Sum):
@@ -475,12 +475,7 @@ def project(f: Any, v: Array) -> Array:
         return _per_example_elementwise(f) @ v.reshape(-1)
     groups, o = f.delta.shape[2:]
     w = v.reshape(-1, groups, o)  # the leaf as (I, G, O), as _outer_to_leaf lays it out
-    av, start = [], 0
-    for a in f.blocks:
-        i = a.shape[-1]
-        av.append(jnp.einsum("btgi,igo->btgo", a, w[start : start + i]))
-        start += i
-    return _sum_rows(_add(av) * f.delta)
+    return _sum_rows(jnp.einsum("btgi,igo->btgo", _outer_a(f), w) * f.delta)
 
 
 _CONTRACT_BATCH = (((0,), (0,)), ((), ()))
