@@ -353,6 +353,11 @@ class RunFolder:
             train_state = state[0] if type(state) is tuple else state
             self.saved_step = int(jax.device_get(train_state.step))
 
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        """Write ``array`` to ``name`` (a ``.npy`` file) in the folder, atomically."""
+        if self.dir is not None and self.main:
+            atomic_write(self.path(name), lambda f: np.save(f, array, allow_pickle=False))
+
     def keep_params(self, params: Any, step: int) -> None:
         """Keep the params after ``step`` steps as ``params/step_{step:08d}.npz``."""
         if self.dir is not None and self.main:

@@ -66,6 +66,7 @@ from ._train_private import PrivateRun
 from ._verify import compare
 from .layers._dropout import has_dropout
 
+SHAPLEY = "shapley.npy"  # fit(shapley=...): the in-run data values, one per training example
 READ_EVERY = 50  # most steps dispatched between two host reads of the metrics
 _WATCHED = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}
 
@@ -488,9 +489,12 @@ class _Loop:
         return state if self.values is None else (state, self.values)
 
     def _save(self) -> None:
-        """Checkpoint the state, once every step before it is known to be finite."""
+        """Checkpoint the state, once every step before it is known to be finite (and
+        the in-run data values, also as ``shapley.npy`` for reading on their own)."""
         self._flush()
         self.run.save(self._saved(self.carry.state), self._meta())
+        if self.values is not None:
+            self.run.write_array(SHAPLEY, self.values)
 
     def _end_epoch(self, epoch: int, started: float) -> None:
         self._flush()
@@ -500,7 +504,7 @@ class _Loop:
         self.history.append(record)
         self.tally = _Tally()
         self.run.record(record)  # metrics first: a resume drops records past its checkpoint
-        self.run.save(self._saved(self.carry.state), self._meta())
+        self._save()
         self.run.say(_epoch_line(record, self.plan.epochs))
 
     def _record(self, epoch: int) -> dict[str, Any]:
@@ -617,7 +621,7 @@ def fit(
         step adds ``η_t·s·⟨g_val, g_i⟩`` to each of its examples' values, formed in
         the step's own pass; ``FitResult.shapley`` holds them, one per training
         example (``run_dir`` keeps them with the checkpoint, so they survive a
-        resume). Not with ``privacy``, ``mesh`` or ``gradient_source="autodiff"``.
+        resume, and as ``shapley.npy``). Not with ``privacy``, ``mesh`` or ``gradient_source="autodiff"``.
       verbose: print a line per epoch and draw a progress bar on a terminal.
 
     Returns:

@@ -242,6 +242,7 @@ def test_in_run_values_survive_a_resume_and_match_one_uninterrupted_run(small_ru
     jbp.fit(**run, epochs=2, max_steps=17)
     resumed = jbp.fit(**run, epochs=2, resume=True)
     np.testing.assert_allclose(resumed.shapley, whole.shapley, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(np.load(tmp_path / "r" / "shapley.npy"), resumed.shapley)
     with pytest.raises(jbp.CheckpointError, match="written by a run with `shapley`"):
         jbp.fit(**{**run, "shapley": None}, epochs=3, resume=True)
 
