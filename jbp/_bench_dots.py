@@ -64,8 +64,8 @@ class DotsBench:
 def _data(arch: str, rows: int, seed: int, features: int, classes: int) -> tuple[Any, Any]:
     rng = np.random.default_rng(seed)
     if arch == "transformer":
-        x = rng.integers(0, 128, (rows, TRANSFORMER_LENGTH)).astype(np.int32)
-        return jnp.asarray(x), jnp.asarray(rng.integers(0, 128, x.shape).astype(np.int32))
+        tokens = rng.integers(0, 128, (rows, TRANSFORMER_LENGTH)).astype(np.int32)
+        return jnp.asarray(tokens), jnp.asarray(rng.integers(0, 128, tokens.shape).astype(np.int32))
     shape = CNN_IN_SHAPE if arch == "cnn" else (features,)
     x = rng.standard_normal((rows, *shape), dtype=np.float32)
     return jnp.asarray(x), jnp.asarray(rng.integers(0, classes, rows).astype(np.int32))

@@ -446,11 +446,12 @@ def take_rows(f: Any, start: int, stop: int) -> Any:
     cut = lambda x: None if x is None else x[start:stop]  # noqa: E731
     if isinstance(f, Sum):
         return Sum(tuple(take_rows(p, start, stop) for p in f.parts))
+    delta = f.delta[start:stop]
     if isinstance(f, Outer):
-        return f._replace(a=tuple(map(cut, f.blocks)), delta=cut(f.delta))
+        return f._replace(a=tuple(b[start:stop] for b in f.blocks), delta=delta)
     if isinstance(f, Elementwise):
-        return f._replace(u=cut(f.u), delta=cut(f.delta))
-    return f._replace(tokens=cut(f.tokens), delta=cut(f.delta))
+        return f._replace(u=cut(f.u), delta=delta)
+    return f._replace(tokens=cut(f.tokens), delta=delta)
 
 
 def project_flops(f: Any) -> int:
