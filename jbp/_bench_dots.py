@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._attribution import per_example_dots, shapley_step
+from ._attribution import per_example_dots
 from ._backprop import objective
 from ._bench import (
     CNN_IN_SHAPE,
@@ -28,6 +28,7 @@ from ._bench import (
     format_benchmark,
 )
 from ._losses import get_loss
+from ._train_shapley import shapley_step
 from .layers import mlp
 
 DOTS_BENCH_FUNCTIONS: tuple[str, ...] = (

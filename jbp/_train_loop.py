@@ -44,7 +44,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from ._attribution import InRunShapley, shapley_step
+from ._attribution import InRunShapley
 from ._backprop import backprop, objective
 from ._checkpoint import CHECKPOINT, CheckpointError, RunFolder
 from ._data import batches, epoch_order
@@ -63,6 +63,7 @@ from ._train import (
 )
 from ._train_checks import Data, Plan, Split, check_data, check_split
 from ._train_private import PrivateRun
+from ._train_shapley import shapley_step
 from ._verify import compare
 from .layers._dropout import has_dropout
 

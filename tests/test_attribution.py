@@ -206,7 +206,9 @@ def test_in_run_values_are_the_first_order_change_of_the_validation_loss():
     x, xv = rng.normal(size=(6, 5, 5, 1)), rng.normal(size=(4, 5, 5, 1))
     y, yv = rng.integers(0, 3, 6), rng.integers(0, 3, 4)
     state = jbp.init_state(net, optax.sgd(eta), jax.random.key(0), dtype=jnp.float64)
-    step = jax.jit(attribution.shapley_step(net, jbp._losses.get_loss(loss), optax.sgd(eta), eta))
+    step = jax.jit(
+        jbp._train_shapley.shapley_step(net, jbp._losses.get_loss(loss), optax.sgd(eta), eta)
+    )
     new, metrics = step(state, x, y, None, xv, yv, None)
     obj = jbp.objective(net, loss)
     g_val = jax.grad(obj)(state.params, xv, yv)  # reference
