@@ -25,7 +25,7 @@ import numpy as np
 
 from ._backprop import check_net
 from ._checkpoint import PARAMS, read_params
-from ._checks import check_count
+from ._checks import check_count, check_number
 from ._losses import Loss
 from ._per_example import _setup, _start, per_example_norms
 from .layers._factors import (
@@ -184,7 +184,8 @@ class TracIn:
 
     Args:
       net, loss: the network and loss the checkpoints were trained with.
-      checkpoints: a sequence of ``(params, learning_rate)`` pairs.
+      checkpoints: a sequence of ``(params, learning_rate)`` pairs, each learning
+        rate a positive number (:meth:`from_run` reads them from a schedule).
       method: as in :func:`per_example_dots`.
       chunk_size: training rows per dot-product call.
     """
@@ -209,7 +210,7 @@ class TracIn:
             )
         self.params = [p for p, _ in checkpoints]
         self.learning_rates = [
-            float(_learning_rate(lr, f"checkpoints[{k}] learning rate")(0))
+            check_number(f"checkpoints[{k}] learning rate", float(np.asarray(lr)), low=0)
             for k, (_, lr) in enumerate(checkpoints)
         ]
         check_count("chunk_size", chunk_size)

@@ -276,6 +276,8 @@ def test_attribution_argument_errors(tmp_path):
         jbp.TracIn.from_run(tmp_path, net, "softmax_xent", 0.1)
     with pytest.raises(ValueError, match=r"`checkpoints` must be a non-empty sequence"):
         jbp.TracIn(net, "softmax_xent", [])
+    with pytest.raises(ValueError, match=r"`checkpoints\[1\] learning rate` must be in \(0, inf\)"):
+        jbp.TracIn(net, "softmax_xent", [(None, 0.1), (None, 0.0)])
     params = net.init(jax.random.key(0))
     with pytest.raises(ValueError, match="`x_other` and `y_other` go together"):
         jbp.per_example_dots(net, "softmax_xent")(params, data.x_test, data.y_test, data.x_test)
