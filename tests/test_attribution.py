@@ -22,12 +22,16 @@ def _reference_grads(net, loss, params, x, y, mask=None):
     """Every example's gradient by autodiff, flattened: ``(B, P)``."""
     obj = jbp.objective(net, loss)
 
-    def one(xi, yi, mi):
+    def one(p, xi, yi, mi):
         m = None if mi is None else mi[None]
-        return jax.grad(obj)(params, xi[None], yi[None], mask=m)  # reference
+        return jax.grad(obj)(p, xi[None], yi[None], mask=m)  # reference
 
-    g = jax.vmap(one, in_axes=(0, 0, None if mask is None else 0))(x, y, mask)
-    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree.leaves(g)], 1)
+    @jax.jit
+    def all_of(p, x, y, mask):
+        g = jax.vmap(one, in_axes=(None, 0, 0, None if mask is None else 0))(p, x, y, mask)
+        return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree.leaves(g)], 1)
+
+    return all_of(params, x, y, mask)
 
 
 def _problem(family: str, seed: int):
@@ -42,14 +46,11 @@ def _all_dots(net, loss):
     """Every form of per_example_dots in one compiled function."""
     fns = {m: jbp.per_example_dots(net, loss, method=m) for m in ("gram", "materialise")}
     per_layer = jbp.per_example_dots(net, loss, per_layer=True)
-    cosine = jbp.per_example_dots(net, loss, cosine=True)
 
     @jax.jit
     def run(params, x, y, x2, y2, m, m2):
         out = {k: f(params, x, y, x2, y2, mask=m, mask_other=m2) for k, f in fns.items()}
         out["per_layer"] = per_layer(params, x, y, x2, y2, mask=m, mask_other=m2)
-        out["cosine"] = cosine(params, x, y, x2, y2, mask=m, mask_other=m2)
-        out["self"] = jbp.per_example_dots(net, loss)(params, x, y, mask=m)
         return out
 
     return run
@@ -66,8 +67,7 @@ def _split(p):
 @given(st.sampled_from(FAMILIES), st.integers(0, 2**16))
 def test_per_example_dots_equal_materialised_autodiff_dot_products(family, seed):
     """Every family, float64: the Gram form, the materialised form and, layer by layer,
-    the cheaper of the two equal G Gᵀ of vmap(jax.grad); cosines and the batch against
-    itself follow."""
+    the cheaper of the two equal G Gᵀ of vmap(jax.grad)."""
     p = _problem(family, seed)
     (x, y, m), (x2, y2, m2) = _split(p)
     g = _reference_grads(p.net, p.loss, p.params, p.x, p.y, p.mask)
@@ -80,12 +80,6 @@ def test_per_example_dots_equal_materialised_autodiff_dot_products(family, seed)
     auto = sum(got["per_layer"].values())  # the cheaper form per leaf, layer by layer
     np.testing.assert_allclose(auto, want, rtol=1e-9, atol=1e-12 * scale)
     assert all(k.startswith("layers[") for k in got["per_layer"])
-    norms = np.linalg.norm(g, axis=1)
-    outer = norms[:k, None] * norms[None, k:]
-    cos = np.where(outer > 0, want / np.where(outer > 0, outer, 1), 0)
-    np.testing.assert_allclose(got["cosine"], cos, rtol=1e-8, atol=1e-10)
-    assert np.all(np.abs(got["cosine"]) <= 1 + 1e-12)
-    np.testing.assert_allclose(got["self"], g[:k] @ g[:k].T, rtol=1e-9, atol=1e-12 * scale)
 
 
 def _tied_net():
@@ -98,17 +92,30 @@ def _tied_net():
 
 def test_shared_table_dots_keep_the_cross_terms_of_its_two_uses():
     """A table used by the embedding (gather) and transposed by the output head (outer):
-    the gather–gather, gather–outer and outer–outer pairs, in both forms."""
+    the gather–gather, gather–outer and outer–outer pairs, in both forms; the batch
+    against itself per layer, and cosines."""
     net = _tied_net()
     params = net.init(jax.random.key(1), jnp.float64)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 7, (5, 3)), rng.integers(0, 7, (5, 3))
     g = _reference_grads(net, "softmax_xent", params, x, y)
+    fns = {m: jbp.per_example_dots(net, "softmax_xent", method=m) for m in ("gram", "materialise")}
+    per_layer = jbp.per_example_dots(net, "softmax_xent", per_layer=True)
+    cosine = jbp.per_example_dots(net, "softmax_xent", cosine=True)
+
+    @jax.jit
+    def run(params, x, y):
+        out = {m: f(params, x[:2], y[:2], x[2:], y[2:]) for m, f in fns.items()}
+        return out, per_layer(params, x, y), cosine(params, x, y)
+
+    got, per_layer, cos = jax.device_get(run(params, x, y))
     for method in ("gram", "materialise"):
-        got = jbp.per_example_dots(net, "softmax_xent", method=method)(
-            params, x[:2], y[:2], x[2:], y[2:]
-        )
-        np.testing.assert_allclose(got, g[:2] @ g[2:].T, rtol=1e-10, err_msg=method)
+        np.testing.assert_allclose(got[method], g[:2] @ g[2:].T, rtol=1e-10, err_msg=method)
+    # the batch against itself, and cosines, layer by layer
+    np.testing.assert_allclose(sum(per_layer.values()), g @ g.T, rtol=1e-10)
+    norms = np.linalg.norm(g, axis=1)
+    np.testing.assert_allclose(cos, (g @ g.T) / np.outer(norms, norms), rtol=1e-9)
+    np.testing.assert_allclose(np.diag(cos), 1.0, rtol=1e-12)
 
 
 def _truncate_positions(f):
@@ -147,10 +154,10 @@ def test_the_dot_product_check_catches_a_broken_factor_rule(monkeypatch, mutant,
     x, y = rng.normal(size=(6, *shape)), rng.integers(0, 3, 6)
     g = _reference_grads(net, "softmax_xent", params, x, y)
     want = g[:3] @ g[3:].T
-    dots = jbp.per_example_dots(net, "softmax_xent")
+    dots = jax.jit(jbp.per_example_dots(net, "softmax_xent"))
     np.testing.assert_allclose(dots(params, x[:3], y[:3], x[3:], y[3:]), want, rtol=1e-9)
     monkeypatch.setattr(attribution, "cross", mutant(_factors.cross))
-    broken = jbp.per_example_dots(net, "softmax_xent")(params, x[:3], y[:3], x[3:], y[3:])
+    broken = jax.jit(jbp.per_example_dots(net, "softmax_xent"))(params, x[:3], y[:3], x[3:], y[3:])
     assert not np.allclose(broken, want, rtol=1e-6)
 
 
@@ -210,12 +217,13 @@ def test_in_run_values_are_the_first_order_change_of_the_validation_loss():
         jbp._train_shapley.shapley_step(net, jbp._losses.get_loss(loss), optax.sgd(eta), eta)
     )
     new, metrics = step(state, x, y, None, xv, yv, None)
-    obj = jbp.objective(net, loss)
-    g_val = jax.grad(obj)(state.params, xv, yv)  # reference
+    obj = jax.jit(jbp.objective(net, loss))
+    grad = jax.jit(jax.grad(jbp.objective(net, loss)))  # reference
+    g_val = grad(state.params, xv, yv)
     g_i = _reference_grads(net, loss, state.params, x, y)
     flat = jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(g_val)])
     np.testing.assert_allclose(metrics["values"], eta / 6 * (g_i @ flat), rtol=1e-10)
-    batch_grad = jax.grad(obj)(state.params, x, y)  # reference
+    batch_grad = grad(state.params, x, y)
     np.testing.assert_allclose(
         jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(new.params)]),
         jnp.concatenate([leaf.ravel() for leaf in jax.tree.leaves(
