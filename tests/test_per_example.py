@@ -21,16 +21,19 @@ def _examples(n: int) -> int:
     return max(1, round(n * settings.default.max_examples / 25))
 
 
-def _reference_per_example(net, loss, params, x, y):
-    """g_i by autodiff, one example at a time: the oracle."""
-    grad = jax.grad(jbp.objective(net, loss))  # reference
-    return jax.jit(jax.vmap(grad, in_axes=(None, 0, 0)))(params, x, y)
+def _with_reference(net, loss, **fns):
+    """One compiled function per drawn problem: the reference g_i (``"ref"``, vmap of
+    jax.grad over single examples) beside jbp's quantities ``fns``, fetched as numpy,
+    so that the reference arithmetic below runs in numpy and compiles nothing."""
+    grad = jax.vmap(jax.grad(jbp.objective(net, loss)), in_axes=(None, 0, 0))  # reference
+    run = jax.jit(lambda p, x, y: {"ref": grad(p, x, y), **{k: f(p, x, y) for k, f in fns.items()}})
+    return lambda params, x, y: jax.device_get(run(params, x, y))
 
 
 def _ref_norms(g):
-    leaves = jax.tree.leaves(g)
+    leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(g)]
     b = leaves[0].shape[0]
-    return jnp.sqrt(sum(jnp.sum(leaf.reshape(b, -1) ** 2, axis=1) for leaf in leaves))
+    return np.sqrt(sum(np.sum(leaf.reshape(b, -1) ** 2, axis=1) for leaf in leaves))
 
 
 def _scale(loss, b):
@@ -45,65 +48,78 @@ def _assert_close(a, b, rtol=1e-10, atol=0.0):
 @given(PROBLEMS)
 def test_per_example_grads_match_vmap_grad(problem):
     net, loss, params, x, y = problem
-    ref = _reference_per_example(net, loss, params, x, y)
-    got = jax.jit(jbp.per_example_grads(net, loss))(params, x, y)
-    _assert_close(got, ref)
+    got = _with_reference(
+        net, loss, grads=jbp.per_example_grads(net, loss), batch=jbp.backprop(net, loss)
+    )(params, x, y)
+    _assert_close(got["grads"], got["ref"])
     # Σ_i g_i (times 1/B for mean losses) is the batch gradient.
-    batch = jax.jit(jbp.backprop(net, loss))(params, x, y)
     s = _scale(loss, x.shape[0])
-    _assert_close(jax.tree.map(lambda g: s * jnp.sum(g, axis=0), got), batch)
+    _assert_close(jax.tree.map(lambda g: s * np.sum(g, axis=0), got["grads"]), got["batch"])
 
 
 @settings(max_examples=_examples(6))
 @given(PROBLEMS)
 def test_norms_and_per_layer_norms(problem):
     net, loss, params, x, y = problem
-    ref = _ref_norms(_reference_per_example(net, loss, params, x, y))
-    norms = jax.jit(jbp.per_example_norms(net, loss))(params, x, y)
-    np.testing.assert_allclose(norms, ref, rtol=1e-10, atol=1e-12 * float(jnp.max(ref)))
-    per_layer = jax.jit(jbp.per_example_norms(net, loss, per_layer=True))(params, x, y)
+    got = _with_reference(
+        net,
+        loss,
+        norms=jbp.per_example_norms(net, loss),
+        per_layer=jbp.per_example_norms(net, loss, per_layer=True),
+    )(params, x, y)
+    ref = _ref_norms(got["ref"])
+    norms, per_layer = got["norms"], got["per_layer"]
+    np.testing.assert_allclose(norms, ref, rtol=1e-10, atol=1e-12 * float(np.max(ref)))
     assert per_layer.shape == (x.shape[0], len(net.layers))
-    np.testing.assert_allclose(jnp.sum(per_layer**2, axis=1), norms**2, rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(np.sum(per_layer**2, axis=1), norms**2, rtol=1e-10, atol=1e-300)
     for i, p in enumerate(params):
         if not jax.tree.leaves(p):
-            assert not jnp.any(per_layer[:, i])
+            assert not np.any(per_layer[:, i])
 
 
 @settings(max_examples=_examples(6))
 @given(PROBLEMS)
 def test_second_moment_and_variance(problem):
     net, loss, params, x, y = problem
-    ref = _reference_per_example(net, loss, params, x, y)
     b = x.shape[0]
-    sgs = jax.jit(jbp.sum_grad_squared(net, loss))(params, x, y)
-    _assert_close(sgs, jax.tree.map(lambda g: jnp.sum(g * g, axis=0), ref))
-    var = jax.jit(jbp.grad_variance(net, loss))(params, x, y)
+    fns = {"sgs": jbp.sum_grad_squared(net, loss), "var": jbp.grad_variance(net, loss)}
+    if b > 1:
+        fns["var1"] = jbp.grad_variance(net, loss, ddof=1)
+    got = _with_reference(net, loss, **fns)(params, x, y)
+    ref, sgs, var = got["ref"], got["sgs"], got["var"]
+    _assert_close(sgs, jax.tree.map(lambda g: np.sum(g * g, axis=0), ref))
     # variance = E[g²] − E[g]², and it is numpy's population variance
     # Round-off in E[g²] − E[g]² is relative to E[g²], not to the variance.
-    atol = 1e-12 * max(float(jnp.max(s)) for s in jax.tree.leaves(sgs)) / b
-    moment = jax.tree.map(lambda s, g: s / b - jnp.mean(g, axis=0) ** 2, sgs, ref)
-    _assert_close(var, jax.tree.map(lambda m: jnp.maximum(m, 0), moment), rtol=1e-8, atol=atol)
-    _assert_close(var, jax.tree.map(lambda g: jnp.var(g, axis=0), ref), rtol=1e-8, atol=atol)
+    atol = 1e-12 * max(float(np.max(s)) for s in jax.tree.leaves(sgs)) / b
+    moment = jax.tree.map(lambda s, g: s / b - np.mean(g, axis=0) ** 2, sgs, ref)
+    _assert_close(var, jax.tree.map(lambda m: np.maximum(m, 0), moment), rtol=1e-8, atol=atol)
+    _assert_close(var, jax.tree.map(lambda g: np.var(g, axis=0), ref), rtol=1e-8, atol=atol)
     if b > 1:
-        var1 = jax.jit(jbp.grad_variance(net, loss, ddof=1))(params, x, y)
-        ref1 = jax.tree.map(lambda g: jnp.var(g, axis=0, ddof=1), ref)
-        _assert_close(var1, ref1, rtol=1e-8, atol=2 * atol)
+        ref1 = jax.tree.map(lambda g: np.var(g, axis=0, ddof=1), ref)
+        _assert_close(got["var1"], ref1, rtol=1e-8, atol=2 * atol)
 
 
 @settings(max_examples=_examples(6))
 @given(PROBLEMS, st.floats(0.01, 10.0))
 def test_clipped_grad_equals_clip_then_sum(problem, max_norm):
     net, loss, params, x, y = problem
-    ref = _reference_per_example(net, loss, params, x, y)
+    got = _with_reference(
+        net,
+        loss,
+        clipped=jbp.clipped_grad(net, loss, max_norm),
+        plain=jbp.clipped_grad(net, loss, math.inf),
+        batch=jbp.backprop(net, loss),
+    )(params, x, y)
+    ref = got["ref"]
     norms_ref = _ref_norms(ref)
-    c = jnp.minimum(1.0, max_norm / norms_ref) * _scale(loss, x.shape[0])
-    expected = jax.tree.map(lambda g: jnp.tensordot(c, g, axes=1), ref)
-    got, norms = jax.jit(jbp.clipped_grad(net, loss, max_norm))(params, x, y)
-    _assert_close(got, expected)
+    with np.errstate(divide="ignore"):  # ‖g_i‖ = 0: C/0 = inf, the example is not clipped
+        c = np.minimum(1.0, max_norm / norms_ref) * _scale(loss, x.shape[0])
+    expected = jax.tree.map(lambda g: np.tensordot(c, g, axes=1), ref)
+    clipped, norms = got["clipped"]
+    _assert_close(clipped, expected)
     np.testing.assert_allclose(norms, norms_ref, rtol=1e-10, atol=1e-300)
     # No clipping: the plain batch gradient.
-    plain, _ = jax.jit(jbp.clipped_grad(net, loss, math.inf))(params, x, y)
-    _assert_close(plain, jax.jit(jbp.backprop(net, loss))(params, x, y))
+    _assert_close(got["plain"][0], got["batch"])
 
 
 def test_clipping_actually_clips():
@@ -111,18 +127,25 @@ def test_clipping_actually_clips():
     params = net.init(jax.random.key(0), jnp.float64)
     x = 3 * jax.random.normal(jax.random.key(1), (16, 3), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (16, 2), jnp.float64)
-    norms = jbp.per_example_norms(net, "half_sse")(params, x, y)
-    max_norm = float(jnp.median(norms))
-    clipped_per_example = jbp.per_example_grads(net, "half_sse")(params, x, y)
-    c = jnp.minimum(1.0, max_norm / norms)
+    norms = np.asarray(jax.jit(jbp.per_example_norms(net, "half_sse"))(params, x, y))
+    max_norm = float(np.median(norms))
+
+    @jax.jit
+    def run(params, x, y):
+        return {
+            "per_example": jbp.per_example_grads(net, "half_sse")(params, x, y),
+            "clipped": jbp.clipped_grad(net, "half_sse", max_norm)(params, x, y)[0],
+            "plain": jbp.backprop(net, "half_sse")(params, x, y),
+        }
+
+    got = jax.device_get(run(params, x, y))
+    c = np.minimum(1.0, max_norm / norms)
     clipped_norms = _ref_norms(
-        jax.tree.map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)), clipped_per_example)
+        jax.tree.map(lambda g: g * c.reshape((-1,) + (1,) * (g.ndim - 1)), got["per_example"])
     )
-    assert jnp.all(clipped_norms <= max_norm * (1 + 1e-12))
-    assert jnp.sum(norms > max_norm) >= 7  # the test is not vacuous: half are clipped
-    got, _ = jbp.clipped_grad(net, "half_sse", max_norm)(params, x, y)
-    plain = jbp.backprop(net, "half_sse")(params, x, y)
-    assert not jbp.compare(got, plain).ok
+    assert np.all(clipped_norms <= max_norm * (1 + 1e-12))
+    assert np.sum(norms > max_norm) >= 7  # the test is not vacuous: half are clipped
+    assert not jbp.compare(got["clipped"], got["plain"]).ok
 
 
 def test_dp_grad_noise():
@@ -130,8 +153,8 @@ def test_dp_grad_noise():
     params = net.init(jax.random.key(0), jnp.float64)
     x = jax.random.normal(jax.random.key(1), (8, 20), jnp.float64)
     y = jax.random.randint(jax.random.key(2), (8,), 0, 10)
-    clipped, norms = jbp.clipped_grad(net, "softmax_xent", 0.5)(params, x, y)
-    silent, _ = jbp.dp_grad(net, "softmax_xent", 0.5, 0.0)(params, x, y, jax.random.key(3))
+    clipped, norms = jax.jit(jbp.clipped_grad(net, "softmax_xent", 0.5))(params, x, y)
+    silent, _ = jax.jit(jbp.dp_grad(net, "softmax_xent", 0.5, 0.0))(params, x, y, jax.random.key(3))
     _assert_close(silent, clipped)
     f = jax.jit(jbp.dp_grad(net, "softmax_xent", 0.5, 2.0))
     noisy, norms2 = f(params, x, y, jax.random.key(3))
@@ -140,40 +163,46 @@ def test_dp_grad_noise():
     _assert_close(again, noisy, rtol=0)
     other, _ = f(params, x, y, jax.random.key(4))
     assert not jbp.compare(other, noisy).ok
-    noise = jnp.concatenate(
+    noise = np.concatenate(
         [
-            jnp.ravel(n - c)
+            np.ravel(np.asarray(n) - np.asarray(c))
             for n, c in zip(jax.tree.leaves(noisy), jax.tree.leaves(clipped), strict=True)
         ]
     )
     expected_std = 2.0 * 0.5 / 8  # σ·C, over B for a mean loss
     assert noise.size > 900
-    np.testing.assert_allclose(jnp.std(noise), expected_std, rtol=0.1)
-    assert abs(float(jnp.mean(noise))) < 4 * expected_std / math.sqrt(noise.size)
+    np.testing.assert_allclose(np.std(noise), expected_std, rtol=0.1)
+    assert abs(float(np.mean(noise))) < 4 * expected_std / math.sqrt(noise.size)
 
 
 @settings(max_examples=_examples(6))
 @given(jt.problems(dtypes=["float64"], single=False, min_batch=2, max_depth=3, max_width=8))
 def test_gradient_noise_scale_formulas(problem):
     net, loss, params, x, y = problem
-    ref = _reference_per_example(net, loss, params, x, y)
+    got = _with_reference(
+        net,
+        loss,
+        gns=jbp.gradient_noise_scale(net, loss),
+        exact=jbp.gradient_noise_scale(net, loss, unbiased=False),
+    )(params, x, y)
+    ref = got["ref"]
     b = x.shape[0]
-    mean_sq_norm = jnp.mean(_ref_norms(ref) ** 2)
-    gbar_sq = sum(jnp.sum(jnp.mean(g, axis=0) ** 2) for g in jax.tree.leaves(ref))
+    mean_sq_norm = np.mean(_ref_norms(ref) ** 2)
+    gbar_sq = sum(np.sum(np.mean(g, axis=0) ** 2) for g in jax.tree.leaves(ref))
     trace = b / (b - 1) * (mean_sq_norm - gbar_sq)
     # tr(Σ) is the unbiased sample covariance trace
-    cov_trace = sum(jnp.sum(jnp.var(g, axis=0, ddof=1)) for g in jax.tree.leaves(ref))
+    cov_trace = sum(np.sum(np.var(g, axis=0, ddof=1)) for g in jax.tree.leaves(ref))
     np.testing.assert_allclose(trace, cov_trace, rtol=1e-8, atol=1e-300)
-    got = jax.jit(jbp.gradient_noise_scale(net, loss))(params, x, y)
-    np.testing.assert_allclose(got.trace_cov, trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
+    gns = got["gns"]
+    np.testing.assert_allclose(gns.trace_cov, trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm))
     np.testing.assert_allclose(
-        got.grad_sq_norm, gbar_sq - trace / b, rtol=1e-8, atol=1e-14 * float(mean_sq_norm)
+        gns.grad_sq_norm, gbar_sq - trace / b, rtol=1e-8, atol=1e-14 * float(mean_sq_norm)
     )
-    if abs(float(got.grad_sq_norm)) > 1e-6 * float(mean_sq_norm):
-        np.testing.assert_allclose(got.b_simple, got.trace_cov / got.grad_sq_norm, rtol=1e-12)
+    if abs(float(gns.grad_sq_norm)) > 1e-6 * float(mean_sq_norm):
+        np.testing.assert_allclose(gns.b_simple, gns.trace_cov / gns.grad_sq_norm, rtol=1e-12)
     # The batch as the whole distribution: population covariance trace and ‖ḡ‖².
-    exact = jax.jit(jbp.gradient_noise_scale(net, loss, unbiased=False))(params, x, y)
-    pop_trace = sum(jnp.sum(jnp.var(g, axis=0)) for g in jax.tree.leaves(ref))
+    exact = got["exact"]
+    pop_trace = sum(np.sum(np.var(g, axis=0)) for g in jax.tree.leaves(ref))
     np.testing.assert_allclose(
         exact.trace_cov, pop_trace, rtol=1e-8, atol=1e-14 * float(mean_sq_norm)
     )
@@ -186,9 +215,11 @@ def test_float32_per_example_norms_documented_tolerance():
     params = net.init(jax.random.key(0), jnp.float32)
     x = jax.random.normal(jax.random.key(1), (32, 10), jnp.float32)
     y = jax.random.randint(jax.random.key(2), (32,), 0, 4)
-    ref = _ref_norms(_reference_per_example(net, "softmax_xent", params, x, y))
-    got = jax.jit(jbp.per_example_norms(net, "softmax_xent"))(params, x, y)
-    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    got = _with_reference(net, "softmax_xent", norms=jbp.per_example_norms(net, "softmax_xent"))(
+        params, x, y
+    )
+    assert got["norms"].dtype == np.float32 and got["ref"][0]["w"].dtype == np.float32
+    np.testing.assert_allclose(got["norms"], _ref_norms(got["ref"]), rtol=1e-5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,18 +247,20 @@ def test_user_layer_per_example_fallbacks():
     params = net.init(jax.random.key(0), jnp.float64)
     x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
     y = jax.random.normal(jax.random.key(2), (6, 2), jnp.float64)
-    ref = _reference_per_example(net, "mse", params, x, y)
-    _assert_close(jbp.per_example_grads(net, "mse")(params, x, y), ref)
-    np.testing.assert_allclose(
-        jbp.per_example_norms(net, "mse")(params, x, y), _ref_norms(ref), rtol=1e-12
-    )
-    _assert_close(
-        jbp.sum_grad_squared(net, "mse")(params, x, y),
-        jax.tree.map(lambda g: jnp.sum(g * g, 0), ref),
-    )
-    got, _ = jbp.clipped_grad(net, "mse", 0.1)(params, x, y)
-    c = jnp.minimum(1.0, 0.1 / _ref_norms(ref)) / 6
-    _assert_close(got, jax.tree.map(lambda g: jnp.tensordot(c, g, axes=1), ref))
+    got = _with_reference(
+        net,
+        "mse",
+        grads=jbp.per_example_grads(net, "mse"),
+        norms=jbp.per_example_norms(net, "mse"),
+        sgs=jbp.sum_grad_squared(net, "mse"),
+        clipped=jbp.clipped_grad(net, "mse", 0.1),
+    )(params, x, y)
+    ref = got["ref"]
+    _assert_close(got["grads"], ref)
+    np.testing.assert_allclose(got["norms"], _ref_norms(ref), rtol=1e-12)
+    _assert_close(got["sgs"], jax.tree.map(lambda g: np.sum(g * g, 0), ref))
+    c = np.minimum(1.0, 0.1 / _ref_norms(ref)) / 6
+    _assert_close(got["clipped"][0], jax.tree.map(lambda g: np.tensordot(c, g, axes=1), ref))
 
 
 def test_user_layer_without_per_example_grads_is_a_clear_error():
