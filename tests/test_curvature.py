@@ -51,12 +51,19 @@ def test_loss_square_root_and_hessian_product_match_jax_hessian(name: str, shape
     y = _targets(name, shape, rng)
     u = jnp.asarray(rng.normal(size=shape))
     k = int(np.prod(shape[1:]))
-    roots = loss.sqrt_hessian(a, y)
+
+    @jax.jit  # one program: the rules and every example's jax.hessian
+    def run(a: jax.Array, y: jax.Array, u: jax.Array) -> Any:
+        hessians = [
+            jax.hessian(lambda ai, i=i: loss.per_example(ai[None], y[i : i + 1])[0])(a[i])
+            for i in range(shape[0])
+        ]
+        return loss.sqrt_hessian(a, y), loss.hessian_vp(a, y, u), hessians
+
+    roots, products, hessians = jax.device_get(run(a, y, u))
     assert roots.shape[1:] == shape
-    products = loss.hessian_vp(a, y, u)
     for i in range(shape[0]):
-        hess = jax.hessian(lambda ai, i=i: loss.per_example(ai[None], y[i : i + 1])[0])(a[i])
-        hess = hess.reshape(k, k)
+        hess = hessians[i].reshape(k, k)
         s = roots[:, i].reshape(-1, k)
         np.testing.assert_allclose(s.T @ s, hess, atol=1e-14)
         np.testing.assert_allclose(products[i].reshape(k), hess @ u[i].reshape(k), atol=1e-14)
@@ -111,9 +118,13 @@ def test_diag_hessian_matches_jax_hessian_with_residual_terms(acts: Any, loss: s
     assert report.passed, report.format()
     assert "diag_hessian" in {r.quantity for r in report.rows}
     # smooth activations: the Hessian is not the GGN (the residual terms matter)
-    ggn = flat(jbp.diag_ggn(net, loss)(params, x, y))
-    hess = flat(jbp.diag_hessian(net, loss)(params, x, y))
-    assert float(jnp.max(jnp.abs(ggn - hess))) > 1e-6
+    ggn, hess = jax.jit(
+        lambda p: (
+            flat(jbp.diag_ggn(net, loss)(p, x, y)),
+            flat(jbp.diag_hessian(net, loss)(p, x, y)),
+        )
+    )(params)
+    assert float(np.max(np.abs(np.asarray(ggn) - np.asarray(hess)))) > 1e-6
 
 
 def test_quantities_compose_with_jit_and_take_keys_as_arguments() -> None:
@@ -201,10 +212,10 @@ def test_kfac_factors_match_their_definitions_on_a_batch() -> None:
     params = net.init(jax.random.key(8), F64)
     x = jnp.asarray(rng.normal(size=(6, 3)))
     y = jnp.asarray(rng.integers(0, 3, size=6))
-    factors = jbp.kfac(net, "softmax_xent", kind="kflr")(params, x, y)
+    factors = jax.jit(jbp.kfac(net, "softmax_xent", kind="kflr"))(params, x, y)
     ref = reference_ggn(net, "softmax_xent", params, x, y)
     index = _index_tree(params)
-    x1 = jnp.concatenate([x, jnp.ones((6, 1), F64)], axis=1)
+    x1 = np.concatenate([np.asarray(x), np.ones((6, 1))], axis=1)
     np.testing.assert_allclose(factors[0]["w"].a, x1.T @ x1 / 6, rtol=1e-13)
     for i in (0, 1):
         np.testing.assert_allclose(factors[i]["w"].g, _block(ref.ggn, index[i]["b"]), atol=1e-15)
@@ -244,27 +255,35 @@ def test_mc_diag_ggn_is_unbiased_and_its_error_falls_like_one_over_sqrt_m() -> N
     params = net.init(jax.random.key(11), F64)
     x = jnp.asarray(rng.normal(size=(8, 3)))
     y = jnp.asarray(rng.integers(0, 4, size=8))
-    exact = flat(jbp.diag_ggn(net, "softmax_xent")(params, x, y))
     keys = jax.random.split(jax.random.key(12), 64)
 
-    def draws(m: int) -> jax.Array:
-        fn = jbp.diag_ggn(net, "softmax_xent", mc_samples=m)
-        return jax.jit(jax.vmap(lambda k: flat(fn(params, x, y, key=k))))(keys)
+    @jax.jit
+    def run(params: Any, keys: jax.Array) -> dict[str, Any]:
+        def draws(m: int) -> jax.Array:
+            fn = jbp.diag_ggn(net, "softmax_xent", mc_samples=m)
+            return jax.vmap(lambda k: flat(fn(params, x, y, key=k)))(keys)
 
-    one, sixteen = draws(1), draws(16)
-    rms = [
-        float(jnp.sqrt(jnp.mean(jnp.sum((d - exact[None]) ** 2, axis=1)))) for d in (one, sixteen)
-    ]
+        mc3 = jbp.diag_ggn(net, "softmax_xent", mc_samples=3)
+        per_example = jbp.per_example_diag_ggn(net, "softmax_xent", mc_samples=3)
+        return {
+            "exact": flat(jbp.diag_ggn(net, "softmax_xent")(params, x, y)),
+            "one": draws(1),
+            "sixteen": draws(16),
+            # per example: the same estimator, before the batch sum
+            "per_example": per_example(params, x, y, key=keys[0]),
+            "mc3": flat(mc3(params, x, y, key=keys[0])),
+        }
+
+    got = jax.device_get(run(params, keys))
+    exact, one, sixteen = got["exact"], got["one"], got["sixteen"]
+    rms = [float(np.sqrt(np.mean(np.sum((d - exact[None]) ** 2, axis=1)))) for d in (one, sixteen)]
     assert 4 * 0.7 < rms[0] / rms[1] < 4 * 1.3, rms
-    mean = jnp.mean(sixteen, axis=0)  # the mean of 1024 one-column draws
-    stderr = jnp.std(one, axis=0) / np.sqrt(64 * 16)
-    assert bool(jnp.all(jnp.abs(mean - exact) <= 5 * stderr + 1e-12))
-    # per example: the same estimator, before the batch sum
-    pe = jax.jit(jbp.per_example_diag_ggn(net, "softmax_xent", mc_samples=3))
-    per_example = pe(params, x, y, key=keys[0])
-    summed = jtu.tree_map(lambda leaf: jnp.sum(leaf, axis=0) / 8, per_example)
-    mc3 = jbp.diag_ggn(net, "softmax_xent", mc_samples=3)(params, x, y, key=keys[0])
-    np.testing.assert_allclose(flat(summed), flat(mc3), rtol=1e-12)
+    mean = np.mean(sixteen, axis=0)  # the mean of 1024 one-column draws
+    stderr = np.std(one, axis=0) / np.sqrt(64 * 16)
+    assert bool(np.all(np.abs(mean - exact) <= 5 * stderr + 1e-12))
+    summed = jtu.tree_map(lambda leaf: np.sum(leaf, axis=0) / 8, got["per_example"])
+    summed = np.concatenate([np.ravel(v) for v in jtu.tree_leaves(summed)])  # flat's order
+    np.testing.assert_allclose(summed, got["mc3"], rtol=1e-12)
 
 
 # --- mutants: each caught ---------------------------------------------------------------
@@ -407,23 +426,29 @@ def test_tangent_rules_match_jax_jvp_and_missing_ones_are_clear_errors() -> None
     x = jnp.asarray(rng.normal(size=(3, 3, 3, 2)))
     v = jtu.tree_map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape)), params)
     x_dot = jnp.asarray(rng.normal(size=x.shape))
-    _out, caches = net.forward(params, x)
 
     def forward(p: Any, a: Any) -> Any:
         return net.forward(p, a)[0]
 
-    for a_dot, p_dot in ((x_dot, v), (None, v), (x_dot, None)):
-        want = jax.jvp(
-            forward,
-            (params, x),
-            (
-                jtu.tree_map(jnp.zeros_like, params) if p_dot is None else p_dot,
-                jnp.zeros_like(x) if a_dot is None else a_dot,
-            ),
-        )[1]
-        got = tangent(net, params, caches, a_dot, p_dot)
+    @jax.jit  # the three cases in one program
+    def cases(params: Any, x: Any, v: Any, x_dot: Any) -> list[tuple[Any, Any]]:
+        _out, caches = net.forward(params, x)
+        assert tangent(net, params, caches, None, None) is None
+        pairs = []
+        for a_dot, p_dot in ((x_dot, v), (None, v), (x_dot, None)):
+            want = jax.jvp(
+                forward,
+                (params, x),
+                (
+                    jtu.tree_map(jnp.zeros_like, params) if p_dot is None else p_dot,
+                    jnp.zeros_like(x) if a_dot is None else a_dot,
+                ),
+            )[1]
+            pairs.append((tangent(net, params, caches, a_dot, p_dot), want))
+        return pairs
+
+    for got, want in cases(params, x, v, x_dot):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
-    assert tangent(net, params, caches, None, None) is None
     with pytest.raises(TypeError, match=r"layer _NoTangent.*has no tangent.*ggn_vector_product"):
         net = jbp.Sequential([_NoTangent()])
         jbp.ggn_vector_product(net, "mse")(
