@@ -93,15 +93,23 @@ def test_cells_are_built_as_pinned(kind, layer, shapes):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 5, 3))
     want = _numpy_run(kind, {k: np.asarray(v) for k, v in params.items()}, x)
-    got = layer.forward(params, jnp.asarray(x))[0]
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
     last = dataclasses.replace(layer, return_sequences=False)
-    np.testing.assert_allclose(last.forward(params, jnp.asarray(x))[0], want[:, -1], rtol=1e-12)
     lengths = [5, 2, 0]
     mask = jnp.asarray(np.arange(5)[None] < np.asarray(lengths)[:, None])
-    ctx = jbp.Context(mask=mask)
-    seq = layer.forward(params, jnp.asarray(x), ctx)[0]
-    end = last.forward(params, jnp.asarray(x), ctx)[0]
+
+    @jax.jit  # the four forwards in one program; numpy from here on
+    def forwards(params: Any, x: Any) -> Any:
+        ctx = jbp.Context(mask=mask)
+        return (
+            layer.forward(params, x)[0],
+            last.forward(params, x)[0],
+            layer.forward(params, x, ctx)[0],
+            last.forward(params, x, ctx)[0],
+        )
+
+    got, got_last, seq, end = jax.device_get(forwards(params, jnp.asarray(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(got_last, want[:, -1], rtol=1e-12)
     for i, n in enumerate(lengths):
         assert np.all(np.asarray(seq[i, n:]) == 0)
         if n == 0:  # all padding: the zero initial state
@@ -224,19 +232,19 @@ def test_recurrent_networks_against_autodiff(problem):
         )(p, x, y, m)
         return got
 
-    got = run(params, x, y, mask)
+    got = jax.device_get(run(params, x, y, mask))  # numpy from here on
     assume(any(np.any(np.asarray(v) != 0) for v in jtu.tree_leaves(got["ref"])))
     _close(got["grad"], got["ref"], 1e-9, ("backprop", "jax.grad"))
     _close(got["vmap_jbp"], got["vmap_ref"], 1e-9, ("vmap(backprop)", "vmap(jax.grad)"))
     # a "mean" loss of one example is its per-example loss; of B examples, 1/B of it
     per_ex = got["vmap_ref"]
     _close(got["per_example_grads"], per_ex, 1e-9, ("per_example_grads", "vmap(jax.grad)"))
-    sq = sum(jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1) for v in jtu.tree_leaves(per_ex))
-    np.testing.assert_allclose(got["norms"], jnp.sqrt(sq), rtol=1e-9, atol=1e-12)
-    _close(got["sum_grad_squared"], jtu.tree_map(lambda g: jnp.sum(g * g, 0), per_ex), 1e-9)
+    sq = sum(np.sum(v.reshape(v.shape[0], -1) ** 2, axis=1) for v in jtu.tree_leaves(per_ex))
+    np.testing.assert_allclose(got["norms"], np.sqrt(sq), rtol=1e-9, atol=1e-12)
+    _close(got["sum_grad_squared"], jtu.tree_map(lambda g: np.sum(g * g, 0), per_ex), 1e-9)
     scale = 1.0 / x.shape[0] if jbp._losses.get_loss(loss).reduction == "mean" else 1.0
-    c = jnp.minimum(1.0, max_norm / jnp.maximum(jnp.sqrt(sq), 1e-30)) * scale
-    want = jtu.tree_map(lambda g: jnp.tensordot(c, g, axes=1), per_ex)
+    c = np.minimum(1.0, max_norm / np.maximum(np.sqrt(sq), 1e-30)) * scale
+    want = jtu.tree_map(lambda g: np.tensordot(c, g, axes=1), per_ex)
     _close(got["clipped"][0], want, 1e-9, ("clipped_grad", "vmap(jax.grad), clipped"))
 
 
