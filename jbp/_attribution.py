@@ -98,7 +98,7 @@ def per_example_dots(
       >>> import jax, jax.numpy as jnp, jbp
       >>> net = jbp.mlp([3, 4, 2])
       >>> params = net.init(jax.random.key(0))
-      >>> x, y = jnp.ones((5, 3)), jnp.zeros((5, 2))
+      >>> x, y = jnp.ones((5, 3), jnp.float32), jnp.zeros((5, 2), jnp.float32)
       >>> dots = jbp.per_example_dots(net, "mse")(params, x, y, x[:2], y[:2])
       >>> dots.shape
       (5, 2)

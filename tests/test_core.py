@@ -54,6 +54,8 @@ PUBLIC = [
     # private training
     "Privacy", "PoissonSampler", "dp_epsilon", "dp_noise_multiplier", "benchmark_dp", "audit_epsilon",
     "BENCH_TARGETS_DP", "DP_BENCH_FUNCTIONS",
+    # data attribution
+    "per_example_dots", "TracIn", "InRunShapley", "Proponents",
 ]  # fmt: skip
 
 
