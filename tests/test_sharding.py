@@ -93,18 +93,18 @@ def test_sharded_gradients_and_per_example_quantities_equal_one_device(problem):
     dtype = x.dtype
     one = jax.devices("cpu")[0]
     p1, x1, y1 = jax.device_put((params, x, y), one)
-    for fn in (
-        jbp.backprop(net, loss),
-        jbp.per_example_norms(net, loss),
-        jbp.sum_grad_squared(net, loss),
-        jbp.clipped_grad(net, loss, 0.5),
-    ):
-        f = jax.jit(fn)
-        _close(f(ps, xs, ys), f(p1, x1, y1), dtype)
-    norms = jax.jit(jbp.per_example_norms(net, loss))(ps, xs, ys)
-    assert norms.sharding.spec == jax.sharding.PartitionSpec("data")  # stays split per example
-    grads = jax.jit(jbp.backprop(net, loss))(ps, xs, ys)
-    for leaf in jax.tree.leaves(grads):
+    fns = {
+        "grads": jbp.backprop(net, loss),
+        "norms": jbp.per_example_norms(net, loss),
+        "sgs": jbp.sum_grad_squared(net, loss),
+        "clipped": jbp.clipped_grad(net, loss, 0.5),
+    }
+    f = jax.jit(lambda p, x, y: {k: fn(p, x, y) for k, fn in fns.items()})  # one program
+    got, want = f(ps, xs, ys), f(p1, x1, y1)
+    for k in fns:
+        _close(got[k], want[k], dtype)
+    assert got["norms"].sharding.spec == jax.sharding.PartitionSpec("data")  # split per example
+    for leaf in jax.tree.leaves(got["grads"]):
         assert leaf.sharding.is_fully_replicated
     report = jbp.verify(net, loss, ps, xs, ys)  # the verifier runs on the mesh too
     assert report.ok, report
