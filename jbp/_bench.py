@@ -772,6 +772,23 @@ def _draws(sampler: Any, arrays: tuple[Any, ...]) -> Callable[[], Any]:
 DP_DRAWS = 8
 
 
+def compile_calls(
+    calls: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]],
+) -> tuple[dict[str, Any], dict[str, float], dict[str, Callable[[], Any]]]:
+    """Compile each ``name: (fn, args)`` for its arguments and warm it up: the compiled
+    functions, their compile seconds, and argument-free calls to time."""
+    compiled: dict[str, Any] = {}
+    compile_s: dict[str, float] = {}
+    bound: dict[str, Callable[[], Any]] = {}
+    for name, (fn, args) in calls.items():
+        t0 = time.perf_counter()
+        compiled[name] = jax.jit(fn).lower(*args).compile()
+        compile_s[name] = time.perf_counter() - t0
+        bound[name] = functools.partial(compiled[name], *args)
+        jax.block_until_ready(bound[name]())  # warm-up
+    return compiled, compile_s, bound
+
+
 def _cycle(compiled: Any, calls: list[tuple[Any, ...]]) -> Callable[[], Any]:
     """A call that runs ``compiled`` on the next of ``calls``' arguments, in turn."""
     turn = itertools.cycle(calls)
@@ -911,15 +928,7 @@ def benchmark_dp(
             "dp step, chunks of E/4": (dp_quarters, quarter_calls),
             "dp step, 4 chunks": (dp_acc, big_calls),
         }
-        compiled: dict[str, Any] = {}
-        compile_s: dict[str, float] = {}
-        bound: dict[str, Callable[[], Any]] = {}
-        for name, (fn, args) in device_rows.items():
-            t0 = time.perf_counter()
-            compiled[name] = jax.jit(fn).lower(*args).compile()
-            compile_s[name] = time.perf_counter() - t0
-            bound[name] = functools.partial(compiled[name], *args)
-            jax.block_until_ready(bound[name]())  # warm-up
+        compiled, compile_s, bound = compile_calls(device_rows)
         for name, (fn, calls) in cycled.items():
             t0 = time.perf_counter()
             compiled[name] = jax.jit(fn).lower(*calls[0]).compile()

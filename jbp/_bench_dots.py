@@ -4,9 +4,7 @@ timed beside their autodiff and plain-training counterparts in one run."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +23,7 @@ from ._bench import (
     _row,
     _time_interleaved,
     _transformer,
+    compile_calls,
     format_benchmark,
 )
 from ._losses import get_loss
@@ -136,15 +135,7 @@ def benchmark_dots(
             (state, x, y, None, xv, yv, None),
         ),
     }
-    compiled: dict[str, Any] = {}
-    compile_s: dict[str, float] = {}
-    bound: dict[str, Callable[[], Any]] = {}
-    for name, (fn, args) in calls.items():
-        t0 = time.perf_counter()
-        compiled[name] = jax.jit(fn).lower(*args).compile()
-        compile_s[name] = time.perf_counter() - t0
-        bound[name] = functools.partial(compiled[name], *args)
-        jax.block_until_ready(bound[name]())  # warm-up
+    compiled, compile_s, bound = compile_calls(calls)
     names = list(DOTS_BENCH_FUNCTIONS)
     times = _time_interleaved(bound, names, (), rounds, budget_s)
     base = statistics.median(times["jax.grad"])

@@ -290,21 +290,8 @@ def _run_bench_dp(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         print(jbp.format_targets(checked))
         sys.stdout.flush()
         for r in results:
-            summary["runs"].append(
-                {
-                    **{k: v for k, v in dataclasses.asdict(r).items() if k != "rows"},
-                    "rows": [dataclasses.asdict(row) for row in r.rows],
-                    "targets": [
-                        {"name": t.name, "baseline": t.baseline, "bound": t.bound,
-                         "ratio": ratio, "met": met}
-                        for t, _, ratio, met in jbp.check_targets(r.rows, BENCH_TARGETS_DP)
-                    ],
-                }
-            )  # fmt: skip
-    if args.json is not None:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
-            f.write("\n")
+            summary["runs"].append(_run_record(r, jbp.check_targets(r.rows, BENCH_TARGETS_DP)))
+    _write_json(args.json, summary)
     return 0
 
 
@@ -335,19 +322,25 @@ def _run_bench_dots(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         if checked:
             print("targets (ratios measured in this run):")
             print(jbp.format_targets(checked))
-        summary["runs"].append(
-            {
-                **{k: v for k, v in dataclasses.asdict(result).items() if k != "rows"},
-                "rows": [dataclasses.asdict(row) for row in result.rows],
-                "targets": [
-                    {"name": t.name, "baseline": t.baseline, "bound": t.bound,
-                     "ratio": ratio, "met": met}
-                    for t, _, ratio, met in checked
-                ],
-            }
-        )  # fmt: skip
-    if args.json is not None:
-        with open(args.json, "w", encoding="utf-8") as f:
+        summary["runs"].append(_run_record(result, checked))
+    _write_json(args.json, summary)
+    return 0
+
+
+def _run_record(result: Any, checked: Any) -> dict[str, Any]:
+    """One benchmark run for ``--json``: its fields, its rows and its checked targets."""
+    return {
+        **{k: v for k, v in dataclasses.asdict(result).items() if k != "rows"},
+        "rows": [dataclasses.asdict(row) for row in result.rows],
+        "targets": [
+            {"name": t.name, "baseline": t.baseline, "bound": t.bound, "ratio": ratio, "met": met}
+            for t, _, ratio, met in checked
+        ],
+    }
+
+
+def _write_json(path: str | None, summary: dict[str, Any]) -> None:
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(json_safe(summary), f, indent=2, allow_nan=False)
             f.write("\n")
-    return 0
