@@ -123,8 +123,11 @@ def per_example_dots(
             other = _start(net, loss, params, x_other, y_other, mask_other, None, None)[0].factors()
         dots = _per_layer(lambda f, g: cross(f, g, method), factors, other)
         if cosine:
-            sq = _per_layer(lambda f: sq_norm(f, method), factors)
-            sq_other = sq if x_other is None else _per_layer(lambda f: sq_norm(f, method), other)
+            if x_other is None:  # the squared norms are the Gram's diagonal
+                sq = sq_other = {k: jnp.diagonal(d) for k, d in dots.items()}
+            else:
+                sq = _per_layer(lambda f: sq_norm(f, method), factors)
+                sq_other = _per_layer(lambda f: sq_norm(f, method), other)
             if not per_layer:
                 total = lambda d: sum(d.values())  # noqa: E731
                 return _cosine(total(dots), total(sq), total(sq_other))
