@@ -37,6 +37,7 @@ from ._bench import check_targets as check_targets
 from ._bench import format_benchmark as format_benchmark
 from ._bench import format_scaling as format_scaling
 from ._bench import format_targets as format_targets
+from ._check_vjp import check_vjp as check_vjp
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint

@@ -58,7 +58,9 @@ class LeafRow:
       rel_err: ``max_abs_err / scale``.
       bitwise: whether both leaves are bitwise identical.
       ok: finite on both sides, same shape, and ``rel_err ≤ rtol``.
-      note: why a row failed when that is not a large error.
+      note: why a row failed when that is not a large error, or what it checked.
+      oracle: which reference the row was compared with, where a report mixes
+        several (:func:`jbp.check_vjp`: ``"autodiff"`` or ``"finite differences"``).
     """
 
     path: str
@@ -70,6 +72,55 @@ class LeafRow:
     bitwise: bool
     ok: bool
     note: str = ""
+    oracle: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as JSON-ready values (NaN and inf as strings)."""
+        return {
+            "path": self.path,
+            "shape": list(self.shape),
+            "max_abs_err": _json_float(self.max_abs_err),
+            "scale": _json_float(self.scale),
+            "rel_err": _json_float(self.rel_err),
+            "bitwise": self.bitwise,
+            "ok": self.ok,
+            "note": self.note,
+            "oracle": self.oracle,
+        }
+
+
+def _json_float(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleCheck:
+    """One layer's own rule, checked on its own inside a network (see :attr:`Report.blame`).
+
+    Attributes:
+      path: where the layer sits, e.g. ``"layers[1].block.layers[0]"`` (``"loss"``
+        for the loss's δ, ``"net"`` for the network's own combinator rule).
+      layer: the layer's repr.
+      rel_err: the worst relative error of its ``δ_in`` and gradient leaves, given
+        autodiff's δ at its output, against ``jax.vjp`` of its own forward.
+      ok: whether every leaf is within the tolerance.
+      worst: the worst leaf, e.g. ``"grads['w']"`` or ``"delta_in"``.
+    """
+
+    path: str
+    layer: str
+    rel_err: float
+    ok: bool
+    worst: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "layer": self.layer,
+            "rel_err": _json_float(self.rel_err),
+            "ok": self.ok,
+            "worst": self.worst,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +178,17 @@ class Report:
       finite_differences: a :class:`FiniteDifferenceCheck` or None.
       taylor: a :class:`TaylorCheck` or None.
       layers: optional layer descriptions, used to name the first mismatch.
+      blame: the path of the layer whose own rule is wrong (e.g. ``"layers[2]"``,
+        ``"layers[1].block.layers[0]"``; ``"loss"`` for the loss's δ), None when
+        all agree or when no single rule can be blamed. Walking backward from the
+        output, it is the first layer whose ``backward``, given autodiff's δ at
+        its output, returns a ``δ_in`` or a gradient that differs from
+        ``jax.vjp`` of that layer alone (a combinator is blamed only when none of
+        its children is: its own rule is wrong).
+      rules: the rule checks behind :attr:`blame`, one per layer, outermost last
+        (empty unless the comparison failed).
+      notes: what the check did not compare and why (e.g. integer inputs).
+      title: what was checked (the first words of the text).
     """
 
     rows: tuple[LeafRow, ...]
@@ -138,6 +200,10 @@ class Report:
     finite_differences: FiniteDifferenceCheck | None = None
     taylor: TaylorCheck | None = None
     layers: tuple[str, ...] = ()
+    blame: str | None = None
+    rules: tuple[RuleCheck, ...] = ()
+    notes: tuple[str, ...] = ()
+    title: str = "gradient check"
 
     @property
     def ok(self) -> bool:
@@ -174,26 +240,63 @@ class Report:
             raise GradientMismatch(self)
         return self
 
+    def format(self) -> str:
+        """The report as text: a header, the table, the oracles, the blame."""
+        return str(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready values (``json.dumps(report.to_json())``)."""
+        fd, taylor = self.finite_differences, self.taylor
+        return {
+            "title": self.title,
+            "ok": self.ok,
+            "names": list(self.names),
+            "rtol": self.rtol,
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "backend": self.backend,
+            "max_rel_err": _json_float(self.max_rel_err),
+            "n_bitwise": self.n_bitwise,
+            "rows": [r.to_json() for r in self.rows],
+            "finite_differences": None
+            if fd is None
+            else {
+                "ok": fd.ok,
+                "h": fd.h,
+                "errors": [_json_float(e) for e in fd.errors],
+                "tolerance": fd.tolerance,
+            },
+            "taylor": None
+            if taylor is None
+            else {"ok": taylor.ok, "order": _json_float(taylor.order)},
+            "blame": self.blame,
+            "rules": [r.to_json() for r in self.rules],
+            "notes": list(self.notes),
+        }
+
     def __str__(self) -> str:
         status = "OK" if self.ok else "MISMATCH"
         lines = [
-            f"gradient check: {status}: {len(self.rows)} leaves, {self.n_bitwise} bitwise identical, "
+            f"{self.title}: {status}: {len(self.rows)} leaves, {self.n_bitwise} bitwise identical, "
             f"worst rel err {self.max_rel_err:.2e} (tolerance {self.rtol:.0e})",
             f"tested: {self.names[0]}; reference: {self.names[1]}; dtype {self.dtype}, "
             f"matmul precision {self.precision}, backend {self.backend}",
         ]
-        header = ("leaf", "shape", "max abs err", "rel err", "bitwise", "ok")
-        table = [header] + [
-            (
-                r.path,
-                str(r.shape),
-                f"{r.max_abs_err:.2e}",
-                f"{r.rel_err:.2e}",
-                "yes" if r.bitwise else "no",
-                ("ok" if r.ok else "FAIL") + (f" ({r.note})" if r.note else ""),
-            )
-            for r in self.rows
-        ]
+        oracles = any(r.oracle for r in self.rows)  # a column only where rows differ in it
+        header = (
+            "leaf",
+            "shape",
+            "max abs err",
+            "rel err",
+            "bitwise",
+            *(("oracle",) * oracles),
+            "ok",
+        )
+        table = [header]
+        for r in self.rows:
+            ok = ("ok" if r.ok else "FAIL") + (f" ({r.note})" if r.note else "")
+            cells = (r.path, str(r.shape), f"{r.max_abs_err:.2e}", f"{r.rel_err:.2e}")
+            table.append((*cells, "yes" if r.bitwise else "no", *((r.oracle,) * oracles), ok))
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for row in table:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -221,6 +324,20 @@ class Report:
             if first.layer is not None and first.layer < len(self.layers):
                 where += f" in layer {first.layer}: {self.layers[first.layer]}"
             lines.append(f"first mismatch: {where}")
+        if self.rules and not self.ok:
+            failed = [r for r in self.rules if not r.ok]
+            lines.append(
+                f"own rules, each given autodiff's δ at its output ({len(self.rules)} checked, "
+                f"{len(failed)} differ):"
+            )
+            lines += [f"  {r.path}: {r.worst} off by {r.rel_err:.2e} ({r.layer})" for r in failed]
+        if not self.ok and (self.rules or self.blame is not None):
+            lines.append(
+                f"blame: {self.blame}"
+                if self.blame is not None
+                else "blame: none (every rule agrees on its own; see the table)"
+            )
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -401,21 +518,28 @@ def finite_difference_checks(
         fd_check = FiniteDifferenceCheck(h, tuple(fds), tuple(gvs), tuple(errs), tolerance, gnorm)
 
         v = _unit_direction(keys[-1], p64)
-        gv = _dot(g, v)
-        hs = tuple(1e-2 * 2.0**-k for k in range(12))
-        rs, floors = [], []
-        for hk in hs:
-            ck = float(f(_axpy(hk, v, p64), x64, y64))
-            rs.append(abs(ck - c0 - hk * gv) if math.isfinite(ck) else math.inf)
-            floors.append(100 * eps * (abs(ck) + abs(c0) + abs(hk * gv)))
-        orders = [
-            math.log2(rs[k] / rs[k + 1])
-            for k in range(len(hs) - 1)
-            if rs[k + 1] > 10 * floors[k + 1] and math.isfinite(rs[k])
-        ]
-        order = float(np.median(orders[-3:])) if orders else math.nan
-        taylor = TaylorCheck(hs, tuple(rs), order)
+        taylor = taylor_check(lambda h: float(f(_axpy(h, v, p64), x64, y64)), c0, _dot(g, v))
     return fd_check, taylor
+
+
+def taylor_check(value_at: Any, c0: float, gv: float) -> TaylorCheck:
+    """The Taylor-remainder test along one direction ``v``: ``value_at(h)`` is
+    ``C(θ + h v)`` in float64, ``c0 = C(θ)`` and ``gv = ⟨g, v⟩`` for the gradient
+    under test; ``h = 10⁻² · 2⁻ᵏ``, ``k = 0..11``."""
+    eps = float(np.finfo(np.float64).eps)
+    hs = tuple(1e-2 * 2.0**-k for k in range(12))
+    rs, floors = [], []
+    for hk in hs:
+        ck = value_at(hk)
+        rs.append(abs(ck - c0 - hk * gv) if math.isfinite(ck) else math.inf)
+        floors.append(100 * eps * (abs(ck) + abs(c0) + abs(hk * gv)))
+    orders = [
+        math.log2(rs[k] / rs[k + 1])
+        for k in range(len(hs) - 1)
+        if rs[k + 1] > 10 * floors[k + 1] and math.isfinite(rs[k])
+    ]
+    order = float(np.median(orders[-3:])) if orders else math.nan
+    return TaylorCheck(hs, tuple(rs), order)
 
 
 def verify(
