@@ -73,6 +73,12 @@ from ._privacy import Privacy as Privacy
 from ._privacy import audit_epsilon as audit_epsilon
 from ._privacy import dp_epsilon as dp_epsilon
 from ._privacy import dp_noise_multiplier as dp_noise_multiplier
+from ._report import FiniteDifferenceCheck as FiniteDifferenceCheck
+from ._report import GradientMismatch as GradientMismatch
+from ._report import LeafRow as LeafRow
+from ._report import Report as Report
+from ._report import TaylorCheck as TaylorCheck
+from ._report import compare as compare
 from ._sampling import PoissonSampler as PoissonSampler
 from ._sharding import batch_sharded as batch_sharded
 from ._sharding import data_parallel_step as data_parallel_step
@@ -91,12 +97,6 @@ from ._train import make_step as make_step
 from ._train import targets as targets
 from ._train_loop import FitResult as FitResult
 from ._train_loop import fit as fit
-from ._verify import FiniteDifferenceCheck as FiniteDifferenceCheck
-from ._verify import GradientMismatch as GradientMismatch
-from ._verify import LeafRow as LeafRow
-from ._verify import Report as Report
-from ._verify import TaylorCheck as TaylorCheck
-from ._verify import compare as compare
 from ._verify import verify as verify
 from ._verify_curvature import CurvatureReport as CurvatureReport
 from ._verify_curvature import CurvatureRow as CurvatureRow

@@ -37,7 +37,8 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._checks import check_key
-from ._verify import DEFAULT_RTOL, FD_RTOL, LeafRow, Report, _precision, compare, taylor_check
+from ._report import DEFAULT_RTOL, FD_RTOL, LeafRow, Report, _precision, compare
+from ._verify import taylor_check
 
 Array = jax.Array
 

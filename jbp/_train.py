@@ -52,6 +52,7 @@ from ._per_example import (
     clipped_sum,
     noisy_mean,
 )
+from ._report import Report
 from ._train_checks import (
     check_class_labels,
     check_data_mask,
@@ -61,7 +62,6 @@ from ._train_checks import (
     check_optimizer,
     class_targets,
 )
-from ._verify import Report
 from .layers import Context, Sequential
 from .layers._dropout import has_dropout
 

@@ -51,6 +51,7 @@ from ._data import batches, epoch_order
 from ._losses import Loss
 from ._privacy import Privacy
 from ._progress import Progress
+from ._report import compare
 from ._sharding import data_parallel_step, replicate
 from ._train import (
     StepFn,
@@ -64,7 +65,6 @@ from ._train import (
 from ._train_checks import Data, Plan, Split, check_data, check_split
 from ._train_private import PrivateRun
 from ._train_shapley import shapley_step
-from ._verify import compare
 from .layers._dropout import has_dropout
 
 SHAPLEY = "shapley.npy"  # fit(shapley=...): the in-run data values, one per training example

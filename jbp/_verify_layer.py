@@ -16,17 +16,20 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._blame import blame, rule_checks
 from ._checks import check_dtype, check_key
 from ._per_example import walk_quantity
-from ._verify import DEFAULT_RTOL, LeafRow, Report, _precision, compare
+from ._report import DEFAULT_RTOL, LeafRow, Report, RuleCheck, _precision, compare
 from .layers._base import (
     NO_CONTEXT,
     Context,
+    children,
     forward,
     has_params,
     output_shape,
     takes_context,
     takes_tokens,
+    walk_layers,
 )
 from .layers._factors import METHODS
 
@@ -155,8 +158,15 @@ def check_layer(
             mask = jnp.asarray(np.arange(t)[None] < lengths[:, None])
         context = Context(mask, jax.random.fold_in(key, 1))
     with jax.default_matmul_precision("highest"):
-        rows = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol, context)
+        rows, notes = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol, context)
         precision = _precision()
+        rules: tuple[RuleCheck, ...] = ()
+        backward_failed = any(not r.ok and r.path.startswith("backward") for r in rows)
+        if backward_failed and children(layer):
+            rules = rule_checks(
+                layer, params, x, context, lambda o: jnp.sum(o * delta_out),
+                root_path="layer", rtol=rtol,
+            )  # fmt: skip
     return Report(
         tuple(rows),
         _NAMES,
@@ -165,24 +175,30 @@ def check_layer(
         precision,
         jax.default_backend(),
         layers=(repr(layer),),
+        blame=blame(rules) if rules else ("layer" if backward_failed else None),
+        rules=rules,
+        notes=tuple(notes),
     )
 
 
-def _reference(
-    layer: Any, params: Any, x: Array, delta_out: Array, c: Array, context: Context
-) -> dict[str, Any]:
-    """What autodiff says each rule should give: ``jax.vjp`` of ``forward`` for the
-    batch and, for each example, ``vmap`` of it over single examples (a layer that
-    takes a context: ``jax.jacrev`` of the per-example outputs of the batch)."""
+def _reference_backward(
+    layer: Any, params: Any, x: Array, delta_out: Array, context: Context
+) -> Any:
+    """``jax.vjp`` of ``forward`` for the batch: ``(grads, delta_in)`` (``delta_in``
+    None for integer tokens)."""
     if takes_tokens(layer):
         _, vjp = jax.vjp(lambda p: forward(layer, p, x, context)[0], params)  # reference
-        ref = {"backward grads": vjp(delta_out)[0]}
-    else:
-        _, vjp = jax.vjp(lambda p, a: forward(layer, p, a, context)[0], params, x)  # reference
-        grads, delta_in = vjp(delta_out)
-        ref = {"backward grads": grads, "backward delta_in": delta_in}
-    if not has_params(params):
-        return ref
+        return vjp(delta_out)[0], None
+    _, vjp = jax.vjp(lambda p, a: forward(layer, p, a, context)[0], params, x)  # reference
+    return vjp(delta_out)
+
+
+def _reference_per_example(
+    layer: Any, params: Any, x: Array, delta_out: Array, c: Array, context: Context
+) -> dict[str, Any]:
+    """What autodiff says each per-example rule should give: for each example,
+    ``vmap`` of ``jax.vjp`` over single examples (a layer that takes a context:
+    ``jax.jacrev`` of the per-example outputs of the batch)."""
 
     def one(a: Array, d: Array) -> Any:
         _, vjp = jax.vjp(lambda p: layer.forward(p, a[None])[0], params)  # reference
@@ -198,7 +214,6 @@ def _reference(
         g = jax.vmap(one)(x, delta_out)
     sq = _sum_leaves(g)
     return {
-        **ref,
         "per_example_grads": g,
         **{_norm_label(m): sq for m in METHODS},
         "sum_grad_squared": jtu.tree_map(lambda v: jnp.sum(v * v, axis=0), g),
@@ -210,7 +225,7 @@ def _norm_label(method: str) -> str:
     return "per_example_sq_norms" + ("" if method == "auto" else f"[{method}]")
 
 
-def _manual(
+def _manual_per_example(
     layer: Any,
     params: Any,
     x: Array,
@@ -219,22 +234,68 @@ def _manual(
     methods: tuple[str, ...],
     context: Context,
 ) -> dict[str, Any]:
-    """What the layer's own rules give, by the same names as :func:`_reference`."""
+    """What the layer's own per-example rules give, by the names of
+    :func:`_reference_per_example`."""
     _, cache = forward(layer, params, x, context)
-    grads, delta_in = layer.backward(params, cache, delta_out)
-    got = {"backward grads": grads, "backward delta_in": delta_in}
-    if not has_params(params):
-        return got
 
     def quantity(name: str, *extra: Any, method: str = "auto") -> Any:
         return walk_quantity(layer, params, cache, delta_out, name, *extra, method=method)
 
-    got["per_example_grads"] = quantity("per_example_grads")
+    got = {"per_example_grads": quantity("per_example_grads")}
     for m in methods:
         got[_norm_label(m)] = _sum_leaves_of(quantity("per_example_sq_norms", method=m))
     got["sum_grad_squared"] = quantity("sum_grad_squared")
     got["weighted_grads"] = quantity("weighted_grads", c)
     return got
+
+
+def _manual_backward(layer: Any, params: Any, x: Array, delta_out: Array, context: Context) -> Any:
+    _, cache = forward(layer, params, x, context)
+    grads, delta_in = layer.backward(params, cache, delta_out)
+    return grads, (None if takes_tokens(layer) else delta_in)
+
+
+def _manual_tangent(
+    layer: Any, params: Any, x: Array, context: Context, p_dot: Any, a_dot: Any
+) -> Array:
+    _, cache = forward(layer, params, x, context)
+    return layer.tangent(params, cache, a_dot, p_dot)
+
+
+def _reference_tangent(
+    layer: Any, params: Any, x: Array, context: Context, p_dot: Any, a_dot: Any
+) -> Array:
+    """``jax.jvp`` of the forward along ``(p_dot, a_dot)`` (``a_dot`` None: tokens)."""
+    if a_dot is None:
+        return jax.jvp(lambda p: forward(layer, p, x, context)[0], (params,), (p_dot,))[1]
+    return jax.jvp(lambda p, a: forward(layer, p, a, context)[0], (params, x), (p_dot, a_dot))[
+        1
+    ]  # reference
+
+
+def _missing(layer: Any, method: str) -> list[str]:
+    """The leaf layers with params that lack ``method`` (per-example: ``grad_factors``
+    or ``per_example_grads``)."""
+    missing = []
+    for _, node in walk_layers(layer):
+        if children(node):
+            continue
+        if method == "tangent":
+            ok = callable(getattr(node, "tangent", None))
+        else:
+            has = not jtu.tree_leaves(
+                jax.eval_shape(lambda k, n=node: n.init(k), jax.random.key(0))
+            )
+            ok = has or any(
+                callable(getattr(node, m, None)) for m in ("grad_factors", "per_example_grads")
+            )
+        if not ok:
+            missing.append(repr(node))
+    return missing
+
+
+def _raised(name: str, e: Exception) -> LeafRow:
+    return _failed(name, f"raised {type(e).__name__}: {e}")
 
 
 def _compare_rules(
@@ -246,37 +307,81 @@ def _compare_rules(
     out_shape: tuple[int, ...],
     rtol: Any,
     context: Context,
-) -> list[LeafRow]:
-    shape = jax.eval_shape(lambda p, a: forward(layer, p, a, context)[0], params, x).shape
+) -> tuple[list[LeafRow], list[str]]:
+    """Each method the layer has, against autodiff: ``backward`` always; the
+    per-example rules and ``tangent`` where implemented (else a note). A method
+    that raises is a failed row with the exception's message."""
+    try:
+        shape = jax.eval_shape(lambda p, a: forward(layer, p, a, context)[0], params, x).shape
+    except Exception as e:
+        return [_raised("forward", e)], []
     if tuple(shape[1:]) != out_shape:
-        return [
-            _failed(
-                "output_shape", f"forward gives {tuple(shape[1:])}, output_shape says {out_shape}"
+        note = f"forward gives {tuple(shape[1:])}, output_shape says {out_shape}"
+        return [_failed("output_shape", note)], []
+    notes: list[str] = []
+    parts = ["backward"]
+    if has_params(params):
+        missing = _missing(layer, "per_example")
+        if missing:
+            notes.append(
+                "per-example rules: not implemented (no grad_factors or per_example_grads: "
+                f"{', '.join(missing)}): not checked"
             )
-        ]
+        else:
+            parts.append("per_example")
+    missing = _missing(layer, "tangent")
+    if missing:
+        notes.append(f"tangent: not implemented ({', '.join(missing)}): not checked")
+    else:
+        parts.append("tangent")
     factorised = getattr(layer, "grad_factors", None) is not None or hasattr(layer, "backward_walk")
     methods = METHODS if factorised else ("auto",)
-    # Fresh closures, compiled anew: a rule edited since the last check is never
-    # served from jit's cache.
-    ref = jax.jit(lambda p, a, d, w, ctx: _reference(layer, p, a, d, w, ctx))(
-        params, x, delta_out, c, context
-    )
+    rng = np.random.default_rng(1)
+    p_dot = jtu.tree_map(lambda v: jnp.asarray(rng.standard_normal(v.shape), v.dtype), params)
+    a_dot = None if takes_tokens(layer) else jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+    args = (params, x, delta_out, c, context, p_dot, a_dot)
+
+    def run(part: str, manual: bool, p: Any, a: Array, d: Array, w: Array, ctx: Context,
+            pd: Any, ad: Any) -> Any:  # fmt: skip
+        if part == "backward":
+            fn = _manual_backward if manual else _reference_backward
+            return fn(layer, p, a, d, ctx)
+        if part == "per_example":
+            if manual:
+                return _manual_per_example(layer, p, a, d, w, methods, ctx)
+            return _reference_per_example(layer, p, a, d, w, ctx)
+        fn = _manual_tangent if manual else _reference_tangent
+        return fn(layer, p, a, ctx, pd, ad)
+
+    # One program for the references and one for the rules (fresh closures, compiled
+    # anew: a rule edited since the last check is never served from jit's cache);
+    # only if the rules raise, one program per method, to name the one that does.
+    want = jax.jit(lambda *a: {part: run(part, False, *a) for part in parts})(*args)
     try:
-        got = jax.jit(lambda p, a, d, w, ctx: _manual(layer, p, a, d, w, methods, ctx))(
-            params, x, delta_out, c, context
-        )
-    except Exception as e:  # a first draft that crashes is a failed check, not a crash
-        return [_failed("backward", f"raised {type(e).__name__}: {e}")]
-    names = ["backward grads"] if has_params(params) else []
-    if not takes_tokens(layer):
-        names.append("backward delta_in")
-    if has_params(params):
-        names += ["per_example_grads", *map(_norm_label, methods), "sum_grad_squared"]
-        names.append("weighted_grads")
+        got = jax.jit(lambda *a: {part: run(part, True, *a) for part in parts})(*args)
+    except Exception:  # a first draft that crashes is a failed row, not a crash
+        got = {}
+        for part in parts:
+            try:
+                got[part] = jax.jit(lambda *a, part=part: run(part, True, *a))(*args)
+            except Exception as e:
+                got[part] = e
     rows: list[LeafRow] = []
-    for name in names:
-        rows += _rows(got[name], ref[name], name, rtol)
-    return rows
+    for part in parts:
+        if isinstance(got[part], Exception):
+            rows.append(_raised(part, got[part]))
+        elif part == "backward":
+            if has_params(params):
+                rows += _rows(got[part][0], want[part][0], "backward grads", rtol)
+            if want[part][1] is not None:
+                rows += _rows(got[part][1], want[part][1], "backward delta_in", rtol)
+        elif part == "per_example":
+            names = ["per_example_grads", *map(_norm_label, methods), "sum_grad_squared"]
+            for name in [*names, "weighted_grads"]:
+                rows += _rows(got[part][name], want[part][name], name, rtol)
+        else:
+            rows += _rows(got[part], want[part], "tangent", rtol)
+    return rows, notes
 
 
 def _sum_leaves_of(tree: Any) -> Array:

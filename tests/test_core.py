@@ -37,7 +37,7 @@ PUBLIC = [
     "CNN_BENCH_FUNCTIONS",
     # arbitrary architectures: layers, combinators, shape errors, the layer checker
     "AvgPool", "Conv", "Flatten", "GlobalAvgPool", "LayerNorm", "MaxPool", "Parallel",
-    "RMSNorm", "Residual", "ShapeError", "check_layer",
+    "RMSNorm", "Residual", "ShapeError", "check_layer", "check_vjp",
     # sequence models
     "Embedding", "MultiHeadAttention", "PositionalEmbedding", "transformer",
     "BENCH_TARGETS_TRANSFORMER", "TRANSFORMER_BENCH_FUNCTIONS",
