@@ -182,35 +182,31 @@ def rule_checks(
             return seen, deltas
 
         seen, deltas = jax.jit(run)(zeros)
+
+        def rules(seen: Any, deltas: Any, paths: tuple[str, ...]) -> Any:
+            return {path: _rule(nodes[path], *seen[path], deltas[path]) for path in paths}
+
+        # One program for every layer's rule; only if one raises, one program per
+        # layer, to name the layer that does.
+        try:
+            results: dict[str, Any] = jax.jit(rules, static_argnums=2)(seen, deltas, tuple(order))
+        except Exception:
+            results = {}
+            for path in order:
+                try:
+                    results[path] = jax.jit(rules, static_argnums=2)(seen, deltas, (path,))[path]
+                except Exception as e:  # a draft that raises is a failed rule, not a crash
+                    results[path] = e
         checks = []
         for path in order:
-            node = nodes[path]
-            p, a, ctx = seen[path]
-            name = root_path if not path else path
-            try:
-                got, want = jax.jit(_rule, static_argnums=0)(node, p, a, ctx, deltas[path])
-            except Exception as e:  # a draft that raises is a failed rule, not a crash
-                checks.append(RuleCheck(name, repr(node), math.inf, False, f"raised {e!r}"))
-                continue
-            checks.append(_check(name, repr(node), got, want, rtol))
+            name, node = root_path if not path else path, nodes[path]
+            if isinstance(results[path], Exception):
+                checks.append(
+                    RuleCheck(name, repr(node), math.inf, False, f"raised {results[path]!r}")
+                )
+            else:
+                checks.append(_check(name, repr(node), *results[path], rtol))
     return tuple(checks)
-
-
-def blame(checks: tuple[RuleCheck, ...]) -> str | None:
-    """Walking backward (the loss first, then the last layer to finish its forward),
-    the first failed rule none of whose children failed; None if all passed."""
-    failed = [c.path for c in checks if not c.ok]
-    for c in reversed(checks):
-        if c.ok:
-            continue
-        if c.path == "loss":
-            return c.path
-        prefix = c.path + "."
-        if c.path in ("net", "layer"):  # the root: every other path is its child
-            prefix = ""
-        if not any(p != c.path and p.startswith(prefix) and p != "loss" for p in failed):
-            return c.path
-    return None
 
 
 def loss_check(loss: Any, out: Array, y: Array, rtol: float | None) -> RuleCheck:

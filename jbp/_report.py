@@ -20,7 +20,9 @@ float64 ``1e-9``, float32 ``1e-4``, float16/bfloat16 ``1e-2``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -174,15 +176,9 @@ class Report:
       finite_differences: a :class:`FiniteDifferenceCheck` or None.
       taylor: a :class:`TaylorCheck` or None.
       layers: optional layer descriptions, used to name the first mismatch.
-      blame: the path of the layer whose own rule is wrong (e.g. ``"layers[2]"``,
-        ``"layers[1].block.layers[0]"``; ``"loss"`` for the loss's δ), None when
-        all agree or when no single rule can be blamed. Walking backward from the
-        output, it is the first layer whose ``backward``, given autodiff's δ at
-        its output, returns a ``δ_in`` or a gradient that differs from
-        ``jax.vjp`` of that layer alone (a combinator is blamed only when none of
-        its children is: its own rule is wrong).
-      rules: the rule checks behind :attr:`blame`, one per layer, outermost last
-        (empty unless the comparison failed).
+      rules_fn: computes the rule checks behind :attr:`rules` and :attr:`blame`
+        (run on first access, only for a failed report: planted-bug property tests
+        that read ``ok`` alone never pay for it).
       notes: what the check did not compare and why (e.g. integer inputs).
       title: what was checked (the first words of the text).
     """
@@ -196,8 +192,9 @@ class Report:
     finite_differences: FiniteDifferenceCheck | None = None
     taylor: TaylorCheck | None = None
     layers: tuple[str, ...] = ()
-    blame: str | None = None
-    rules: tuple[RuleCheck, ...] = ()
+    rules_fn: Callable[[], tuple[RuleCheck, ...]] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
     notes: tuple[str, ...] = ()
     title: str = "gradient check"
 
@@ -209,6 +206,26 @@ class Report:
             and (self.finite_differences is None or self.finite_differences.ok)
             and (self.taylor is None or self.taylor.ok)
         )
+
+    @functools.cached_property
+    def rules(self) -> tuple[RuleCheck, ...]:
+        """Each layer's own rule, checked in place given autodiff's δ at its output,
+        in the order their forwards finish (the loss last); empty when every leaf
+        agrees or the check has no layers."""
+        if self.rules_fn is None or all(r.ok for r in self.rows):
+            return ()
+        return self.rules_fn()
+
+    @property
+    def blame(self) -> str | None:
+        """The path of the layer whose own rule is wrong (e.g. ``"layers[2]"``,
+        ``"layers[1].block.layers[0]"``; ``"loss"`` for the loss's δ; ``"layer"`` for
+        the layer :func:`jbp.check_layer` checks), None when all agree or no single
+        rule can be blamed. Walking backward from the output, it is the first layer
+        whose ``backward``, given autodiff's δ at its output, returns a ``δ_in`` or a
+        gradient that differs from ``jax.vjp`` of that layer alone; a combinator is
+        blamed only when none of its children is (its own rule is wrong)."""
+        return blame(self.rules)
 
     @property
     def n_bitwise(self) -> int:
@@ -327,7 +344,9 @@ class Report:
                 f"{len(failed)} differ):"
             )
             lines += [
-                f"  {r.path}: {r.worst} off by {r.rel_err:.2e} ({_short(r.layer)})"
+                f"  {r.path}: "
+                + (r.worst if r.worst.startswith("raised") else f"{r.worst} off by {r.rel_err:.2e}")
+                + f" ({_short(r.layer)})"
                 for r in reversed(failed)
             ]
         if not self.ok and (self.rules or self.blame is not None):
@@ -338,6 +357,21 @@ class Report:
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def blame(checks: tuple[RuleCheck, ...]) -> str | None:
+    """Walking backward (the loss first, then the last layer to finish its forward),
+    the first failed rule none of whose children failed; None if all passed."""
+    failed = [c.path for c in checks if not c.ok]
+    for c in reversed(checks):
+        if c.ok:
+            continue
+        if c.path == "loss":
+            return c.path
+        prefix = "" if c.path in ("net", "layer") else c.path + "."  # the root holds all
+        if not any(p not in (c.path, "loss") and p.startswith(prefix) for p in failed):
+            return c.path
+    return None
 
 
 def _short(text: str, width: int = 60) -> str:

@@ -207,6 +207,8 @@ def _verify_with_gradients(
     :func:`arbitrate`, which then need not compute them again)."""
     net = check_net(net)
     loss = get_loss(loss)
+    for name, value in (("params", params), ("x", x), ("y", y)):
+        check_finite(value, name)
     kw = {"mask": mask, "dropout_key": dropout_key}
     g_manual, g_ref = _gradients(net, loss, params, x, y, jit, **kw)
     with jax.default_matmul_precision("highest"):
@@ -228,18 +230,30 @@ def _verify_with_gradients(
             directions=directions,
             **kw,
         )
-    rules: tuple[RuleCheck, ...] = ()
-    if not all(r.ok for r in report.rows):
-        rules = _network_rules(net, loss, params, x, y, rtol, **kw)
     report = dataclasses.replace(
         report,
         finite_differences=fd,
         taylor=taylor,
         layers=tuple(repr(layer) for layer in net.layers),
-        rules=rules,
-        blame=_blame.blame(rules) if rules else None,
+        rules_fn=functools.partial(_network_rules, net, loss, params, x, y, rtol, **kw),
     )
     return report, g_manual, g_ref
+
+
+def check_finite(value: Any, name: str) -> None:
+    """No NaN or Inf in any floating leaf of ``value`` (a bad input, reported before
+    any comparison: a gradient check at a non-finite point says nothing); tracers,
+    whose values cannot be read, are let through."""
+    for path, leaf in jtu.tree_leaves_with_path(value):
+        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
+            continue
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+            if bad:
+                raise ValueError(
+                    f"`{name}{jtu.keystr(path)}` holds NaN or Inf ({bad} of {np.size(leaf)} "
+                    "values): a bad input; a gradient check needs a finite point"
+                )
 
 
 def _network_rules(

@@ -8,6 +8,7 @@ This is what a researcher runs on the first draft of a new backward rule.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._blame import blame, rule_checks
+from ._blame import rule_checks
 from ._checks import check_dtype, check_key
 from ._per_example import walk_quantity
 from ._report import DEFAULT_RTOL, LeafRow, Report, RuleCheck, _precision, compare
@@ -160,13 +161,6 @@ def check_layer(
     with jax.default_matmul_precision("highest"):
         rows, notes = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol, context)
         precision = _precision()
-        rules: tuple[RuleCheck, ...] = ()
-        backward_failed = any(not r.ok and r.path.startswith("backward") for r in rows)
-        if backward_failed and children(layer):
-            rules = rule_checks(
-                layer, params, x, context, lambda o: jnp.sum(o * delta_out),
-                root_path="layer", rtol=rtol,
-            )  # fmt: skip
     return Report(
         tuple(rows),
         _NAMES,
@@ -174,10 +168,37 @@ def check_layer(
         jnp.dtype(dtype).name,
         precision,
         jax.default_backend(),
-        layers=(repr(layer),),
-        blame=blame(rules) if rules else ("layer" if backward_failed else None),
-        rules=rules,
+        layers=() if children(layer) else (repr(layer),),
+        rules_fn=functools.partial(_layer_rules, layer, params, x, context, delta_out, rows, rtol),
         notes=tuple(notes),
+    )
+
+
+def _layer_rules(
+    layer: Any,
+    params: Any,
+    x: Array,
+    context: Context,
+    delta_out: Array,
+    rows: list[LeafRow],
+    rtol: float | None,
+) -> tuple[RuleCheck, ...]:
+    """The rules behind a failed check's blame: a combinator's children checked in
+    place (:func:`jbp._blame.rule_checks`); a leaf layer, its own backward rows."""
+    backward = [r for r in rows if r.path.startswith("backward")]
+    if children(layer) and backward:
+        with jax.default_matmul_precision("highest"):
+            return rule_checks(
+                layer, params, x, context, lambda o: jnp.sum(o * delta_out),
+                root_path="layer", rtol=rtol,
+            )  # fmt: skip
+    worst = max(backward, key=lambda r: r.rel_err if not math.isnan(r.rel_err) else math.inf,
+                default=None)  # fmt: skip
+    if worst is None:
+        return ()
+    ok = all(r.ok for r in backward)
+    return (
+        RuleCheck("layer", repr(layer), worst.rel_err, ok, worst.path.removeprefix("backward ")),
     )
 
 
