@@ -16,16 +16,39 @@ import pytest
 
 import jbp
 from jbp._progress import Progress
-from jbp.cli import main
+from jbp.cli import _verify as verify_cli
+from jbp.cli import build_parser, main
 
 SMALL = ["--max-depth", "2", "--max-width", "6"]
 
 
-def test_verify_passes_and_prints_the_summary(capsys):
+@pytest.fixture(autouse=True)
+def _no_compilation_cache(monkeypatch):
+    """In-process verify runs keep nothing in the user's cache directory (the
+    cache's own tests give it a tmp_path)."""
+    monkeypatch.setenv(verify_cli.CACHE_ENV, "off")
+
+
+def test_verify_passes_and_prints_the_summary(monkeypatch, capsys):
+    monkeypatch.setattr(verify_cli, "PROGRESS_EVERY", 0.0)  # a progress line per problem
     assert main(["verify", "--count", "3", *SMALL]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "jbp verify: 3 random architectures per dtype, seed 0" in out
     assert "mode jit" in out
+    assert "compilation cache off (JBP_XLA_CACHE=off)" in out
+    # stderr is not a terminal here: plain progress lines, as in a log file.
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 6, err
+    assert re.fullmatch(
+        r"verify float32: 1/3 problems \(33%\), 0 failed, worst rel err \d\.\de-\d\d, "
+        r"\d+s elapsed, ETA \d+s",
+        lines[0],
+    ), err
+    assert re.fullmatch(
+        r"verify float64: 3/3 problems \(100%\), 0 failed, worst rel err \d\.\de-\d\d, done in \d+s",
+        lines[-1],
+    ), err
     assert (
         "dtype    tried  passed  ref-limited  failed  worst rel err  worst passing  tolerance  "
         "bitwise leaves"
@@ -98,9 +121,71 @@ def test_bad_arguments_exit_2_with_one_clear_message(capsys, argv, message):
 
 def test_help_says_which_mode_is_used(capsys):
     assert main(["verify", "--help"]) == 0
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "by default both gradients run under jax.jit" in out
     assert "--no-jit" in out
+    assert "--count 500 is the thorough sweep" in out
+    assert "JBP_XLA_CACHE=off turns the cache off" in out
+
+
+def test_the_default_run_covers_every_family_equally_in_both_dtypes():
+    args = build_parser().parse_args(["verify"])
+    archs = [verify_cli._arch(args, index) for index in range(args.count)]
+    per_family = args.count // len(verify_cli.ARCHS)
+    assert per_family >= 2
+    assert {a: archs.count(a) for a in archs} == dict.fromkeys(verify_cli.ARCHS, per_family)
+    assert args.dtype == ("float32", "float64")
+
+
+def test_the_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert verify_cli._cache_dir() == (None, "off (JBP_XLA_CACHE=off)")
+    monkeypatch.delenv(verify_cli.CACHE_ENV)
+    path = str(tmp_path / "xdg" / "jbp" / "xla")
+    assert verify_cli._cache_dir() == (path, path)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = str(tmp_path / "home" / ".cache" / "jbp" / "xla")
+    assert verify_cli._cache_dir() == (path, path)
+    monkeypatch.setenv(verify_cli.CACHE_ENV, str(tmp_path / "mine"))
+    assert verify_cli._cache_dir() == (str(tmp_path / "mine"), str(tmp_path / "mine"))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(verify_cli.CACHE_ENV, str(tmp_path / "file" / "xla"))
+    path, text = verify_cli._cache_dir()
+    assert path is None and text.startswith(f"off (cannot create {tmp_path / 'file' / 'xla'}: ")
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "own"))
+    try:  # JAX's own setting wins, and is left alone
+        assert verify_cli._cache_dir() == (None, f"{tmp_path / 'own'} (jax_compilation_cache_dir)")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_the_compilation_cache_serves_the_second_run(monkeypatch, tmp_path, capsys):
+    cache = tmp_path / "xla"
+    monkeypatch.setenv(verify_cli.CACHE_ENV, str(cache))
+    events = []
+
+    def listen(event, **kwargs):
+        events.append(event)
+
+    argv = ["verify", "--count", "1", "--arch", "mlp", "--dtype", "float32"]
+    argv += ["--max-depth", "1", "--max-width", "2"]
+    jax.monitoring.register_event_listener(listen)
+    try:
+        assert main(argv) == 0
+        assert f"compilation cache {cache}\n" in capsys.readouterr().out
+        cached = sorted(cache.iterdir())
+        assert len(cached) >= 2  # jbp's gradient and jax.grad's, at least
+        assert "/jax/compilation_cache/cache_hits" not in events
+        assert main(argv) == 0
+        assert "OK: all 1 problems pass" in capsys.readouterr().out
+        assert events.count("/jax/compilation_cache/cache_hits") >= 2
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    # JAX's settings are restored: later compiles in this process are not cached.
+    assert jax.config.jax_compilation_cache_dir is None
+    jax.jit(lambda v: v * 3.0 + 1.0)(jnp.arange(5.0)).block_until_ready()
+    assert sorted(cache.iterdir()) == cached
 
 
 def test_no_subcommand_is_a_usage_error(capsys):
@@ -259,6 +344,28 @@ def test_progress_is_silent_off_a_terminal_or_when_quiet(stream, quiet):
     with Progress(total=2, stream=stream, quiet=quiet) as bar:
         bar.update(2)
     assert stream.getvalue() == ""
+
+
+def test_progress_writes_plain_lines_off_a_terminal_with_log_every():
+    stream = io.StringIO()
+    with Progress(total=3, label="verify", stream=stream, log_every=0.0, unit="problems") as bar:
+        bar.update(note="0 failed")
+        bar.update(2)
+        bar.update(0)  # complete already: no second last line
+    assert stream.getvalue().splitlines() == [
+        "verify: 1/3 problems (33%), 0 failed, 0s elapsed, ETA 0s",
+        "verify: 3/3 problems (100%), 0 failed, done in 0s",
+    ]
+    # No line before log_every seconds have passed, so no last line either; none
+    # when quiet; on a terminal, the bar and no plain lines.
+    for stream, quiet, every in [
+        (io.StringIO(), False, 60.0),
+        (io.StringIO(), True, 0.0),
+        (_Terminal(), False, 0.0),
+    ]:
+        with Progress(total=2, stream=stream, quiet=quiet, log_every=every) as bar:
+            bar.update(2)
+        assert "\n" not in stream.getvalue()
 
 
 def test_verify_arch_transformer_draws_transformers_and_attention_stacks(capsys):

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 import jbp
 
@@ -21,13 +26,19 @@ from .._progress import Progress, format_duration
 from .._verify import Arbitration, _verify_with_gradients, arbitrate
 from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
-DEFAULT_COUNT = 100
+# Four problems of each family per dtype: 48 in all, about a minute on a 2-core
+# CPU (the first run; a second finds its programs in the compilation cache).
+DEFAULT_COUNT = 24
 ARCHS = ("mlp", "cnn", "resnet", "transformer", "llama", "rnn")
 # Default (max depth, max width) per family: Dense layers and widths for mlp,
 # blocks and channels (or widths) for cnn and resnet.
 LIMITS = {"mlp": (6, 32), "cnn": (3, 8), "resnet": (3, 8), "transformer": (2, 8), "llama": (2, 8),
           "rnn": (2, 8)}  # fmt: skip
 PASSED, LIMITED, FAILED = "passed", "reference-limited", "failed"
+# The environment variable naming the directory of XLA's persistent compilation
+# cache for jbp verify; "off" (or "0", or empty) turns the cache off.
+CACHE_ENV = "JBP_XLA_CACHE"
+PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
 
 
 _VERIFY_HELP = """\
@@ -48,11 +59,30 @@ them in turn. Problem i of a seed is the
 same architecture for every dtype: jbp.random_problem(
 np.random.default_rng((seed, i)), dtype=..., arch=..., ...).
 
+The default, --count 24 with --arch all, is 4 problems of every family per
+dtype (48 problems: about a minute on an idle 2-core CPU, two on a busy one);
+--count 500 is the thorough sweep.
+
 Mode: by default both gradients run under jax.jit, the way users run them, so
-the share of bitwise-identical leaves is that of compiled code. One compile
-per gradient per architecture costs about 0.5 s per problem on a 2-core CPU;
+the share of bitwise-identical leaves is that of compiled code. Compiling the
+two gradients is most of the time (about 1 s per problem on a 2-core CPU);
 --no-jit runs them op by op, which is several times slower for random shapes
 (each operation compiles once per new shape) and measures eager numerics.
+
+Compilation cache: the compiled programs are kept in XLA's persistent
+compilation cache, so a second run of the same problems (the same seed and
+flags, the same code and jax) loads them instead of compiling, in about a
+quarter of the time. A program is found only if it is the same program: a
+changed backward rule compiles again, and the report is the same either way.
+The directory is $JBP_XLA_CACHE, else $XDG_CACHE_HOME/jbp/xla, else
+~/.cache/jbp/xla (about 0.1 MB per problem; delete it at any time);
+JBP_XLA_CACHE=off turns the cache off. If JAX's own jax_compilation_cache_dir
+is set (JAX_COMPILATION_CACHE_DIR), that cache and its settings are used as
+they are.
+
+Progress: on a terminal, a bar on stderr; otherwise (a log file, a pipe, CI)
+a plain line on stderr every 10 s: problems done, failures, the worst error
+so far, time elapsed and left. --quiet prints neither.
 
 Reference-limited: a problem that fails against jax.grad (R1) is arbitrated
 with a second, independent reference R2: for float32, jit(jax.grad) of the
@@ -166,7 +196,9 @@ def add_verify(subparsers: Any) -> None:
         "smaller mlp defaults: --max-depth 3 --max-width 8",
     )
     p.add_argument(
-        "--quiet", action="store_true", help="no progress bar and no header: print the summary only"
+        "--quiet",
+        action="store_true",
+        help="no progress (bar or lines) and no header: print the summary only",
     )
     p.add_argument(
         "--json", metavar="PATH", default=None, help="also write a machine-readable summary to PATH"
@@ -316,6 +348,45 @@ def _verify_one(args: argparse.Namespace, index: int, dtype: str) -> _Outcome:
         arbitration,
         curvature_error,
     )
+
+
+def _cache_dir() -> tuple[str | None, str]:
+    """The directory for XLA's persistent compilation cache (None: leave JAX's
+    settings alone) and how the header describes the cache."""
+    own = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
+    if own:  # the user's own, set for JAX
+        return None, f"{own} (jax_compilation_cache_dir)"
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen is not None and chosen.strip().lower() in ("", "0", "off"):
+        return None, f"off ({CACHE_ENV}={chosen})"
+    if chosen:
+        path = Path(chosen).expanduser()
+    else:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbp" / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only home: verify without the cache
+        return None, f"off (cannot create {path}: {e.strerror})"
+    return str(path), str(path)
+
+
+@contextlib.contextmanager
+def _compilation_cache(path: str | None) -> Iterator[None]:
+    """Keep every program compiled inside in XLA's persistent cache at ``path``
+    (even the quick ones: jax's threshold of 1 s would keep none of ours);
+    restore JAX's settings on the way out. ``None``: change nothing."""
+    if path is None:
+        yield
+        return
+    before = jax.config.jax_persistent_cache_min_compile_time_secs  # type: ignore[attr-defined]
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+        compilation_cache.reset_cache()  # later compiles in this process: no cache
 
 
 def _exception(e: BaseException) -> str:
@@ -572,6 +643,28 @@ def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
     }
 
 
+def _verify_dtype(args: argparse.Namespace, dtype: str) -> list[_Outcome]:
+    """Problems 0 to ``args.count - 1`` in ``dtype``, with a progress bar on a
+    terminal or a line every PROGRESS_EVERY seconds off one."""
+    done: list[_Outcome] = []
+    with Progress(
+        total=args.count,
+        label=f"verify {dtype}",
+        quiet=args.quiet,
+        log_every=PROGRESS_EVERY,
+        unit="problems",
+    ) as bar:
+        for index in range(args.count):
+            done.append(_verify_one(args, index, dtype))
+            notes = [f"{sum(o.status == FAILED for o in done)} failed"]
+            n_limited = sum(o.status == LIMITED for o in done)
+            notes += [f"{n_limited} ref-limited"] * bool(n_limited)
+            worst = max(math.inf if math.isnan(o.rel_err) else o.rel_err for o in done)
+            notes.append(f"worst rel err {worst:.1e}")
+            bar.update(note=", ".join(notes))
+    return done
+
+
 def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.max_depth is not None and args.min_depth > args.max_depth:
         parser.error(f"--min-depth {args.min_depth} is larger than --max-depth {args.max_depth}")
@@ -581,6 +674,7 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if "float64" in dtypes or args.finite_differences:
         jax.config.update("jax_enable_x64", True)
     mode = "jit" if args.jit else "eager (no jit)"
+    cache_path, cache_text = _cache_dir()
     if not args.quiet:
         acts = ", ".join(args.activations) if args.activations else "all registered"
         archs = ARCHS if args.arch == "all" else (args.arch,)
@@ -596,27 +690,20 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(
             f"mode {mode}, finite differences {'on' if args.finite_differences else 'off'}, "
             f"backend {device()}, "
-            f"jax {jax.__version__}, python {platform.python_version()}"
+            f"jax {jax.__version__}, python {platform.python_version()}, "
+            f"compilation cache {cache_text}"
         )
         sys.stdout.flush()
 
     outcomes: dict[str, list[_Outcome]] = {}
     summaries: dict[str, dict[str, Any]] = {}
-    for dtype in dtypes:
-        start = time.perf_counter()
-        done: list[_Outcome] = []
-        with Progress(total=args.count, label=f"verify {dtype}", quiet=args.quiet) as bar:
-            for index in range(args.count):
-                done.append(_verify_one(args, index, dtype))
-                failed = sum(o.status == FAILED for o in done)
-                n_limited = sum(o.status == LIMITED for o in done)
-                notes = [f"{failed} failed"] * bool(failed)
-                notes += [f"{n_limited} ref-limited"] * bool(n_limited)
-                bar.update(note=", ".join(notes))
-        outcomes[dtype] = done
-        summaries[dtype] = _dtype_summary(done, time.perf_counter() - start)
-        if args.curvature:
-            summaries[dtype]["curvature"] = _curvature_summary(done)
+    with _compilation_cache(cache_path):
+        for dtype in dtypes:
+            start = time.perf_counter()
+            outcomes[dtype] = _verify_dtype(args, dtype)
+            summaries[dtype] = _dtype_summary(outcomes[dtype], time.perf_counter() - start)
+            if args.curvature:
+                summaries[dtype]["curvature"] = _curvature_summary(outcomes[dtype])
 
     print(_format_summary(summaries))
     every = [o for dtype in dtypes for o in outcomes[dtype]]
