@@ -113,7 +113,7 @@ def _wrap(node: Any, path: str, reg: _Registry, nodes: dict[str, Any]) -> Any:
     return _Probe(node, path, reg)
 
 
-def _rule(node: Any, params: Any, a: Array, context: Context, delta: Array) -> Any:
+def _rule(node: Any, params: Any, a: Array, context: Context, *, delta: Array) -> Any:
     """The layer's own ``(grads, δ_in)`` for ``delta`` at its output, and ``jax.vjp``'s."""
     _, cache = forward(node, params, a, context)
     grads, delta_in = node.backward(params, cache, delta)
@@ -181,20 +181,19 @@ def rule_checks(
             (deltas,) = vjp(jnp.ones_like(value))
             return seen, deltas
 
-        seen, deltas = jax.jit(run)(zeros)
+        def rules(zeros: dict[str, Array], paths: tuple[str, ...]) -> Any:
+            seen, deltas = run(zeros)
+            return {path: _rule(nodes[path], *seen[path], delta=deltas[path]) for path in paths}
 
-        def rules(seen: Any, deltas: Any, paths: tuple[str, ...]) -> Any:
-            return {path: _rule(nodes[path], *seen[path], deltas[path]) for path in paths}
-
-        # One program for every layer's rule; only if one raises, one program per
-        # layer, to name the layer that does.
+        # One program for the probes' pass and every layer's rule; only if a rule
+        # raises, one program per layer, to name the layer that does.
         try:
-            results: dict[str, Any] = jax.jit(rules, static_argnums=2)(seen, deltas, tuple(order))
+            results: dict[str, Any] = jax.jit(rules, static_argnums=1)(zeros, tuple(order))
         except Exception:
             results = {}
             for path in order:
                 try:
-                    results[path] = jax.jit(rules, static_argnums=2)(seen, deltas, (path,))[path]
+                    results[path] = jax.jit(rules, static_argnums=1)(zeros, (path,))[path]
                 except Exception as e:  # a draft that raises is a failed rule, not a crash
                     results[path] = e
         checks = []
@@ -205,7 +204,8 @@ def rule_checks(
                     RuleCheck(name, repr(node), math.inf, False, f"raised {results[path]!r}")
                 )
             else:
-                checks.append(_check(name, repr(node), *results[path], rtol))
+                got, want = results[path]
+                checks.append(_check(name, repr(node), got, want, rtol))
     return tuple(checks)
 
 

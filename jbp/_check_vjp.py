@@ -288,7 +288,7 @@ def check_vjp(
             row = _failed("vjp", (), f"the hand-written VJP raised {type(e).__name__}: {e}")
             return _report((row,), kind, ref is not None, tol, dtype, precision, None, notes)
         by_leaf: dict[str, list[LeafRow]] = {path: [] for path in _leaf_paths(got, names)}
-        taylor, kinks = None, {}
+        taylor, kinks = None, dict[str, Any]()
         if finite_differences:
             fd_rows, taylor, kinks, fd_notes = _finite_differences(
                 tested, ref if ref is not None else tested, args, diff_t, ct, got, names,

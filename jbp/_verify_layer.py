@@ -365,14 +365,14 @@ def _compare_rules(
     def run(part: str, manual: bool, p: Any, a: Array, d: Array, w: Array, ctx: Context,
             pd: Any, ad: Any) -> Any:  # fmt: skip
         if part == "backward":
-            fn = _manual_backward if manual else _reference_backward
-            return fn(layer, p, a, d, ctx)
+            backward = _manual_backward if manual else _reference_backward
+            return backward(layer, p, a, d, ctx)
         if part == "per_example":
             if manual:
                 return _manual_per_example(layer, p, a, d, w, methods, ctx)
             return _reference_per_example(layer, p, a, d, w, ctx)
-        fn = _manual_tangent if manual else _reference_tangent
-        return fn(layer, p, a, ctx, pd, ad)
+        tangent = _manual_tangent if manual else _reference_tangent
+        return tangent(layer, p, a, ctx, pd, ad)
 
     # One program for the references and one for the rules (fresh closures, compiled
     # anew: a rule edited since the last check is never served from jit's cache);
