@@ -226,6 +226,12 @@ def test_planted_bug_exits_1_and_reports_the_smallest_failure(mutant_tanh, tmp_p
     problem = eval(smallest["reproduce"], {"jbp": jbp, "np": np})
     assert problem.description == smallest["description"]
     assert not jbp.verify(problem.net, problem.loss, problem.params, problem.x, problem.y).ok
+    # Blamed: the last layer with the wrong derivative (backprop runs from the output).
+    k = int(re.fullmatch(r"layers\[(\d+)\]", smallest["blame"]).group(1))
+    uses = [getattr(layer, "activation", getattr(layer, "name", None)) == mutant_tanh
+            for layer in problem.net.layers]  # fmt: skip
+    assert uses[k] and not any(uses[k + 1 :]), (smallest["blame"], problem.description)
+    assert f"blame: {smallest['blame']}" in out
 
 
 def test_python_dash_m_jbp():

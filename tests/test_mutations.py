@@ -297,6 +297,9 @@ def _expected_failing(net: jbp.Sequential, k: int, reach: str) -> list[int]:
     return params
 
 
+_BLAMED: set[str] = set()
+
+
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.name)
 # No shrinking: a failure here means a mutant escaped, and shrinking would
 # recompile two verifications per step for up to five minutes per mutant.
@@ -335,6 +338,11 @@ def test_property_check_catches_planted_bug(mutant, data):
     # Backprop runs from the output, so the bug sits at the highest failing layer.
     origin = {"delta": k, "grads": k, "delta_in": max(expected), "loss": max(expected)}
     assert max(failing) == origin[mutant.reach]
+    # The blame names the planted rule itself, not the first leaf that differs
+    # (once per mutant: it compiles every layer's rule check).
+    if mutant.name not in _BLAMED:
+        _BLAMED.add(mutant.name)
+        assert report.blame == ("loss" if mutant.reach == "loss" else f"layers[{k}]"), report
 
 
 def test_every_mutant_kind_is_planted():

@@ -640,6 +640,8 @@ def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
         "status": o.status,
         "reproduce": _sampler_call(args, o.index, o.dtype),
         "report": o.details(),
+        # The layer whose own rule is wrong (jbp.Report.blame), None if none can be named.
+        "blame": None if o.report is None else o.report.blame,
     }
 
 
