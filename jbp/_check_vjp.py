@@ -27,6 +27,7 @@ are) when autodiff should decide.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,7 @@ def _functions(f: Any, reference: Any) -> tuple[Any, Any, str, tuple[int, ...]]:
 
         tested = jax.custom_vjp(primal)
         tested.defvjp(fwd, bwd)
+        tested.__wrapped__ = fwd  # its parameters name the rows
         return tested, reference or primal, "a (fwd, bwd) pair", ()
     if isinstance(f, jax.custom_vjp):
         return f, reference or f.fun, "jax.custom_vjp", tuple(f.nondiff_argnums)
@@ -112,9 +114,30 @@ def _primal(value: Any, name: str, rng: np.random.Generator) -> Any:
     )
 
 
+def _arg_name(fn: Any, i: int) -> str:
+    """``primals[i]``, named by the function's own parameter where it has one:
+    ``primals[1] (k)``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return f"primals[{i}]"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if i < len(params) and all(p.kind in positional for p in params[: i + 1]):
+        return f"primals[{i}] ({params[i].name})"
+    return f"primals[{i}]"
+
+
+def _static(value: Any) -> bool:
+    """A Python int, bool, str or None argument: passed as given and held fixed (a
+    block size, a flag), never made an array."""
+    return value is None or isinstance(value, (int, bool, str))
+
+
 def _floating(tree: Any) -> bool:
     leaves = jtu.tree_leaves(tree)
-    return bool(leaves) and all(jnp.issubdtype(a.dtype, jnp.floating) for a in leaves)
+    return bool(leaves) and all(
+        hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating) for a in leaves
+    )
 
 
 def _cotangent(out: Any, given: Any, rng: np.random.Generator) -> Any:
@@ -143,16 +166,21 @@ def _cotangent(out: Any, given: Any, rng: np.random.Generator) -> Any:
     return jtu.tree_map(draw, out)
 
 
-def _vjp_fn(fn: Any, primals: tuple[Any, ...], diff: tuple[int, ...]) -> Callable[..., Any]:
-    """``(diff primals, cotangent) -> cotangents of the diff primals`` (the others closed over)."""
+def _vjp_fn(
+    fn: Any, primals: tuple[Any, ...], diff: tuple[int, ...], forward_only: bool = False
+) -> Callable[..., Any]:
+    """``(diff primals, cotangent) -> cotangents of the diff primals``, the other
+    arguments closed over (never traced); ``forward_only``: ``diff primals -> f(...)``."""
 
-    def run(d: tuple[Any, ...], ct: Any) -> Any:
-        def call(*ds: Any) -> Any:
-            args = list(primals)
-            for i, v in zip(diff, ds, strict=True):
-                args[i] = v
-            return fn(*args)
+    def call(*ds: Any) -> Any:
+        args = list(primals)
+        for i, v in zip(diff, ds, strict=True):
+            args[i] = v
+        return fn(*args)
 
+    def run(d: tuple[Any, ...], ct: Any = None) -> Any:
+        if forward_only:
+            return call(*d)
         _, vjp = jax.vjp(call, *d)  # reference: the rule under test, or autodiff's
         return vjp(ct)
 
@@ -178,9 +206,11 @@ def _phi(fn: Any, primals: tuple[Any, ...], diff: tuple[int, ...], ct: Any) -> C
 
 
 def _to64(tree: Any) -> Any:
-    return jtu.tree_map(
-        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
-    )
+    def cast(a: Any) -> Any:
+        floating = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+        return a.astype(jnp.float64) if floating else a
+
+    return jtu.tree_map(cast, tree)
 
 
 def check_vjp(
@@ -254,12 +284,17 @@ def check_vjp(
     ):
         raise ValueError(f"`fd_coordinates` must be a positive int, got {fd_coordinates!r}")
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
-    args = tuple(_primal(p, f"primals[{i}]", rng) for i, p in enumerate(primals))
+    args = tuple(
+        p if i in nondiff or _static(p) else _primal(p, f"primals[{i}]", rng)
+        for i, p in enumerate(primals)
+    )
     notes = []
     diff = []
     for i, a in enumerate(args):
         if i in nondiff:
             notes.append(f"primals[{i}]: held fixed (nondiff_argnums of the custom_vjp)")
+        elif _static(a):
+            notes.append(f"primals[{i}]: held fixed (a Python {type(a).__name__}: static)")
         elif not _floating(a):
             notes.append(f"primals[{i}]: held fixed (not floating: no cotangent)")
         else:
@@ -269,7 +304,7 @@ def check_vjp(
     diff_t = tuple(diff)
     d_args = tuple(args[i] for i in diff_t)
     try:
-        out = jax.eval_shape(tested, *args)
+        out = jax.eval_shape(lambda d: _vjp_fn(tested, args, diff_t, forward_only=True)(d), d_args)
     except Exception as e:
         raise ValueError(f"`f` cannot be called on the primals: {type(e).__name__}: {e}") from e
     if not any(jnp.issubdtype(o.dtype, jnp.floating) for o in jtu.tree_leaves(out)):
@@ -278,7 +313,7 @@ def check_vjp(
     dtypes = {jnp.dtype(a.dtype) for a in jtu.tree_leaves(d_args)}
     dtype = min(dtypes, key=lambda d: d.itemsize).name  # the least precise input
     tol = float(rtol) if rtol is not None else max(DEFAULT_RTOL.get(d.name, 1e-4) for d in dtypes)
-    names = [f"primals[{i}]" for i in diff_t]
+    names = [_arg_name(getattr(tested, '__wrapped__', None) or tested, i) for i in diff_t]
 
     with jax.default_matmul_precision("highest"):
         precision = _precision()
