@@ -16,6 +16,16 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._protocol import (
+    Context,
+    ShapeError,
+    example_axes,
+    fits_in_shape,
+    in_rank,
+    keeps_rank,
+    walk_layers,
+)
+
 Array = jax.Array
 
 
@@ -123,8 +133,6 @@ def example_rank(net: Any) -> int | None:
     """The rank of one input example ``net`` takes: fixed by its first layers
     (a 2-D Conv: 3), 1 when no layer constrains it (an MLP: vectors), None when a
     rank-changing layer such as ``Flatten`` comes first (any rank ≥ 1)."""
-    from .layers._base import in_rank, keeps_rank
-
     rank = in_rank(net)
     if rank is not None:
         return int(rank)
@@ -132,9 +140,23 @@ def example_rank(net: Any) -> int | None:
 
 
 def _example(rank: int) -> str:
-    from .layers._conv import example_axes
-
     return "(fan_in,)" if rank == 1 else example_axes(rank - 1)
+
+
+def _shape(shape: tuple[Any, ...]) -> str:
+    """A shape as Python writes a tuple, ``(None, 4)``, ``(5,)``."""
+    return str(tuple(shape))
+
+
+def first_outside(values: Any, low: int, high: int, name: str) -> str:
+    """Where the first value outside ``[low, high]`` sits, for a message:
+    ``"; the first outside is y[3, 1] = 7"`` (``""`` when every value is inside)."""
+    values = np.asarray(values)
+    bad = np.argwhere((values < low) | (values > high))
+    if not len(bad):
+        return ""
+    at = tuple(int(i) for i in bad[0])
+    return f"; the first outside is {name}[{', '.join(map(str, at))}] = {int(values[at])}"
 
 
 def _readable(a: Any) -> bool:
@@ -146,8 +168,6 @@ def _readable(a: Any) -> bool:
 def _check_tokens(net: Any, x: Array) -> tuple[Array, bool]:
     """Integer tokens ``(batch, T)`` or ``(T,)`` for a network whose first layer is
     an Embedding; values in ``[0, vocab)`` wherever they can be read."""
-    from .layers._base import ShapeError
-
     dt = jnp.dtype(x.dtype)
     first = net.layers[0]
     while hasattr(first, "layers"):
@@ -162,10 +182,9 @@ def _check_tokens(net: Any, x: Array) -> tuple[Array, bool]:
             f"`x` must have shape (batch, T) or (T,) of integer tokens, got shape {tuple(x.shape)}"
         )
     single = x.ndim == 1
-    if single:
-        x = x[None]
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"`x` has shape {tuple(x.shape)}: give at least one token per example")
+    if 0 in x.shape:
+        shape = tuple(x[None].shape if single else x.shape)
+        raise ValueError(f"`x` has shape {shape}: give at least one token per example")
     vocab = getattr(first, "vocab", None)
     if vocab is not None and _readable(x):
         tokens = np.asarray(x)
@@ -173,7 +192,10 @@ def _check_tokens(net: Any, x: Array) -> tuple[Array, bool]:
             raise ValueError(
                 f"`x` has tokens in [{tokens.min()}, {tokens.max()}] but the first layer has "
                 f"vocab={vocab}, so tokens must lie in [0, {vocab - 1}]"
+                + first_outside(tokens, 0, vocab - 1, "x")
             )
+    if single:
+        x = x[None]
     try:
         net.output_shape(tuple(x.shape[1:]))
     except ShapeError as e:
@@ -186,8 +208,6 @@ def _check_tokens(net: Any, x: Array) -> tuple[Array, bool]:
 def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
     """Validate inputs; returns ``x`` batched, ``(batch, *in_shape)``, and whether
     it was a single example (no batch axis). Every layer's shape is checked."""
-    from .layers._base import ShapeError
-
     x = _as_array(x, "x")
     dt = jnp.dtype(x.dtype)
     if getattr(net, "takes_tokens", False):
@@ -205,6 +225,7 @@ def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
             f"`x` has dtype {dt.name} but params are {pdt.name}; cast x with x.astype({pdt.name})"
         )
     rank = example_rank(net)
+    stated = getattr(net, "in_shape", None)
     if rank is None:
         if x.ndim == 0:
             raise ValueError("`x` is a scalar; give a batch (batch, ...) of inputs")
@@ -214,16 +235,32 @@ def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
     elif x.ndim == rank + 1:
         single = False
     else:
-        one = _example(rank)
-        batch = "(batch, fan_in)" if rank == 1 else "(batch, " + one[1:]
-        raise ValueError(
-            f"`x` must have shape {batch} or {one}, got shape {tuple(x.shape)}"
-            + ("" if rank == 1 else f": this network's first layers take examples of rank {rank}")
-        )
+        one = _example(rank) if stated is None else _shape(stated)
+        batch = "(batch, fan_in)" if rank == 1 and stated is None else "(batch, " + one[1:]
+        if stated is not None:
+            batch = "(batch, " + ", ".join(map(str, stated)) + ")"
+            why = " (the network's in_shape; None: any size)"
+        elif rank > 1:
+            why = f": this network's first layers take examples of rank {rank}"
+        elif x.ndim > 2 and in_rank(net) is None:
+            suggest = _shape((*(None,) * (x.ndim - 2), int(x.shape[-1])))
+            why = (
+                f"; Dense layers act on the last axis of any rank: to give examples of shape "
+                f"{tuple(x.shape[1:])}, build the network with in_shape (None: any size), "
+                f"e.g. jbp.Sequential(net.layers, in_shape={suggest})"
+            )
+        else:
+            why = ""
+        raise ValueError(f"`x` must have shape {batch} or {one}, got shape {tuple(x.shape)}{why}")
     if single:
         x = x[None]
     if x.shape[0] == 0:
         raise ValueError("`x` has an empty batch (shape (0, ...)); give at least one example")
+    if not fits_in_shape(stated, tuple(x.shape[1:])):
+        raise ValueError(
+            f"`x` has examples of shape {tuple(x.shape[1:])} but the network was built with "
+            f"in_shape={stated} (None: any size)"
+        )
     fan_in = getattr(net, "fan_in", None)
     if fan_in is not None and x.shape[-1] != fan_in:
         raise ValueError(
@@ -272,7 +309,7 @@ def check_y(loss: Any, out_shape: tuple[int, ...], y: Any, single: bool, dtype: 
                 raise ValueError(
                     f"`y` has labels in [{labels.min()}, {labels.max()}] but the network has "
                     f"{width} outputs, so labels must lie in [0, {width - 1}] (or be -1: no "
-                    "target at that position)"
+                    "target at that position)" + first_outside(labels, -1, width - 1, "y")
                 )
         return y[None] if single else y
     if tuple(y.shape) != want:
@@ -299,8 +336,6 @@ def check_mask(net: Any, x: Array, mask: Any, single: bool) -> Array | None:
     ``x`` is the batched input ``(batch, T, ...)``. Returned batched; None stays None."""
     if mask is None:
         return None
-    from .layers._base import walk_layers
-
     mask = _as_array(mask, "mask")
     if jnp.dtype(mask.dtype) != jnp.bool_:
         raise TypeError(
@@ -339,10 +374,8 @@ def check_mask(net: Any, x: Array, mask: Any, single: bool) -> Array | None:
 
 
 def check_context(net: Any, x: Array, mask: Any, dropout_key: Any, single: bool) -> Any:
-    """The :class:`~jbp.layers._base.Context` of one call: the checked padding mask and
+    """The :class:`~jbp.layers.Context` of one call: the checked padding mask and
     dropout key (either may be None)."""
-    from .layers._base import Context
-
     mask = check_mask(net, x, mask, single)
     if dropout_key is not None:
         try:

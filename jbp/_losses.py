@@ -28,7 +28,10 @@ H_i``), and its product with a vector (``hessian_vp``):
 
 Padding. An integer label ``-1`` means "no target at this position": for
 ``softmax_xent`` with integer labels ``ℓ_i`` is the mean over the example's own
-target positions (0 if it has none), never over the padded length. A padding
+target positions (0 if it has none), never over the padded length. A label
+outside ``[-1, classes)`` is an error wherever it can be read; under ``jit``,
+where it cannot, the example's ℓ_i and the δ at its position are NaN (never a
+label clamped or wrapped into range). A padding
 mask ``(batch, T)`` (True at real positions; see :meth:`Loss.with_mask`) given
 with outputs ``(batch, T, ...)`` that keep the sequence axis removes the padded
 positions from every loss: ``half_sse`` and ``sigmoid_bce`` sum over real
@@ -226,6 +229,24 @@ def _targets(a: Array, y: Array) -> Array:
     return y
 
 
+def _outside(a: Array, y: Array) -> Array | None:
+    """Where integer labels lie outside ``[-1, classes)``, ``(batch, *positions)`` (None
+    for targets). Such a label has no class to score: under ``jit``, where its value
+    cannot be checked, the example's ℓ_i, the δ at its position and the Hessian terms
+    there are NaN, never a silently clamped or wrapped answer."""
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        return None
+    return (y < -1) | (y >= a.shape[-1])
+
+
+def _poisoned(x: Array, bad: Array | None) -> Array:
+    """``x`` with NaN where ``bad`` (broadcast on x's trailing axes) is True."""
+    if bad is None:
+        return x
+    bad = bad.reshape(bad.shape + (1,) * (x.ndim - bad.ndim))
+    return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+
+
 def _positions(a: Array) -> int:
     """Positions per example of a ``(batch, *positions, classes)`` output (1 for
     ``(batch, classes)``)."""
@@ -255,8 +276,11 @@ def _softmax_xent(a: Array, y: Array, *, mask: Array | None = None) -> Array:
     if weights is not None:
         w, n = weights
         token = _masked(token, w[..., 0])
-        return jnp.sum(token / n[..., 0], axis=tuple(range(1, token.ndim)))
-    return jnp.mean(token, axis=tuple(range(1, token.ndim))) if token.ndim > 1 else token
+        value = jnp.sum(token / n[..., 0], axis=tuple(range(1, token.ndim)))
+    else:
+        value = jnp.mean(token, axis=tuple(range(1, token.ndim))) if token.ndim > 1 else token
+    bad = _outside(a, y)
+    return value if bad is None else _poisoned(value, jnp.any(bad, axis=tuple(range(1, y.ndim))))
 
 
 def _softmax_xent_delta(a: Array, y: Array, *, mask: Array | None = None) -> Array:
@@ -265,7 +289,7 @@ def _softmax_xent_delta(a: Array, y: Array, *, mask: Array | None = None) -> Arr
     weights = _target_weights(a, y, mask)
     if weights is not None:
         w, n = weights
-        return _masked(delta, w) / n
+        return _poisoned(_masked(delta, w) / n, _outside(a, y))
     return delta / _positions(a) if a.ndim > 2 else delta
 
 
@@ -325,7 +349,7 @@ def _token_weights(a: Array, y: Array, mask: Array | None = None) -> Array:
     weights = _target_weights(a, y, mask)
     if weights is not None:
         w, n = weights
-        return jnp.sum(t, axis=-1, keepdims=True) * (w / n)
+        return _poisoned(jnp.sum(t, axis=-1, keepdims=True) * (w / n), _outside(a, y))
     return jnp.sum(t, axis=-1, keepdims=True) / _positions(a)
 
 

@@ -20,7 +20,10 @@ Labels come in two kinds:
 
 Integer tokens (a network whose first layer is an ``Embedding``) stay
 integers: they are checked against the vocabulary here, where they can be
-read, because inside the jitted step they cannot.
+read, because inside the jitted step they cannot; so are the labels against
+the network's outputs. The whole data set is checked before the first step,
+so no batch with a value out of range reaches it; the message names the split
+and the first offending value's index.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ from jax.sharding import Mesh
 
 from ._attribution import InRunShapley
 from ._backprop import check_net
-from ._checks import check_dtype, example_rank
+from ._checks import check_dtype, example_rank, first_outside
 from ._data import IGNORE_LABEL
 from ._losses import Loss, get_loss
+from ._protocol import example_axes
 from ._train_private import check_privacy
 from .layers import Sequential, ShapeError
-from .layers._conv import example_axes
 
 GRADIENT_SOURCES = ("backprop", "autodiff")
 MONITORS = ("train_loss", "test_loss")
@@ -120,6 +123,7 @@ def check_class_labels(loss: Loss, labels: Any, outputs: int | None, name: str) 
             raise ValueError(
                 f"`{name}` holds label {lo}; labels per position are classes 0, 1, ... or "
                 f"{IGNORE_LABEL} where a position has no target"
+                + first_outside(labels, IGNORE_LABEL, int(labels.max()), name)
             )
         if lo == IGNORE_LABEL and loss.name not in _IGNORING_LOSSES:
             raise ValueError(
@@ -144,10 +148,11 @@ def check_class_labels(loss: Loss, labels: Any, outputs: int | None, name: str) 
         return
     lo, hi = int(scored.min()), int(scored.max())
     if lo < 0 or hi >= classes:
+        low = IGNORE_LABEL if per_position else 0
         raise ValueError(
             f"`{name}` lie in [{lo}, {hi}] but the network's {out} output"
             f"{'s' if out > 1 else ''} express{'' if out > 1 else 'es'} classes 0..{classes - 1}; "
-            f"give the last layer {hi + 1} outputs"
+            f"give the last layer {hi + 1} outputs" + first_outside(labels, low, classes - 1, name)
         )
 
 
@@ -174,6 +179,7 @@ def check_inputs(net: Sequential, x: np.ndarray, dtype: Any, name: str) -> np.nd
         raise ValueError(
             f"`{name}` has tokens in [{x.min()}, {x.max()}] but the first layer has "
             f"vocab={vocab}, so tokens must lie in [0, {vocab - 1}]"
+            + first_outside(x, 0, vocab - 1, name)
         )
     return x.astype(np.int32)
 

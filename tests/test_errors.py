@@ -119,11 +119,54 @@ def test_softmax_labels_wrong_shape(params):
 
 
 def test_softmax_labels_out_of_range(params):
+    labels = jnp.array([0, 1, 2, 0, 1])
     with pytest.raises(
         ValueError,
-        match=r"`y` has labels in \[0, 2\] but the network has 2 outputs, so labels must lie in \[0, 1\]",
+        match=r"`y` has labels in \[0, 2\] but the network has 2 outputs, so labels must lie in "
+        r"\[0, 1\] \(or be -1: no target at that position\); the first outside is y\[2\] = 2$",
     ):
-        jbp.backprop(NET, "softmax_xent")(params, X, jnp.array([0, 1, 2, 0, 1]))
+        jbp.backprop(NET, "softmax_xent")(params, X, labels)
+    # under jit the labels cannot be read: NaN, not a label clamped or wrapped into range
+    loss, grads = jax.jit(jbp.value_and_backprop(NET, "softmax_xent"))(params, X, labels)
+    assert np.isnan(loss) and all(np.isnan(g).any() for g in jax.tree.leaves(grads))
+
+
+EMBED = jbp.Sequential([jbp.Embedding(5, 4), jbp.Dense(4, 3)])
+TOKENS = jnp.array([[0, 1, 2], [3, 4, 1]], jnp.int32)
+TOKEN_LABELS = jnp.array([[0, 1, 2], [1, -1, 0]], jnp.int32)
+
+
+def test_tokens_and_labels_out_of_range_are_errors_where_read_and_nan_under_jit():
+    rng = np.random.default_rng(0)
+    params = ({"table": rng.normal(size=(5, 4))}, {"w": rng.normal(size=(4, 3)), "b": np.zeros(3)})
+    cases = [  # x, y, the example that holds the bad value, the message
+        (TOKENS.at[1, 2].set(-1), TOKEN_LABELS, 1,
+         r"^`x` has tokens in \[-1, 4\] but the first layer has vocab=5, so tokens must lie in "
+         r"\[0, 4\]; the first outside is x\[1, 2\] = -1$"),
+        (TOKENS.at[0, 1].set(5), TOKEN_LABELS, 0, r"; the first outside is x\[0, 1\] = 5$"),
+        (TOKENS, TOKEN_LABELS.at[1, 2].set(3), 1,
+         r"^`y` has labels in \[-1, 3\] but the network has 3 outputs, so labels must lie in "
+         r"\[0, 2\] \(or be -1: no target at that position\); the first outside is y\[1, 2\] = 3$"),
+        (TOKENS, TOKEN_LABELS.at[0, 1].set(-2), 0, r"; the first outside is y\[0, 1\] = -2$"),
+    ]  # fmt: skip
+    for x, y, _, message in cases:
+        with pytest.raises(ValueError, match=message):
+            jbp.backprop(EMBED, "softmax_xent")(params, x, y)
+    with pytest.raises(ValueError, match=r"; the first outside is x\[2\] = 9$"):  # one example
+        jbp.backprop(EMBED, "softmax_xent")(params, TOKENS[0].at[2].set(9), TOKEN_LABELS[0])
+
+    @jax.jit
+    def step(params, x, y):
+        loss, grads = jbp.value_and_backprop(EMBED, "softmax_xent")(params, x, y)
+        return loss, grads, jbp.per_example_norms(EMBED, "softmax_xent")(params, x, y)
+
+    loss, grads, norms = step(params, TOKENS, TOKEN_LABELS)
+    assert np.isfinite(loss) and np.isfinite(norms).all()
+    for x, y, bad, _ in cases:
+        loss, grads, norms = step(params, x, y)
+        assert np.isnan(loss), (x, y)
+        assert all(np.isnan(g).any() for g in jax.tree.leaves(grads)), (x, y)
+        assert np.isnan(norms[bad]) and np.isfinite(norms[1 - bad]), (x, y)
 
 
 def test_softmax_targets_wrong_shape_mentions_labels(params):

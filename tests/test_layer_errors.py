@@ -1,6 +1,7 @@
 """Bad input to the layers, combinators and CNN entry points: one clear message each,
 naming the argument or layer, what it expects and what it got, before any tracing."""
 
+import dataclasses
 import re
 
 import jax
@@ -82,11 +83,15 @@ def test_a_residual_block_that_changes_the_shape():
         "must keep the shape of its input",
     ):
         jbp.Residual(jbp.Dense(4, 3))
-    net = jbp.Sequential([jbp.Residual(jbp.Conv(2, 4, 3))])
+    with pytest.raises(
+        ValueError, match=r"`block` \(Conv\(in_channels=2, .*\) maps 2 channels to 4; a residual"
+    ):
+        jbp.Residual(jbp.Conv(2, 4, 3))  # channels are checked when it is built
+    net = jbp.Sequential([jbp.Residual(jbp.Conv(2, 2, 3, stride=2))])
     with pytest.raises(
         ValueError,
         match=r"`layers\[0\]` \(Residual\(block=Conv\(.*\)\)\) has a block that maps inputs of "
-        r"shape \(5, 2\) to \(5, 4\); a residual block must keep the shape of its input",
+        r"shape \(5, 2\) to \(3, 2\); a residual block must keep the shape of its input",
     ):
         net.init(KEY, in_shape=(5, 2))
 
@@ -113,9 +118,16 @@ def test_concatenated_branches_with_mismatched_leading_shapes():
     ):
         par.output_shape((8, 2))
     with pytest.raises(
-        ValueError, match=r"sums its branches' outputs, but branches\[0\] gives shape \(3,\)"
+        ValueError, match=r"sums its branches' outputs, but branches\[0\] gives shape \(4, 3\)"
     ):
-        jbp.Parallel([jbp.Dense(2, 3), jbp.Dense(2, 4)]).output_shape((2,))
+        jbp.Parallel([jbp.Conv(2, 3, 3, stride=2), jbp.Conv(2, 3, 3)]).output_shape((8, 2))
+    # widths that cannot agree are an error when the Parallel is built
+    with pytest.raises(
+        ValueError,
+        match=r"^`branches\[1\]` \(Dense\(fan_in=2, fan_out=4.*\) gives 4 on the last axis but "
+        r"`branches\[0\]` gives 3; merge='sum' adds outputs of one shape$",
+    ):
+        jbp.Parallel([jbp.Dense(2, 3), jbp.Dense(2, 4)])
 
 
 @pytest.mark.parametrize(
@@ -387,3 +399,133 @@ def test_token_inputs_are_checked_before_tracing(entry, x, y, error, message):
         call = lambda: getattr(jbp, entry)(TRANSFORMER, "softmax_xent")(T_PARAMS, x, y)  # noqa: E731
     with pytest.raises(error, match=message):
         call()
+
+
+# --- widths and example shapes, checked when a network is built ---------------------------
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Double(jbp.Layer):
+    """A user layer that doubles the last axis and declares no widths."""
+
+    def init(self, key, dtype=jnp.float32):
+        return {}
+
+    def forward(self, params, a):
+        return jnp.concatenate([a, a], axis=-1), None
+
+    def backward(self, params, cache, delta_out):
+        half = delta_out.shape[-1] // 2
+        return {}, delta_out[..., :half] + delta_out[..., half:]
+
+
+def _seq(*layers, **kwargs):
+    return lambda: jbp.Sequential(list(layers), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "message"),
+    [
+        (_seq(jbp.Conv(3, 4, (3, 3)), jbp.Conv(5, 2, (3, 3))), ValueError,
+         r"^`layers\[1\]` \(Conv\(in_channels=5, .*\)\) expects in_channels=5 but the layers "
+         r"before it give 4 channels$"),
+        (_seq(jbp.Dense(3, 4), jbp.Conv(5, 6, 1)), ValueError,
+         r"`layers\[1\]` \(Conv\(in_channels=5, .*\) expects in_channels=5 but the layers before "
+         r"it give 4 channels"),
+        # activations, pooling and norms keep the channels; nested combinators give theirs
+        (_seq(jbp.Conv(3, 4, (3, 3)), jbp.Activation("relu"), jbp.MaxPool((2, 2)),
+              jbp.Conv(5, 6, (3, 3))), ValueError,
+         r"`layers\[3\]` \(Conv\(in_channels=5, .*\) expects in_channels=5 but the layers before "
+         r"it give 4 channels"),
+        (_seq(jbp.Conv(3, 4, (3, 3)), jbp.GlobalAvgPool(), jbp.Dense(5, 6)), ValueError,
+         r"`layers\[2\]` \(Dense\(fan_in=5, .*\) expects fan_in=5 but the layers before it give "
+         r"4 features"),
+        (_seq(jbp.Sequential([jbp.Conv(3, 4, 3), jbp.GroupNorm(2, 4)]), jbp.Conv(6, 2, 3)),
+         ValueError, r"`layers\[1\]` \(Conv\(in_channels=6, .*\) expects in_channels=6 but the "
+         r"layers before it give 4 channels"),
+        (_seq(jbp.Dense(3, 4), jbp.Residual(jbp.Dense(4, 4)), jbp.Dense(5, 1)), ValueError,
+         r"`layers\[2\]` \(Dense\(fan_in=5, .*\) expects fan_in=5 but the layers before it give "
+         r"4 features"),
+        (_seq(jbp.Dense(3, 4), jbp.Parallel([jbp.Dense(4, 2), jbp.Activation("tanh")], "concat"),
+              jbp.Dense(7, 1)), ValueError,
+         r"`layers\[2\]` \(Dense\(fan_in=7, .*\) expects fan_in=7 but the layers before it give "
+         r"6 features"),
+        (lambda: jbp.Parallel([jbp.Dense(4, 2), jbp.Dense(5, 2)]), ValueError,
+         r"^`branches\[1\]` \(Dense\(fan_in=5, .*\)\) expects fan_in=5 but `branches\[0\]` "
+         r"expects fan_in=4; every branch takes the same input$"),
+        # after a user layer that declares nothing the width is unknown, then known again
+        (_seq(jbp.Dense(3, 4), _Double(), jbp.Dense(8, 2), jbp.Dense(3, 1)), ValueError,
+         r"`layers\[3\]` \(Dense\(fan_in=3, .*\) expects fan_in=3 but the layers before it give "
+         r"2 features"),
+        # a whole in_shape: every shape is checked, the user layer's by its output_shape
+        (_seq(jbp.Dense(3, 4), _Double(), jbp.Dense(4, 2), in_shape=(3,)), jbp.ShapeError,
+         r"`layers\[2\]` \(Dense\(fan_in=4, .*\) expects fan_in=4 features on the last axis, "
+         r"got 8 features \(input shape \(8,\)\)"),
+        (_seq(jbp.Dense(4, 3), in_shape=(None, 5)), ValueError,
+         r"^`layers\[0\]` \(Dense\(fan_in=4, .*\)\) expects fan_in=4 but `in_shape` gives 5 "
+         r"features$"),
+        (_seq(jbp.Conv(4, 3, (3, 3)), in_shape=(None, 4)), ValueError,
+         r"^`in_shape` \(None, 4\) has rank 2 but `layers\[0\]` \(Conv\(.*\)\) takes examples of "
+         r"rank 3$"),
+        (_seq(jbp.Dense(4, 3), in_shape=(0, 4)), ValueError,
+         r"^`in_shape` must be one example's shape \(no batch axis\): a non-empty tuple of "
+         r"positive ints or None \(any size\), got \(0, 4\)$"),
+        (_seq(jbp.Dense(4, 3), in_shape=4), TypeError,
+         r"^`in_shape` must be a tuple of ints or None \(one example's shape, no batch axis\), "
+         r"got 4$"),
+    ],
+)  # fmt: skip
+def test_widths_and_channels_are_checked_when_a_network_is_built(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_a_user_layer_may_change_the_width_without_declaring_it():
+    x = jnp.ones((5, 3), jnp.float32)
+    net = jbp.Sequential([jbp.Dense(3, 4), _Double(), jbp.Dense(8, 2)])
+    params = jax.tree.map(  # net.init's tree without its eager draws
+        lambda s: np.full(s.shape, 0.1, s.dtype), jax.eval_shape(net.init, KEY)
+    )
+    out, grads = jax.jit(lambda p, x: (net.apply(p, x), jbp.backprop(net, "half_sse")(p, x, x[:, :2])))(params, x)  # fmt: skip
+    assert out.shape == (5, 2)
+    assert jax.tree.map(jnp.shape, grads) == jax.tree.map(jnp.shape, params)
+    first = jbp.Sequential([_Double(), jbp.Dense(6, 1)])  # x's width is the user layer's own
+    assert first.fan_in is None and first.output_shape((3,)) == (1,)
+
+
+def test_in_shape_states_the_examples_of_a_network_whose_first_layers_keep_any_rank():
+    mlp = jbp.mlp([4, 8, 2], "tanh")
+    rng = np.random.default_rng(0)
+    params = tuple(
+        {"w": rng.normal(size=(i, o)).astype(np.float32), "b": np.zeros(o, np.float32)}
+        for i, o in [(4, 8), (8, 2)]
+    )
+    x = jnp.ones((3, 5, 4), jnp.float32)  # 3 sequences of 5 steps, 4 features each
+    with pytest.raises(
+        ValueError,
+        match=r"^`x` must have shape \(batch, fan_in\) or \(fan_in,\), got shape \(3, 5, 4\); "
+        r"Dense layers act on the last axis of any rank: to give examples of shape \(5, 4\), "
+        r"build the network with in_shape \(None: any size\), e\.g\. "
+        r"jbp\.Sequential\(net\.layers, in_shape=\(None, 4\)\)$",
+    ):
+        mlp.apply(params, x)
+    net = jbp.Sequential(mlp.layers, in_shape=(None, 4))
+    assert repr(net).endswith(", in_shape=(None, 4))") and "in_shape" not in repr(mlp)
+    batch, single = jax.jit(lambda p, x: (net.apply(p, x), net.apply(p, x[0])))(params, x)
+    assert batch.shape == (3, 5, 2)
+    np.testing.assert_allclose(single, batch[0], rtol=1e-6)  # one example, no batch axis
+    for bad, message in [
+        (x[..., :3], r"^`x` has examples of shape \(5, 3\) but the network was built with "
+                     r"in_shape=\(None, 4\) \(None: any size\)$"),
+        (x[0, 0], r"^`x` must have shape \(batch, None, 4\) or \(None, 4\), got shape \(4,\) "
+                  r"\(the network's in_shape; None: any size\)$"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            net.apply(params, bad)
+    with pytest.raises(
+        ValueError,
+        match=r"was built with in_shape=\(None, 4\) \(None: any size\), so it cannot take "
+        r"examples of shape \(5, 3\)",
+    ):
+        net.output_shape((5, 3))

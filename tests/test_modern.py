@@ -690,9 +690,14 @@ def test_tied_mutants_are_caught(monkeypatch):
         (lambda: jbp.Tied(jbp.Dense(4, 6), -1, {"w": "w"}), r"`source` must be the index"),
         (
             lambda: jbp.Parallel(
-                [jbp.Parallel([jbp.Dense(2, 2), jbp.Dense(2, 3)], merge="product")]
-            ).output_shape((2,)),
-            r"multiplies its branches' outputs, but branches\[0\] gives shape \(2,\) and branches\[1\] gives \(3,\)",
+                [jbp.Parallel([jbp.Conv(2, 2, 3, stride=2), jbp.Conv(2, 2, 3)], merge="product")]
+            ).output_shape((8, 2)),
+            r"multiplies its branches' outputs, but branches\[0\] gives shape \(4, 2\) and branches\[1\] gives \(8, 2\)",
+        ),
+        (  # widths that cannot agree: an error when the Parallel is built
+            lambda: jbp.Parallel([jbp.Dense(2, 2), jbp.Dense(2, 3)], merge="product"),
+            r"`branches\[1\]` .* gives 3 on the last axis but `branches\[0\]` gives 2; "
+            r"merge='product' multiplies outputs of one shape",
         ),
     ],
 )

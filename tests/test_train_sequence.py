@@ -209,12 +209,13 @@ def _with(data, **fields):
          r"\(vocab=11, features=8\)\) takes integer tokens"),
         (_tiny(vocab=8), {}, "softmax_xent",
          r"`data.x_train` has tokens in \[0, 10\] but the first layer has vocab=8, so tokens "
-         r"must lie in \[0, 7\]"),
+         r"must lie in \[0, 7\]; the first outside is data.x_train\[\d+, \d+\] = (8|9|10)$"),
         (_tiny(), {}, "mse",
          r"`data.y_train` has positions without a target \(label -1\), which only softmax_xent "
          r"can leave out .* use loss 'softmax_xent'"),
         (_tiny(), {"y_train": "minus2"}, "softmax_xent",
-         r"`data.y_train` holds label -2; labels per position are classes 0, 1, ... or -1"),
+         r"`data.y_train` holds label -2; labels per position are classes 0, 1, ... or -1 where "
+         r"a position has no target; the first outside is data.y_train\[\d+, \d+\] = -2$"),
         (_tiny(), {"y_train": "none"}, "softmax_xent",
          r"`data.y_train` has no position with a target: every label is -1"),
         (_tiny(), {"y_train": "flat", "y_test": "flat"}, "softmax_xent",
@@ -225,7 +226,9 @@ def _with(data, **fields):
          r"position of shape \(6,\) need one score per class at each position, shape "
          r"\(6, classes\); a sequence model such as jbp.transformer gives that"),
         (jbp.Sequential([jbp.Embedding(11, 8), jbp.Dense(8, 5)]), {}, "softmax_xent",
-         r"`data.y_train` lie in \[0, 9\] but the network's 5 outputs express classes 0..4"),
+         r"`data.y_train` lie in \[0, 9\] but the network's 5 outputs express classes 0..4; "
+         r"give the last layer 10 outputs; the first outside is data.y_train\[\d+, \d+\] = "
+         r"[5-9]$"),
         (jbp.Sequential([jbp.Embedding(11, 8), jbp.Dense(8, 1)]), {}, "softmax_xent",
          r"labels per position need at least 2 outputs but the network has 1"),
         (_tiny(length=4), {}, "softmax_xent",

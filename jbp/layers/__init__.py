@@ -6,8 +6,9 @@ RMSNorm, GroupNorm), ``_dropout`` (Dropout), ``_embedding`` (Embedding,
 PositionalEmbedding), ``_attention`` (MultiHeadAttention), ``_combinators``
 (Sequential, Residual, Parallel, mlp), ``_shared`` (Tied: shared weights), ``_recurrent`` (RNN, LSTM, GRU, the
 Cell protocol, Reverse, bidirectional),
-``_models`` (transformer, swiglu, llama). The protocol and the forward's
-:class:`Context` are in ``_base``; the per-example quantities, written once per kind of
+``_models`` (transformer, swiglu, llama). The protocol is in ``_base`` (what the
+argument checks read of it too, :class:`ShapeError` and the forward's
+:class:`Context` among it, in :mod:`jbp._protocol`, below the layers); the per-example quantities, written once per kind of
 weight-gradient factorisation (:class:`Outer`, :class:`Elementwise`,
 :class:`Gather`), in
 ``_factors``. Everything public is re-exported by ``jbp``.

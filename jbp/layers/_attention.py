@@ -134,6 +134,7 @@ class MultiHeadAttention(Factorised, Layer):
     rope_theta: float | None = dataclasses.field(default=None, kw_only=True)
 
     in_rank = 2
+    keeps_width = True
     takes_context = True
 
     def __post_init__(self) -> None:

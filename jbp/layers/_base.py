@@ -42,33 +42,29 @@ per-example quantities are its children's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from .._protocol import Context as Context
+from .._protocol import ShapeError as ShapeError
+from .._protocol import children as children
+from .._protocol import declared_in as declared_in
+from .._protocol import fits_in_shape as fits_in_shape
+from .._protocol import in_rank as in_rank
+from .._protocol import in_width as in_width
+from .._protocol import is_layer as is_layer
+from .._protocol import keeps_rank as keeps_rank
+from .._protocol import keeps_width as keeps_width
+from .._protocol import out_width as out_width
+from .._protocol import walk_layers as walk_layers
 
 Array = jax.Array
 Params = Any
 Shape = tuple[int, ...]
 AtLeaf = Callable[[Any, Params, Any, Array], Any]
-
-
-class ShapeError(ValueError):
-    """A layer cannot take an input of some shape.
-
-    The message names the layer (and where it sits in the network, e.g.
-    ``layers[1].block.layers[0]``), what it expects and what it was given.
-    """
-
-    def __init__(self, layer: Any, detail: str, where: tuple[str, ...] = ()) -> None:
-        self.layer, self.detail, self.where = layer, detail, where
-        name = f"`{'.'.join(where)}` ({layer!r})" if where else repr(layer)
-        super().__init__(f"{name} {detail}")
-
-    def within(self, part: str) -> ShapeError:
-        """The same error, one level further out (``part`` names the child)."""
-        return ShapeError(self.layer, self.detail, (part, *self.where))
 
 
 class Layer:
@@ -83,6 +79,7 @@ class Layer:
 
     in_rank: int | None = None
     keeps_rank: bool = True
+    keeps_width: bool = False
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
         raise NotImplementedError
@@ -96,26 +93,6 @@ class Layer:
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         raise NotImplementedError
-
-
-class Context(NamedTuple):
-    """What a forward pass needs besides its input.
-
-    Attributes:
-      mask: the padding mask ``(batch, T)``, boolean, True at real positions (each
-        row a prefix: right padding), or None (every position is real).
-      key: the dropout key (a PRNG key), or None (no dropout: evaluation).
-    """
-
-    mask: Array | None = None
-    key: Array | None = None
-
-    def child(self, index: int) -> Context:
-        """The context of a combinator's ``index``-th child: the key folded with
-        ``index`` (the mask is the batch's, the same for every layer)."""
-        if self.key is None:
-            return self
-        return self._replace(key=jax.random.fold_in(self.key, index))
 
 
 NO_CONTEXT = Context()
@@ -132,33 +109,6 @@ def forward(layer: Any, params: Params, a: Array, context: Context = NO_CONTEXT)
     if takes_context(layer):
         return layer.forward(params, a, context)
     return layer.forward(params, a)
-
-
-def _named_children(layer: Any) -> list[tuple[str, Any]]:
-    """A combinator's child layers with their attribute paths (``layers[i]``,
-    ``branches[j]``, ``block``, a wrapper's ``layer``); ``[]`` for a leaf layer."""
-    for name in ("layers", "branches"):
-        kids = getattr(layer, name, None)
-        if isinstance(kids, tuple):
-            return [(f"{name}[{i}]", kid) for i, kid in enumerate(kids)]
-    for name in ("block", "layer"):
-        kid = getattr(layer, name, None)
-        if kid is not None and is_layer(kid):
-            return [(name, kid)]
-    return []
-
-
-def children(layer: Any) -> tuple[Any, ...]:
-    """A combinator's child layers; ``()`` for a leaf layer."""
-    return tuple(kid for _, kid in _named_children(layer))
-
-
-def walk_layers(layer: Any, where: str = "net") -> Iterator[tuple[str, Any]]:
-    """``(path, layer)`` for the layer and every layer inside it, depth first
-    (paths such as ``net.layers[1].block.layers[0]``)."""
-    yield where, layer
-    for name, kid in _named_children(layer):
-        yield from walk_layers(kid, f"{where}.{name}")
 
 
 def traced_output_shape(layer: Any, in_shape: Shape) -> Shape:
@@ -181,16 +131,6 @@ def output_shape(layer: Any, in_shape: Shape) -> Shape:
     method = getattr(layer, "output_shape", None)
     shape = method(tuple(in_shape)) if method is not None else traced_output_shape(layer, in_shape)
     return tuple(int(s) for s in shape)
-
-
-def in_rank(layer: Any) -> int | None:
-    """The rank of one input example the layer needs (None: any)."""
-    return getattr(layer, "in_rank", None)
-
-
-def keeps_rank(layer: Any) -> bool:
-    """Whether the layer's output has its input's rank (unknown layers: yes)."""
-    return bool(getattr(layer, "keeps_rank", True))
 
 
 def first_rank(layers: Sequence[Any]) -> int | None:
@@ -253,11 +193,6 @@ def add_tangents(a: Any, b: Any) -> Any:
     if b is None:
         return a
     return a + b
-
-
-def is_layer(obj: Any) -> bool:
-    """Whether ``obj`` has the layer protocol's three methods."""
-    return all(callable(getattr(obj, m, None)) for m in ("init", "forward", "backward"))
 
 
 def check_layers(layers: Any, name: str) -> tuple[Any, ...]:

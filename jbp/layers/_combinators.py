@@ -34,10 +34,15 @@ from ._base import (
     backward_walk,
     check_layers,
     check_no_tokens,
+    declared_in,
     first_rank,
+    fits_in_shape,
     forward,
     in_rank,
+    in_width,
     keeps_rank,
+    keeps_width,
+    out_width,
     output_shape,
     takes_tokens,
     tangent,
@@ -56,39 +61,61 @@ def _split_init(layers: Sequence[Any], key: Array, dtype: Any) -> tuple[Params, 
 
 
 @jtu.register_static
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Sequential:
     """Layers applied in order; backward runs their δ rules in reverse. Nests.
 
     Args:
       layers: a non-empty sequence of layers (any of which may be a combinator).
+      in_shape: optional, the shape of one input example (no batch axis), each
+        entry an int or None (any size), e.g. ``(None, 16)`` for sequences of 16
+        features of any length. It fixes the rank of the examples the network
+        takes where its first layers do not (Dense acts on the last axis of any
+        rank, so an MLP alone takes vectors ``(fan_in,)``); a call with examples
+        of another shape is an error, and with every entry an int every layer's
+        shape is checked when the network is built.
 
     ``params`` is a tuple with one entry per layer. ``apply`` takes a batch
-    ``(batch, *in_shape)`` or a single example ``in_shape``. Consecutive
-    layers that declare ``fan_in``/``fan_out`` widths are checked when the
-    network is built; every shape is checked when ``init`` is given
-    ``in_shape`` and whenever the network is called.
+    ``(batch, *in_shape)`` or a single example ``in_shape``. The widths of
+    consecutive layers (the last axis: ``fan_in``/``fan_out`` features,
+    ``in_channels``/``out_channels`` channels) are checked when the network is
+    built, wherever the layers between them declare them or keep the last axis
+    (``keeps_width``); a layer that declares neither (a user layer, say) may
+    change it, so what follows it is checked when shapes are (``init`` given
+    ``in_shape``, every call).
+
+    Example:
+      >>> import jbp
+      >>> net = jbp.Sequential([jbp.Dense(4, 8, "tanh"), jbp.Dense(8, 2)], in_shape=(None, 4))
+      >>> net.output_shape((10, 4))
+      (10, 2)
+      >>> jbp.Sequential([jbp.Conv(3, 4, (3, 3)), jbp.Conv(5, 2, (3, 3))])
+      Traceback (most recent call last):
+      ...
+      ValueError: `layers[1]` (Conv(in_channels=5, ...)) expects in_channels=5 but the layers before it give 4 channels
     """
 
     layers: tuple[Any, ...]
+    in_shape: tuple[int | None, ...] | None = None
 
-    def __init__(self, layers: Sequence[Any]) -> None:
+    def __init__(
+        self, layers: Sequence[Any], *, in_shape: Sequence[int | None] | None = None
+    ) -> None:
         layers = check_layers(layers, "layers")
         check_no_tokens(layers[1:], "layers", start=1)
-        width = None
-        for i, layer in enumerate(layers):
-            fan_in = getattr(layer, "fan_in", None)
-            if fan_in is not None and width is not None and fan_in != width:
-                raise ValueError(
-                    f"`layers[{i}]` ({layer!r}) expects fan_in={fan_in} but the layers before "
-                    f"it give {width} features"
-                )
-            fan_out = getattr(layer, "fan_out", None)
-            width = fan_out if fan_out is not None else (None if _opaque(layer) else width)
+        shape = _check_in_shape(in_shape, layers)
+        _check_widths(layers, None if shape is None else shape[-1])
         for i, layer in enumerate(layers):
             if isinstance(layer, Tied):
                 _check_tie(layers, i, layer)
         object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "in_shape", shape)
+        if shape is not None and all(s is not None for s in shape):
+            self.output_shape(shape)  # type: ignore[arg-type]  # every entry is an int
+
+    def __repr__(self) -> str:
+        shape = "" if self.in_shape is None else f", in_shape={self.in_shape}"
+        return f"Sequential(layers={self.layers!r}{shape})"
 
     takes_context = True
 
@@ -97,31 +124,64 @@ class Sequential:
 
     @property
     def fan_in(self) -> int | None:
-        """Input features (last axis) of the first layer that declares them, when
-        the layers before it keep the last axis; None otherwise."""
+        """Input features (last axis) of the first layer that declares ``fan_in``,
+        when the layers before it keep the last axis and the rank (activations,
+        norms, dropout); None otherwise."""
         for layer in self.layers:
             fan_in = getattr(layer, "fan_in", None)
             if fan_in is not None:
                 return int(fan_in)
-            if _opaque(layer):
+            if not (keeps_width(layer) and keeps_rank(layer) and in_rank(layer) is None):
                 return None
         return None
 
     @property
     def fan_out(self) -> int | None:
-        """Output features (last axis) of the last layer that declares them, when
-        the layers after it keep the last axis; None otherwise."""
+        """Output features (last axis) of the last layer that declares ``fan_out``,
+        when the layers after it keep the last axis; None otherwise."""
         for layer in reversed(self.layers):
             fan_out = getattr(layer, "fan_out", None)
             if fan_out is not None:
                 return int(fan_out)
-            if _opaque(layer):
+            if not keeps_width(layer):
                 return None
         return None
 
     @property
+    def in_width(self) -> int | None:
+        """The width (last axis: features or channels) the input needs: ``in_shape``'s,
+        else that of the first layer that declares one, when the layers before it keep
+        the last axis; None otherwise."""
+        if self.in_shape is not None and self.in_shape[-1] is not None:
+            return self.in_shape[-1]
+        for layer in self.layers:
+            width = in_width(layer)
+            if width is not None:
+                return width
+            if not keeps_width(layer):
+                return None
+        return None
+
+    @property
+    def out_width(self) -> int | None:
+        """The width (last axis) of the output, when the layers declare it or keep
+        a declared one; None otherwise."""
+        width = self.in_width
+        for layer in self.layers:
+            width = out_width(layer, width)
+        return width
+
+    @property
+    def keeps_width(self) -> bool:
+        """Whether every layer keeps the last axis."""
+        return all(keeps_width(layer) for layer in self.layers)
+
+    @property
     def in_rank(self) -> int | None:
-        """The rank of one input example the layers need (None: not fixed by them)."""
+        """The rank of one input example: ``in_shape``'s, else the one the layers need
+        (None: not fixed by them)."""
+        if self.in_shape is not None:
+            return len(self.in_shape)
         return first_rank(self.layers)
 
     @property
@@ -135,8 +195,15 @@ class Sequential:
 
     def output_shape(self, in_shape: Shape) -> Shape:
         """The output shape of one example; a :class:`ShapeError` names the first
-        layer that cannot take what the layers before it give."""
+        layer that cannot take what the layers before it give (or, with ``in_shape``
+        given when the network was built, an example of another shape)."""
         shape = tuple(in_shape)
+        if not fits_in_shape(self.in_shape, shape):
+            raise ShapeError(
+                self,
+                f"was built with in_shape={self.in_shape} (None: any size), so it cannot take "
+                f"examples of shape {shape}",
+            )
         for i, layer in enumerate(self.layers):
             try:
                 shape = output_shape(layer, shape)
@@ -269,10 +336,47 @@ def _share(at_leaf: Any, tied: Tied, owner: Any, user: Any) -> tuple[Any, Any]:
     return tied.share(owner, user)
 
 
-def _opaque(layer: Any) -> bool:
-    """Whether a layer without declared widths may change the last axis: one that
-    fixes or changes the rank (Conv, pooling, Flatten) or a combinator."""
-    return in_rank(layer) is not None or not keeps_rank(layer) or hasattr(layer, "backward_walk")
+def _check_in_shape(in_shape: Any, layers: tuple[Any, ...]) -> tuple[int | None, ...] | None:
+    """``Sequential``'s ``in_shape``: a non-empty sequence of ints ≥ 1 or None, of the
+    rank the first layers need (if they fix one)."""
+    if in_shape is None:
+        return None
+    if isinstance(in_shape, (str, bytes)) or not isinstance(in_shape, Sequence):
+        raise TypeError(
+            f"`in_shape` must be a tuple of ints or None (one example's shape, no batch axis), "
+            f"got {in_shape!r}"
+        )
+    shape = tuple(in_shape)
+    if not shape or any(
+        s is not None and (not isinstance(s, int) or isinstance(s, bool) or s < 1) for s in shape
+    ):
+        raise ValueError(
+            "`in_shape` must be one example's shape (no batch axis): a non-empty tuple of "
+            f"positive ints or None (any size), got {in_shape!r}"
+        )
+    rank = first_rank(layers)
+    if rank is not None and rank != len(shape):
+        at = next(i for i, layer in enumerate(layers) if in_rank(layer) is not None)
+        raise ValueError(
+            f"`in_shape` {shape} has rank {len(shape)} but `layers[{at}]` ({layers[at]!r}) "
+            f"takes examples of rank {rank}"
+        )
+    return shape
+
+
+def _check_widths(layers: tuple[Any, ...], width: int | None) -> None:
+    """Consecutive widths (last axis) agree wherever both sides are known; ``width``
+    is ``in_shape``'s (None: unknown). An undeclared layer's output width is unknown."""
+    for i, layer in enumerate(layers):
+        need = declared_in(layer)
+        if need is not None and width is not None and need[1] != width:
+            name, value = need
+            unit = "channels" if name == "in_channels" else "features"
+            given = "the layers before it give" if i else "`in_shape` gives"
+            raise ValueError(
+                f"`layers[{i}]` ({layer!r}) expects {name}={value} but {given} {width} {unit}"
+            )
+        width = out_width(layer, width)
 
 
 @jtu.register_static
@@ -299,10 +403,12 @@ class Residual:
                 f"`block` ({block!r}) takes integer tokens; a residual block's input is "
                 "added to its output, so it must take and give real arrays"
             )
-        fan_in, fan_out = getattr(block, "fan_in", None), getattr(block, "fan_out", None)
-        if fan_in is not None and fan_out is not None and fan_in != fan_out:
+        need = declared_in(block)
+        given = out_width(block, None if need is None else need[1])
+        if need is not None and given is not None and need[1] != given:
+            unit = "channels" if need[0] == "in_channels" else "features"
             raise ValueError(
-                f"`block` ({block!r}) maps {fan_in} features to {fan_out}; a residual block "
+                f"`block` ({block!r}) maps {need[1]} {unit} to {given}; a residual block "
                 "must keep the shape of its input"
             )
 
@@ -319,6 +425,18 @@ class Residual:
         return width if width is not None else getattr(self.block, "fan_out", None)
 
     fan_out = fan_in
+
+    @property
+    def in_width(self) -> int | None:
+        """The block's width (last axis, input and output), when it declares one."""
+        width = in_width(self.block)
+        return width if width is not None else out_width(self.block, None)
+
+    @property
+    def out_width(self) -> int | None:
+        return self.in_width
+
+    keeps_width = True
 
     def output_shape(self, in_shape: Shape) -> Shape:
         try:
@@ -391,6 +509,7 @@ class Parallel:
             )
         if any(isinstance(b, Tied) for b in branches):
             raise ValueError("a Tied layer shares leaves within a Sequential, not as a branch")
+        _check_branch_widths(branches, merge)
         object.__setattr__(self, "branches", branches)
         object.__setattr__(self, "merge", merge)
 
@@ -419,6 +538,25 @@ class Parallel:
             return next((w for w in widths if w is not None), None)
         known = [w for w in widths if w is not None]
         return sum(known) if len(known) == len(widths) else None
+
+    @property
+    def in_width(self) -> int | None:
+        """The width (last axis) the input needs: the first branch's that declares one."""
+        return next((w for w in map(in_width, self.branches) if w is not None), None)
+
+    @property
+    def out_width(self) -> int | None:
+        """The width (last axis) of the merged output, when the branches declare it or
+        keep the input's declared one."""
+        widths = [out_width(b, self.in_width) for b in self.branches]
+        if self.merge != "concat":
+            return next((w for w in widths if w is not None), None)
+        return sum(w for w in widths if w is not None) if None not in widths else None
+
+    @property
+    def keeps_width(self) -> bool:
+        """Whether the output has the input's last axis (every branch keeps it; no concat)."""
+        return self.merge != "concat" and all(keeps_width(b) for b in self.branches)
 
     def output_shape(self, in_shape: Shape) -> Shape:
         outs = []
@@ -525,6 +663,34 @@ class Parallel:
             for o, w in zip(tangents, widths, strict=True)
         ]
         return jnp.concatenate(parts, axis=-1)
+
+
+def _check_branch_widths(branches: tuple[Any, ...], merge: str) -> None:
+    """The branches' declared input widths agree (they take one input) and, for a sum
+    or product, so do their output widths wherever known."""
+    first: tuple[int, str, int] | None = None  # branch, attribute, width
+    for j, branch in enumerate(branches):
+        need = declared_in(branch)
+        if need is None:
+            continue
+        if first is not None and need[1] != first[2]:
+            raise ValueError(
+                f"`branches[{j}]` ({branch!r}) expects {need[0]}={need[1]} but `branches"
+                f"[{first[0]}]` expects {first[1]}={first[2]}; every branch takes the same input"
+            )
+        first = first or (j, need[0], need[1])
+    if merge == "concat":
+        return
+    width = None if first is None else first[2]
+    outs = [(j, w) for j, b in enumerate(branches) if (w := out_width(b, width)) is not None]
+    for j, w in outs[1:]:
+        if w != outs[0][1]:
+            verb = "adds" if merge == "sum" else "multiplies"
+            raise ValueError(
+                f"`branches[{j}]` ({branches[j]!r}) gives {w} on the last axis but "
+                f"`branches[{outs[0][0]}]` gives {outs[0][1]}; merge={merge!r} {verb} outputs "
+                "of one shape"
+            )
 
 
 def mlp(

@@ -33,23 +33,13 @@ from jax import lax
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
+from .._protocol import example_axes
 from . import _window as win
 from ._base import Layer, Params, Shape, ShapeError, positive_int, positive_ints
 from ._dense import Affine, he_or_glorot_std
 from ._factors import Elementwise, Factorised, Outer
 
 Array = jax.Array
-
-_AXES = {
-    1: "(length, channels)",
-    2: "(height, width, channels)",
-    3: "(depth, height, width, channels)",
-}
-
-
-def example_axes(n: int) -> str:
-    """How one example of ``n`` spatial axes reads, e.g. ``(height, width, channels)``."""
-    return _AXES.get(n, f"({n} spatial axes, channels)")
 
 
 def _dn(

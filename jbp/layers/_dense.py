@@ -166,6 +166,8 @@ class Activation(Layer):
 
     name: str
 
+    keeps_width = True
+
     def __post_init__(self) -> None:
         get_activation(self.name)
 

@@ -44,6 +44,7 @@ class Dropout(Layer):
     rate: float
 
     takes_context = True
+    keeps_width = True
 
     def __post_init__(self) -> None:
         rate = self.rate

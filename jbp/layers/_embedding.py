@@ -41,7 +41,8 @@ class Embedding(Factorised, Layer):
     Params: ``{"table": (vocab, features)}``, ``N(0, 1/features)``. It can only
     be a network's first layer (its input is integers: there is no ``∂C/∂a``);
     tokens outside ``[0, vocab)`` are an error wherever they can be read (outside
-    ``jit``).
+    ``jit``); where they cannot, the output rows of such a token are NaN and so is
+    the gradient they would scatter into the table (never a clamped or wrapped row).
     """
 
     vocab: int
@@ -72,26 +73,42 @@ class Embedding(Factorised, Layer):
             )
         return (*in_shape, self.features)
 
+    def _rows(self, table: Array, tokens: Array) -> Array:
+        """``table[tokens]``, NaN rows for tokens outside ``[0, vocab)``."""
+        rows = jnp.take(table, jnp.clip(tokens, 0, self.vocab - 1), axis=0)
+        return _nan_outside(rows, self._outside(tokens))
+
+    def _outside(self, tokens: Array) -> Array:
+        return (tokens < 0) | (tokens >= self.vocab)
+
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        return jnp.take(params["table"], a, axis=0), a
+        return self._rows(params["table"], a), a
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Any]:
         tokens = cache
-        table = jnp.zeros_like(params["table"]).at[tokens].add(delta_out)
+        delta = _nan_outside(delta_out, self._outside(tokens))
+        table = jnp.zeros_like(params["table"]).at[jnp.clip(tokens, 0, self.vocab - 1)].add(delta)
         return {"table": table}, None
 
     def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
         """``table_dot[tokens]`` (the input is integers: ``a_dot`` is ignored)."""
-        return None if params_dot is None else jnp.take(params_dot["table"], cache, axis=0)
+        return None if params_dot is None else self._rows(params_dot["table"], cache)
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
+        tokens = jnp.clip(cache, 0, self.vocab - 1)
+        delta = _nan_outside(delta_out, self._outside(cache))
         return {
             "table": Gather(
-                cache.reshape(cache.shape[0], -1),
-                delta_out.reshape(delta_out.shape[0], -1, self.features),
+                tokens.reshape(tokens.shape[0], -1),
+                delta.reshape(delta.shape[0], -1, self.features),
                 self.vocab,
             )
         }
+
+
+def _nan_outside(x: Array, outside: Array) -> Array:
+    """Rows ``x`` ``(..., features)`` with NaN where ``outside`` ``(...)`` is True."""
+    return jnp.where(outside[..., None], jnp.asarray(jnp.nan, x.dtype), x)
 
 
 @jtu.register_static
@@ -111,6 +128,7 @@ class PositionalEmbedding(Factorised, Layer):
     features: int
 
     in_rank = 2
+    keeps_width = True
 
     def __post_init__(self) -> None:
         positive_int(self.length, "length")

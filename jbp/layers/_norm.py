@@ -75,6 +75,8 @@ class _Norm(Factorised, Layer):
 
     features: int
 
+    keeps_width = True
+
     @property
     def fan_in(self) -> int:
         return self.features

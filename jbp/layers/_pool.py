@@ -24,9 +24,9 @@ import numpy as np
 from jax import lax
 
 from .._checks import check_dtype
+from .._protocol import example_axes
 from . import _window as win
 from ._base import NO_CONTEXT, Context, Layer, Params, Shape, ShapeError, positive_ints
-from ._conv import example_axes
 
 Array = jax.Array
 
@@ -39,6 +39,7 @@ class _Pool(Layer):
     padding: Any
 
     mixes_positions = True  # a window reads neighbouring positions: no padding mask
+    keeps_width = True  # pooling keeps the channels
 
     def _setup(self) -> None:
         window = positive_ints(self.window, "window")
@@ -199,6 +200,7 @@ class GlobalAvgPool(Layer):
     """
 
     keeps_rank = False
+    keeps_width = True  # the channels stay, the spatial axes go
     takes_context = True
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:

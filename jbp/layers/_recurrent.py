@@ -605,6 +605,7 @@ class Reverse(Layer):
     """
 
     takes_context = True
+    keeps_width = True
 
     def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
         check_dtype(dtype)

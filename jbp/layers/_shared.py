@@ -30,7 +30,17 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._base import Params, Shape, check_layers, in_rank, keeps_rank, output_shape
+from ._base import (
+    Params,
+    Shape,
+    check_layers,
+    in_rank,
+    in_width,
+    keeps_rank,
+    keeps_width,
+    out_width,
+    output_shape,
+)
 from ._factors import is_leaf_factor, shared, transpose
 
 Array = jax.Array
@@ -124,6 +134,18 @@ class Tied:
     @property
     def fan_out(self) -> int | None:
         return getattr(self.layer, "fan_out", None)
+
+    @property
+    def in_width(self) -> int | None:
+        return in_width(self.layer)
+
+    @property
+    def out_width(self) -> int | None:
+        return out_width(self.layer, None)
+
+    @property
+    def keeps_width(self) -> bool:
+        return keeps_width(self.layer)
 
     @property
     def in_rank(self) -> int | None:
