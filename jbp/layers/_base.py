@@ -1,18 +1,10 @@
 """The layer protocol, shape errors, and the backward walk that combinators share.
 
-A layer is a small immutable (hashable, static) object with:
-
-- ``init(key, dtype) -> params``: a pytree, ``{}`` for parameterless layers;
-- ``output_shape(in_shape) -> out_shape``: shapes of one example (no batch
-  axis), computed without tracing; a mismatch raises :class:`ShapeError`;
-- ``forward(params, a) -> (out, cache)``: ``a`` of shape ``(batch, *in_shape)``;
-- ``backward(params, cache, delta_out) -> (grads, delta_in)``: the δ rule,
-  ``delta_out = ∂C/∂out``, ``delta_in = ∂C/∂a``, ``grads`` shaped like params.
-
-Optionally, ``tangent(params, cache, a_dot, params_dot) -> out_dot``: the forward
-of the linearised layer, ``(∂out/∂a)·a_dot + (∂out/∂θ)·params_dot``, from the
-forward's cache (``a_dot`` or ``params_dot`` may be None for zero; both None
-gives None). :func:`jbp.ggn_vector_product` needs it of every layer.
+The protocol (required and optional methods and class attributes, each with a
+worked example) is documented once, on :class:`Layer`: ``help(jbp.Layer)``.
+What the argument checks read of it (:class:`ShapeError`, :class:`Context`,
+the rank and width attributes) lives below the layers, in :mod:`jbp._protocol`,
+and is re-exported here.
 
 What a forward pass needs besides its input travels in one :class:`Context`:
 the batch's padding mask (``(batch, T)``, True at real positions) and the
@@ -25,12 +17,6 @@ child's index, so that two dropout layers draw different masks). A layer whose
 output at one position reads other positions (Conv, pooling, Flatten) and that
 does not take the mask sets ``mixes_positions = True``: a padding mask given to
 a network holding one is an error, not a silent leak of the pads.
-
-Two optional class attributes say how a layer constrains the rank of its
-input: ``in_rank`` (the rank of one example it needs, e.g. 3 for a 2-D
-convolution on ``(height, width, channels)``; ``None``: any) and
-``keeps_rank`` (``False`` for layers such as ``Flatten`` whose output rank
-differs from their input's).
 
 Combinators (``Sequential``, ``Residual``, ``Parallel``) also implement
 ``backward_walk(params, cache, delta_out, at_leaf)``: their δ recursion with
@@ -68,13 +54,174 @@ AtLeaf = Callable[[Any, Params, Any, Array], Any]
 
 
 class Layer:
-    """Base class for layers (optional: any object with the protocol works).
+    """The layer protocol, and a base class for layers (subclassing it is optional).
 
-    Subclasses are frozen dataclasses implementing ``init``, ``forward`` and
-    ``backward``, and ideally ``output_shape`` (the default finds it with
-    ``jax.eval_shape`` of ``forward``, which traces). A layer that maps the
-    last axis from ``fan_in`` to ``fan_out`` features may expose them, so that
-    a :class:`Sequential` checks consecutive widths when it is built.
+    A layer is a small immutable object: make it a frozen dataclass (hashable:
+    a network is static under ``jit``); any object with the required methods
+    is a layer. Shapes: ``a`` is a batch ``(batch,
+    *in_shape)``, ``in_shape`` one example's shape without the batch axis; a
+    layer must also take a batch of one (that is what ``vmap`` and single
+    examples become).
+
+    **Required methods**
+
+    - ``init(key, dtype=jnp.float32) -> params``: a pytree of arrays (``{}``
+      without parameters).
+    - ``forward(params, a) -> (out, cache)``: the output and what ``backward``
+      needs (any pytree of arrays, or None).
+    - ``backward(params, cache, delta_out) -> (grads, delta_in)``: the δ rule:
+      ``delta_out = ∂C/∂out``, ``grads = ∂C/∂params`` (like params, summed over
+      the batch), ``delta_in = ∂C/∂a``. No ``jax.grad`` or ``jax.vjp``: the rule
+      is written by hand, and :func:`jbp.check_layer` and :func:`jbp.verify`
+      compare it with autodiff.
+    - ``output_shape(in_shape) -> out_shape``: one example's output shape,
+      without tracing; a :class:`ShapeError` for an input it cannot take. This
+      base class's default traces ``forward`` with ``jax.eval_shape``.
+
+    **Optional methods** (jbp uses each where a function needs it):
+
+    - ``grad_factors(params, cache, delta_out) -> factors``: the per-example
+      functions (:func:`jbp.per_example_norms`, ``per_example_grads``,
+      ``sum_grad_squared``, ``clipped_grad``, private training, the curvature
+      functions). A pytree like params whose leaves name the form of that
+      leaf's per-example gradient ``g_i``: :class:`jbp.layers.Outer` (``g_i =
+      Σ_t ã_it ⊗ δ_it``: Dense, Conv), :class:`jbp.layers.Elementwise` (``g_i =
+      Σ_t u_it ⊙ δ_it``: biases, norm scales) or :class:`jbp.layers.Gather`
+      (``g_i = Σ_t onehot(tok_it) ⊗ δ_it``: embeddings), t running over an
+      example's positions; jbp forms every quantity from them without
+      materialising ``g_i`` where it need not. Here ``delta_out`` holds each
+      example's unscaled ``∂ℓ_i/∂out`` in its row.
+    - ``per_example_grads(params, cache, delta_out) -> g``: instead of
+      ``grad_factors``, ``g_i`` itself, like params with a leading batch axis;
+      optionally with ``per_example_sq_norms(params, cache, delta_out) ->
+      (batch,)``, ``sum_grad_squared(params, cache, delta_out) -> Σ_i g_i²`` and
+      ``weighted_grads(params, cache, delta_out, c) -> Σ_i c_i g_i`` (jbp forms
+      the missing ones from ``per_example_grads``).
+    - ``tangent(params, cache, a_dot, params_dot) -> out_dot``: the forward of
+      the linearised layer, ``(∂out/∂a)·a_dot + (∂out/∂params)·params_dot``,
+      from the forward's cache; ``a_dot`` or ``params_dot`` may be None (zero),
+      and both None give None. :func:`jbp.ggn_vector_product` needs it of
+      every layer.
+
+    **Optional class attributes**
+
+    - ``in_rank`` (default None: any): the rank of one example the layer needs
+      (a 2-D Conv: 3, ``(height, width, channels)``; attention: 2, ``(T,
+      features)``); a network's first such layer fixes the rank of its ``x``.
+    - ``keeps_rank`` (default True): False when the output's rank is not the
+      input's (Flatten, GlobalAvgPool).
+    - ``fan_in``/``fan_out``: the features of the input's and the output's last
+      axis (Dense, norms, attention); or ``in_channels``/``out_channels`` for
+      channels (channels last: Conv). :class:`jbp.Sequential` checks
+      consecutive widths with them when it is built.
+    - ``keeps_width`` (default False): True when the output's last axis is
+      always the input's (activations, norms, dropout, pooling), so the width
+      checks reach through the layer. A layer that declares neither a width nor
+      ``keeps_width`` may change the last axis: what follows it is checked when
+      shapes are (``Sequential(..., in_shape=...)``, ``init(..., in_shape=...)``,
+      every call), never assumed.
+    - ``takes_context`` (default False): True for a ``forward(params, a,
+      context)`` that takes the call's :class:`Context`: ``context.mask``, the
+      padding mask ``(batch, T)`` (True at real positions) or None, and
+      ``context.key``, the dropout key or None (evaluation).
+    - ``mixes_positions`` (default False): True when an output position reads
+      other positions and the layer takes no padding mask (Conv, pooling,
+      Flatten): a ``mask`` given to a network holding one is an error.
+    - ``takes_tokens`` (default False): its input is integer tokens (Embedding);
+      only a network's first layer may take them.
+
+    Example: the required methods and the width attribute (``fan_in`` and
+    ``fan_out`` would do as well, here both ``features``):
+
+    >>> import dataclasses
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import jbp
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Scale(jbp.Layer):
+    ...     '''out = a ⊙ s: one learned scale per feature of (batch, features) inputs.'''
+    ...
+    ...     features: int
+    ...     keeps_width = True  # the last axis stays: width checks reach through
+    ...
+    ...     def init(self, key, dtype=jnp.float32):
+    ...         return {"s": jnp.ones((self.features,), dtype)}
+    ...
+    ...     def output_shape(self, in_shape):
+    ...         if tuple(in_shape) != (self.features,):
+    ...             raise jbp.ShapeError(self, f"takes ({self.features},), got {in_shape}")
+    ...         return tuple(in_shape)
+    ...
+    ...     def forward(self, params, a):
+    ...         return a * params["s"][None, :], a  # (out, cache: the input)
+    ...
+    ...     def backward(self, params, cache, delta_out):
+    ...         grads = {"s": jnp.sum(delta_out * cache, axis=0)}  # Σ_i δ_i ⊙ a_i
+    ...         return grads, delta_out * params["s"][None, :]  # δ ⊙ s
+    >>> jbp.Sequential([jbp.Dense(2, 3), Scale(3), jbp.Dense(4, 1)])
+    Traceback (most recent call last):
+    ...
+    ValueError: `layers[2]` (Dense(fan_in=4, ...)) expects fan_in=4 but the layers before it give 3 features
+
+    The optional methods, each a few lines for this layer: ``g_i(s) = a_i ⊙ δ_i``
+    is an elementwise factor with one position per example (or, materialised,
+    ``per_example_grads``); the tangent is ``ȧ ⊙ s + a ⊙ ṡ``:
+
+    >>> class FullScale(Scale):
+    ...     def grad_factors(self, params, cache, delta_out):
+    ...         u, d = cache[:, None, :], delta_out[:, None, :]  # (batch, T=1, features)
+    ...         return {"s": jbp.layers.Elementwise(u, d, (self.features,))}
+    ...
+    ...     def tangent(self, params, cache, a_dot, params_dot):
+    ...         out = None if a_dot is None else a_dot * params["s"][None, :]
+    ...         if params_dot is not None:
+    ...             more = cache * params_dot["s"][None, :]
+    ...             out = more if out is None else out + more
+    ...         return out
+    >>> class MaterialisedScale(Scale):
+    ...     def per_example_grads(self, params, cache, delta_out):
+    ...         return {"s": cache * delta_out}  # g_i, (batch, features)
+    >>> nets = [jbp.Sequential([jbp.Dense(2, 3, "tanh"), layer(3), jbp.Dense(3, 1)])
+    ...         for layer in (FullScale, MaterialisedScale)]
+    >>> params = nets[0].init(jax.random.key(0))
+    >>> x, y = jnp.ones((4, 2), jnp.float32), jnp.zeros((4, 1), jnp.float32)
+    >>> @jax.jit
+    ... def quantities(params, x, y):
+    ...     norms = [jbp.per_example_norms(net, "half_sse")(params, x, y) for net in nets]
+    ...     gv = jbp.ggn_vector_product(nets[0], "half_sse")(params, x, y, params)
+    ...     return norms, gv
+    >>> (by_factors, materialised), gv = quantities(params, x, y)
+    >>> by_factors.shape, bool(np.allclose(by_factors, materialised))
+    ((4,), True)
+    >>> jax.tree.map(jnp.shape, gv) == jax.tree.map(jnp.shape, params)
+    True
+
+    A layer that takes the call's context (here: zeroes the padded positions of
+    sequences, so it also fixes the example rank at 2):
+
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class ZeroPads(jbp.Layer):
+    ...     in_rank = 2  # (T, features)
+    ...     keeps_width = True
+    ...     takes_context = True
+    ...
+    ...     def init(self, key, dtype=jnp.float32):
+    ...         return {}
+    ...
+    ...     def output_shape(self, in_shape):
+    ...         return tuple(in_shape)
+    ...
+    ...     def forward(self, params, a, context):
+    ...         if context.mask is None:
+    ...             return a, None
+    ...         keep = context.mask[:, :, None]
+    ...         return jnp.where(keep, a, 0), keep
+    ...
+    ...     def backward(self, params, cache, delta_out):
+    ...         return {}, delta_out if cache is None else jnp.where(cache, delta_out, 0)
+    >>> net = jbp.Sequential([ZeroPads(), jbp.Dense(2, 1)])
+    >>> seqs = jnp.ones((1, 3, 2), jnp.float32)  # one sequence of 3 steps, the last one padding
+    >>> net.apply(net.init(jax.random.key(0)), seqs, mask=jnp.array([[True, True, False]]))[0, 2]
+    Array([0.], dtype=float32)
     """
 
     in_rank: int | None = None
