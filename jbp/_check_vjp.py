@@ -52,8 +52,9 @@ def _failed(path: str, shape: tuple[int, ...], note: str, oracle: str = "") -> L
     return LeafRow(path, None, shape, math.nan, math.nan, math.inf, False, False, note, oracle)
 
 
-def _functions(f: Any, reference: Any) -> tuple[Any, Any, str, tuple[int, ...]]:
-    """``(tested, reference or None, kind, nondiff_argnums)`` for any accepted ``f``."""
+def _functions(f: Any, reference: Any) -> tuple[Any, Any, str, tuple[int, ...], Any]:
+    """``(tested, reference or None, kind, nondiff_argnums, named)`` for any accepted
+    ``f``; ``named``: the function whose parameters name the arguments."""
     if reference is not None and not callable(reference):
         raise TypeError(f"`reference` must be a function or None, got {type(reference).__name__}")
     if isinstance(f, tuple):
@@ -69,14 +70,13 @@ def _functions(f: Any, reference: Any) -> tuple[Any, Any, str, tuple[int, ...]]:
 
         tested = jax.custom_vjp(primal)
         tested.defvjp(fwd, bwd)
-        tested.__wrapped__ = fwd  # its parameters name the rows
-        return tested, reference or primal, "a (fwd, bwd) pair", ()
+        return tested, reference or primal, "a (fwd, bwd) pair", (), fwd
     if isinstance(f, jax.custom_vjp):
-        return f, reference or f.fun, "jax.custom_vjp", tuple(f.nondiff_argnums)
+        return f, reference or f.fun, "jax.custom_vjp", tuple(f.nondiff_argnums), f.fun
     if isinstance(f, jax.custom_jvp):
-        return f, reference or f.fun, "jax.custom_jvp, transposed", tuple(f.nondiff_argnums)
+        return f, reference or f.fun, "jax.custom_jvp, transposed", tuple(f.nondiff_argnums), f.fun
     if callable(f):
-        return f, reference, "the function's own rules", ()
+        return f, reference, "the function's own rules", (), f
     raise TypeError(
         "`f` must be a jax.custom_vjp or jax.custom_jvp function, a (fwd, bwd) pair or "
         f"a function whose rules are its own, got {type(f).__name__}"
@@ -272,7 +272,7 @@ def check_vjp(
       >>> jbp.check_vjp(softplus, jax.ShapeDtypeStruct((3,), "float32")).ok
       True
     """
-    tested, ref, kind, nondiff = _functions(f, reference)
+    tested, ref, kind, nondiff, named = _functions(f, reference)
     if not primals:
         raise ValueError("`primals` is empty: give the point to check at, e.g. check_vjp(f, x)")
     key = jax.random.key(0) if key is None else key
@@ -313,7 +313,7 @@ def check_vjp(
     dtypes = {jnp.dtype(a.dtype) for a in jtu.tree_leaves(d_args)}
     dtype = min(dtypes, key=lambda d: d.itemsize).name  # the least precise input
     tol = float(rtol) if rtol is not None else max(DEFAULT_RTOL.get(d.name, 1e-4) for d in dtypes)
-    names = [_arg_name(getattr(tested, '__wrapped__', None) or tested, i) for i in diff_t]
+    names = [_arg_name(named, i) for i in diff_t]
 
     with jax.default_matmul_precision("highest"):
         precision = _precision()

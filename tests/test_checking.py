@@ -9,8 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jbp
+import jbp.testing as jt
 from jbp.layers._base import walk_layers
 
 F32 = jax.ShapeDtypeStruct
@@ -382,3 +385,35 @@ def test_verify_names_non_finite_inputs():
     for args, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             jbp.verify(net, "mse", *args)
+
+
+# --- property tests over shapes and dtypes ------------------------------------------
+
+
+@settings(max_examples=3, deadline=None)
+@given(jt.vjp_inputs([("n", "m"), ("m", "k")], dims={"k": st.sampled_from([1, 3])}))
+def test_vjp_inputs_property_test_a_pair(xw):
+    x, w = xw
+    assert x.shape[1] == w.shape[0] and w.shape[1] in (1, 3) and x.dtype == w.dtype
+    jbp.check_vjp((_linear_fwd, _linear_bwd), x, w, 2).raise_if_failed()
+
+
+def test_vjp_inputs_bad_arguments_are_named():
+    cases = [
+        ("ab", {}, TypeError, "`shapes` must be a non-empty sequence of shapes"),
+        ([(2, -1)], {}, ValueError, "`shapes[0]` entries must be sizes ≥ 0 or dimension names"),
+        ([3], {}, TypeError, "`shapes[0]` must be a tuple of ints or names"),
+        ([("n",)], {"dims": {"m": (1, 2)}}, ValueError, "`dims` names ['m'], which no shape uses"),
+        (
+            [("n",)],
+            {"dims": {"n": 3}},
+            TypeError,
+            "`dims['n']` must be an int strategy or a (lo, hi)",
+        ),
+        ([("n",)], {"dims": {"n": (3, 2)}}, ValueError, "`dims['n'][0]`=3 is larger than"),
+        ([(2,)], {"scale": 0}, ValueError, "`scale` must be a positive finite number"),
+        ([(2,)], {"dtypes": ("int32",)}, ValueError, "`names` must hold floating dtypes"),
+    ]
+    for shapes, kwargs, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            jt.vjp_inputs(shapes, **kwargs)

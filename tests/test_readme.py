@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import jax
+
 import jbp
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -19,7 +21,7 @@ def test_readme_python_blocks_run(capsys):
     user_layer: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), scope)
-        if "class Scale" in block:
+        if "Scale(3), jbp.Dense(3, 1)" in block:
             user_layer = dict(scope)  # later blocks reuse the names params, x, y
     out = capsys.readouterr().out
     assert out.count("gradient check: OK") == 2
@@ -39,3 +41,20 @@ def test_readme_python_blocks_run(capsys):
     report = jbp.verify(net, "mse", params, scope["x"], scope["y"])
     assert not report.ok
     assert report.first_mismatch.layer == 0
+    assert report.blame == "layers[1]"  # the planted layer, not the first that differs
+
+
+def test_readme_attention_bug_is_found_in_k_and_the_fix_passes():
+    (block,) = [b for b in _blocks() if "def attention_bwd" in b]
+    scope: dict = {"jax": jax, "jnp": jax.numpy, "jbp": jbp}
+    exec(compile(block.replace("print(report)", ""), str(README), "exec"), scope)
+    report = scope["report"]
+    failing = {r.path for r in report.rows if not r.ok}
+    assert failing == {"primals[1] (k)"} and not report.taylor.ok
+    planted = "(ds.T @ q, p.T @ d_out)"
+    assert planted in block
+    exec(
+        compile(block.replace(planted, "(ds.T @ q * scale, p.T @ d_out)"), str(README), "exec"),
+        scope,
+    )
+    assert scope["report"].ok, scope["report"]

@@ -28,6 +28,7 @@ from ._strategies import recurrents as recurrents
 from ._strategies import resnets as resnets
 from ._strategies import sequence_stacks as sequence_stacks
 from ._strategies import transformers as transformers
+from ._strategies import vjp_inputs as vjp_inputs
 
 __all__ = [
     "Architecture",
@@ -45,4 +46,5 @@ __all__ = [
     "resnets",
     "sequence_stacks",
     "transformers",
+    "vjp_inputs",
 ]

@@ -804,3 +804,84 @@ def problems(
 
 _dtypes_strategy = dtypes
 _losses_strategy = losses
+
+
+_dtypes = dtypes  # vjp_inputs' parameter of that name shadows it
+
+
+def vjp_inputs(
+    shapes: Sequence[Sequence[int | str]],
+    *,
+    dims: dict[str, Any] | None = None,
+    dtypes: Sequence[str] = ("float32", "float64"),
+    scale: float = 1.0,
+) -> SearchStrategy[tuple[jax.Array, ...]]:
+    """Primals for :func:`jbp.check_vjp`, over shapes and dtypes.
+
+    Args:
+      shapes: one shape per argument; an entry is an int or the name of a
+        dimension, e.g. ``[("T", "d"), ("S", "d"), ("S", "d")]`` for attention's
+        ``q, k, v``: every shape that names a dimension gets the same drawn size.
+      dims: each named dimension's sizes: an int strategy or a ``(lo, hi)`` range
+        (default ``(1, 8)``), e.g. ``{"S": st.sampled_from([4, 8, 16])}``.
+      dtypes: floating dtype names, one drawn for all arguments (64-bit names
+        dropped when ``jax_enable_x64`` is off, as :func:`dtypes`).
+      scale: the values' standard deviation (drawn N(0, scale²) from a drawn seed).
+
+    Returns:
+      A strategy of tuples of arrays, one per shape.
+
+    Example::
+
+        @given(jbp.testing.vjp_inputs([("T", "d"), ("S", "d"), ("S", "d")],
+                                      dims={"S": st.sampled_from([4, 8])}))
+        def test_attention(qkv):
+            jbp.check_vjp(attention, *qkv, 4).raise_if_failed()
+    """
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence) or not shapes:
+        raise TypeError(f"`shapes` must be a non-empty sequence of shapes, got {shapes!r}")
+    names: set[str] = set()
+    for k, shape in enumerate(shapes):
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            raise TypeError(f"`shapes[{k}]` must be a tuple of ints or names, got {shape!r}")
+        for entry in shape:
+            if isinstance(entry, str):
+                names.add(entry)
+            elif isinstance(entry, bool) or not isinstance(entry, int) or entry < 0:
+                raise ValueError(
+                    f"`shapes[{k}]` entries must be sizes ≥ 0 or dimension names, got {entry!r}"
+                )
+    given = dict(dims or {})
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(f"`dims` names {unknown}, which no shape uses")
+    sizes: dict[str, SearchStrategy[int]] = {}
+    for name in sorted(names):
+        spec = given.get(name, (1, 8))
+        if isinstance(spec, SearchStrategy):
+            sizes[name] = spec
+        elif isinstance(spec, tuple) and len(spec) == 2:
+            _check_range(spec[0], spec[1], f"dims[{name!r}][0]", f"dims[{name!r}][1]", least=1)
+            sizes[name] = st.integers(spec[0], spec[1])
+        else:
+            raise TypeError(
+                f"`dims[{name!r}]` must be an int strategy or a (lo, hi) range, got {spec!r}"
+            )
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"`scale` must be a positive finite number, got {scale!r}")
+    dtype_strategy = _dtypes(names=dtypes)
+
+    @st.composite
+    def draw(draw: Any) -> tuple[jax.Array, ...]:
+        size = {name: draw(sizes[name], label=name) for name in sorted(names)}
+        dtype = draw(dtype_strategy, label="dtype")
+        rng = np.random.default_rng(draw(_SEEDS, label="seed"))
+        return tuple(
+            jnp.asarray(
+                scale * rng.standard_normal([size[e] if isinstance(e, str) else e for e in s]),
+                dtype,
+            )
+            for s in shapes
+        )
+
+    return draw()
