@@ -9,6 +9,10 @@ _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=4".strip()
 
+# `jbp verify` run in-process keeps no compiled programs on disk during tests (a
+# test that checks the cache sets its own directory).
+os.environ.setdefault("JBP_XLA_CACHE", "off")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
