@@ -9,6 +9,8 @@ References (jbp._verify_curvature) come from ``jax.jacfwd`` of the network outpu
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from typing import Any
 
 import jax
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 import jbp
 from jbp import _curvature
 from jbp._losses import get_loss
-from jbp._verify_curvature import flat, reference_ggn
+from jbp._verify_curvature import _check_kfac, flat, reference_ggn
 
 F64 = jnp.float64
 
@@ -302,10 +304,34 @@ def test_mutant_transposed_loss_square_root_is_caught() -> None:
     params = net.init(jax.random.key(14), F64)
     x = jnp.asarray(rng.normal(size=(4, 3)))
     y = jnp.asarray(rng.integers(0, 4, size=4))
-    assert jbp.check_curvature(net, softmax, params, x, y).passed
+    good = jbp.check_curvature(net, softmax, params, x, y)
+    assert good.ok and good.passed and good.raise_if_failed() is good
+    assert good.skipped == (
+        "kfac (exact only for one example at one position: K-FAC approximates the GGN block "
+        "otherwise; here 4 examples)",
+    )
     report = jbp.check_curvature(net, mutant, params, x, y)
     failed = {r.quantity for r in report.rows if not r.passed}
     assert {"diag_ggn", "per_example_diag_ggn", "sqrt_ggn"} <= failed, report.format()
+    # the one report API: ok, raise_if_failed(), format()/str, rows, to_json()
+    assert not report.ok and report.worst == report.max_rel_err > 1e-3
+    with pytest.raises(jbp.GradientMismatch) as raised:  # one except catches both kinds
+        report.raise_if_failed()
+    assert raised.value.report is report and str(raised.value) == str(report) == report.format()
+    lines = report.format().splitlines()
+    assert re.fullmatch(
+        r"curvature check: MISMATCH: 5 quantities, worst rel err \d\.\d\de[-+]\d\d "
+        r"\(tolerance 1e-09\); dtype float64, matmul precision highest, backend cpu",
+        lines[0],
+    ), lines[0]
+    assert [line.split()[0] for line in lines[1:6]] == [r.quantity for r in report.rows]
+    assert lines[6:] == [f"skipped: {good.skipped[0]}"]
+    data = json.loads(json.dumps(report.to_json(), allow_nan=False))
+    assert data["ok"] is False and data["dtype"] == "float64" and data["precision"] == "highest"
+    assert [(r["quantity"], r["ok"]) for r in data["rows"]] == [
+        (r.quantity, r.ok) for r in report.rows
+    ]
+    assert data["skipped"] == list(good.skipped) and data["notes"] == []
 
 
 def test_mutant_bias_column_dropped_from_a_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,6 +346,83 @@ def test_mutant_bias_column_dropped_from_a_is_caught(monkeypatch: pytest.MonkeyP
     assert min(_kflr_block_errors(net, loss, params, x, y)) > 1e-3
 
 
+def test_check_curvature_compares_kflr_with_the_ggn_blocks_where_kfac_is_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One example: the Dense leaves (one position) are compared, the Conv's (four
+    positions) named as not compared; a G off by 1e-6 and factors of the wrong shape or
+    missing fail the row; with no leaf at one position the quantity is skipped. (The row
+    inside check_curvature's report: the f'' mutant's test below.)"""
+    rng = np.random.default_rng(19)
+    conv = jbp.Conv(2, 3, (2, 2), "tanh", padding="VALID")  # 3×3 → 2×2: four positions
+    net = jbp.Sequential(
+        [conv, jbp.Flatten(), jbp.Dense(12, 4, "sigmoid"), jbp.Dense(4, 3, bias=False)]
+    )
+    params = net.init(jax.random.key(20), F64)
+    x = jnp.asarray(rng.normal(size=(1, 3, 3, 2)))
+    y = jnp.asarray([2])
+    ggn = reference_ggn(net, "softmax_xent", params, x, y).ggn
+    loss = get_loss("softmax_xent")
+    (row,), skipped, notes = _check_kfac(net, loss, params, x, y, ggn, 1e-9)
+    assert row.ok and row.note == "kind='kflr': a ⊗ g against G's block of 2 leaves at one position"
+    assert skipped == [] and notes == [
+        "kfac: params[0]['w'] not compared (4 positions per example: K-FAC approximates its "
+        "GGN block)"
+    ]
+    assert f"note: {notes[0]}" in str(jbp.CurvatureReport((row,), notes=tuple(notes))).splitlines()
+    kronecker = _curvature._kronecker
+
+    def scaled(f: Any, bias: bool, scale: float, mask: Any) -> Any:
+        k = kronecker(f, bias, scale, mask)
+        return k._replace(g=k.g * (1 + 1e-6))
+
+    monkeypatch.setattr(_curvature, "_kronecker", scaled)
+    (bad,), _, _ = _check_kfac(net, loss, params, x, y, ggn, 1e-9)
+    assert not bad.ok and 0.9e-6 < bad.error < 1.1e-6, bad  # the tolerance is meaningful
+    monkeypatch.setattr(_curvature, "_kronecker", kronecker)
+
+    kfac = _curvature.kfac
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        fn = kfac(*args, **kwargs)
+
+        def run(*a: Any, **k: Any) -> Any:
+            factors = fn(*a, **k)
+            w = factors[2]["w"]
+            factors[2]["w"] = w._replace(a=w.a[:-1, :-1])  # the bias's row and column dropped
+            del factors[3]["w"]
+            return factors
+
+        return run
+
+    monkeypatch.setattr(_curvature, "kfac", broken)
+    (row,), _, _ = _check_kfac(net, loss, params, x, y, ggn, 1e-9)
+    assert row.error == float("inf") and not row.ok
+    assert row.note == (
+        "params[2]['w']: a (12, 12), g (4, 4) do not factor the block of a leaf (12, 4) and "
+        "its bias params[2]['b']; params[3]['w'] has no KroneckerFactors"
+    )
+    bad = jbp.CurvatureReport((row,))
+    assert json.loads(json.dumps(bad.to_json(), allow_nan=False))["rows"][0]["error"] == "inf"
+    assert bad.format().splitlines()[1].endswith(f"MISMATCH ({row.note})")
+
+    only_conv = jbp.Sequential([conv, jbp.Flatten()])
+    conv_params = only_conv.init(jax.random.key(21), F64)
+    y12 = jnp.asarray(rng.normal(size=(1, 12)))
+    got = _check_kfac(only_conv, get_loss("half_sse"), conv_params, x, y12, ggn, 1e-9)
+    assert got == (
+        [],
+        [
+            "kfac (exact only for one example at one position: K-FAC approximates the GGN "
+            "block otherwise; here no Kronecker-factored leaf is at one position)"
+        ],
+        [
+            "kfac: params[0]['w'] not compared (4 positions per example: K-FAC approximates "
+            "its GGN block)"
+        ],
+    )
+
+
 def test_mutant_second_derivative_replaced_by_first_is_caught() -> None:
     tanh = jbp.register_activation(
         "tanh_f2_mutant",
@@ -330,10 +433,11 @@ def test_mutant_second_derivative_replaced_by_first_is_caught() -> None:
     rng = np.random.default_rng(15)
     net = jbp.Sequential([jbp.Dense(3, 4, tanh.name), jbp.Dense(4, 2)])
     params = net.init(jax.random.key(16), F64)
-    x = jnp.asarray(rng.normal(size=(5, 3)))
-    y = jnp.asarray(rng.normal(size=(5, 2)))
+    x = jnp.asarray(rng.normal(size=(1, 3)))  # one example: kfac is checked too, and passes
+    y = jnp.asarray(rng.normal(size=(1, 2)))
     report = jbp.check_curvature(net, "half_sse", params, x, y)
     assert {r.quantity for r in report.rows if not r.passed} == {"diag_hessian"}, report.format()
+    assert "kfac" in {r.quantity for r in report.rows} and report.skipped == report.notes == ()
 
 
 # --- clear errors -----------------------------------------------------------------------

@@ -268,9 +268,8 @@ class _Outcome:
             parts.append(self.error)
         if self.arbitration is not None:
             parts.append(str(self.arbitration))
-        if self.curvature is not None:
-            status = "OK" if self.curvature.passed else "MISMATCH"
-            parts.append(f"curvature check: {status}\n{self.curvature.format()}")
+        if self.curvature is not None:  # its first line: "curvature check: OK|MISMATCH: ..."
+            parts.append(self.curvature.format())
         if self.curvature_error:
             parts.append(self.curvature_error)
         return "\n".join(parts)
