@@ -424,3 +424,19 @@ def check_count(name: str, value: Any, *, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"`{name}` must be an integer ≥ {low}, got {value!r}")
     return int(value)
+
+
+def check_finite(value: Any, name: str) -> None:
+    """No NaN or Inf in any floating leaf of ``value`` (a bad input, reported before
+    any comparison: a gradient check at a non-finite point says nothing); tracers,
+    whose values cannot be read, are let through."""
+    for path, leaf in jtu.tree_leaves_with_path(value):
+        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
+            continue
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+            if bad:
+                raise ValueError(
+                    f"`{name}{jtu.keystr(path)}` holds NaN or Inf ({bad} of {np.size(leaf)} "
+                    "values): a bad input; a gradient check needs a finite point"
+                )

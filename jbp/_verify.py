@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _blame
 from ._backprop import backprop, check_net, objective, prepare
+from ._checks import check_finite
 from ._losses import Loss, get_loss
 from ._report import (
     DEFAULT_RTOL,
@@ -238,22 +239,6 @@ def _verify_with_gradients(
         rules_fn=functools.partial(_network_rules, net, loss, params, x, y, rtol, **kw),
     )
     return report, g_manual, g_ref
-
-
-def check_finite(value: Any, name: str) -> None:
-    """No NaN or Inf in any floating leaf of ``value`` (a bad input, reported before
-    any comparison: a gradient check at a non-finite point says nothing); tracers,
-    whose values cannot be read, are let through."""
-    for path, leaf in jtu.tree_leaves_with_path(value):
-        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
-            continue
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
-            if bad:
-                raise ValueError(
-                    f"`{name}{jtu.keystr(path)}` holds NaN or Inf ({bad} of {np.size(leaf)} "
-                    "values): a bad input; a gradient check needs a finite point"
-                )
 
 
 def _network_rules(

@@ -21,6 +21,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._backprop import check_net, keeps_positions, objective, prepare
+from ._checks import check_finite
 from ._losses import Loss, get_loss
 from ._report import GradientMismatch, _json_float, _precision
 
@@ -463,6 +464,8 @@ def _check_curvature(
     from . import _curvature as curv
 
     net, loss = check_net(net), get_loss(loss)
+    for name, value in (("params", params), ("x", x), ("y", y)):
+        check_finite(value, name)
     kw = {"mask": mask, "dropout_key": dropout_key}
     ref = reference_ggn(net, loss, params, x, y, **kw)
     flat_params, _ = ravel_pytree(params)

@@ -372,7 +372,7 @@ def test_drafts_fail_usefully():
     assert "backward  ()" in str(crash) and "raised ValueError: unfinished" in str(crash)
 
 
-def test_verify_names_non_finite_inputs():
+def test_verify_and_check_curvature_name_non_finite_inputs():
     net = jbp.mlp([3, 2], "tanh")
     params = net.init(jax.random.key(0))
     x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
@@ -382,9 +382,10 @@ def test_verify_names_non_finite_inputs():
         ((params, x, y.at[0, 0].set(jnp.inf)), "`y` holds NaN or Inf (1 of 8 values)"),
         ((bad_params, x, y), "`params[0]['w']` holds NaN or Inf (1 of 6 values)"),
     ]
-    for args, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            jbp.verify(net, "mse", *args)
+    for check in (jbp.verify, jbp.check_curvature):
+        for args, message in cases:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                check(net, "mse", *args)
 
 
 # --- property tests over shapes and dtypes ------------------------------------------
