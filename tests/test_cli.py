@@ -438,6 +438,7 @@ def test_verify_help_describes_arbitration_and_curvature(capsys):
     assert "--curvature" in out and "--max-depth 3 --max-width 8" in out
 
 
+@pytest.mark.default_codegen
 def test_verify_lists_a_reference_limited_problem_and_exits_0(tmp_path, capsys):
     # Seed 18's first transformer: float32 jax.grad is off by more than the 1e-4
     # tolerance on a key weight whose gradient is ~1e-6 of the others (1.8e-4 on one
