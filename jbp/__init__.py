@@ -37,7 +37,6 @@ from ._bench import check_targets as check_targets
 from ._bench import format_benchmark as format_benchmark
 from ._bench import format_scaling as format_scaling
 from ._bench import format_targets as format_targets
-from ._check_vjp import check_vjp as check_vjp
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import save_checkpoint as save_checkpoint
@@ -102,6 +101,7 @@ from ._verify_curvature import CurvatureReport as CurvatureReport
 from ._verify_curvature import CurvatureRow as CurvatureRow
 from ._verify_curvature import check_curvature as check_curvature
 from ._verify_layer import check_layer as check_layer
+from ._verify_vjp import check_vjp as check_vjp
 from ._zoo import random_problem as random_problem
 from .layers import GRU as GRU
 from .layers import LSTM as LSTM

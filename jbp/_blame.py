@@ -4,9 +4,9 @@ When a network's gradients differ from autodiff, the first leaf that differs is
 usually upstream of the wrong rule (a wrong δ flows down to every layer below
 it). Here each layer is checked on its own, inside the network: given
 autodiff's δ at its output (``∂C/∂out``, from autodiff of the network's tail),
-its ``backward`` must return the ``δ_in`` and gradient that ``jax.vjp`` of
+its ``backward`` must return the ``δ_in`` and gradient that autodiff of
 that layer's own forward gives. The reference δ at every layer's output comes
-from one ``jax.vjp`` of the objective with a zero *probe* added to each
+from one autodiff pass (vjp) of the objective with a zero *probe* added to each
 layer's output (``∂C/∂probe`` is that δ); the same pass records each layer's
 input, params and context.
 
@@ -114,7 +114,7 @@ def _wrap(node: Any, path: str, reg: _Registry, nodes: dict[str, Any]) -> Any:
 
 
 def _rule(node: Any, params: Any, a: Array, context: Context, *, delta: Array) -> Any:
-    """The layer's own ``(grads, δ_in)`` for ``delta`` at its output, and ``jax.vjp``'s."""
+    """The layer's own ``(grads, δ_in)`` for ``delta`` at its output, and autodiff's."""
     _, cache = forward(node, params, a, context)
     grads, delta_in = node.backward(params, cache, delta)
     if takes_tokens(node):

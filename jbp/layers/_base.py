@@ -71,7 +71,7 @@ class Layer:
       needs (any pytree of arrays, or None).
     - ``backward(params, cache, delta_out) -> (grads, delta_in)``: the δ rule:
       ``delta_out = ∂C/∂out``, ``grads = ∂C/∂params`` (like params, summed over
-      the batch), ``delta_in = ∂C/∂a``. No ``jax.grad`` or ``jax.vjp``: the rule
+      the batch), ``delta_in = ∂C/∂a``. No autodiff: the rule
       is written by hand, and :func:`jbp.check_layer` and :func:`jbp.verify`
       compare it with autodiff.
     - ``output_shape(in_shape) -> out_shape``: one example's output shape,

@@ -39,17 +39,13 @@ import numpy as np
 
 from ._checks import check_key
 from ._report import DEFAULT_RTOL, FD_RTOL, LeafRow, Report, _precision, compare
-from ._verify import taylor_check
+from ._verify import _to64, taylor_check
 
 Array = jax.Array
 
 FD_STEP = 1e-5  # central-difference step, times max(1, |x_j|), in float64
 KINK = 1e-3  # one-sided differences further apart than this (relative to scale): a kink
 _ORACLES = ("autodiff", "finite differences")
-
-
-def _failed(path: str, shape: tuple[int, ...], note: str, oracle: str = "") -> LeafRow:
-    return LeafRow(path, None, shape, math.nan, math.nan, math.inf, False, False, note, oracle)
 
 
 def _functions(f: Any, reference: Any) -> tuple[Any, Any, str, tuple[int, ...], Any]:
@@ -205,14 +201,6 @@ def _phi(fn: Any, primals: tuple[Any, ...], diff: tuple[int, ...], ct: Any) -> C
     return phi
 
 
-def _to64(tree: Any) -> Any:
-    def cast(a: Any) -> Any:
-        floating = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
-        return a.astype(jnp.float64) if floating else a
-
-    return jtu.tree_map(cast, tree)
-
-
 def check_vjp(
     f: Any,
     *primals: Any,
@@ -320,7 +308,7 @@ def check_vjp(
         try:
             got = jax.jit(_vjp_fn(tested, args, diff_t))(d_args, ct)
         except Exception as e:
-            row = _failed("vjp", (), f"the hand-written VJP raised {type(e).__name__}: {e}")
+            row = LeafRow.failure("vjp", f"the hand-written VJP raised {type(e).__name__}: {e}")
             return _report((row,), kind, ref is not None, tol, dtype, precision, None, notes)
         by_leaf: dict[str, list[LeafRow]] = {path: [] for path in _leaf_paths(got, names)}
         taylor, kinks = None, dict[str, Any]()
@@ -351,7 +339,7 @@ def check_vjp(
                     by_leaf[row.path].insert(0, row)
     rows_out: list[LeafRow] = []
     for path, rows in by_leaf.items():
-        rows_out += rows or [_failed(path, (), "no oracle could check this leaf")]
+        rows_out += rows or [LeafRow.failure(path, "no oracle could check this leaf")]
     return _report(tuple(rows_out), kind, ref is not None, tol, dtype, precision, taylor, notes)
 
 
@@ -399,7 +387,7 @@ def _leaf_rows(
         g, w = _drop_float0(g), _drop_float0(w)
         if jtu.tree_structure(g) != jtu.tree_structure(w):  # type: ignore[operator]
             note = f"tree {jtu.tree_structure(g)} vs reference {jtu.tree_structure(w)}"
-            rows.append(_failed(name, (), note, _ORACLES[0]))
+            rows.append(LeafRow.failure(name, note, oracle=_ORACLES[0]))
             continue
         for path, a, b in zip(
             [name + jtu.keystr(p) for p, _ in jtu.tree_leaves_with_path(g)],
