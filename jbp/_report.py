@@ -72,6 +72,20 @@ class LeafRow:
     note: str = ""
     oracle: str = ""
 
+    @classmethod
+    def failure(
+        cls,
+        path: str,
+        note: str,
+        *,
+        shape: tuple[int, ...] = (),
+        layer: int | None = None,
+        oracle: str = "",
+    ) -> LeafRow:
+        """A row that failed before any error could be measured (a shape or tree
+        mismatch, a method that raised): errors NaN, relative error inf."""
+        return cls(path, layer, shape, math.nan, math.nan, math.inf, False, False, note, oracle)
+
     def to_json(self) -> dict[str, Any]:
         """The row as JSON-ready values (NaN and inf as strings)."""
         return {
@@ -100,7 +114,7 @@ class RuleCheck:
         for the loss's δ, ``"net"`` for the network's own combinator rule).
       layer: the layer's repr.
       rel_err: the worst relative error of its ``δ_in`` and gradient leaves, given
-        autodiff's δ at its output, against ``jax.vjp`` of its own forward.
+        autodiff's δ at its output, against autodiff of its own forward.
       ok: whether every leaf is within the tolerance.
       worst: the worst leaf, e.g. ``"grads['w']"`` or ``"delta_in"``.
     """
@@ -168,7 +182,7 @@ class Report:
     Attributes:
       rows: one :class:`LeafRow` per leaf, in tree order.
       names: ``(tested, reference)``, e.g. ``("manual (jbp.backprop)",
-        "autodiff (jax.grad)")``.
+        "autodiff …")``.
       rtol: the relative tolerance used.
       dtype: the reference's dtype name.
       precision: the matmul precision in effect.
@@ -223,7 +237,7 @@ class Report:
         the layer :func:`jbp.check_layer` checks), None when all agree or no single
         rule can be blamed. Walking backward from the output, it is the first layer
         whose ``backward``, given autodiff's δ at its output, returns a ``δ_in`` or a
-        gradient that differs from ``jax.vjp`` of that layer alone; a combinator is
+        gradient that differs from autodiff of that layer alone; a combinator is
         blamed only when none of its children is (its own rule is wrong)."""
         return blame(self.rules)
 
@@ -403,7 +417,7 @@ def compare(
 
     Args:
       tested: the gradient under test, e.g. from ``jbp.backprop``.
-      reference: the reference, e.g. from ``jax.grad``; errors are relative
+      reference: the reference, e.g. from autodiff; errors are relative
         to its scale.
       rtol: relative tolerance; default by dtype (see module docs).
       atol: a leaf also passes if ``max |a − b| ≤ atol`` (default 0: only
@@ -441,19 +455,8 @@ def compare(
         name = prefix + jtu.keystr(path)
         layer = _layer_of(path)
         if a.shape != b.shape:
-            rows.append(
-                LeafRow(
-                    name,
-                    layer,
-                    tuple(b.shape),
-                    math.nan,
-                    math.nan,
-                    math.inf,
-                    False,
-                    False,
-                    f"shape {tuple(a.shape)} vs reference {tuple(b.shape)}",
-                )
-            )
+            note = f"shape {tuple(a.shape)} vs reference {tuple(b.shape)}"
+            rows.append(LeafRow.failure(name, note, shape=tuple(b.shape), layer=layer))
             continue
         bitwise = a.dtype == b.dtype and a.tobytes() == b.tobytes()
         finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))

@@ -36,9 +36,12 @@ from ._report import (
 
 
 def _to64(tree: Any) -> Any:
+    """Every floating array leaf cast to float64; other leaves (integer arrays, Python
+    scalars and strings held fixed, float0 cotangents) as they are."""
+
     def cast(a: Any) -> Any:
-        a = jnp.asarray(a)
-        return a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+        floating = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+        return a.astype(jnp.float64) if floating else a
 
     return jtu.tree_map(cast, tree)
 

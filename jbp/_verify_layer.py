@@ -59,14 +59,10 @@ def _random_params(layer: Any, dtype: Any, rng: np.random.Generator) -> Any:
     return jtu.tree_map(fill, shapes)
 
 
-def _failed(name: str, note: str) -> LeafRow:
-    return LeafRow(name, None, (), math.nan, math.nan, math.inf, False, False, note)
-
-
 def _rows(tested: Any, reference: Any, prefix: str, rtol: float | None) -> tuple[LeafRow, ...]:
     if jtu.tree_structure(tested) != jtu.tree_structure(reference):  # type: ignore[operator]
         return (
-            _failed(
+            LeafRow.failure(
                 prefix,
                 f"tree {jtu.tree_structure(tested)} vs reference {jtu.tree_structure(reference)}",
             ),
@@ -316,7 +312,7 @@ def _missing(layer: Any, method: str) -> list[str]:
 
 
 def _raised(name: str, e: Exception) -> LeafRow:
-    return _failed(name, f"raised {type(e).__name__}: {e}")
+    return LeafRow.failure(name, f"raised {type(e).__name__}: {e}")
 
 
 def _compare_rules(
@@ -338,7 +334,7 @@ def _compare_rules(
         return [_raised("forward", e)], []
     if tuple(shape[1:]) != out_shape:
         note = f"forward gives {tuple(shape[1:])}, output_shape says {out_shape}"
-        return [_failed("output_shape", note)], []
+        return [LeafRow.failure("output_shape", note)], []
     notes: list[str] = []
     parts = ["backward"]
     if has_params(params):
