@@ -44,8 +44,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Hypothesis profiles: "ci" keeps the whole run within minutes on 2 cores
 # (tests give their example counts for 25 and scale them by max_examples / 25,
-# so ci runs 64% of them: 16, trimmed from 20 when the suite reached 15 min); "thorough" is for long sweeps
-# (HYPOTHESIS_PROFILE=thorough pytest).
+# so ci runs 64% of them: 16, trimmed from 20 when the suite reached 15 min);
+# "thorough" is for long sweeps (HYPOTHESIS_PROFILE=thorough pytest).
 _common = dict(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
