@@ -1,12 +1,14 @@
-"""A tiny dependency-free progress bar on stderr, for the CLI and scripts.
+"""Progress on stderr for the CLI and scripts: a tqdm bar on a terminal, plain
+lines in a log.
 
-On a terminal (and ``quiet`` off) it is one line, redrawn in place with ``\\r``::
+On a terminal (and ``quiet`` off) it is a `tqdm <https://tqdm.github.io>`_ bar,
+redrawn in place and erased when the work ends::
 
-    verify float32  137/500  27%  [#####...............]  2.4/s  ETA 2m31s  1 failed
+    verify float32:  27%|██▋       | 137/500 [00:57<02:31,  2.40problems/s, 1 failed]
 
-Off a terminal (a log file, a pipe, CI) it draws nothing, unless ``log_every``
-is given: then it writes a plain line every ``log_every`` seconds, and one at
-the end if it wrote any, so a log shows signs of life without ``\\r`` noise::
+Off a terminal (a log file, a pipe, CI) it never writes a carriage return:
+every ``log_every`` seconds (10 by default) it writes one plain line, and one
+at the end if it wrote any, so a log of long work shows signs of life::
 
     verify float32: 40/120 problems (33%), 1 failed, 35s elapsed, ETA 1m10s
 
@@ -15,7 +17,7 @@ Use it around a loop, or wrap an iterable::
     with Progress(total=len(items), label="verify") as bar:
         for item in items:
             work(item)
-            bar.update()
+            bar.update(note="1 failed")
 
     for item in Progress(items, label="verify"):
         work(item)
@@ -23,13 +25,15 @@ Use it around a loop, or wrap an iterable::
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
-_BAR_WIDTH = 20
+from tqdm import tqdm
+
+# Seconds between two plain lines off a terminal, unless ``log_every`` says otherwise.
+LOG_EVERY = 10.0
 
 
 def format_duration(seconds: float) -> str:
@@ -49,8 +53,15 @@ def _is_tty(stream: Any) -> bool:
         return False
 
 
+class _Bar(tqdm):  # type: ignore[misc]
+    """tqdm without its monitor thread: a bar that is redrawn on every update
+    needs no watchdog, and no thread outlives the work."""
+
+    monitor_interval = 0
+
+
 class Progress:
-    """A progress bar: items done, percentage, items per second and ETA.
+    """Progress of a count of items: a tqdm bar on a terminal, plain lines off one.
 
     Args:
       iterable: optional iterable to wrap; iterating the bar yields its items
@@ -58,14 +69,15 @@ class Progress:
       total: the number of items (default ``len(iterable)`` when it has one);
         without it the bar shows the count and rate only.
       label: text before the counts.
-      quiet: never draw.
-      stream: where to draw (default ``sys.stderr``); the bar is drawn only
-        on a TTY.
+      quiet: write nothing.
+      stream: where to write (default ``sys.stderr``); the bar is drawn only
+        on a TTY, which tqdm is given as its ``file``.
       min_interval: least seconds between two redraws of the bar.
       log_every: off a TTY, write a plain line (:meth:`log_line`) every this
-        many seconds, and a last one when the count reaches ``total`` if any
-        was written; ``None`` (the default): write nothing off a TTY.
-      unit: the name of the items in plain lines, e.g. ``"problems"``.
+        many seconds (default :data:`LOG_EVERY`, 10 s), and a last one when the
+        count reaches ``total`` if any was written; ``None``: nothing off a TTY.
+      unit: the name of the items, e.g. ``"problems"`` (the bar's rate and the
+        plain lines use it).
     """
 
     def __init__(
@@ -77,7 +89,7 @@ class Progress:
         quiet: bool = False,
         stream: TextIO | None = None,
         min_interval: float = 0.1,
-        log_every: float | None = None,
+        log_every: float | None = LOG_EVERY,
         unit: str = "",
     ) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
@@ -95,16 +107,32 @@ class Progress:
         self.n = 0
         self.note = ""
         self._start = time.perf_counter()
-        self._last_draw = -float("inf")
-        self._drawn = 0  # characters on the line now
+        self._bar: tqdm | None = None
         self._last_log = 0.0  # seconds after the start of the last plain line
         self._logged = 0  # plain lines written
         self._logged_complete = False  # the last plain line is written
+        self._closed = False
+
+    def _open_bar(self) -> None:
+        if self.enabled and self._bar is None and not self._closed:
+            self._bar = _Bar(
+                total=self.total,
+                initial=self.n,
+                desc=self.label or None,
+                unit=self.unit or "it",
+                file=self.stream,
+                mininterval=self.min_interval,
+                miniters=1,
+                leave=False,  # erased at the end: the summary that follows stands alone
+                dynamic_ncols=True,
+            )
+            if self.note:
+                self._bar.set_postfix_str(self.note)
 
     def __enter__(self) -> Progress:
         self._start = time.perf_counter()
         self._last_log = 0.0
-        self._draw(force=True)
+        self._open_bar()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -114,6 +142,7 @@ class Progress:
         if self.iterable is None:
             raise TypeError("this Progress wraps no iterable; call update() instead")
         self._start = time.perf_counter()
+        self._open_bar()
         try:
             for item in self.iterable:
                 yield item
@@ -122,35 +151,33 @@ class Progress:
             self.close()
 
     def update(self, n: int = 1, *, note: str | None = None) -> None:
-        """Count ``n`` more items done; ``note`` replaces the text after the ETA."""
+        """Count ``n`` more items done; ``note`` replaces the text after the counts."""
         self.n += n
         if note is not None:
             self.note = note
-        self._draw(force=self.total is not None and self.n >= self.total)
+        if self.logging:
+            self._log()
+            return
+        self._open_bar()
+        if self._bar is not None:
+            if note is not None:
+                self._bar.set_postfix_str(note, refresh=False)
+            self._bar.update(n)
+            if self.total is not None and self.n >= self.total:
+                self._bar.refresh()  # the last count is drawn whatever the interval
 
     def line(self) -> str:
-        """The text of the bar as it would be drawn now."""
-        elapsed = time.perf_counter() - self._start
-        rate = self.n / elapsed if elapsed > 0 else 0.0
-        parts = [self.label] if self.label else []
-        if self.total:
-            frac = min(self.n / self.total, 1.0)
-            filled = round(frac * _BAR_WIDTH)
-            parts += [
-                f"{self.n}/{self.total}",
-                f"{100 * frac:3.0f}%",
-                "[" + "#" * filled + "." * (_BAR_WIDTH - filled) + "]",
-            ]
-        else:
-            parts.append(str(self.n))
-        parts.append(f"{rate:.3g}/s" if rate >= 0.1 or self.n == 0 else f"{1 / rate:.3g}s each")
-        if self.total and 0 < self.n < self.total and rate > 0:
-            parts.append(f"ETA {format_duration((self.total - self.n) / rate)}")
-        elif self.total and self.n >= self.total:
-            parts.append(f"in {format_duration(elapsed)}")
-        if self.note:
-            parts.append(self.note)
-        return "  ".join(parts)
+        """The text of the bar as tqdm would draw it now (without a width limit)."""
+        return str(
+            tqdm.format_meter(
+                self.n,
+                self.total,
+                time.perf_counter() - self._start,
+                prefix=self.label,
+                postfix=self.note or None,
+                unit=self.unit or "it",
+            )
+        )
 
     def log_line(self) -> str:
         """The plain line written off a terminal, e.g. ``verify float32: 40/120
@@ -187,25 +214,10 @@ class Progress:
             self._last_log = elapsed
             self._logged_complete = complete
 
-    def _draw(self, *, force: bool = False) -> None:
-        if self.logging:
-            self._log()
-            return
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self._last_draw < self.min_interval:
-            return
-        self._last_draw = now
-        columns = shutil.get_terminal_size((80, 24)).columns
-        text = self.line()[: max(columns - 1, 1)]
-        self.stream.write("\r" + text + " " * max(self._drawn - len(text), 0))
-        self.stream.flush()
-        self._drawn = len(text)
-
     def close(self) -> None:
-        """Erase the bar, leaving the cursor at the start of an empty line."""
-        if self.enabled and self._drawn:
-            self.stream.write("\r" + " " * self._drawn + "\r")
-            self.stream.flush()
-            self._drawn = 0
+        """Erase the bar (on a terminal), leaving the cursor at the start of an
+        empty line; off one, nothing more is written. Closing twice is harmless."""
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,9 +1,8 @@
 """End-to-end tests of the ``jbp`` command line through ``jbp.cli.main``, plus
-the random-problem sampler and the progress bar it uses."""
+the random-problem sampler (the progress bar's tests are in test_progress.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import subprocess
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 
 import jbp
-from jbp._progress import Progress
 from jbp.cli import _verify as verify_cli
 from jbp.cli import build_parser, main
 
@@ -317,61 +315,6 @@ def test_random_problem_params_from_init_and_restricted_activations():
 def test_random_problem_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         jbp.random_problem(np.random.default_rng(0), dtype=jnp.float32, **kwargs)
-
-
-# --- the progress bar -----------------------------------------------------------
-
-
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_draws_on_a_terminal_and_erases_itself():
-    stream = _Terminal()
-    items = list(Progress(range(3), label="work", stream=stream, min_interval=0.0))
-    assert items == [0, 1, 2]
-    text = stream.getvalue()
-    assert "\rwork  3/3  100%  [####################]" in text
-    assert "in 0s" in text
-    assert text.endswith("\r")  # erased: the line is blank again
-
-
-def test_progress_context_manager_shows_eta_and_note():
-    stream = _Terminal()
-    with Progress(total=4, label="verify", stream=stream, min_interval=0.0) as bar:
-        bar.update(note="1 failed")
-        assert "1/4" in bar.line() and "ETA " in bar.line() and "1 failed" in bar.line()
-    assert "1 failed" in stream.getvalue()
-
-
-@pytest.mark.parametrize(("stream", "quiet"), [(io.StringIO(), False), (_Terminal(), True)])
-def test_progress_is_silent_off_a_terminal_or_when_quiet(stream, quiet):
-    with Progress(total=2, stream=stream, quiet=quiet) as bar:
-        bar.update(2)
-    assert stream.getvalue() == ""
-
-
-def test_progress_writes_plain_lines_off_a_terminal_with_log_every():
-    stream = io.StringIO()
-    with Progress(total=3, label="verify", stream=stream, log_every=0.0, unit="problems") as bar:
-        bar.update(note="0 failed")
-        bar.update(2)
-        bar.update(0)  # complete already: no second last line
-    assert stream.getvalue().splitlines() == [
-        "verify: 1/3 problems (33%), 0 failed, 0s elapsed, ETA 0s",
-        "verify: 3/3 problems (100%), 0 failed, done in 0s",
-    ]
-    # No line before log_every seconds have passed, so no last line either; none
-    # when quiet; on a terminal, the bar and no plain lines.
-    for stream, quiet, every in [
-        (io.StringIO(), False, 60.0),
-        (io.StringIO(), True, 0.0),
-        (_Terminal(), False, 0.0),
-    ]:
-        with Progress(total=2, stream=stream, quiet=quiet, log_every=every) as bar:
-            bar.update(2)
-        assert "\n" not in stream.getvalue()
 
 
 def test_verify_arch_transformer_draws_transformers_and_attention_stacks(capsys):

@@ -80,9 +80,12 @@ JBP_XLA_CACHE=off turns the cache off. If JAX's own jax_compilation_cache_dir
 is set (JAX_COMPILATION_CACHE_DIR), that cache and its settings are used as
 they are.
 
-Progress: on a terminal, a bar on stderr; otherwise (a log file, a pipe, CI)
-a plain line on stderr every 10 s: problems done, failures, the worst error
-so far, time elapsed and left. --quiet prints neither.
+Progress: on a terminal, a tqdm bar on stderr; otherwise (a log file, a pipe,
+CI) a plain line on stderr every 10 s, never a carriage return: problems done,
+failures, the worst error so far, time elapsed and left. --quiet prints
+neither. --json also records every problem in the order verified ("problems":
+its dtype, index, family, status, worst leaf error and its dtype's worst error
+so far, tolerance, bitwise leaves and seconds).
 
 Reference-limited: a problem that fails against jax.grad (R1) is arbitrated
 with a second, independent reference R2: for float32, jit(jax.grad) of the
@@ -644,6 +647,36 @@ def _outcome_json(args: argparse.Namespace, o: _Outcome) -> dict[str, Any]:
     }
 
 
+def _worst(outcomes: list[_Outcome]) -> float:
+    """The largest error of ``outcomes``, a NaN counted as inf (0 for none)."""
+    return max((math.inf if math.isnan(o.rel_err) else o.rel_err for o in outcomes), default=0.0)
+
+
+def _problems_json(outcomes: list[_Outcome]) -> list[dict[str, Any]]:
+    """One record per problem in the order verified: its worst leaf error and the
+    worst error of its dtype so far (what the progress line showed after it)."""
+    records, worst = [], 0.0
+    for o in outcomes:
+        worst = max(worst, _worst([o]))
+        leaves = 0 if o.report is None else len(o.report.rows)
+        records.append(
+            {
+                "dtype": o.dtype,
+                "index": o.index,
+                "arch": o.arch,
+                "n_params": o.n_params,
+                "status": o.status,
+                "max_rel_err": o.rel_err,
+                "worst_so_far": worst,
+                "tolerance": None if o.report is None else o.report.rtol,
+                "leaves": leaves,
+                "bitwise_leaves": 0 if o.report is None else o.report.n_bitwise,
+                "seconds": o.seconds,
+            }
+        )
+    return records
+
+
 def _verify_dtype(args: argparse.Namespace, dtype: str) -> list[_Outcome]:
     """Problems 0 to ``args.count - 1`` in ``dtype``, with a progress bar on a
     terminal or a line every PROGRESS_EVERY seconds off one."""
@@ -660,8 +693,7 @@ def _verify_dtype(args: argparse.Namespace, dtype: str) -> list[_Outcome]:
             notes = [f"{sum(o.status == FAILED for o in done)} failed"]
             n_limited = sum(o.status == LIMITED for o in done)
             notes += [f"{n_limited} ref-limited"] * bool(n_limited)
-            worst = max(math.inf if math.isnan(o.rel_err) else o.rel_err for o in done)
-            notes.append(f"worst rel err {worst:.1e}")
+            notes.append(f"worst rel err {_worst(done):.1e}")
             bar.update(note=", ".join(notes))
     return done
 
@@ -757,6 +789,8 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "failures": [_outcome_json(args, o) for o in failures],
             "reference_limited": [_limited_json(args, o) for o in limited],
             "smallest_failure": None if smallest is None else _outcome_json(args, smallest),
+            # Per problem, in the order verified: its worst error and its dtype's worst so far.
+            "problems": [r for dtype in dtypes for r in _problems_json(outcomes[dtype])],
         }
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(json_safe(summary), f, indent=2, allow_nan=False)
