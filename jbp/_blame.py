@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._report import RuleCheck, compare
+from ._report import PRECISION, RuleCheck, compare
 from .layers import Parallel, Residual, Sequential, Tied
 from .layers._base import NO_CONTEXT, Context, forward, output_shape, takes_tokens
 
@@ -171,7 +171,7 @@ def rule_checks(
         out, _ = wrapped.forward(params, x, context)
         return tail(out), dict(reg.seen)
 
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision(PRECISION):
         jax.eval_shape(lambda: objective(None))
         order = list(reg.seen)  # the order the forwards finish (jit's dicts are sorted)
         zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in reg.shapes.items()}
@@ -211,7 +211,7 @@ def rule_checks(
 
 def loss_check(loss: Any, out: Array, y: Array, rtol: float | None) -> RuleCheck:
     """The loss's hand-written ``∂C/∂out`` against autodiff of the loss."""
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision(PRECISION):
         got = loss.batch_delta(out, y)
         want = jax.grad(lambda o: loss(o, y))(out)  # reference
     report = compare(got, want, rtol=rtol)

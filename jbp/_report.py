@@ -14,7 +14,25 @@ round-off), is measured against the largest leaf's scale instead. NaN or Inf
 in either side is always a failure.
 
 Default tolerances (``rel err ≤ rtol``), by the reference's dtype:
-float64 ``1e-9``, float32 ``1e-4``, float16/bfloat16 ``1e-2``.
+float64 ``1e-9``, float32 ``1e-4``, float16/bfloat16 ``1e-2``. They hold at
+full matmul precision, and every jbp check computes both sides at
+:data:`PRECISION` (``"highest"``), whatever the global default: GPUs run
+float32 matmuls and convolutions in TF32 by default (inputs rounded to 10
+mantissa bits, unit round-off 2⁻¹¹ ≈ 4.9e-4) and TPUs in one bfloat16 pass
+(2⁻⁸ ≈ 3.9e-3), which the float32 tolerance would call mismatches. The
+precision is recorded in every report (``precision``, its header and JSON).
+
+======================  =====================  ==================================
+reference dtype         default ``rtol``       under a lower matmul precision
+======================  =====================  ==================================
+float64                 1e-9                   same (no TF32/bf16 passes in f64;
+                                               TPUs have no native float64)
+float32                 1e-4                   only at ``"highest"``: compare
+                                               TF32 results with ``rtol≈1e-2``,
+                                               one-bf16-pass results ``≈5e-2``
+float16, bfloat16       1e-2                   same (the precision setting
+                                               governs 32-bit inputs only)
+======================  =====================  ==================================
 """
 
 from __future__ import annotations
@@ -30,6 +48,8 @@ import jax.tree_util as jtu
 import numpy as np
 
 DEFAULT_RTOL = {"float64": 1e-9, "float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
+# The matmul precision every check computes both of its sides at (jax.default_matmul_precision).
+PRECISION = "highest"
 FD_RTOL = 1e-6
 ZERO_ULPS = 100  # a leaf this many ulps of the largest leaf (or fewer) is zero to round-off
 TAYLOR_MIN_ORDER = 1.8
@@ -414,6 +434,13 @@ def compare(
     prefix: str = "params",
 ) -> Report:
     """Compare two gradient pytrees leaf by leaf.
+
+    The comparison itself runs on the host in float64; the report records the
+    matmul precision in effect where ``compare`` is called (the global default,
+    or a ``jax.default_matmul_precision`` context), as that of the gradients.
+    Default tolerances by the reference's dtype (at full precision; the
+    module docs give them under TF32 or bfloat16 passes): float64 ``1e-9``,
+    float32 ``1e-4``, float16 and bfloat16 ``1e-2``.
 
     Args:
       tested: the gradient under test, e.g. from ``jbp.backprop``.

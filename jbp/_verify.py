@@ -26,6 +26,7 @@ from ._losses import Loss, get_loss
 from ._report import (
     DEFAULT_RTOL,
     FD_RTOL,
+    PRECISION,
     ZERO_ULPS,
     FiniteDifferenceCheck,
     Report,
@@ -83,9 +84,9 @@ def finite_difference_checks(
 
     Params, ``x`` and real-valued ``y`` are cast to float64 (64-bit types are
     enabled for the duration). Directions are random unit vectors in
-    parameter space.
+    parameter space. Runs at matmul precision ``"highest"``.
     """
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), jax.default_matmul_precision(PRECISION):
         p64, x64, y64 = _to64(params), _to64(x), _to64(y)
         kw = {"mask": mask, "dropout_key": dropout_key}
         f = jax.jit(functools.partial(objective(net, loss), **kw))
@@ -148,9 +149,22 @@ def verify(
 ) -> Report:
     """Check ``jbp.backprop(net, loss)`` against ``jax.grad(jbp.objective(net, loss))``.
 
-    Both run under ``jax.default_matmul_precision("highest")`` (on GPU/TPU,
-    float32 matmuls would otherwise use TF32/bf16 passes); the report records
-    the precision and backend.
+    Both gradients (and the finite differences, and the blame's per-layer
+    checks) run under ``jax.default_matmul_precision("highest")``, whatever the
+    global default: on GPU/TPU, float32 matmuls and convolutions would otherwise
+    use TF32 or bfloat16 passes, whose round-off (~1e-3 relative) the float32
+    tolerance would report as mismatches. The report records the precision and
+    backend (``report.precision``, its header, ``to_json()``).
+
+    Default tolerances (relative to each leaf's scale, see :func:`jbp.compare`):
+
+    ======================  ============  =========================================
+    dtype of the problem    ``rtol``      precision
+    ======================  ============  =========================================
+    float64                 1e-9          any (float64 has no reduced passes)
+    float32                 1e-4          "highest" (always, in ``verify``)
+    float16, bfloat16       1e-2          any (bfloat16 8-, float16 11-bit significand)
+    ======================  ============  =========================================
 
     Args:
       net, loss: the network and loss (name or :class:`Loss`).
@@ -215,7 +229,7 @@ def _verify_with_gradients(
         check_finite(value, name)
     kw = {"mask": mask, "dropout_key": dropout_key}
     g_manual, g_ref = _gradients(net, loss, params, x, y, jit, **kw)
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision(PRECISION):
         report = compare(
             g_manual,
             g_ref,
@@ -247,13 +261,16 @@ def _verify_with_gradients(
 def _network_rules(
     net: Any, loss: Loss, params: Any, x: Any, y: Any, rtol: float | None, **kw: Any
 ) -> tuple[RuleCheck, ...]:
-    """Every layer's own rule in ``net`` and the loss's δ (see :attr:`Report.blame`)."""
-    b = prepare(net, loss, params, x, y, kw["mask"], kw["dropout_key"])
-    out, _ = jax.jit(net.forward)(params, b.x, b.context)
-    checks = _blame.rule_checks(
-        net, params, b.x, b.context, lambda o: b.loss(o, b.y), root_path="net", rtol=rtol
-    )
-    return (*checks, _blame.loss_check(b.loss, out, b.y, rtol))
+    """Every layer's own rule in ``net`` and the loss's δ (see :attr:`Report.blame`),
+    at matmul precision ``"highest"`` (this runs when a failed report's blame is
+    first read, outside :func:`verify`)."""
+    with jax.default_matmul_precision(PRECISION):
+        b = prepare(net, loss, params, x, y, kw["mask"], kw["dropout_key"])
+        out, _ = jax.jit(net.forward)(params, b.x, b.context)
+        checks = _blame.rule_checks(
+            net, params, b.x, b.context, lambda o: b.loss(o, b.y), root_path="net", rtol=rtol
+        )
+        return (*checks, _blame.loss_check(b.loss, out, b.y, rtol))
 
 
 REFERENCE_LIMITED = "reference-limited"
@@ -340,7 +357,7 @@ def _gradients(
     manual, reference = backprop(net, loss), jax.grad(objective(net, loss))  # reference
     if jit:
         manual, reference = jax.jit(manual), jax.jit(reference)
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision(PRECISION):
         return manual(params, x, y, **kw), reference(params, x, y, **kw)
 
 
@@ -356,7 +373,7 @@ def _second_reference(
     """R2: float64 jit(jax.grad) of the upcast problem for a float32 (or lower)
     problem; for float64, jax.grad in the other mode (eager if R1 was jitted)."""
     grad = functools.partial(jax.grad(objective(net, loss)), **kw)  # reference
-    with jax.enable_x64(True), jax.default_matmul_precision("highest"):
+    with jax.enable_x64(True), jax.default_matmul_precision(PRECISION):
         if dtype != "float64":
             return jax.device_get(jax.jit(grad)(_to64(params), _to64(x), _to64(y)))
         return jax.device_get(grad(params, x, y) if jit else jax.jit(grad)(params, x, y))

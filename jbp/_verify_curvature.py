@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 from ._backprop import check_net, keeps_positions, objective, prepare
 from ._checks import check_finite
 from ._losses import Loss, get_loss
-from ._report import GradientMismatch, _json_float, _precision
+from ._report import PRECISION, GradientMismatch, _json_float, _precision
 
 Array = jax.Array
 Params = Any
@@ -439,14 +439,15 @@ def check_curvature(
     the diagonal of ``jax.hessian(objective)`` (chains of Dense and Activation
     layers whose activations have ``f''``). ``rtol``: 1e-9 in float64, 1e-4 in
     float32 by default. ``mask`` and ``dropout_key`` as for :func:`jbp.backprop`.
-    Everything runs under ``jax.default_matmul_precision("highest")``.
+    Everything runs under ``jax.default_matmul_precision("highest")``, whatever
+    the global default (the report records it).
     References cost O(P²) memory: keep problems small.
 
     Returns:
       A :class:`CurvatureReport` (``ok``, ``raise_if_failed()``, ``format()``,
       ``rows``, ``to_json()``). It never raises on a mismatch.
     """
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision(PRECISION):
         return _check_curvature(net, loss, params, x, y, rtol, seed, mask, dropout_key)
 
 

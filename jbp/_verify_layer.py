@@ -20,7 +20,7 @@ import numpy as np
 from ._blame import rule_checks
 from ._checks import check_dtype, check_key
 from ._per_example import walk_quantity
-from ._report import DEFAULT_RTOL, LeafRow, Report, RuleCheck, _precision, compare
+from ._report import DEFAULT_RTOL, PRECISION, LeafRow, Report, RuleCheck, _precision, compare
 from .layers._base import (
     NO_CONTEXT,
     Context,
@@ -107,7 +107,9 @@ def check_layer(
     A layer that takes a context is checked per example against the Jacobian of
     its per-example outputs over the whole batch (``jax.jacrev``: one dropout
     draw, one mask, for the batch); any other layer against ``vmap`` of
-    ``jax.vjp`` over single examples.
+    ``jax.vjp`` over single examples. Both sides run under
+    ``jax.default_matmul_precision("highest")``, whatever the global default
+    (the report records it).
 
     Returns:
       A :class:`jbp.Report` whose rows are named by method and leaf:
@@ -154,7 +156,7 @@ def check_layer(
             lengths = rng.integers(1, t + 1, batch)
             mask = jnp.asarray(np.arange(t)[None] < lengths[:, None])
         context = Context(mask, jax.random.fold_in(key, 1))
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision(PRECISION):
         rows, notes = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol, context)
         precision = _precision()
     return Report(
@@ -183,7 +185,7 @@ def _layer_rules(
     place (:func:`jbp._blame.rule_checks`); a leaf layer, its own backward rows."""
     backward = [r for r in rows if r.path.startswith("backward")]
     if children(layer) and backward:
-        with jax.default_matmul_precision("highest"):
+        with jax.default_matmul_precision(PRECISION):
             return rule_checks(
                 layer, params, x, context, lambda o: jnp.sum(o * delta_out),
                 root_path="layer", rtol=rtol,

@@ -38,7 +38,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._checks import check_key
-from ._report import DEFAULT_RTOL, FD_RTOL, LeafRow, Report, _precision, compare
+from ._report import DEFAULT_RTOL, FD_RTOL, PRECISION, LeafRow, Report, _precision, compare
 from ._verify import _to64, taylor_check
 
 Array = jax.Array
@@ -244,7 +244,8 @@ def check_vjp(
       bitwise, ok. A rule that raises is a failed row with the exception's
       message; NaN or Inf on either side fails. A leaf no oracle could check
       (autodiff unavailable or not finite, finite differences off) fails too.
-      Everything runs under ``jax.default_matmul_precision("highest")``.
+      Everything runs under ``jax.default_matmul_precision("highest")``, whatever
+      the global default (the report records it).
 
     Raises:
       TypeError, ValueError: bad arguments (named), before anything is traced;
@@ -291,8 +292,11 @@ def check_vjp(
         raise ValueError("no floating argument to differentiate: every primal is integer or fixed")
     diff_t = tuple(diff)
     d_args = tuple(args[i] for i in diff_t)
-    try:
-        out = jax.eval_shape(lambda d: _vjp_fn(tested, args, diff_t, forward_only=True)(d), d_args)
+    try:  # traced at the precision of the check, as everything below
+        with jax.default_matmul_precision(PRECISION):
+            out = jax.eval_shape(
+                lambda d: _vjp_fn(tested, args, diff_t, forward_only=True)(d), d_args
+            )
     except Exception as e:
         raise ValueError(f"`f` cannot be called on the primals: {type(e).__name__}: {e}") from e
     if not any(jnp.issubdtype(o.dtype, jnp.floating) for o in jtu.tree_leaves(out)):
@@ -303,7 +307,7 @@ def check_vjp(
     tol = float(rtol) if rtol is not None else max(DEFAULT_RTOL.get(d.name, 1e-4) for d in dtypes)
     names = [_arg_name(named, i) for i in diff_t]
 
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision(PRECISION):
         precision = _precision()
         try:
             got = jax.jit(_vjp_fn(tested, args, diff_t))(d_args, ct)

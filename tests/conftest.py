@@ -7,11 +7,25 @@ import sys
 import tempfile
 from xml.etree import ElementTree
 
-# Four simulated CPU devices for the sharding tests; XLA reads the flag when
-# JAX starts its backend, which no import below does.
+# Four simulated CPU devices for the sharding tests (they pin jax.devices("cpu"),
+# so a GPU/TPU machine has them too); XLA reads the flag when JAX starts its
+# backend, which no import below does. An explicit flag wins: e.g.
+# XLA_FLAGS=--xla_force_host_platform_device_count=1 shows what a one-device
+# machine skips (each skip says why).
 _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=4".strip()
+
+# Device-agnostic numerics: float32 matmuls at full precision on every backend
+# (GPUs default to TF32, TPUs to one bfloat16 pass; a CPU computes float32 either
+# way), so tolerances tuned on a CPU hold everywhere. Set in the environment, the
+# child processes that tests start inherit it; a test of lower-precision behaviour
+# sets its own (jax.config.update or jax.default_matmul_precision). Run the suite
+# with JAX_DEFAULT_MATMUL_PRECISION=default to see the device's own default.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# On a GPU, no process a test starts (the child pytest below, CLI subprocesses,
+# the two-process run) grabs 75% of the memory up front as JAX does by default.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 # `jbp verify` run in-process keeps no compiled programs on disk during tests (a
 # test that checks the cache sets its own directory).
@@ -40,6 +54,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from jbp import _activations  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# Again, in case a plugin imported JAX before the environment was set.
+jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Hypothesis profiles: "ci" keeps the whole run within minutes on 2 cores

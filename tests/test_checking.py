@@ -418,3 +418,41 @@ def test_vjp_inputs_bad_arguments_are_named():
     for shapes, kwargs, error, message in cases:
         with pytest.raises(error, match=re.escape(message)):
             jt.vjp_inputs(shapes, **kwargs)
+
+
+# --- precision -------------------------------------------------------------------
+
+
+def test_every_check_computes_and_records_highest_under_a_lower_global_default():
+    """On a GPU (TF32) or TPU (one bfloat16 pass) a float32 check at the device's
+    default would report round-off as mismatches: every check traces both of its
+    sides, and the blame's per-layer checks, at "highest", whatever the global
+    default, and says so in its report."""
+    seen = []
+
+    def probe(z):  # records the precision each side is traced at
+        seen.append(jax.config.jax_default_matmul_precision)
+        return jnp.tanh(z)
+
+    jbp.register_activation("precision_probe", probe, lambda z, out: 1 - out**2)
+    jbp.register_activation("precision_probe_bug", probe, lambda z, out: 1 - out)  # wrong
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    before = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "bfloat16")
+    try:
+        net = jbp.mlp([2, 3, 2], "precision_probe", final_activation="precision_probe_bug")
+        params = net.init(jax.random.key(0), jnp.float32)
+        report = jbp.verify(net, "half_sse", params, x, y)
+        curvature = jbp.check_curvature(net, "half_sse", params, x, y)
+        layer = jbp.check_layer(jbp.Activation("precision_probe"), (2,), dtype="float32")
+        assert report.blame == "layers[1]" and layer.ok  # the bug found, in its layer
+        reports = (report, curvature, layer, jbp.check_vjp(probe, F32((4,), jnp.float32)))
+        assert jax.config.jax_default_matmul_precision == "bfloat16"  # left as it was
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
+    assert seen and set(seen) == {"highest"}, seen
+    for r in reports:
+        assert r.precision == "highest" and r.to_json()["precision"] == "highest"
+        assert "matmul precision highest" in r.format().splitlines()[1 - (r is curvature)]

@@ -2,7 +2,10 @@
 
 Each process is started with ``--coordinator/--num-processes/--process-id`` (so
 ``jax.distributed.initialize`` with gloo collectives on CPU). Only process 0
-prints and writes the run folder; the result equals the one-process run.
+prints and writes the run folder; the result equals the one-process run. Both
+runs are pinned to the CPU (``JAX_PLATFORMS=cpu`` for the two processes, the
+CPU as default device for the one in this process), so a GPU/TPU machine runs
+the same test; the processes inherit conftest's XLA_PYTHON_CLIENT_PREALLOCATE.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jbp.cli import main
@@ -35,6 +39,7 @@ def _accuracy(text: str) -> str:
 
 def test_two_processes_train_like_one(tmp_path, capsys):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process: 2 devices
+    env["JAX_PLATFORMS"] = "cpu"  # simulated hosts, whatever accelerator this machine has
     port = _free_port()
     run_dir = tmp_path / "run"
     procs = [
@@ -55,7 +60,8 @@ def test_two_processes_train_like_one(tmp_path, capsys):
             pytest.fail("the two-process run did not finish in 240 s")
         assert p.returncode == 0, err
         outs.append(out)
-    assert main(ARGS) == 0
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert main(ARGS) == 0
     one_process = _accuracy(capsys.readouterr().out)
     assert _accuracy(outs[0]) == one_process
     assert "test accuracy" not in outs[1]  # process 1 prints nothing

@@ -1,5 +1,8 @@
 """Data parallelism on 4 simulated CPU devices (conftest sets the XLA flag): sharded
-results equal single-device ones, and the work really is split."""
+results equal single-device ones, and the work really is split. The meshes are
+pinned to ``jax.devices("cpu")``, so a GPU/TPU machine runs them too; the one
+test of ``jbp train --devices`` (which takes the default backend's devices)
+needs 4 of those."""
 
 from __future__ import annotations
 
@@ -18,13 +21,16 @@ from jbp.cli import main
 
 CPUS = jax.devices("cpu")
 N = 4
-pytestmark = pytest.mark.skipif(len(CPUS) < N, reason="needs 4 CPU devices (see conftest)")
+NEEDS_N_CPUS = f"needs {N} CPU devices, this process has {len(CPUS)} (conftest asks XLA for 4)"
+needs_n_cpus = pytest.mark.skipif(len(CPUS) < N, reason=NEEDS_N_CPUS)
 # Sharded vs one device: only the order of the batch sums differs.
 RTOL = {"float64": 1e-12, "float32": 2e-5}
 
 
 @pytest.fixture(scope="module")
 def mesh():
+    if len(CPUS) < N:
+        pytest.skip(NEEDS_N_CPUS)
     return jbp.make_mesh(CPUS[:N])
 
 
@@ -39,23 +45,30 @@ def _close(got, want, dtype):
     ).raise_if_failed()
 
 
-def test_make_mesh(mesh):
-    assert mesh.axis_names == ("data",) and mesh.devices.shape == (N,)
-    assert jbp.make_mesh(CPUS[:2], axis="batch").axis_names == ("batch",)
+def test_make_mesh():
+    mesh = jbp.make_mesh(CPUS[:1])
+    assert mesh.axis_names == ("data",) and mesh.devices.shape == (1,)
+    assert jbp.make_mesh(CPUS[-1:], axis="batch").axis_names == ("batch",)
     assert jbp.make_mesh().devices.size == len(jax.devices())
+    assert jbp.make_mesh(1).devices.tolist() == jax.devices()[:1]
+    for call, error, message in [
+        (
+            lambda: jbp.make_mesh(len(jax.devices()) + 1),
+            ValueError,
+            r"`devices` is \d+ but JAX sees \d+ \w+ device\(s\); on a CPU, set "
+            r"XLA_FLAGS=--xla_force_host_platform_device_count=",
+        ),
+        (lambda: jbp.make_mesh(0), ValueError, "`devices` must be at least 1, got 0"),
+        (lambda: jbp.make_mesh("all"), TypeError, "`devices` must be an int, a list of devices"),
+        (lambda: jbp.replicate({}, "mesh"), TypeError, "`mesh` must be a one-axis"),
+    ]:
+        with pytest.raises(error, match=message):
+            call()
 
 
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (
-            lambda m: jbp.make_mesh(len(jax.devices()) + 1),
-            ValueError,
-            r"`devices` is \d+ but JAX sees \d+ \w+ device\(s\); on a CPU, set "
-            r"XLA_FLAGS=--xla_force_host_platform_device_count=",
-        ),
-        (lambda m: jbp.make_mesh(0), ValueError, "`devices` must be at least 1, got 0"),
-        (lambda m: jbp.make_mesh("all"), TypeError, "`devices` must be an int, a list of devices"),
         (
             lambda m: jbp.shard_batch((jnp.ones((6, 2)), jnp.ones(6)), m),
             ValueError,
@@ -68,7 +81,6 @@ def test_make_mesh(mesh):
             r"different batch sizes \[4, 8\]",
         ),
         (lambda m: jbp.shard_batch(jnp.float32(1.0), m), ValueError, "holds a scalar"),
-        (lambda m: jbp.replicate({}, "mesh"), TypeError, "`mesh` must be a one-axis"),
         (lambda m: jbp.process_rows(10, m), ValueError, "the batch of 10 examples does not split"),
     ],
 )
@@ -77,11 +89,12 @@ def test_bad_arguments(mesh, call, error, message):
         call(mesh)
 
 
-def test_process_rows_single_process(mesh):
-    assert jbp.process_rows(12, mesh) == slice(0, 12)
+def test_process_rows_single_process():
+    assert jbp.process_rows(12, jbp.make_mesh(CPUS[:1])) == slice(0, 12)
     assert jbp.is_main_process()
 
 
+@needs_n_cpus
 @settings(max_examples=max(1, round(5 * settings.default.max_examples / 25)))
 @given(jt.problems(single=False, max_depth=3, max_width=10, max_batch=6))
 def test_sharded_gradients_and_per_example_quantities_equal_one_device(problem):
@@ -132,7 +145,8 @@ def test_fit_on_the_mesh_equals_fit_on_one_device(moons, mesh, dtype):
     assert len(moons.y_train) % 32 % N != 0
     net = jbp.mlp([2, 16, 2], "tanh")
     kwargs = dict(epochs=3, batch_size=32, seed=1, dtype=dtype, check_every=5)
-    one = jbp.fit(net, "softmax_xent", optax.adam(1e-2), moons, **kwargs)
+    with jax.default_device(CPUS[0]):  # the same backend as the mesh, on any machine
+        one = jbp.fit(net, "softmax_xent", optax.adam(1e-2), moons, **kwargs)
     many = jbp.fit(net, "softmax_xent", optax.adam(1e-2), moons, mesh=mesh, **kwargs)
     for leaf in jax.tree.leaves(many.state.params):
         assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == N
@@ -160,6 +174,11 @@ def test_data_parallel_step_splits_divisible_batches(mesh):
     jbp.compare(got_odd.params, want_odd.params, rtol=1e-6).raise_if_failed()
 
 
+@pytest.mark.skipif(
+    len(jax.devices()) < N,
+    reason=f"jbp train --devices {N} takes the default backend's devices: "
+    f"{len(jax.devices())} {jax.default_backend()} device(s) here",
+)
 def test_cli_train_on_four_devices(capsys):
     argv = [
         "train",
@@ -182,9 +201,12 @@ def test_cli_train_on_four_devices(capsys):
     ("argv", "message"),
     [
         (["--devices", "64"], "--devices: `devices` is 64 but JAX sees"),
-        (
+        pytest.param(
             ["--devices", "4", "--batch-size", "30"],
             "--batch-size 30 does not split evenly over --devices 4; use a multiple of 4",
+            marks=pytest.mark.skipif(
+                len(jax.devices()) < N, reason=f"needs {N} {jax.default_backend()} devices"
+            ),
         ),
     ],
 )

@@ -23,6 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache
 import jbp
 
 from .._progress import Progress, format_duration
+from .._report import PRECISION
 from .._verify import Arbitration, _verify_with_gradients, arbitrate
 from ._args import DTYPES, device, int_at_least, json_safe, loss_name, names_list, table
 
@@ -68,6 +69,12 @@ the share of bitwise-identical leaves is that of compiled code. Compiling the
 two gradients is most of the time (about 1 s per problem on a 2-core CPU);
 --no-jit runs them op by op, which is several times slower for random shapes
 (each operation compiles once per new shape) and measures eager numerics.
+
+Precision: every check (jbp, jax.grad, the float64 arbitration, curvature)
+runs its matmuls and convolutions at "highest", whatever the default set by
+jax_default_matmul_precision: a GPU's TF32 or a TPU's bfloat16 passes would
+otherwise make float32 round-off look like mismatches. The header and the JSON
+("precision") record it.
 
 Compilation cache: the compiled programs are kept in XLA's persistent
 compilation cache, so a second run of the same problems (the same seed and
@@ -722,6 +729,7 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         )
         print(
             f"mode {mode}, finite differences {'on' if args.finite_differences else 'off'}, "
+            f"matmul precision {PRECISION} (both sides, whatever the default), "
             f"backend {device()}, "
             f"jax {jax.__version__}, python {platform.python_version()}, "
             f"compilation cache {cache_text}"
@@ -782,6 +790,7 @@ def _run_verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "jit": args.jit,
             "finite_differences": args.finite_differences,
             "curvature": args.curvature,
+            "precision": PRECISION,  # every check's matmul precision (jbp and references)
             "backend": jax.default_backend(),
             "jax_version": jax.__version__,
             "jbp_version": jbp.__version__,
