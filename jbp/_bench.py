@@ -2,24 +2,39 @@
 
 Each function is compiled first (compile time reported separately), then all
 are timed interleaved, rotating the order each round, so that the noise of a
-shared machine hits them alike; each timed call follows an untimed call of
-the same function, so that one function's memory traffic does not land on the
-next one's time. The functions that materialise per-example gradients
-(gigabytes at batch 1024) are timed in a second phase, beside ``jax.grad``
-again. Every ratio is to ``jax.grad`` timed in the same phase of the run.
-Memory is XLA's static estimate for the compiled function (temporaries plus
-outputs, excluding the arguments), the same measure for every row.
+shared machine hits them alike. One sample is K back-to-back calls with one
+block at the end (``jax.block_until_ready`` on all K outputs), K calibrated per
+function so that a sample lasts at least ``MIN_SAMPLE_S`` (5 ms): on an
+accelerator one blocked call would time dispatch and synchronisation, not the
+computation. The reported time is the sample's time over K, per call. Each
+sample follows an untimed call of the same function, so that one function's
+memory traffic does not land on the next one's time. A ``dispatch floor`` row
+times a trivial jitted function of the same arguments the same way: the
+per-call overhead every row contains. The functions that materialise
+per-example gradients (gigabytes at batch 1024) are timed in a second phase,
+beside ``jax.grad`` again. Every ratio is to ``jax.grad`` timed in the same
+phase of the run.
+
+Memory: ``memory_mib`` is XLA's static estimate for the compiled function
+(temporaries plus outputs, excluding the arguments), the same measure for
+every row and every backend; ``peak_mib`` is the device's own count
+(``memory_stats()['peak_bytes_in_use']``) where the backend reports one (not
+on CPU, where it is None). See :func:`environment` for the record of the
+device, versions and matmul precision that every table carries.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib.metadata
 import itertools
 import math
+import platform
 import statistics
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -41,7 +56,16 @@ K = TypeVar("K", bound=Hashable)
 
 @dataclasses.dataclass(frozen=True)
 class BenchRow:
-    """One function at one batch size."""
+    """One function at one batch size.
+
+    ``median_ms`` and ``min_ms`` are per call, over the ``rounds`` samples of
+    ``calls`` back-to-back calls each; ``ratio`` is ``median_ms`` over
+    ``jax.grad``'s in the same phase of the run. ``memory_mib``: XLA's compiled
+    estimate (temporaries plus outputs); ``peak_mib``: the rise of the device's
+    ``peak_bytes_in_use`` over its ``bytes_in_use`` during the function's first
+    call (None where the backend reports no memory, as on CPU; NaN where the call
+    stayed under a high-water mark an earlier call had set).
+    """
 
     batch: int
     name: str
@@ -50,6 +74,229 @@ class BenchRow:
     ratio: float
     memory_mib: float
     rounds: int
+    min_ms: float = math.nan
+    calls: int = 1
+    peak_mib: float | None = None
+
+
+# --- the environment and the timing method, shared by every table -------------------
+
+#: A sample lasts at least this long: K back-to-back calls, K calibrated per function.
+MIN_SAMPLE_S = 0.005
+#: At most this many calls in one sample (a trivial function on a fast device).
+MAX_CALLS = 10_000
+#: The K outputs of a sample are held until its one block: at most this many bytes.
+HELD_BYTES = 256 * 2**20
+
+#: The matmul precisions a benchmark can run under (``jax.default_matmul_precision``).
+PRECISIONS = ("default", "high", "highest")
+#: The dtypes a benchmark takes; bfloat16 and float16 mean mixed precision.
+BENCH_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+#: The name of the row that times a trivial jitted function of the same arguments.
+DISPATCH_FLOOR = "dispatch floor"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def matmul_precision() -> str:
+    """The matmul precision in effect, lower case: ``"default"`` (also when unset),
+    ``"high"``, ``"highest"`` or another value of ``jax_default_matmul_precision``
+    (a ``jax.default_matmul_precision`` context included)."""
+    value = getattr(jax.config, "jax_default_matmul_precision", None)
+    return str(value).lower() if value is not None else "default"
+
+
+def environment() -> dict[str, Any]:
+    """The record every benchmark table carries: device, backend, versions, precision.
+
+    Call it where the timing runs (inside any ``jax.default_matmul_precision``
+    context), so that ``matmul_precision`` is the one in effect. On GPU and TPU
+    ``"default"`` lets XLA run float32 matmuls in TF32 or bf16 passes; on CPU it
+    is float32.
+
+    Returns:
+      A JSON-ready dict: ``device_kind`` (``jax.devices()[0].device_kind``),
+      ``backend``, ``device_count``, ``platform_version``, ``jax_version``,
+      ``jaxlib_version``, ``plugins`` (installed accelerator plugins and their
+      versions), ``matmul_precision``, ``x64``, ``python``, ``machine``.
+    """
+    dev = jax.devices()[0]
+    plugins = {
+        name: v
+        for name in ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "libtpu")
+        if (v := _version(name)) is not None
+    }
+    return {
+        "device_kind": dev.device_kind,
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "platform_version": str(getattr(dev.client, "platform_version", "")),
+        "jax_version": jax.__version__,
+        "jaxlib_version": _version("jaxlib"),
+        "plugins": plugins,
+        "matmul_precision": matmul_precision(),
+        "x64": bool(jax.config.read("jax_enable_x64")),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def format_environment(env: Mapping[str, Any]) -> str:
+    """One line of :func:`environment`'s record, for a table's text header."""
+    plugins = "".join(f", {k} {v}" for k, v in env["plugins"].items())
+    return (
+        f"device {env['device_kind']} × {env['device_count']}, backend {env['backend']}, "
+        f"jax {env['jax_version']}, jaxlib {env['jaxlib_version']}{plugins}, matmul precision "
+        f"{env['matmul_precision']}, {env['machine']}, python {env['python']}"
+    )
+
+
+def timing_method(sample_s: float = MIN_SAMPLE_S) -> str:
+    """The lines a table's text header gives on how it was timed and what memory shows."""
+    peak = _memory_stats() is not None
+    return (
+        f"per call: K back-to-back calls, one block at the end, K calibrated so that a "
+        f"sample lasts >= {sample_s * 1e3:g} ms; median and min over the rounds\n"
+        "est. MiB: XLA's compiled estimate (temporaries + outputs); peak MiB: "
+        + (
+            "the device's peak_bytes_in_use during the first call"
+            if peak
+            else "none (this backend reports no memory_stats)"
+        )
+    )
+
+
+def check_precision(precision: str | None) -> None:
+    """A clear error for a matmul precision the benchmarks do not take."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(
+            f"`precision` must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}"
+        )
+
+
+@contextlib.contextmanager
+def precision_context(precision: str | None) -> Iterator[None]:
+    """``jax.default_matmul_precision(precision)`` around compile and run; None leaves
+    the precision as JAX has it (``jax_default_matmul_precision``)."""
+    check_precision(precision)
+    if precision is None:
+        yield
+    else:
+        with jax.default_matmul_precision(precision):
+            yield
+
+
+def _check_dtype(dtype: Any) -> Any:
+    """The benchmark's dtype, checked: float32, float64 (with x64), bfloat16, float16."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in BENCH_DTYPES:
+        raise ValueError(f"`dtype` must be one of {', '.join(BENCH_DTYPES)}, got {dtype!r}")
+    if dt == jnp.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(
+            "`dtype` float64 needs jax_enable_x64 (jax.config.update('jax_enable_x64', True)), "
+            "which is off"
+        )
+    return dt
+
+
+def _memory_stats() -> dict[str, Any] | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # not every backend has it
+        return None
+    return stats or None
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jtu.tree_leaves(tree))
+
+
+def _run_calls(call: Callable[[], Any], k: int) -> float:
+    """Seconds for ``k`` back-to-back calls, one block at the end on all outputs."""
+    t0 = time.perf_counter()
+    outs = [call() for _ in range(k)]
+    jax.block_until_ready(outs)
+    return time.perf_counter() - t0
+
+
+def calibrate_calls(call: Callable[[], Any], sample_s: float = MIN_SAMPLE_S) -> int:
+    """K: how many back-to-back calls of ``call`` make a sample of at least ``sample_s``
+    seconds, from timed calls (1 first, then scaled), at most :data:`MAX_CALLS` and at
+    most what :data:`HELD_BYTES` of outputs allow."""
+    out_bytes = _nbytes(call())
+    cap = MAX_CALLS if out_bytes == 0 else max(1, min(MAX_CALLS, HELD_BYTES // out_bytes))
+    k = 1
+    while True:
+        elapsed = _run_calls(call, k)
+        if elapsed >= sample_s or k >= cap:
+            return k
+        k = min(cap, max(k + 1, math.ceil(1.2 * k * sample_s / max(elapsed, 1e-9))))
+
+
+def _dispatch_floor(args: tuple[Any, ...]) -> Callable[..., Any]:
+    """A trivial function of ``args`` (one element of the first floating leaf, plus 1),
+    to be jitted with every argument kept: its time is the per-call overhead."""
+
+    def floor(*a: Any) -> Any:
+        for leaf in jtu.tree_leaves(a):
+            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+                return jnp.ravel(leaf)[:1] + 1
+        return jnp.zeros((1,))
+
+    return floor
+
+
+def compile_calls(
+    calls: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]],
+) -> tuple[dict[str, Any], dict[str, float], dict[str, Callable[[], Any]]]:
+    """Compile each ``name: (fn, args)`` for its arguments: the compiled functions,
+    their compile seconds, and argument-free calls to time (not yet called; see
+    :func:`warm_up`). :data:`DISPATCH_FLOOR` is compiled with every argument kept."""
+    compiled: dict[str, Any] = {}
+    compile_s: dict[str, float] = {}
+    bound: dict[str, Callable[[], Any]] = {}
+    for name, (fn, args) in calls.items():
+        t0 = time.perf_counter()
+        jitted = jax.jit(fn, keep_unused=True) if name == DISPATCH_FLOOR else jax.jit(fn)
+        compiled[name] = jitted.lower(*args).compile()
+        compile_s[name] = time.perf_counter() - t0
+        bound[name] = functools.partial(compiled[name], *args)
+    return compiled, compile_s, bound
+
+
+def warm_up(
+    bound: Mapping[K, Callable[[], Any]], compiled: Mapping[K, Any]
+) -> dict[K, float | None]:
+    """Call each once (the warm-up), in ascending order of XLA's memory estimate, and
+    read the device's peak memory around each call: ``name: peak MiB`` (see
+    :class:`BenchRow`; None without ``memory_stats``)."""
+
+    def estimate(name: K) -> float:
+        m = _memory_mib(compiled[name])
+        return 0.0 if math.isnan(m) else m
+
+    peaks: dict[K, float | None] = {}
+    for name in sorted(bound, key=estimate):
+        before = _memory_stats()
+        jax.block_until_ready(bound[name]())
+        after = _memory_stats()
+        if before is None or after is None or "peak_bytes_in_use" not in after:
+            peaks[name] = None
+        elif after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", 0):
+            rise = after["peak_bytes_in_use"] - before.get("bytes_in_use", 0)
+            peaks[name] = rise / 2**20
+        else:
+            peaks[name] = math.nan
+    return peaks
 
 
 def _tree_norms(g: Any) -> jax.Array:
@@ -184,11 +431,23 @@ def _row(
     base: float,
     compile_s: Mapping[str, float],
     compiled: Mapping[str, Any],
+    calls: Mapping[str, int] | None = None,
+    peaks: Mapping[str, float | None] | None = None,
 ) -> BenchRow:
-    """One function's row: median time, ratio to ``base`` (jax.grad's median), memory."""
+    """One function's row: median and min time per call, ratio to ``base`` (jax.grad's
+    median), K, the compiled memory estimate and the device peak."""
     med = statistics.median(times)
     return BenchRow(
-        batch, name, compile_s[name], med * 1e3, med / base, _memory_mib(compiled[name]), len(times)
+        batch,
+        name,
+        compile_s[name],
+        med * 1e3,
+        med / base,
+        _memory_mib(compiled[name]),
+        len(times),
+        min(times) * 1e3,
+        1 if calls is None else calls[name],
+        None if peaks is None else peaks.get(name),
     )
 
 
@@ -198,21 +457,27 @@ def _time_interleaved(
     args: tuple[Any, ...],
     rounds: int,
     budget_s: float,
-) -> dict[K, list[float]]:
-    """Seconds per call of each function, timed in rotating order, round by round."""
+    sample_s: float = MIN_SAMPLE_S,
+) -> tuple[dict[K, list[float]], dict[K, int]]:
+    """Seconds per call of each function, timed in rotating order, round by round, and
+    K, the calls per sample: one sample is K back-to-back calls and one block."""
+    calls = {name: calibrate_calls(functools.partial(compiled[name], *args), sample_s)
+             for name in names}  # fmt: skip
     times: dict[K, list[float]] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0.0)
     for r in range(rounds):
         order = list(names[r % len(names) :]) + list(names[: r % len(names)])
         for name in order:
-            if len(times[name]) >= 3 and sum(times[name]) > budget_s:
+            if len(times[name]) >= 3 and spent[name] > budget_s:
                 continue
-            # An untimed call first: the timed one then starts from this
+            call = functools.partial(compiled[name], *args)
+            # An untimed call first: the timed ones then start from this
             # function's own memory state, not from the previous function's.
-            jax.block_until_ready(compiled[name](*args))
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled[name](*args))
-            times[name].append(time.perf_counter() - t0)
-    return times
+            jax.block_until_ready(call())
+            elapsed = _run_calls(call, calls[name])
+            spent[name] += elapsed
+            times[name].append(elapsed / calls[name])
+    return times, calls
 
 
 def benchmark(
@@ -227,6 +492,8 @@ def benchmark(
     budget_s: float = 10.0,
     only: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    precision: str | None = None,
+    sample_s: float = MIN_SAMPLE_S,
 ) -> list[BenchRow]:
     """Time jbp's gradient functions and their autodiff counterparts side by side.
 
@@ -247,52 +514,67 @@ def benchmark(
         these); or ``"lstm"``: ``Sequential([LSTM(32, 128, return_sequences=True),
         LSTM(128, 128), Dense(128, 10)])`` on ``(B, 32, 32)`` sequences, timing
         :data:`LSTM_BENCH_FUNCTIONS`.
-      batches: batch sizes to run (default 64, 256, 1024 for the MLP; 32, 128
-        for the CNN and the LSTM; 16, 64 for the transformer and the llama).
-      activation, loss, dtype: the problem.
-      rounds: interleaved timing rounds per batch size.
+      batches: batch sizes to run (default :func:`default_batches`: on CPU 64,
+        256, 1024 for the MLP; 32, 128 for the CNN and the LSTM; 16, 64 for the
+        transformer and the llama; four times as large on an accelerator).
+      activation, loss: the problem.
+      dtype: float32 or float64 (params and inputs), or bfloat16 / float16: mixed
+        precision, float32 params and inputs ``x`` in the low dtype, so every
+        layer computes in it with float32 accumulation (MLP and CNN only: the
+        token models would need a ``Cast`` after their embedding and the
+        recurrent layers have no mixed precision).
+      rounds: interleaved timing rounds (samples) per batch size.
       budget_s: a function stops being timed once it has 3 rounds and its
         timed calls have used this many seconds (keeps ``vmap(jax.grad)`` at large batches short).
-      only: restrict to these function names (``jax.grad`` is always run).
+      only: restrict to these function names (``jax.grad`` and the
+        :data:`DISPATCH_FLOOR` row always run).
       log: called with a line per finished batch size.
+      precision: ``"default"``, ``"high"`` or ``"highest"``: the
+        ``jax.default_matmul_precision`` for compiling and running (None: as it is).
+      sample_s: the shortest sample: K back-to-back calls are timed with one block.
 
     Returns:
-      One :class:`BenchRow` per function and batch size.
+      One :class:`BenchRow` per function and batch size, then the
+      :data:`DISPATCH_FLOOR` row of that batch size.
     """
     if arch not in ("mlp", "cnn", "transformer", "llama", "lstm"):
         raise ValueError(
             f"`arch` must be 'mlp', 'cnn', 'transformer', 'llama' or 'lstm', got {arch!r}"
         )
+    dtype = _check_dtype(dtype)
+    low = dtype.itemsize < 4
+    if low and arch not in ("mlp", "cnn"):
+        raise ValueError(
+            f"`dtype` {dtype.name} (mixed precision: float32 params, {dtype.name} inputs) "
+            f"is for arch 'mlp' and 'cnn', got arch {arch!r}"
+        )
+    check_precision(precision)
     in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
-        batches = (32, 128) if batches is None else batches
         only = CNN_BENCH_FUNCTIONS if only is None else only
     elif arch == "transformer":
         net, in_shape = _transformer(), (TRANSFORMER_LENGTH,)
-        batches = (16, 64) if batches is None else batches
         only = TRANSFORMER_BENCH_FUNCTIONS if only is None else only
     elif arch == "llama":
         net, in_shape = _llama(), (LLAMA_LENGTH,)
-        batches = (16, 64) if batches is None else batches
         only = LLAMA_BENCH_FUNCTIONS if only is None else only
     elif arch == "lstm":
         net, in_shape = _lstm(), LSTM_IN_SHAPE
-        batches = (32, 128) if batches is None else batches
         only = LSTM_BENCH_FUNCTIONS if only is None else only
     else:
         net, in_shape = mlp(list(sizes), activation), (sizes[0],)
-        batches = (64, 256, 1024) if batches is None else batches
+    batches = default_batches(arch) if batches is None else batches
     out_shape = net.output_shape(in_shape)
     classes = out_shape[-1]
-    params = net.init(jax.random.key(0), dtype)
+    params = net.init(jax.random.key(0), jnp.float32 if low else dtype)
     fns = _functions(net, loss, max_norm=1.0)
     if only is not None:
         unknown = set(only) - set(fns)
         if unknown:
             raise ValueError(f"unknown benchmark functions {sorted(unknown)}; known: {list(fns)}")
         fns = {k: v for k, v in fns.items() if k == "jax.grad" or k in only}
-    rows = []
+    rows: list[BenchRow] = []
     for batch in batches:
         if arch in ("transformer", "llama"):  # token ids in, next-token labels out
             x = jax.random.randint(jax.random.key(1), (batch, *in_shape), 0, classes)
@@ -309,29 +591,61 @@ def benchmark(
             if loss == "softmax_xent":
                 y = jnp.where(mask, y, -1)
         args = (params, x, y, mask)
-        compiled, compile_s = {}, {}
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            compiled[name] = jax.jit(fn).lower(*args).compile()
-            compile_s[name] = time.perf_counter() - t0
-            jax.block_until_ready(compiled[name](*args))  # warm-up
-        # Two phases, each with jax.grad as its own baseline: the functions
-        # that materialise B·P numbers allocate and free gigabytes, whose page
-        # faults would otherwise land on the fast functions timed beside them.
-        names = list(fns)
-        heavy = [n for n in names if n in MATERIALISING]
-        light = [n for n in names if n not in MATERIALISING]
-        for phase in (light, ["jax.grad", *heavy]) if heavy else (light,):
-            times = _time_interleaved(compiled, phase, args, rounds, budget_s)
-            base = statistics.median(times["jax.grad"])
-            for name in phase:
-                if name == "jax.grad" and phase is not light:
-                    continue
-                rows.append(_row(batch, name, times[name], base, compile_s, compiled))
-        rows[-len(names) :] = sorted(rows[-len(names) :], key=lambda r: names.index(r.name))
+        calls = {name: (fn, args) for name, fn in fns.items()}
+        calls[DISPATCH_FLOOR] = (_dispatch_floor(args), args)
+        with precision_context(precision):
+            compiled, compile_s, bound = compile_calls(calls)
+            peaks = warm_up(bound, compiled)
+            # Two phases, each with jax.grad as its own baseline: the functions
+            # that materialise B·P numbers allocate and free gigabytes, whose page
+            # faults would otherwise land on the fast functions timed beside them.
+            names = [*fns, DISPATCH_FLOOR]
+            heavy = [n for n in names if n in MATERIALISING]
+            light = [n for n in names if n not in MATERIALISING]
+            batch_rows = []
+            for phase in (light, ["jax.grad", *heavy]) if heavy else (light,):
+                times, k = _time_interleaved(bound, phase, (), rounds, budget_s, sample_s)
+                base = statistics.median(times["jax.grad"])
+                for name in phase:
+                    if name == "jax.grad" and phase is not light:
+                        continue
+                    batch_rows.append(
+                        _row(batch, name, times[name], base, compile_s, compiled, k, peaks)
+                    )
+        rows.extend(sorted(batch_rows, key=lambda r: names.index(r.name)))
         if log is not None:
-            log(format_benchmark([r for r in rows if r.batch == batch], header=False))
+            log(format_benchmark(rows[-len(names) :], header=False))
     return rows
+
+
+# Default batch sizes: on CPU, and four times as large on an accelerator, where the
+# CPU sizes are microseconds of work. Keys: (table, arch).
+_BATCHES: dict[tuple[str, str], tuple[int, ...]] = {
+    ("bench", "mlp"): (64, 256, 1024),
+    ("bench", "cnn"): (32, 128),
+    ("bench", "transformer"): (16, 64),
+    ("bench", "llama"): (16, 64),
+    ("bench", "lstm"): (32, 128),
+    ("curvature", "mlp"): (256,),
+    ("curvature", "cnn"): (32,),
+    ("dp", "mlp"): (256,),
+    ("dp", "cnn"): (32,),
+    ("dots", "mlp"): (256,),
+    ("dots", "cnn"): (256,),
+    ("dots", "transformer"): (256,),
+}
+#: How much larger the default batches are on an accelerator than on CPU.
+ACCELERATOR_BATCH_FACTOR = 4
+
+
+def default_batches(arch: str, table: str = "bench", backend: str | None = None) -> tuple[int, ...]:
+    """The default batch sizes of a benchmark table (``"bench"``, ``"curvature"``,
+    ``"dp"``, ``"dots"``) for ``arch`` on ``backend`` (default: JAX's): the CPU sizes,
+    times :data:`ACCELERATOR_BATCH_FACTOR` when the backend is not CPU."""
+    cpu = _BATCHES[table, arch]
+    if (backend or jax.default_backend()) == "cpu":
+        return cpu
+    return tuple(ACCELERATOR_BATCH_FACTOR * b for b in cpu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,18 +739,27 @@ def format_targets(checked: Sequence[tuple[BenchTarget, int, float, bool]]) -> s
 
 
 def format_benchmark(rows: Sequence[BenchRow], *, header: bool = True) -> str:
-    """A fixed-width table of :func:`benchmark` rows."""
+    """A fixed-width table of :func:`benchmark` rows: per call median and min ms, the
+    ratio to ``jax.grad``, compile seconds, XLA's estimate (``est. MiB``), the device
+    peak (``peak MiB``, ``-`` where the backend reports none), K calls per sample and
+    the rounds."""
+
+    def peak(r: BenchRow) -> str:
+        return "-" if r.peak_mib is None else f"{r.peak_mib:.1f}"
+
     lines = []
     if header:
         lines.append(
-            f"{'batch':>6}  {'function':<28} {'median ms':>10} {'× jax.grad':>10} "
-            f"{'compile s':>9} {'memory MiB':>10} {'rounds':>6}"
+            f"{'batch':>6}  {'function':<28} {'median ms':>10} {'min ms':>10} "
+            f"{'× jax.grad':>10} {'compile s':>9} {'est. MiB':>9} {'peak MiB':>9} "
+            f"{'K':>5} {'rounds':>6}"
         )
         lines.append("-" * len(lines[0]))
     for r in rows:
         lines.append(
-            f"{r.batch:>6}  {r.name:<28} {r.median_ms:>10.3f} {r.ratio:>10.2f} "
-            f"{r.compile_s:>9.2f} {r.memory_mib:>10.1f} {r.rounds:>6}"
+            f"{r.batch:>6}  {r.name:<28} {r.median_ms:>10.3f} {r.min_ms:>10.3f} "
+            f"{r.ratio:>10.2f} {r.compile_s:>9.2f} {r.memory_mib:>9.1f} {peak(r):>9} "
+            f"{r.calls:>5} {r.rounds:>6}"
         )
     return "\n".join(lines)
 
@@ -450,6 +773,8 @@ class ScalingRow:
     median_ms: float
     speedup: float  # time on the first device count (1 by default) / time on ``devices``
     rounds: int
+    min_ms: float = math.nan
+    calls: int = 1  # K, back-to-back calls per sample
 
 
 def benchmark_scaling(
@@ -461,12 +786,16 @@ def benchmark_scaling(
     loss: str = "softmax_xent",
     dtype: Any = jnp.float32,
     rounds: int = 20,
+    precision: str | None = None,
+    sample_s: float = MIN_SAMPLE_S,
 ) -> list[ScalingRow]:
     """Data-parallel scaling: the same global batch split over 1, 2, 4, … devices.
 
     Times ``jbp.backprop``, ``per_example_norms``, ``clipped_grad`` and an adam
     training step (``jbp.make_step``) with params replicated and the batch
-    sharded (:func:`jbp.shard_batch`), interleaved over device counts.
+    sharded (:func:`jbp.shard_batch`), interleaved over device counts, each
+    sample K back-to-back calls and one block (as :func:`benchmark`), and a
+    :data:`DISPATCH_FLOOR` row per device count.
 
     Args:
       sizes: MLP layer widths.
@@ -474,6 +803,8 @@ def benchmark_scaling(
       devices: device counts (default 1, 2, 4, … up to ``len(jax.devices())``).
       activation, loss, dtype: the problem.
       rounds: timing rounds.
+      precision: the ``jax.default_matmul_precision`` (None: as it is).
+      sample_s: the shortest sample.
 
     Returns:
       One :class:`ScalingRow` per device count and function.
@@ -483,6 +814,8 @@ def benchmark_scaling(
     from ._sharding import make_mesh, replicate, shard_batch
     from ._train import init_state, make_step
 
+    check_precision(precision)
+    dtype = _check_dtype(dtype)
     available = len(jax.devices())
     if devices is None:
         devices = [2**k for k in range(available.bit_length()) if 2**k <= available]
@@ -501,28 +834,44 @@ def benchmark_scaling(
         "train step (adam)": make_step(net, loss, opt, jit=False),
     }
     compiled, args = {}, {}
-    for n in devices:
-        mesh = make_mesh(n)
-        args[n] = (replicate(state, mesh), *shard_batch((x, y), mesh))
-        for name, fn in fns.items():
-            compiled[n, name] = jax.jit(fn).lower(*args[n]).compile()
-    keys = list(compiled)
-    bound = {k: (lambda k=k: compiled[k](*args[k[0]])) for k in keys}
-    times = _time_interleaved(bound, keys, (), rounds, budget_s=math.inf)
+    with precision_context(precision):
+        for n in devices:
+            mesh = make_mesh(n)
+            args[n] = (replicate(state, mesh), *shard_batch((x, y), mesh))
+            for name, fn in fns.items():
+                compiled[n, name] = jax.jit(fn).lower(*args[n]).compile()
+            floor = jax.jit(_dispatch_floor(args[n]), keep_unused=True)
+            compiled[n, DISPATCH_FLOOR] = floor.lower(*args[n]).compile()
+        keys = list(compiled)
+        bound = {k: functools.partial(compiled[k], *args[k[0]]) for k in keys}
+        for k in keys:
+            jax.block_until_ready(bound[k]())  # warm-up
+        times, calls = _time_interleaved(bound, keys, (), rounds, math.inf, sample_s)
     rows = []
     for n, name in keys:
         med = statistics.median(times[n, name])
         one = statistics.median(times[devices[0], name])
-        rows.append(ScalingRow(n, name, med * 1e3, one / med, len(times[n, name])))
+        rows.append(
+            ScalingRow(
+                n, name, med * 1e3, one / med, len(times[n, name]),
+                min(times[n, name]) * 1e3, calls[n, name],
+            )
+        )  # fmt: skip
     return rows
 
 
 def format_scaling(rows: Sequence[ScalingRow]) -> str:
     """A fixed-width table of :func:`benchmark_scaling` rows."""
-    lines = [f"{'devices':>7}  {'function':<28} {'median ms':>10} {'speedup':>8}"]
+    lines = [
+        f"{'devices':>7}  {'function':<28} {'median ms':>10} {'min ms':>10} {'speedup':>8} "
+        f"{'K':>5} {'rounds':>6}"
+    ]
     lines.append("-" * len(lines[0]))
     for r in rows:
-        lines.append(f"{r.devices:>7}  {r.name:<28} {r.median_ms:>10.3f} {r.speedup:>8.2f}")
+        lines.append(
+            f"{r.devices:>7}  {r.name:<28} {r.median_ms:>10.3f} {r.min_ms:>10.3f} "
+            f"{r.speedup:>8.2f} {r.calls:>5} {r.rounds:>6}"
+        )
     return "\n".join(lines)
 
 
@@ -659,29 +1008,32 @@ def benchmark_curvature(
     budget_s: float = 10.0,
     only: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    precision: str | None = None,
+    sample_s: float = MIN_SAMPLE_S,
 ) -> list[BenchRow]:
     """Time the curvature quantities and their autodiff routes beside ``jax.grad``.
 
     ``arch="mlp"``: the MLP 784-512-512-10 (relu, ``softmax_xent``, float32,
-    default batch 256); ``arch="cnn"``: the CNN of :func:`benchmark` (default
-    batch 32). Rows: :data:`CURVATURE_BENCH_FUNCTIONS` (``kfac (autodiff)`` and
+    default batch 256, 1024 on an accelerator); ``arch="cnn"``: the CNN of
+    :func:`benchmark` (default batch 32, 128 on an accelerator). Rows: :data:`CURVATURE_BENCH_FUNCTIONS` (``kfac (autodiff)`` and
     ``diag_hessian`` for the MLP only). MC rows use one sampled column. The
     autodiff routes: the same loss square-root columns sent through ``vmap``
     of per-example ``jax.grad`` (diagonals, K-FAC's G), ``jvp``∘Hessian∘``vjp``
     (GGN-vector product) and one Hessian-vector product (``jvp`` of
     ``jax.grad``; an exact Hessian diagonal by autodiff needs P of them).
-    Memory and ratios as in :func:`benchmark`; ``only`` restricts the rows
+    Timing (K calls per sample), memory, the :data:`DISPATCH_FLOOR` row, ratios
+    and ``precision`` as in :func:`benchmark`; ``only`` restricts the rows
     (``jax.grad`` always runs).
     """
     if arch not in ("mlp", "cnn"):
         raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    check_precision(precision)
     in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
-        batches = (32,) if batches is None else batches
     else:
         net, in_shape = mlp([784, 512, 512, 10], "relu"), (784,)
-        batches = (256,) if batches is None else batches
+    batches = default_batches(arch, "curvature") if batches is None else batches
     params = net.init(jax.random.key(0), jnp.float32)
     v = jtu.tree_map(
         lambda leaf: jax.random.normal(jax.random.key(3), leaf.shape, leaf.dtype), params
@@ -694,21 +1046,22 @@ def benchmark_curvature(
                 f"unknown curvature rows {sorted(unknown)}; known: {list(CURVATURE_BENCH_FUNCTIONS)}"
             )
         fns = {k: f for k, f in fns.items() if k == "jax.grad" or k in only}
-    names = list(fns)
+    names = [*fns, DISPATCH_FLOOR]
     rows: list[BenchRow] = []
     for batch in batches:
         x = jax.random.normal(jax.random.key(1), (batch, *in_shape), jnp.float32)
         y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
         args = (params, x, y, jax.random.key(4), v)
-        compiled, compile_s = {}, {}
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            compiled[name] = jax.jit(fn).lower(*args).compile()
-            compile_s[name] = time.perf_counter() - t0
-            jax.block_until_ready(compiled[name](*args))
-        times = _time_interleaved(compiled, names, args, rounds, budget_s)
+        calls = {name: (fn, args) for name, fn in fns.items()}
+        calls[DISPATCH_FLOOR] = (_dispatch_floor(args), args)
+        with precision_context(precision):
+            compiled, compile_s, bound = compile_calls(calls)
+            peaks = warm_up(bound, compiled)
+            times, k = _time_interleaved(bound, names, (), rounds, budget_s, sample_s)
         base = statistics.median(times["jax.grad"])
-        rows.extend(_row(batch, name, times[name], base, compile_s, compiled) for name in names)
+        rows.extend(
+            _row(batch, name, times[name], base, compile_s, compiled, k, peaks) for name in names
+        )
         if log is not None:
             log(format_benchmark([r for r in rows if r.batch == batch], header=False))
     return rows
@@ -772,23 +1125,6 @@ def _draws(sampler: Any, arrays: tuple[Any, ...]) -> Callable[[], Any]:
 DP_DRAWS = 8
 
 
-def compile_calls(
-    calls: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]],
-) -> tuple[dict[str, Any], dict[str, float], dict[str, Callable[[], Any]]]:
-    """Compile each ``name: (fn, args)`` for its arguments and warm it up: the compiled
-    functions, their compile seconds, and argument-free calls to time."""
-    compiled: dict[str, Any] = {}
-    compile_s: dict[str, float] = {}
-    bound: dict[str, Callable[[], Any]] = {}
-    for name, (fn, args) in calls.items():
-        t0 = time.perf_counter()
-        compiled[name] = jax.jit(fn).lower(*args).compile()
-        compile_s[name] = time.perf_counter() - t0
-        bound[name] = functools.partial(compiled[name], *args)
-        jax.block_until_ready(bound[name]())  # warm-up
-    return compiled, compile_s, bound
-
-
 def _cycle(compiled: Any, calls: list[tuple[Any, ...]]) -> Callable[[], Any]:
     """A call that runs ``compiled`` on the next of ``calls``' arguments, in turn."""
     turn = itertools.cycle(calls)
@@ -804,12 +1140,14 @@ def benchmark_dp(
     rounds: int = 30,
     budget_s: float = 10.0,
     log: Callable[[str], None] | None = None,
+    precision: str | None = None,
+    sample_s: float = MIN_SAMPLE_S,
 ) -> list[DPBench]:
     """Time a DP-SGD step (``jbp.make_dp_step``) beside a non-private ``jax.grad`` step.
 
     The network: ``arch="mlp"`` an MLP of ``sizes`` (relu; default 784-512-512-10,
-    batch 256), ``"cnn"`` the CNN of :func:`benchmark` on (32, 32, 3) images
-    (batch 32); ``softmax_xent``, float32, ``optax.adam(1e-3)`` in every step.
+    batch 256, 1024 on an accelerator), ``"cnn"`` the CNN of :func:`benchmark` on
+    (32, 32, 3) images (batch 32, 128 on an accelerator); ``softmax_xent``, float32, ``optax.adam(1e-3)`` in every step.
     Fixed data: ``dataset_size`` random normal inputs and random labels (default
     60000 for the MLP, 50000 for the CNN). At each expected batch E of ``batches``:
 
@@ -841,7 +1179,9 @@ def benchmark_dp(
       includes this.
 
     Every function is compiled and warmed up first, then all are timed
-    interleaved as in :func:`benchmark`; the ratios are to ``jax.grad step``.
+    interleaved as in :func:`benchmark` (K calls per sample, the
+    :data:`DISPATCH_FLOOR` row with the ``jax.grad step``'s arguments, memory,
+    ``precision``); the ratios are to ``jax.grad step``.
 
     Returns:
       One :class:`DPBench` per expected batch size.
@@ -853,13 +1193,13 @@ def benchmark_dp(
 
     if arch not in ("mlp", "cnn"):
         raise ValueError(f"`arch` must be 'mlp' or 'cnn', got {arch!r}")
+    check_precision(precision)
     in_shape: tuple[int, ...]
     if arch == "cnn":
         net, in_shape = _cnn(), CNN_IN_SHAPE
-        batches = (32,) if batches is None else batches
     else:
         net, in_shape = mlp(list(sizes), "relu"), (sizes[0],)
-        batches = (256,) if batches is None else batches
+    batches = default_batches(arch, "dp") if batches is None else batches
     n = DP_DATASET_SIZES[arch] if dataset_size is None else dataset_size
     classes = net.output_shape(in_shape)[-1]
     rng = np.random.default_rng(0)
@@ -923,37 +1263,42 @@ def benchmark_dp(
             "dp step, E rows": (dp, (state, x_e, y_e)),
             "jax.grad step, padded rows": (ref_step, (state, jnp.asarray(xp), jnp.asarray(yp))),
             "noise draw": (noise, (state,)),
+            DISPATCH_FLOOR: (_dispatch_floor((state, x_e, y_e)), (state, x_e, y_e)),
         }
         cycled = {
             "dp step, chunks of E/4": (dp_quarters, quarter_calls),
             "dp step, 4 chunks": (dp_acc, big_calls),
         }
-        compiled, compile_s, bound = compile_calls(device_rows)
-        for name, (fn, calls) in cycled.items():
-            t0 = time.perf_counter()
-            compiled[name] = jax.jit(fn).lower(*calls[0]).compile()
-            compile_s[name] = time.perf_counter() - t0
-            bound[name] = _cycle(compiled[name], calls)
-            for _ in calls:
-                jax.block_until_ready(bound[name]())  # warm-up
+        with precision_context(precision):
+            compiled, compile_s, bound = compile_calls(device_rows)
+            peaks = warm_up(bound, compiled)
+            for name, (fn, calls) in cycled.items():
+                t0 = time.perf_counter()
+                compiled[name] = jax.jit(fn).lower(*calls[0]).compile()
+                compile_s[name] = time.perf_counter() - t0
+                bound[name] = _cycle(compiled[name], calls)
+                for _ in calls:
+                    jax.block_until_ready(bound[name]())  # warm-up
 
-        def ref_steps(c: Any = compiled["jax.grad step"], batches: Any = parts) -> Any:
-            st = state
-            for xk, yk in batches:
-                st, metrics = c(st, xk, yk)
-            return st, metrics
+            def ref_steps(c: Any = compiled["jax.grad step"], batches: Any = parts) -> Any:
+                st = state
+                for xk, yk in batches:
+                    st, metrics = c(st, xk, yk)
+                return st, metrics
 
-        jax.block_until_ready(ref_steps())
-        bound["4 × jax.grad step"] = ref_steps
-        compiled["4 × jax.grad step"] = compiled["jax.grad step"]
-        compile_s["4 × jax.grad step"] = compile_s["jax.grad step"]
-        for name, sam in (("host: sampler.batch", sampler), ("host: sampler.batch, 4E", big)):
-            bound[name] = _draws(sam, (data_x, data_y))
-            compiled[name], compile_s[name] = None, 0.0
-        names = list(DP_BENCH_FUNCTIONS)
-        times = _time_interleaved(bound, names, (), rounds, budget_s)
+            jax.block_until_ready(ref_steps())
+            bound["4 × jax.grad step"] = ref_steps
+            compiled["4 × jax.grad step"] = compiled["jax.grad step"]
+            compile_s["4 × jax.grad step"] = compile_s["jax.grad step"]
+            for name, sam in (("host: sampler.batch", sampler), ("host: sampler.batch, 4E", big)):
+                bound[name] = _draws(sam, (data_x, data_y))
+                compiled[name], compile_s[name] = None, 0.0
+            names = [*DP_BENCH_FUNCTIONS, DISPATCH_FLOOR]
+            times, k = _time_interleaved(bound, names, (), rounds, budget_s, sample_s)
         base = statistics.median(times["jax.grad step"])
-        rows = tuple(_row(e, name, times[name], base, compile_s, compiled) for name in names)
+        rows = tuple(
+            _row(e, name, times[name], base, compile_s, compiled, k, peaks) for name in names
+        )
         result = DPBench(arch, n, e, len(mp), chunk, big.padded_size, rows)
         out.append(result)
         if log is not None:

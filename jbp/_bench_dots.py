@@ -16,15 +16,22 @@ from ._attribution import per_example_dots
 from ._backprop import objective
 from ._bench import (
     CNN_IN_SHAPE,
+    DISPATCH_FLOOR,
+    MIN_SAMPLE_S,
     TRANSFORMER_LENGTH,
     BenchRow,
     BenchTarget,
     _cnn,
+    _dispatch_floor,
     _row,
     _time_interleaved,
     _transformer,
+    check_precision,
     compile_calls,
+    default_batches,
     format_benchmark,
+    precision_context,
+    warm_up,
 )
 from ._losses import get_loss
 from ._train_shapley import shapley_step
@@ -75,12 +82,14 @@ def benchmark_dots(
     *,
     arch: str = "mlp",
     sizes: Sequence[int] = (784, 512, 512, 10),
-    batch: int = 256,
-    query: int = 256,
+    batch: int | None = None,
+    query: int | None = None,
     validation: int = 32,
     rounds: int = 20,
     budget_s: float = 10.0,
     log: Callable[[str], None] | None = None,
+    precision: str | None = None,
+    sample_s: float = MIN_SAMPLE_S,
 ) -> DotsBench:
     """Time ``per_example_dots`` and the in-run Shapley step beside autodiff.
 
@@ -94,7 +103,11 @@ def benchmark_dots(
       flattened and multiplied (``(batch + query)·P`` numbers);
     - ``jbp step``: a plain SGD training step (``jbp.make_step``, the δ equations);
     - ``shapley step``: the step of ``fit(..., shapley=...)`` with ``validation``
-      validation rows joining its pass (the values of its ``batch`` examples).
+      validation rows joining its pass (the values of its ``batch`` examples);
+    - :data:`DISPATCH_FLOOR`: a trivial function of ``jax.grad``'s arguments.
+
+    ``batch`` and ``query`` default to 256 (1024 on an accelerator). Timing (K calls
+    per sample), memory and ``precision`` as in :func:`jbp.benchmark`.
     """
     import optax
 
@@ -108,6 +121,9 @@ def benchmark_dots(
         net = _transformer()
     else:
         raise ValueError(f"`arch` must be 'mlp', 'cnn' or 'transformer', got {arch!r}")
+    check_precision(precision)
+    batch = default_batches(arch, "dots")[0] if batch is None else batch
+    query = batch if query is None else query
     loss = "softmax_xent"
     x, y = _data(arch, batch, 0, sizes[0], sizes[-1])
     xq, yq = _data(arch, query, 1, sizes[0], sizes[-1])
@@ -135,11 +151,17 @@ def benchmark_dots(
             (state, x, y, None, xv, yv, None),
         ),
     }
-    compiled, compile_s, bound = compile_calls(calls)
-    names = list(DOTS_BENCH_FUNCTIONS)
-    times = _time_interleaved(bound, names, (), rounds, budget_s)
+    grad_args = (state.params, x, y)
+    calls[DISPATCH_FLOOR] = (_dispatch_floor(grad_args), grad_args)
+    names = [*DOTS_BENCH_FUNCTIONS, DISPATCH_FLOOR]
+    with precision_context(precision):
+        compiled, compile_s, bound = compile_calls(calls)
+        peaks = warm_up(bound, compiled)
+        times, k = _time_interleaved(bound, names, (), rounds, budget_s, sample_s)
     base = statistics.median(times["jax.grad"])
-    rows = tuple(_row(batch, name, times[name], base, compile_s, compiled) for name in names)
+    rows = tuple(
+        _row(batch, name, times[name], base, compile_s, compiled, k, peaks) for name in names
+    )
     result = DotsBench(arch, batch, query, validation, rows)
     if log is not None:
         log(format_dots_benchmark(result))

@@ -841,7 +841,8 @@ def test_cli_verify_train_and_bench_llama(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "jbp bench: llama vocab 256, 128 features, 4 heads, 2 kv heads" in out
     summary = json.loads(path.read_text())
-    assert [r["name"] for r in summary["rows"]] == ["jax.grad", "per_example_norms"]
+    (run,) = summary["runs"]
+    assert [r["name"] for r in run["rows"]] == ["jax.grad", "per_example_norms", "dispatch floor"]
 
 
 @dataclasses.dataclass(frozen=True)
