@@ -108,6 +108,7 @@ from .layers import LSTM as LSTM
 from .layers import RNN as RNN
 from .layers import Activation as Activation
 from .layers import AvgPool as AvgPool
+from .layers import Cast as Cast
 from .layers import Cell as Cell
 from .layers import Context as Context
 from .layers import Conv as Conv

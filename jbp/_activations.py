@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._precision import is_low, widen
+
 Array = jax.Array
 _Fn = Callable[[Array], Array]
 _Derivative = Callable[[Array, Array], Array]
@@ -65,8 +67,19 @@ class ActivationFn:
             )
         return self.second_derivative(z, out)
 
+    def apply(self, z: Array) -> Array:
+        """``f(z)``; for low-precision ``z`` (bfloat16, float16) computed in float32 and
+        rounded once to ``z``'s dtype (mixed precision, see :mod:`jbp._precision`)."""
+        if is_low(z.dtype):
+            return self.f(z.astype(jnp.float32)).astype(z.dtype)
+        return self.f(z)
+
     def backward(self, g: Array, z: Array, out: Array) -> Array:
-        """δ = g ⊙ f'(z), where ``g`` is the gradient with respect to ``f(z)``."""
+        """δ = g ⊙ f'(z), where ``g`` is the gradient with respect to ``f(z)``; for a
+        low-precision ``g`` computed in float32 and returned in ``g``'s dtype."""
+        if is_low(g.dtype):
+            wide = [widen(v) for v in (g, z, out)]
+            return self.backward(*wide).astype(g.dtype)
         if self.delta is not None:
             return self.delta(g, z, out)
         return g * self.derivative(z, out)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._precision import is_low
 from ._protocol import (
     Context,
     ShapeError,
@@ -45,6 +46,13 @@ def check_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
             "jax.config.update('jax_enable_x64', True) first (or use float32)"
         )
     return dt
+
+
+def mixed_precision(params_dtype: Any, x_dtype: Any) -> bool:
+    """Whether float ``x`` of ``x_dtype`` with params of ``params_dtype`` is jbp's mixed
+    precision: float32 params with a low-precision (bfloat16, float16) ``x``, which then
+    sets the compute dtype (:mod:`jbp._precision`). Any other pair must match."""
+    return jnp.dtype(params_dtype) == jnp.float32 and is_low(x_dtype)
 
 
 def check_key(key: Any) -> None:
@@ -220,9 +228,15 @@ def check_x(net: Any, params: Any, x: Any) -> tuple[Array, bool]:
             f"x.astype({(params_dtype(params) or jnp.dtype('float32')).name})"
         )
     pdt = params_dtype(params)
-    if pdt is not None and dt != pdt:
+    if pdt is not None and dt != pdt and not mixed_precision(pdt, dt):
+        mixed = (
+            " (mixed precision takes float32 params with bfloat16 or float16 x)"
+            if is_low(dt) or is_low(pdt)
+            else ""
+        )
         raise TypeError(
-            f"`x` has dtype {dt.name} but params are {pdt.name}; cast x with x.astype({pdt.name})"
+            f"`x` has dtype {dt.name} but params are {pdt.name}; cast x with "
+            f"x.astype({pdt.name}){mixed}"
         )
     rank = example_rank(net)
     stated = getattr(net, "in_shape", None)

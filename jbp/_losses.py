@@ -40,6 +40,10 @@ the real target positions; δ_L, the Hessian square roots and Hessian-vector
 products are zero at padded positions. (An output without the sequence axis,
 e.g. a pooled ``(batch, classes)``, has no padded positions to remove.)
 
+Mixed precision: from low-precision outputs (bfloat16, float16) every built-in
+loss computes its value and δ_L in float32 (the value stays float32, δ_L is
+handed back in the outputs' dtype); curvature quantities are not mixed precision.
+
 Logit losses (``sigmoid_bce``, ``softmax_xent``) compute their value with
 softplus / logsumexp and their δ in the fused form ``σ(a) − y`` /
 ``softmax(a)·Σy − y``, never through ``log(σ(·))``.
@@ -56,6 +60,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+
+from ._precision import is_low, widen
 
 Array = jax.Array
 
@@ -387,6 +393,34 @@ def _softmax_hvp(a: Array, y: Array, u: Array, *, mask: Array | None = None) -> 
     return _token_weights(a, y, mask) * (pu - p * jnp.sum(pu, axis=-1, keepdims=True))
 
 
+def _in_float32(fn: Callable[..., Array], *, keep_dtype: bool) -> Callable[..., Array]:
+    """``fn(a, y, ...)`` computed in float32 when the outputs ``a`` are low precision
+    (mixed precision: bfloat16, float16 logits), its result in ``a``'s dtype when
+    ``keep_dtype`` (δ_L) or in float32 (the loss's value); the plain ``fn`` otherwise."""
+
+    @functools.wraps(fn)
+    def wrapped(a: Array, y: Array, *args: Any, **kw: Any) -> Array:
+        if not is_low(a.dtype):
+            return fn(a, y, *args, **kw)
+        out = fn(a.astype(jnp.float32), widen(y), *args, **kw)
+        return out.astype(a.dtype) if keep_dtype else out
+
+    return wrapped
+
+
+def _mixed(loss: Loss) -> Loss:
+    """A built-in loss whose value and δ_L compute in float32 from low-precision
+    outputs (δ_L handed back in the outputs' dtype)."""
+    return dataclasses.replace(
+        loss,
+        per_example=_in_float32(loss.per_example, keep_dtype=False),
+        delta=_in_float32(loss.delta, keep_dtype=True),
+        reduced_delta=None
+        if loss.reduced_delta is None
+        else _in_float32(loss.reduced_delta, keep_dtype=True),
+    )
+
+
 HALF_SSE = Loss(
     "half_sse",
     _half_sse,
@@ -441,6 +475,9 @@ SOFTMAX_XENT = Loss(
     masked=True,
 )
 
+HALF_SSE, MSE, SIGMOID_BCE, SOFTMAX_XENT = (
+    _mixed(loss) for loss in (HALF_SSE, MSE, SIGMOID_BCE, SOFTMAX_XENT)
+)
 _LOSSES = {loss.name: loss for loss in (HALF_SSE, MSE, SIGMOID_BCE, SOFTMAX_XENT)}
 
 

@@ -46,7 +46,7 @@ PUBLIC = [
     "diag_hessian", "KroneckerFactors", "check_curvature", "CurvatureReport", "CurvatureRow",
     "ZERO", "benchmark_curvature", "BENCH_TARGETS_CURVATURE", "CURVATURE_BENCH_FUNCTIONS",
     # modern transformers: gates, shared weights, padding, dropout
-    "Context", "Dropout", "GroupNorm", "Tied", "llama", "swiglu", "BENCH_TARGETS_LLAMA",
+    "Context", "Cast", "Dropout", "GroupNorm", "Tied", "llama", "swiglu", "BENCH_TARGETS_LLAMA",
     "LLAMA_BENCH_FUNCTIONS",
     # recurrent networks
     "RNN", "LSTM", "GRU", "Cell", "RNNCell", "LSTMCell", "GRUCell", "Recurrent", "Reverse",

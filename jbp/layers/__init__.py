@@ -2,7 +2,7 @@
 
 One module per family: ``_dense`` (Dense, Activation), ``_conv`` (Conv),
 ``_pool`` (MaxPool, AvgPool, GlobalAvgPool, Flatten), ``_norm`` (LayerNorm,
-RMSNorm, GroupNorm), ``_dropout`` (Dropout), ``_embedding`` (Embedding,
+RMSNorm, GroupNorm), ``_dropout`` (Dropout), ``_cast`` (Cast: mixed precision), ``_embedding`` (Embedding,
 PositionalEmbedding), ``_attention`` (MultiHeadAttention), ``_combinators``
 (Sequential, Residual, Parallel, mlp), ``_shared`` (Tied: shared weights), ``_recurrent`` (RNN, LSTM, GRU, the
 Cell protocol, Reverse, bidirectional),
@@ -18,6 +18,7 @@ from ._attention import MultiHeadAttention as MultiHeadAttention
 from ._base import Context as Context
 from ._base import Layer as Layer
 from ._base import ShapeError as ShapeError
+from ._cast import Cast as Cast
 from ._combinators import Parallel as Parallel
 from ._combinators import Residual as Residual
 from ._combinators import Sequential as Sequential

@@ -49,6 +49,7 @@ import numpy as np
 from jax import lax
 
 from .._checks import check_dtype, check_key
+from .._precision import accumulation, dot, total, widen
 from ._base import (
     NO_CONTEXT,
     Context,
@@ -209,8 +210,12 @@ class MultiHeadAttention(Factorised, Layer):
         return in_shape
 
     def _linear(self, params: Params, x: Array, name: str) -> Array:
-        z = jnp.matmul(x, params[f"w{name}"])
-        return z + last_axis(params[f"b{name}"], z.ndim) if self.bias else z
+        """``x w + b``: ``w`` cast to ``x``'s dtype, a float32 accumulator for low-precision
+        ``x`` (the bias added there), the result in ``x``'s dtype."""
+        w = params[f"w{name}"]
+        z = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulation(x.dtype))
+        z = z + last_axis(params[f"b{name}"], z.ndim) if self.bias else z
+        return z.astype(x.dtype)
 
     def _split(self, x: Array, name: str) -> Array:
         """Heads apart: q ``(batch, T, KV, G, D)``, k and v ``(batch, T, KV, D)``."""
@@ -222,8 +227,9 @@ class MultiHeadAttention(Factorised, Layer):
     def _rope(self, x: Array, inverse: bool = False) -> Array:
         if self.rope_theta is None:
             return x
-        cos, sin = rope_tables(x.shape[1], self._d, float(self.rope_theta), x.dtype)
-        return _rotate(x, cos, sin, inverse)
+        xw = widen(x)  # rotated in float32 under mixed precision
+        cos, sin = rope_tables(x.shape[1], self._d, float(self.rope_theta), xw.dtype)
+        return _rotate(xw, cos, sin, inverse).astype(x.dtype)
 
     def _allowed(self, t: int, mask: Array | None) -> Array | None:
         """Which scores are kept, broadcasting against ``(batch, KV, T, G, S)``: causal
@@ -239,7 +245,7 @@ class MultiHeadAttention(Factorised, Layer):
     def forward(self, params: Params, a: Array, context: Context = NO_CONTEXT) -> tuple[Array, Any]:
         q, k, v = (self._split(self._linear(params, a, n), n) for n in _PROJECTIONS)
         q, k = self._rope(q), self._rope(k)
-        s = lax.dot_general(q, k, _SCORES) * self._scale  # (batch, KV, T, G, S)
+        s = dot(q, k, _SCORES) * self._scale  # (batch, KV, T, G, S); float32 if mixed
         allowed = self._allowed(a.shape[1], context.mask)
         if allowed is not None:
             s = jnp.where(allowed, s, -jnp.inf)
@@ -248,22 +254,24 @@ class MultiHeadAttention(Factorised, Layer):
         # reduce-max derivative for autodiff references to trace, whose jitted form
         # returned NaN on XLA CPU for a 1-feature attention (jbp verify, problem 128).
         e = jnp.exp(s - lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-        p = e / jnp.sum(e, axis=-1, keepdims=True)
-        o = _query_major(lax.dot_general(p, v, _MIX)).reshape(a.shape)
+        p = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(a.dtype)
+        o = _query_major(dot(p, v, _MIX)).reshape(a.shape).astype(a.dtype)
         return self._linear(params, o, "o"), (a, q, k, v, p, o)
 
     def _deltas(self, params: Params, cache: Any, delta_out: Array) -> tuple[Array, ...]:
         """``(dq, dk, dv)`` as ``(batch, T, width)`` from ``δ = ∂C/∂out``."""
         _, q, k, v, p, _ = cache
-        d_o = self._split(lax.dot_general(delta_out, params["wo"], contract_last(3)), "q")
-        d_p = lax.dot_general(d_o, v, _SCORES)  # dO vᵀ: (batch, KV, T, G, S)
-        d_v = _key_major(lax.dot_general(p, d_o, _BACK_T))  # Σ_g Pᵀ dO
-        d_s = p * (d_p - jnp.sum(d_p * p, axis=-1, keepdims=True))
+        low = delta_out.dtype  # the compute dtype: δs stored in it, products in float32
+        d_o = self._split(dot(delta_out, params["wo"], contract_last(3)).astype(low), "q")
+        d_p = dot(d_o, v, _SCORES)  # dO vᵀ: (batch, KV, T, G, S)
+        d_v = _key_major(dot(p, d_o, _BACK_T)).astype(low)  # Σ_g Pᵀ dO
+        pw = widen(p)
+        d_s = pw * (d_p - jnp.sum(d_p * pw, axis=-1, keepdims=True))
         # Each row of dS sums to zero (softmax ignores a shift of its row); remove
         # what round-off leaves, or it reaches dQ through what all keys share (bk).
-        d_s = (d_s - p * jnp.sum(d_s, axis=-1, keepdims=True)) * self._scale
-        d_q = self._rope(_query_major(lax.dot_general(d_s, k, _MIX)), inverse=True)  # dS k
-        d_k = self._rope(_key_major(lax.dot_general(d_s, q, _BACK_T)), inverse=True)  # Σ_g dSᵀ q
+        d_s = ((d_s - pw * jnp.sum(d_s, axis=-1, keepdims=True)) * self._scale).astype(low)
+        d_q = self._rope(_query_major(dot(d_s, k, _MIX)).astype(low), inverse=True)  # dS k
+        d_k = self._rope(_key_major(dot(d_s, q, _BACK_T)).astype(low), inverse=True)  # Σ_g dSᵀ q
         b, t = delta_out.shape[:2]
         return d_q.reshape(b, t, -1), d_k.reshape(b, t, -1), d_v.reshape(b, t, -1)
 
@@ -273,14 +281,15 @@ class MultiHeadAttention(Factorised, Layer):
         deltas["o"] = delta_out
         inputs = {"q": a, "k": a, "v": a, "o": o}
         grads = {
-            f"w{n}": lax.dot_general(inputs[n], d, contract_leading(3)) for n, d in deltas.items()
+            f"w{n}": dot(inputs[n], d, contract_leading(3)).astype(params[f"w{n}"].dtype)
+            for n, d in deltas.items()
         }
         if self.bias:
-            grads.update({f"b{n}": jnp.sum(d, axis=(0, 1)) for n, d in deltas.items()})
-        q, k, v = (
-            lax.dot_general(deltas[n], params[f"w{n}"], contract_last(3)) for n in _PROJECTIONS
-        )
-        return grads, q + k + v
+            grads.update(
+                {f"b{n}": total(d, (0, 1)).astype(params[f"b{n}"].dtype) for n, d in deltas.items()}
+            )
+        q, k, v = (dot(deltas[n], params[f"w{n}"], contract_last(3)) for n in _PROJECTIONS)
+        return grads, (q + k + v).astype(delta_out.dtype)
 
     def _linear_tangent(
         self, params: Params, params_dot: Any, x: Array, x_dot: Any, name: str
@@ -314,10 +323,11 @@ class MultiHeadAttention(Factorised, Layer):
         return self._linear_tangent(params, params_dot, o, o_dot, "o")
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
-        a, o = cache[0], cache[5]
+        a, o = widen(cache[0]), widen(cache[5])  # factors in float32 under mixed precision
         b, f = a.shape[0], self.features
         deltas = dict(zip(_PROJECTIONS, self._deltas(params, cache, delta_out), strict=True))
         deltas["o"] = delta_out
+        deltas = {n: widen(d) for n, d in deltas.items()}
         rows = {"q": a, "k": a, "v": a, "o": o}
         factors: dict[str, Any] = {}
         for n, d in deltas.items():

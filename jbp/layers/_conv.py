@@ -33,6 +33,7 @@ from jax import lax
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
+from .._precision import accumulation, total, widen
 from .._protocol import example_axes
 from . import _window as win
 from ._base import Layer, Params, Shape, ShapeError, positive_int, positive_ints
@@ -170,12 +171,13 @@ class Conv(Affine, Factorised, Layer):
         data, kernel, _ = self._specs()
         return lax.conv_general_dilated(
             a,
-            w,
+            w.astype(a.dtype),
             window_strides=self.stride,
             padding=self._pads(a.shape[1:-1]),
             rhs_dilation=self.dilation,
             dimension_numbers=_dn(data, kernel, data),
             feature_group_count=self.groups,
+            preferred_element_type=accumulation(a.dtype),
         )
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
@@ -220,14 +222,15 @@ class Conv(Affine, Factorised, Layer):
                 rhs_dilation=self.stride,
                 dimension_numbers=_dn(swapped, swapped, (n, n + 1, *range(n))),
                 batch_group_count=self.groups,
-            )
+                preferred_element_type=accumulation(a.dtype),
+            ).astype(params["w"].dtype)
         }
         if self.bias:
-            grads["b"] = jnp.sum(delta, axis=tuple(range(n + 1)))
+            grads["b"] = total(delta, tuple(range(n + 1))).astype(params["b"].dtype)
 
         # ∂C/∂a: δ dilated by the stride, against the flipped kernel with its
         # channel roles swapped (the group axis moved into the output channels).
-        w = params["w"]
+        w = params["w"].astype(delta.dtype)
         if self.groups > 1:
             g = self.groups
             w = w.reshape(*w.shape[:-1], g, w.shape[-1] // g)  # (*K, I/g, g, O/g)
@@ -252,7 +255,8 @@ class Conv(Affine, Factorised, Layer):
             rhs_dilation=self.dilation,
             dimension_numbers=_dn(data, (n, n + 1, *range(n)), data),
             feature_group_count=self.groups,
-        )
+            preferred_element_type=accumulation(delta.dtype),
+        ).astype(delta.dtype)
         if any(lo < 0 or hi < 0 for lo, hi in a_pad):
             start = (0, *(max(-lo, 0) for lo, _ in a_pad), 0)
             delta_in = lax.slice(
@@ -279,8 +283,8 @@ class Conv(Affine, Factorised, Layer):
         return tuple(v.reshape(b, -1, g, self.in_channels // g) for v in views)
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
-        a = cache[0]
-        delta = self._delta(cache, delta_out)
+        a = widen(cache[0])  # factors in float32 under mixed precision
+        delta = widen(self._delta(cache, delta_out))
         b = a.shape[0]
         d = delta.reshape(b, -1, self.groups, self.out_channels // self.groups)
         factors: dict[str, Any] = {"w": Outer(self.patches(a), d, tuple(params["w"].shape))}

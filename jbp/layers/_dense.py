@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
-from jax import lax
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
+from .._precision import accumulation, dot, total, widen
 from ._base import Layer, Params, Shape, ShapeError, add_tangents, last_axis
 from ._factors import Elementwise, Factorised, Outer
 
@@ -49,9 +49,12 @@ class Affine:
     bias: bool
 
     def _activate(self, params: Params, a: Array, z: Array) -> tuple[Array, Any]:
+        """``z`` is the linear part, accumulated in float32 for low-precision ``a``:
+        the bias is added there and the sum rounded once to ``a``'s dtype."""
         if self.bias:
             z = z + last_axis(params["b"], z.ndim)
-        out = get_activation(self.activation).f(z)
+        z = z.astype(a.dtype)
+        out = get_activation(self.activation).apply(z)
         return out, (a, z, out)
 
     def _delta(self, cache: Any, delta_out: Array) -> Array:
@@ -129,7 +132,9 @@ class Dense(Affine, Factorised, Layer):
         return (*in_shape[:-1], self.fan_out)
 
     def _linear(self, a: Array, w: Array) -> Array:
-        return jnp.matmul(a, w)
+        """``a @ w`` (``w`` cast to ``a``'s dtype, a float32 accumulator and result for
+        low-precision ``a``)."""
+        return jnp.matmul(a, w.astype(a.dtype), preferred_element_type=accumulation(a.dtype))
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
         return self._activate(params, a, self._linear(a, params["w"]))
@@ -137,15 +142,16 @@ class Dense(Affine, Factorised, Layer):
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         a = cache[0]
         delta = self._delta(cache, delta_out)
-        grads = {"w": lax.dot_general(a, delta, contract_leading(a.ndim))}
+        w = params["w"]
+        grads = {"w": dot(a, delta, contract_leading(a.ndim)).astype(w.dtype)}
         if self.bias:
-            grads["b"] = jnp.sum(delta, axis=tuple(range(delta.ndim - 1)))
-        delta_in = lax.dot_general(delta, params["w"], contract_last(delta.ndim))
+            grads["b"] = total(delta, tuple(range(delta.ndim - 1))).astype(params["b"].dtype)
+        delta_in = dot(delta, w, contract_last(delta.ndim)).astype(delta.dtype)
         return grads, delta_in
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
-        a = cache[0]
-        delta = self._delta(cache, delta_out)
+        a = widen(cache[0])  # factors in float32 under mixed precision
+        delta = widen(self._delta(cache, delta_out))
         b = a.shape[0]
         d = delta.reshape(b, -1, 1, self.fan_out)
         factors: dict[str, Any] = {
@@ -179,7 +185,7 @@ class Activation(Layer):
         return tuple(in_shape)
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        out = get_activation(self.name).f(a)
+        out = get_activation(self.name).apply(a)
         return out, (a, out)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:

@@ -23,6 +23,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 
 from .._checks import check_dtype, check_key
+from .._precision import total, widen
 from ._base import Layer, Params, Shape, ShapeError, positive_int
 from ._factors import Factorised, Gather
 
@@ -86,8 +87,10 @@ class Embedding(Factorised, Layer):
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Any]:
         tokens = cache
-        delta = _nan_outside(delta_out, self._outside(tokens))
-        table = jnp.zeros_like(params["table"]).at[jnp.clip(tokens, 0, self.vocab - 1)].add(delta)
+        table = params["table"]
+        # δ added in the table's dtype (float32 under mixed precision)
+        delta = _nan_outside(delta_out.astype(table.dtype), self._outside(tokens))
+        table = jnp.zeros_like(table).at[jnp.clip(tokens, 0, self.vocab - 1)].add(delta)
         return {"table": table}, None
 
     def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
@@ -96,7 +99,7 @@ class Embedding(Factorised, Layer):
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
         tokens = jnp.clip(cache, 0, self.vocab - 1)
-        delta = _nan_outside(delta_out, self._outside(cache))
+        delta = _nan_outside(widen(delta_out), self._outside(cache))
         return {
             "table": Gather(
                 tokens.reshape(tokens.shape[0], -1),
@@ -161,11 +164,12 @@ class PositionalEmbedding(Factorised, Layer):
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
         t = a.shape[1]
-        return a + params["table"][None, :t], None
+        return (a + params["table"][None, :t]).astype(a.dtype), None
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         t = delta_out.shape[1]
-        table = jnp.zeros_like(params["table"]).at[:t].set(jnp.sum(delta_out, axis=0))
+        rows = total(delta_out, 0).astype(params["table"].dtype)  # float32 sum if mixed
+        table = jnp.zeros_like(params["table"]).at[:t].set(rows)
         return {"table": table}, delta_out
 
     def tangent(self, params: Params, cache: Any, a_dot: Any, params_dot: Any) -> Any:
@@ -182,4 +186,4 @@ class PositionalEmbedding(Factorised, Layer):
         return a_dot + params_dot["table"][None, : a_dot.shape[1]]
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
-        return {"table": Gather(None, delta_out, self.length)}
+        return {"table": Gather(None, widen(delta_out), self.length)}

@@ -49,6 +49,7 @@ import jax.tree_util as jtu
 from jax import lax
 
 from .._checks import check_dtype, check_key
+from .._precision import widen
 from ._base import (
     NO_CONTEXT,
     Context,
@@ -121,8 +122,8 @@ class _Norm(Factorised, Layer):
         return out_dot
 
     def grad_factors(self, params: Params, cache: Any, delta_out: Array) -> Params:
-        xhat = cache[0]
-        d = self._rows(delta_out)
+        xhat = widen(cache[0])  # factors in float32 under mixed precision
+        d = self._rows(widen(delta_out))
         factors: dict[str, Any] = {}
         if "scale" in params:
             factors["scale"] = Elementwise(self._rows(xhat), d, (self.features,))
@@ -133,6 +134,11 @@ class _Norm(Factorised, Layer):
 
 def _sum_leading(x: Array) -> Array:
     return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+
+
+def _grads_like(grads: dict[str, Array], params: Params) -> dict[str, Array]:
+    """Parameter gradients (computed in float32 under mixed precision) in the params' dtype."""
+    return {k: v.astype(params[k].dtype) for k, v in grads.items()}
 
 
 @jtu.register_static
@@ -168,8 +174,9 @@ class LayerNorm(_Norm):
         return params
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        mu = jnp.mean(a, axis=-1, keepdims=True)
-        centred = a - mu
+        x = widen(a)  # statistics in float32 under mixed precision
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+        centred = x - mu
         r = lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
         xhat = centred * r
         out = xhat
@@ -177,20 +184,22 @@ class LayerNorm(_Norm):
             out = out * last_axis(params["scale"], a.ndim)
         if self.bias:
             out = out + last_axis(params["bias"], a.ndim)
-        return out, (xhat, r)
+        return out.astype(a.dtype), (xhat.astype(a.dtype), r)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
-        xhat, r = cache
+        xhat, r = widen(cache[0]), cache[1]
+        d_out = widen(delta_out)  # float32 under mixed precision
         grads = {}
-        g = delta_out
+        g = d_out
         if self.scale:
-            grads["scale"] = _sum_leading(delta_out * xhat)
-            g = delta_out * last_axis(params["scale"], delta_out.ndim)
+            grads["scale"] = _sum_leading(d_out * xhat)
+            g = d_out * last_axis(params["scale"], d_out.ndim)
         if self.bias:
-            grads["bias"] = _sum_leading(delta_out)
+            grads["bias"] = _sum_leading(d_out)
         # through x̂ = c·r and v = mean(c²), then through μ
         d_centred = g * r - xhat * (r * jnp.mean(g * xhat, axis=-1, keepdims=True))
-        return grads, d_centred - jnp.mean(d_centred, axis=-1, keepdims=True)
+        delta = d_centred - jnp.mean(d_centred, axis=-1, keepdims=True)
+        return _grads_like(grads, params), delta.astype(delta_out.dtype)
 
     def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
         """``r·(ȧ − mean(ȧ) − x̂ ⊙ mean(x̂ ⊙ ȧ))`` (the δ rule's operator: it is symmetric)."""
@@ -225,16 +234,20 @@ class RMSNorm(_Norm):
         return {"scale": jnp.ones((self.features,), dtype)}
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        r = lax.rsqrt(jnp.mean(a * a, axis=-1, keepdims=True) + self.eps)
-        xhat = a * r
-        return xhat * last_axis(params["scale"], a.ndim), (xhat, r)
+        x = widen(a)  # statistics in float32 under mixed precision
+        r = lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        xhat = x * r
+        out = xhat * last_axis(params["scale"], a.ndim)
+        return out.astype(a.dtype), (xhat.astype(a.dtype), r)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
-        xhat, r = cache
-        grads = {"scale": _sum_leading(delta_out * xhat)}
-        g = delta_out * last_axis(params["scale"], delta_out.ndim)
+        xhat, r = widen(cache[0]), cache[1]
+        d_out = widen(delta_out)  # float32 under mixed precision
+        grads = {"scale": _sum_leading(d_out * xhat)}
+        g = d_out * last_axis(params["scale"], d_out.ndim)
         # through x̂ = a·r and v = mean(a²)
-        return grads, g * r - xhat * (r * jnp.mean(g * xhat, axis=-1, keepdims=True))
+        delta = g * r - xhat * (r * jnp.mean(g * xhat, axis=-1, keepdims=True))
+        return _grads_like(grads, params), delta.astype(delta_out.dtype)
 
     def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
         """``r·(ȧ − x̂ ⊙ mean(x̂ ⊙ ȧ))`` (the δ rule's operator: it is symmetric)."""
@@ -315,11 +328,11 @@ class GroupNorm(_Norm):
         return jnp.sum(x * w, axis=(1, 3), keepdims=True) / self._count(x, w)
 
     def forward(self, params: Params, a: Array, context: Context = NO_CONTEXT) -> tuple[Array, Any]:
-        x = self._grouped(a)
+        x = self._grouped(widen(a))  # statistics in float32 under mixed precision
         mask = context.mask
         w = None
         if mask is not None and a.ndim == 3:  # sequences: statistics of real positions only
-            w = mask.astype(a.dtype)[:, :, None, None]
+            w = mask.astype(x.dtype)[:, :, None, None]
         centred = x - self._mean(x, w)
         ve = self._mean(centred * centred, w) + self.eps
         r = lax.rsqrt(ve)
@@ -328,14 +341,16 @@ class GroupNorm(_Norm):
             xhat = xhat * w
         xhat = xhat.reshape(a.shape)
         out = xhat * last_axis(params["scale"], a.ndim) + last_axis(params["bias"], a.ndim)
-        return out, (xhat, r, w, centred, ve)
+        low = a.dtype  # the cache's activations in the compute dtype, statistics in float32
+        return out.astype(low), (xhat.astype(low), r, w, centred.astype(low), ve)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         """``r·(g − w·Σg/n − w·x̂·Σ(g ⊙ x̂)/n)`` with ``g`` zero at padded positions (their
         output is the bias), in the chain rule's order (see the module docs)."""
         xhat, r, w, centred, ve = cache
-        grads = {"scale": _sum_leading(delta_out * xhat), "bias": _sum_leading(delta_out)}
-        g = self._grouped(delta_out * last_axis(params["scale"], delta_out.ndim))
+        xhat, centred, d_out = widen(xhat), widen(centred), widen(delta_out)
+        grads = {"scale": _sum_leading(d_out * xhat), "bias": _sum_leading(d_out)}
+        g = self._grouped(d_out * last_axis(params["scale"], d_out.ndim))
         if w is not None:
             g = g * w
         n = self._count(centred, w)
@@ -344,7 +359,7 @@ class GroupNorm(_Norm):
         d_centred = (g * r + centred * kw) + kw * centred
         back = jnp.sum(-d_centred, axis=(1, 3), keepdims=True) / n
         delta = d_centred + (back if w is None else back * w)
-        return grads, delta.reshape(delta_out.shape)
+        return _grads_like(grads, params), delta.reshape(delta_out.shape).astype(delta_out.dtype)
 
     def _xhat_dot(self, cache: Any, a_dot: Array) -> Array:
         """``r·(ȧ − mean(ȧ) − x̂ ⊙ mean(x̂ ⊙ ȧ))``, means over each group's real elements."""

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from .._checks import check_dtype
+from .._precision import widen
 from .._protocol import example_axes
 from . import _window as win
 from ._base import NO_CONTEXT, Context, Layer, Params, Shape, ShapeError, positive_ints
@@ -173,7 +174,8 @@ class AvgPool(_Pool):
         self._setup()
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
-        return self._reduce(a, 0, lax.add) / math.prod(self.window), a.shape
+        mean = self._reduce(widen(a), 0, lax.add) / math.prod(self.window)  # float32 sums if mixed
+        return mean.astype(a.dtype), a.shape
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         spatial = cache[1:-1]
@@ -222,13 +224,14 @@ class GlobalAvgPool(Layer):
         mask = context.mask
         if mask is None or a.ndim != 3:
             return jnp.mean(a, axis=tuple(range(1, a.ndim - 1))), (a.shape, None)
-        w = mask.astype(a.dtype) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)
-        return jnp.sum(a * w[:, :, None], axis=1), (a.shape, w)
+        x = widen(a)  # float32 sums under mixed precision
+        w = mask.astype(x.dtype) / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)
+        return jnp.sum(x * w[:, :, None], axis=1).astype(a.dtype), (a.shape, w)
 
     def backward(self, params: Params, cache: Any, delta_out: Array) -> tuple[Params, Array]:
         shape, w = cache
         if w is not None:
-            return {}, delta_out[:, None, :] * w[:, :, None]
+            return {}, (delta_out[:, None, :] * w[:, :, None]).astype(delta_out.dtype)
         t = math.prod(shape[1:-1])
         return {}, lax.broadcast_in_dim(delta_out / t, shape, (0, len(shape) - 1))
 

@@ -56,6 +56,7 @@ from jax import lax
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
+from .._precision import is_low
 from ._base import (
     NO_CONTEXT,
     Context,
@@ -351,6 +352,12 @@ class RecurrentBase(Factorised, Layer):
         mask = context.mask
         if a.ndim != 3:
             raise ShapeError(self, f"expects (batch, T, features), got shape {a.shape}")
+        if is_low(a.dtype) and a.dtype != params["wi"].dtype:
+            raise TypeError(
+                f"{self!r} has no mixed precision: it got {a.dtype.name} activations with "
+                f"{params['wi'].dtype.name} params; put jbp.Cast('float32') before it (or "
+                "give it params of the activations' dtype)"
+            )
         x = _zero_where(mask, a)
         state0 = _zero_state(cell, x.shape[0], x.dtype)
         gi = _time_major(self._gi(params, x))
