@@ -40,6 +40,7 @@ uses' columns. Wrap them in ``jax.jit``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -49,9 +50,10 @@ import jax.tree_util as jtu
 from jax import lax
 
 from ._activations import get_activation
-from ._backprop import check_net, prepare
+from ._backprop import check_net, keeps_positions, prepare
 from ._checks import check_key
-from ._losses import Loss, get_loss
+from ._losses import HALF_SSE, MSE, SIGMOID_BCE, SOFTMAX_XENT, Loss, _token_weights, get_loss
+from ._per_example import check_chunk_size
 from .layers import Activation, Dense, Sequential
 from .layers._base import has_params
 from .layers._factors import (
@@ -123,13 +125,130 @@ def _check_key_for(mc_samples: int | None, key: Any) -> None:
     check_key(key)
 
 
-def _loss_columns(loss: Loss, out: Array, y: Array, mc_samples: int | None, key: Any) -> Array:
-    """``(C, batch, *out)`` columns of the per-example loss Hessian's square root."""
-    if mc_samples is None:
-        assert loss.sqrt_hessian is not None
-        return loss.sqrt_hessian(out, y)
-    assert loss.sample_sqrt_hessian is not None
-    return loss.sample_sqrt_hessian(key, out, y, mc_samples)
+class _Source(NamedTuple):
+    """The square-root columns of the loss Hessian, made a chunk at a time.
+
+    ``make(ks)`` gives the columns with indices ``ks`` (``(K,)`` ints), shaped
+    ``(K, batch, *out)``; an index ≥ ``total`` gives a zero column (the padding of a
+    last, partial chunk), which adds nothing to any quantity.
+    """
+
+    total: int
+    make: Callable[[Array], Array]
+
+
+def _dense_source(cols: Array) -> _Source:
+    """Columns given all at once, ``(C, batch, *out)``: a user loss's ``sqrt_hessian``,
+    or Monte-Carlo samples."""
+    count = cols.shape[0]
+
+    def make(ks: Array) -> Array:
+        if ks.shape[0] == count:  # one chunk of every column: no copy
+            return cols
+        valid = (ks < count).reshape((-1,) + (1,) * (cols.ndim - 1))
+        got = jnp.take(cols, jnp.minimum(ks, count - 1), axis=0)
+        return jnp.where(valid, got, jnp.zeros((), cols.dtype))
+
+    return _Source(count, make)
+
+
+def _diagonal_source(scale: Array) -> _Source:
+    """A diagonal loss Hessian ``diag(scale²)`` per example (``half_sse``, ``mse``,
+    ``sigmoid_bce``): column k is ``scale ⊙ e_k``, k over an example's K elements."""
+    count = math.prod(scale.shape[1:])
+
+    def make(ks: Array) -> Array:
+        e = jax.nn.one_hot(ks, count, dtype=scale.dtype)  # (K, count); zero rows past count
+        return e.reshape((ks.shape[0], 1, *scale.shape[1:])) * scale[None]
+
+    return _Source(count, make)
+
+
+def _softmax_source(a: Array, y: Array, mask: Array | None) -> _Source:
+    """``softmax_xent``'s per-position blocks: position t's V×V block of ``H_i`` is
+    ``w_t (diag p_t − p_t p_tᵀ)`` and positions are independent, so column ``(t, c)``
+    (index ``t·V + c``) is ``√(w_t p_tc) (e_c − p_t)`` at position t and zero elsewhere.
+    Only ``p`` and the roots, ``(batch, T, V)`` each, are kept; a chunk's columns are
+    made from them (never the dense ``T·V × T·V`` square root)."""
+    v = a.shape[-1]
+    positions = math.prod(a.shape[1:-1])
+    p = jax.nn.softmax(a, axis=-1)
+    root = jnp.sqrt(_token_weights(a, y, mask) * p)  # (batch, *pos, V)
+    pf = p.reshape(a.shape[0], positions, v)
+    rf = root.reshape(a.shape[0], positions, v)
+
+    def make(ks: Array) -> Array:
+        t, c = ks // v, ks % v
+        tt = jnp.minimum(t, positions - 1)
+        r = rf[:, tt, c]  # (batch, K)
+        block = r[..., None] * (jax.nn.one_hot(c, v, dtype=a.dtype)[None] - pf[:, tt, :])
+        at = jax.nn.one_hot(t, positions, dtype=a.dtype)  # (K, T); zero rows past T·V
+        cols = at[:, None, :, None] * jnp.moveaxis(block, 1, 0)[:, :, None, :]
+        return cols.reshape((ks.shape[0], *a.shape))
+
+    return _Source(positions * v, make)
+
+
+_DIAGONAL_LOSSES = (HALF_SSE, MSE, SIGMOID_BCE)
+
+
+def _source(loss: Loss, b: Any, out: Array, mc_samples: int | None, key: Any) -> _Source:
+    """The columns of the per-example loss Hessian's square root for the checked batch
+    ``b`` (its loss has the padding mask bound): built-in losses by their structure (a
+    chunk at a time), a user loss's ``sqrt_hessian`` and MC samples all at once."""
+    bound = b.loss
+    if mc_samples is not None:
+        assert bound.sample_sqrt_hessian is not None
+        return _dense_source(bound.sample_sqrt_hessian(key, out, b.y, mc_samples))
+    if loss is SOFTMAX_XENT:
+        keeps = keeps_positions(tuple(out.shape), tuple(b.x.shape))
+        return _softmax_source(out, b.y, b.context.mask if keeps else None)
+    if any(loss is d for d in _DIAGONAL_LOSSES):  # H_i diagonal: its root from H_i · 1
+        assert bound.hessian_vp is not None
+        return _diagonal_source(jnp.sqrt(bound.hessian_vp(out, b.y, jnp.ones_like(out))))
+    assert bound.sqrt_hessian is not None
+    return _dense_source(bound.sqrt_hessian(out, b.y))
+
+
+def _chunk_starts(count: int, chunk: int | None) -> tuple[int, int]:
+    """``(chunks, size)``: ``count`` items in ``chunks`` chunks of ``size`` (the last
+    padded), or one chunk of them all."""
+    if chunk is None or chunk >= count:
+        return 1, count
+    return -(-count // chunk), chunk
+
+
+def _add_parts(total: Any, part: Any) -> Any:
+    """Sum two chunks' results; a :class:`KroneckerFactors`' ``a`` does not depend on
+    the columns, so it is taken as it is (only ``g`` sums over chunks)."""
+
+    def add(t: Any, p: Any) -> Any:
+        if isinstance(t, KroneckerFactors):
+            return KroneckerFactors(p.a, t.g + p.g)
+        return t + p
+
+    return jtu.tree_map(add, total, part, is_leaf=lambda x: isinstance(x, KroneckerFactors))
+
+
+def _by_chunks(
+    source: _Source, chunk: int | None, part: Callable[[Array], Any], stack: bool
+) -> Any:
+    """``part`` of every chunk of the source's columns, summed (``stack=False``) or
+    concatenated on the leading column axis (``stack=True``), one chunk at a time
+    (``lax.scan`` / ``lax.map``); ``part`` takes the chunk's columns ``(K, batch, *out)``."""
+    n, size = _chunk_starts(source.total, chunk)
+    if n == 1:
+        return part(source.make(jnp.arange(source.total)))
+
+    def one(i: Array) -> Any:
+        return part(source.make(i * size + jnp.arange(size)))
+
+    if stack:
+        parts = lax.map(one, jnp.arange(n))
+        return jtu.tree_map(lambda x: x.reshape((n * size, *x.shape[2:]))[: source.total], parts)
+    zero = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, 0))
+    total, _ = lax.scan(lambda t, i: (_add_parts(t, one(i)), None), zero, jnp.arange(n))
+    return total
 
 
 # --- columns through the δ rules ----------------------------------------------
@@ -349,11 +468,12 @@ def _columns(
     mask: Any = None,
     dropout_key: Any = None,
 ) -> _Columns:
+    """Every column sent back through the network at once (one chunk)."""
     _check_key_for(mc, key)
     b = prepare(net, loss, params, x, y, mask, dropout_key)
     out, caches = net.forward(params, b.x, b.context)
-    cols = _loss_columns(b.loss, out, b.y, mc, key)
-    structure, leaves = _column_walk(net, params, caches, cols)
+    source = _source(loss, b, out, mc, key)
+    structure, leaves = _column_walk(net, params, caches, source.make(jnp.arange(source.total)))
     return _Columns(structure, leaves, loss.scale(b.x.shape[0]), b.context.mask)
 
 
@@ -361,10 +481,17 @@ CurvatureFn = Callable[..., Any]
 
 
 def _over_columns(
-    net: Sequential, loss: Loss, mc: int | None, finish: Callable[[_Columns], Any]
+    net: Sequential,
+    loss: Loss,
+    mc: int | None,
+    finish: Callable[[_Columns], Any],
+    chunk: int | None,
+    stack: bool = False,
 ) -> CurvatureFn:
-    """``fn(params, x, y, *, key=None, mask=None, dropout_key=None)``: the columns sent
-    back through the network, then ``finish`` of them (shaped like params)."""
+    """``fn(params, x, y, *, key=None, mask=None, dropout_key=None)``: one forward pass,
+    then the loss's square-root columns sent back through the network ``chunk`` at a
+    time and ``finish`` of each chunk (shaped like params), summed over the chunks
+    (``stack``: concatenated on the leading column axis)."""
 
     def fn(
         params: Params,
@@ -375,19 +502,33 @@ def _over_columns(
         mask: Any = None,
         dropout_key: Any = None,
     ) -> Params:
-        return _like(params, finish(_columns(net, loss, params, x, y, mc, key, mask, dropout_key)))
+        _check_key_for(mc, key)
+        b = prepare(net, loss, params, x, y, mask, dropout_key)
+        out, caches = net.forward(params, b.x, b.context)
+        source = _source(loss, b, out, mc, key)
+        scale = loss.scale(b.x.shape[0])
+
+        def part(cols: Array) -> Any:
+            structure, leaves = _column_walk(net, params, caches, cols)
+            return finish(_Columns(structure, leaves, scale, b.context.mask))
+
+        return _like(params, _by_chunks(source, chunk, part, stack))
 
     return fn
 
 
-def _setup(net: Any, loss: str | Loss, mc_samples: Any) -> tuple[Sequential, Loss, int | None]:
+def _setup(
+    net: Any, loss: str | Loss, mc_samples: Any, chunk_size: Any
+) -> tuple[Sequential, Loss, int | None, int | None]:
     net, loss = check_net(net), get_loss(loss)
     mc = _check_mc(mc_samples)
     _check_curvature_loss(loss, mc)
-    return net, loss, mc
+    return net, loss, mc, check_chunk_size(chunk_size)
 
 
-def sqrt_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> CurvatureFn:
+def sqrt_ggn(
+    net: Any, loss: str | Loss, *, mc_samples: int | None = None, chunk_size: int | None = None
+) -> CurvatureFn:
     """The backpropagated square-root columns of the GGN (BackPACK's SqrtGGN).
 
     Args:
@@ -396,6 +537,8 @@ def sqrt_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> Cu
       mc_samples: ``None`` for the exact square root (C columns per example:
         the output size, or positions × classes for sequence ``softmax_xent``)
         or M Monte-Carlo columns sampled from the model's predictive.
+      chunk_size: columns sent backward at once (``None``: all; see the module's
+        "Memory"). The result holds all ``C·B·P`` numbers whatever the chunk.
 
     Returns:
       ``fn(params, x, y, *, key=None)`` → like params with two leading axes,
@@ -403,51 +546,55 @@ def sqrt_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> Cu
       block of each leaf is ``Σ_{c,i} v_ic v_icᵀ`` (exactly, or in
       expectation with MC columns). ``key`` is required with ``mc_samples``.
     """
-    net, loss, mc = _setup(net, loss, mc_samples)
+    net, loss, mc, chunk = _setup(net, loss, mc_samples, chunk_size)
 
     def finish(run: _Columns) -> Any:
         root = run.scale**0.5
         return jtu.tree_map(lambda g: root * g, _fill(run, _column_grads))
 
-    return _over_columns(net, loss, mc, finish)
+    return _over_columns(net, loss, mc, finish, chunk, stack=True)
 
 
-def diag_ggn(net: Any, loss: str | Loss, *, mc_samples: int | None = None) -> CurvatureFn:
+def diag_ggn(
+    net: Any, loss: str | Loss, *, mc_samples: int | None = None, chunk_size: int | None = None
+) -> CurvatureFn:
     """The diagonal of the generalised Gauss-Newton matrix ``G = Σ_i w J_iᵀ H_i J_i``.
 
     Exact (``mc_samples=None``, BackPACK's DiagGGNExact) or Monte-Carlo with M
     sampled columns (DiagGGNMC; unbiased). Dense on ``(batch, F)``: one matmul
-    for all columns, ``(a²)ᵀ Σ_c s_c²``.
+    for all columns, ``(a²)ᵀ Σ_c s_c²``. ``chunk_size``: columns sent backward
+    at once (``None``: all; see the module's "Memory").
 
     Returns:
       ``fn(params, x, y, *, key=None)`` → like params. ``key`` is required
       with ``mc_samples``.
     """
-    net, loss, mc = _setup(net, loss, mc_samples)
+    net, loss, mc, chunk = _setup(net, loss, mc_samples, chunk_size)
 
     def finish(run: _Columns) -> Any:
         values = _fill(run, lambda leaf, f: _leaf_diag(leaf, f, False))
         return jtu.tree_map(lambda d: run.scale * d, values)
 
-    return _over_columns(net, loss, mc, finish)
+    return _over_columns(net, loss, mc, finish, chunk)
 
 
 def per_example_diag_ggn(
-    net: Any, loss: str | Loss, *, mc_samples: int | None = None
+    net: Any, loss: str | Loss, *, mc_samples: int | None = None, chunk_size: int | None = None
 ) -> CurvatureFn:
     """``diag(J_iᵀ H_i J_i)`` for every example, unscaled like ``g_i`` (BatchDiagGGN).
 
     ``diag_ggn`` is ``w`` times the sum over the batch axis. No Python loop
     over examples: the per-example diagonals are formed from each layer's
-    cache and columns.
+    cache and columns. ``chunk_size``: columns sent backward at once (``None``:
+    all; see the module's "Memory").
 
     Returns:
       ``fn(params, x, y, *, key=None)`` → like params with a leading batch axis.
     """
-    net, loss, mc = _setup(net, loss, mc_samples)
+    net, loss, mc, chunk = _setup(net, loss, mc_samples, chunk_size)
 
     return _over_columns(
-        net, loss, mc, lambda run: _fill(run, lambda leaf, f: _leaf_diag(leaf, f, True))
+        net, loss, mc, lambda run: _fill(run, lambda leaf, f: _leaf_diag(leaf, f, True)), chunk
     )
 
 
@@ -472,7 +619,14 @@ def _kronecker(f: Outer, bias: bool, scale: float, mask: Array | None) -> Kronec
     return KroneckerFactors(factor_a, factor_g)
 
 
-def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1) -> CurvatureFn:
+def kfac(
+    net: Any,
+    loss: str | Loss,
+    *,
+    kind: str = "kfac",
+    mc_samples: int = 1,
+    chunk_size: int | None = None,
+) -> CurvatureFn:
     """Kronecker factors of the GGN blocks of every outer-product leaf.
 
     Args:
@@ -481,6 +635,8 @@ def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1)
         Martens & Grosse 2015) or ``"kflr"`` (from the exact square root,
         Botev et al. 2017).
       mc_samples: Monte-Carlo columns for ``kind="kfac"`` (default 1).
+      chunk_size: columns sent backward at once (``None``: all; see the
+        module's "Memory"); G sums over the chunks.
 
     Returns:
       ``fn(params, x, y, *, key=None)`` → a tree like params in which each
@@ -503,6 +659,7 @@ def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1)
         raise ValueError("kind='kfac' needs mc_samples ≥ 1; use kind='kflr' for exact columns")
     net, loss = check_net(net), get_loss(loss)
     _check_curvature_loss(loss, mc)
+    chunk = check_chunk_size(chunk_size)
 
     def layer_factors(factors: Any, run: _Columns) -> dict[str, KroneckerFactors]:
         if not isinstance(factors, dict):
@@ -516,7 +673,9 @@ def kfac(net: Any, loss: str | Loss, *, kind: str = "kfac", mc_samples: int = 1)
             result[k] = _kronecker(f, bias, run.scale, run.mask)
         return result
 
-    return _over_columns(net, loss, mc, lambda run: _fill(run, lambda _, f: layer_factors(f, run)))
+    return _over_columns(
+        net, loss, mc, lambda run: _fill(run, lambda _, f: layer_factors(f, run)), chunk
+    )
 
 
 def _check_like(v: Any, params: Params) -> None:
@@ -610,37 +769,63 @@ def _check_chain(net: Any, where: str = "net") -> None:
                 act.second(jnp.zeros(()), jnp.zeros(()))  # raises the clear error
 
 
-class _Curvature(NamedTuple):
-    """The Hessian of C with respect to one activation ``(batch, F)``:
-    ``Σ_k sign_k Σ_c cols_k[c] cols_k[c]ᵀ + Σ diag(r)`` per example."""
+class _Op(NamedTuple):
+    """One step of :func:`diag_hessian`'s walk down a Dense chain, for its columns:
+    ``"elementwise"`` (times ``f'``, ``value`` ``(batch, F)``), ``"record"`` (the
+    Hessian diagonal at layer ``value``'s pre-activation) or ``"weights"`` (times
+    ``wᵀ``, ``value`` the weight)."""
 
-    cols: list[tuple[float, Array]]  # (sign, (C, batch, F))
-    diags: list[Array]  # (batch, F), signed
-
-    def through_elementwise(self, fp: Array, residual: Array | None) -> _Curvature:
-        """Through ``out = f(z)``: columns ⊙ f'(z), diagonals ⊙ f'², plus ``g ⊙ f''``."""
-        cols = [(s, c * fp[None]) for s, c in self.cols]
-        diags = [d * fp * fp for d in self.diags]
-        if residual is not None:
-            diags.append(residual)
-        return _Curvature(cols, diags)
-
-    def diagonal(self) -> Array:
-        parts = [s * jnp.sum(c * c, axis=0) for s, c in self.cols] + list(self.diags)
-        return sum(parts[1:], parts[0])
-
-    def through_weights(self, w: Array) -> _Curvature:
-        """To the input of ``z = a w + b``: columns times wᵀ; each diagonal ``diag(r)``
-        becomes signed columns ``√r±_c w[:, c]`` (one per output unit)."""
-        cols = [(s, jnp.matmul(c, w.T)) for s, c in self.cols]
-        for r in self.diags:
-            for sign, part in ((1.0, jnp.maximum(r, 0)), (-1.0, jnp.maximum(-r, 0))):
-                root = jnp.sqrt(part)  # (batch, O)
-                cols.append((sign, jnp.moveaxis(root, 1, 0)[:, :, None] * w.T[:, None, :]))
-        return _Curvature(cols, [])
+    kind: str
+    value: Any
 
 
-def diag_hessian(net: Any, loss: str | Loss) -> CurvatureFn:
+class _SignedSource(NamedTuple):
+    """Columns that enter the walk before ``ops[start]``, each with a sign ±1."""
+
+    start: int
+    total: int
+    make: Callable[[Array], tuple[Array, Array]]  # ks → (columns (K, batch, F), signs (K,))
+
+
+def _residual_source(start: int, d: Array, w: Array) -> _SignedSource:
+    """A signed diagonal ``diag(d)`` at the output of ``z = a w + b``, sent to its input:
+    ``w diag(d) wᵀ = Σ_o ±(√d±_o w[:, o])(√d±_o w[:, o])ᵀ``, 2·O signed columns
+    (the positive part of ``d``, then the negative)."""
+    o = d.shape[1]
+    roots = jnp.concatenate([jnp.sqrt(jnp.maximum(d, 0)), jnp.sqrt(jnp.maximum(-d, 0))], axis=1)
+    ws = jnp.concatenate([w, w], axis=1)  # (I, 2·O)
+    signs = jnp.concatenate([jnp.ones((o,), d.dtype), -jnp.ones((o,), d.dtype)])
+
+    def make(ks: Array) -> tuple[Array, Array]:
+        valid = ks < 2 * o
+        kk = jnp.minimum(ks, 2 * o - 1)
+        cols = jnp.moveaxis(roots[:, kk], 1, 0)[:, :, None] * ws[:, kk].T[:, None, :]
+        return cols, jnp.where(valid, signs[kk], jnp.zeros((), d.dtype))
+
+    return _SignedSource(start, 2 * o, make)
+
+
+def _source_diagonals(source: _SignedSource, ops: list[_Op], chunk: int | None) -> dict[int, Array]:
+    """``Σ_c sign_c col_c²`` at every record below the source's entry, its columns sent
+    down ``ops`` a chunk at a time (summed over the chunks)."""
+
+    def part(ks: Array) -> dict[int, Array]:
+        cols, signs = source.make(ks)
+        found = {}
+        for op in ops[source.start :]:
+            if op.kind == "elementwise":
+                cols = cols * op.value[None]
+            elif op.kind == "weights":
+                cols = jnp.matmul(cols, op.value.T)
+            else:
+                found[op.value] = jnp.sum(signs[:, None, None] * cols * cols, axis=0)
+        return found
+
+    indices = _Source(source.total, lambda ks: ks)  # ``part`` makes the columns itself
+    return _by_chunks(indices, chunk, part, stack=False)
+
+
+def diag_hessian(net: Any, loss: str | Loss, *, chunk_size: int | None = None) -> CurvatureFn:
     """The diagonal of the Hessian of C (BackPACK's DiagHessian), by the δ rules.
 
     For chains of Dense and Activation layers on ``(batch, features)``. The
@@ -652,7 +837,15 @@ def diag_hessian(net: Any, loss: str | Loss) -> CurvatureFn:
     Activations need a second derivative (``register_activation(...,
     second_derivative=...)``); piecewise-linear ones (relu) have none to send,
     so for them the result equals the exact GGN diagonal. Each non-zero
-    residual adds one column per unit of its layer to every layer below.
+    residual adds 2·O signed columns (O the units of its layer) to every layer
+    below.
+
+    Args:
+      net, loss: the chain and the loss.
+      chunk_size: columns sent backward at once, per source (the loss's C
+        columns; each residual's 2·O): ``None`` sends each source's columns all
+        at once. Alive at once: ``K·B·F_max`` floats for the chunk (``F_max`` the
+        widest layer), plus the forward's caches and the diagonals ``B·Σ F_l``.
 
     Returns:
       ``fn(params, x, y)`` → like params.
@@ -660,49 +853,73 @@ def diag_hessian(net: Any, loss: str | Loss) -> CurvatureFn:
     net, loss = check_net(net), get_loss(loss)
     _check_chain(net)
     _check_curvature_loss(loss, None)
+    chunk = check_chunk_size(chunk_size)
 
     def fn(params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None) -> Params:
         b = prepare(net, loss, params, x, y, mask, dropout_key)  # a Dense chain: (batch, F)
         out, caches = net.forward(params, b.x, b.context)
         chain = _chain(net, params, caches)
-        scale = loss.scale(b.x.shape[0])
-        assert b.loss.sqrt_hessian is not None
-        curv = _Curvature([(1.0, scale**0.5 * b.loss.sqrt_hessian(out, b.y))], [])
+        root = loss.scale(b.x.shape[0]) ** 0.5
+        loss_source = _source(loss, b, out, None, None)
+        sources = [
+            _SignedSource(
+                0,
+                loss_source.total,
+                lambda ks: (root * loss_source.make(ks), jnp.ones(ks.shape, out.dtype)),
+            )
+        ]
         g = b.loss.batch_delta(out, b.y)
         first = (
             min(i for i, (_, p, _) in enumerate(chain) if has_params(p))
             if any(has_params(p) for _, p, _ in chain)
             else len(chain)
         )
+        # One pass down the chain: g, f', the residuals' signed diagonal d (summed
+        # within each stretch between two weight matrices) and the column sources.
+        ops: list[_Op] = []
+        diagonals: dict[int, Array | None] = {}
         values: list[Params] = [None] * len(chain)
+        d: Array | None = None
         for i in reversed(range(len(chain))):
             layer, p, cache = chain[i]
             if i < first:
                 values[i] = p
                 continue
             if isinstance(layer, Activation):
-                a, act_out = cache
+                z, act_out = cache
                 act = get_activation(layer.name)
-                fp = act.derivative(a, act_out)
-                residual = None if act.second_is_zero else g * act.second(a, act_out)
-                curv = curv.through_elementwise(fp, residual)
-                g = act.backward(g, a, act_out)
+            else:
+                _, z, act_out = cache
+                act = get_activation(layer.activation)
+            fp = act.derivative(z, act_out)
+            ops.append(_Op("elementwise", fp))
+            d = None if d is None else d * fp * fp
+            if not act.second_is_zero:
+                residual = g * act.second(z, act_out)
+                d = residual if d is None else d + residual
+            g = act.backward(g, z, act_out)
+            if isinstance(layer, Activation):
                 values[i] = {}
                 continue
-            a, z, act_out = cache
-            act = get_activation(layer.activation)
-            fp = act.derivative(z, act_out)
-            residual = None if act.second_is_zero else g * act.second(z, act_out)
-            curv = curv.through_elementwise(fp, residual)
-            g = act.backward(g, z, act_out)
-            h = curv.diagonal()  # (batch, fan_out)
-            value = {"w": lax.dot_general(a * a, h, (((0,), (0,)), ((), ())))}
-            if layer.bias:
-                value["b"] = jnp.sum(h, axis=0)
-            values[i] = value
+            ops.append(_Op("record", i))
+            diagonals[i] = d
             if i > first:
-                curv = curv.through_weights(p["w"])
+                ops.append(_Op("weights", p["w"]))
+                if d is not None:
+                    sources.append(_residual_source(len(ops), d, p["w"]))
+                d = None
                 g = jnp.matmul(g, p["w"].T)
+        h: dict[int, Array] = {}
+        for source in sources:
+            for i, part in _source_diagonals(source, ops, chunk).items():
+                h[i] = h[i] + part if i in h else part
+        for i, d_i in diagonals.items():
+            hi = h[i] if d_i is None else h[i] + d_i
+            a = chain[i][2][0]
+            value = {"w": lax.dot_general(a * a, hi, (((0,), (0,)), ((), ())))}
+            if chain[i][0].bias:
+                value["b"] = jnp.sum(hi, axis=0)
+            values[i] = value
         return _like(params, _rebuild(net, iter(values)))
 
     return fn

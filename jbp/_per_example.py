@@ -41,6 +41,7 @@ are zero, and the batch counts its real examples only.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -49,11 +50,11 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._backprop import Batch, check_net, prepare
+from ._backprop import Batch, check_net, keeps_positions, prepare
 from ._checks import check_example_mask, params_dtype
 from ._losses import Loss, get_loss
 from .layers import Sequential
-from .layers._base import backward_walk, has_params
+from .layers._base import Context, backward_walk, has_params
 from .layers._factors import (
     Elementwise,
     check_method,
@@ -181,6 +182,7 @@ class _Pass(NamedTuple):
     delta: Array
     out: Array
     batch: Batch
+    example_mask: Array | None = None  # (batch,), False at padding rows
 
     def quantity(self, name: str, *extra: Any, method: str = "auto") -> tuple[Any, ...]:
         """``name`` for every leaf layer, in a tree like params (``{}`` where a layer
@@ -212,7 +214,7 @@ def _forward(net: Sequential, params: Params, batch: Batch, example_mask: Any = 
     delta = batch.loss.delta(out, batch.y)
     if example_mask is not None:
         delta = jnp.where(_rows(example_mask, delta), delta, jnp.zeros((), delta.dtype))
-    return _Pass(net, params, caches, delta, out, batch)
+    return _Pass(net, params, caches, delta, out, batch, example_mask)
 
 
 def _start(
@@ -229,6 +231,83 @@ def _start(
     b = prepare(net, loss, params, x, y, mask, dropout_key)
     em = check_example_mask(example_mask, b.x.shape[0])
     return _forward(net, params, b, em), em
+
+
+def check_chunk_size(chunk_size: Any) -> int | None:
+    """``chunk_size`` is None (everything at once) or a positive int."""
+    if chunk_size is None:
+        return None
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or int(chunk_size) < 1
+    ):
+        raise ValueError(
+            f"`chunk_size` must be None (all at once) or a positive int, got {chunk_size!r}"
+        )
+    return int(chunk_size)
+
+
+def _pad_rows(a: Array | None, pad: int, fill: Any = 0) -> Array | None:
+    if a is None or pad == 0:
+        return a
+    return jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), fill, a.dtype)])
+
+
+def _by_examples(
+    net: Sequential,
+    loss: Loss,
+    params: Params,
+    b: Batch,
+    em: Array | None,
+    chunk: int | None,
+    body: Callable[[_Pass], tuple[Any, Any]],
+) -> tuple[Any, Any]:
+    """``body`` of the forward pass of every chunk of ``chunk`` examples, one chunk at a
+    time (``lax.map``): ``body(run) -> (rows, sums)``, ``rows`` with a leading batch
+    axis (concatenated over the chunks) and ``sums`` summed over them. A last, partial
+    chunk is padded with rows that the example mask marks as padding (they add exactly
+    zero and are cut off). ``loss`` is the unbound loss (each chunk binds its own rows of
+    the padding mask); with a dropout key, chunk k draws with ``fold_in(key, k)``."""
+    rows = b.x.shape[0]
+    if chunk is None or chunk >= rows:
+        return body(_forward(net, params, b, em))
+    n = -(-rows // chunk)
+    pad = n * chunk - rows
+    if pad:  # the padding rows are marked as such
+        em = jnp.ones((rows,), bool) if em is None else em
+    keeps = keeps_positions((rows, *net.output_shape(tuple(b.x.shape[1:]))), tuple(b.x.shape))
+    key = b.context.key
+
+    def split(a: Array | None, fill: Any = 0) -> Array | None:
+        a = _pad_rows(a, pad, fill)
+        return None if a is None else a.reshape((n, chunk, *a.shape[1:]))
+
+    def one(args: tuple[Any, ...]) -> tuple[Any, Any]:
+        i, xc, yc, mc, ec = args
+        context = Context(mc, None if key is None else jax.random.fold_in(key, i))
+        batch = Batch(xc, yc, context, loss.with_mask(mc if keeps else None))
+        return body(_forward(net, params, batch, ec))
+
+    xs = (jnp.arange(n), split(b.x), split(b.y), split(b.context.mask, True), split(em, False))
+    per_row, sums = jax.lax.map(one, xs)
+    per_row = jtu.tree_map(lambda a: a.reshape((n * chunk, *a.shape[2:]))[:rows], per_row)
+    return per_row, jtu.tree_map(lambda a: jnp.sum(a, axis=0), sums)
+
+
+def _chunked_start(
+    net: Sequential,
+    loss: Loss,
+    params: Params,
+    x: Any,
+    y: Any,
+    mask: Any,
+    dropout_key: Any,
+    example_mask: Any,
+) -> tuple[Batch, Array | None]:
+    """Check every argument (before any chunking): the whole batch and its example mask."""
+    b = prepare(net, loss, params, x, y, mask, dropout_key)
+    return b, check_example_mask(example_mask, b.x.shape[0])
 
 
 def _dtype(params: Params, batch: Batch) -> Any:
@@ -254,8 +333,16 @@ def _sq_norms(run: _Pass, batch: int, dtype: Any, method: str) -> Array:
     return jnp.stack(cols, axis=1)
 
 
-def per_example_grads(net: Any, loss: str | Loss) -> Callable[..., Params]:
+def per_example_grads(
+    net: Any, loss: str | Loss, *, chunk_size: int | None = None
+) -> Callable[..., Params]:
     """Every example's gradient ``g_i = ∂ℓ_i/∂θ`` (unscaled).
+
+    Args:
+      net, loss: the network and loss.
+      chunk_size: examples per chunk (``None``: the whole batch at once). The
+        result holds ``B·P`` numbers whatever the chunk; the chunk bounds the
+        rest (see "Memory" in :mod:`jbp._per_example`).
 
     Returns:
       ``fn(params, x, y) -> grads``: like ``params`` with a leading batch axis
@@ -264,19 +351,28 @@ def per_example_grads(net: Any, loss: str | Loss) -> Callable[..., Params]:
       single example (no batch axis) gives a batch axis of 1.
     """
     net, loss = _setup(net, loss)
+    chunk = check_chunk_size(chunk_size)
 
     def fn(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Params:  # fmt: skip
-        run, _ = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
-        return _like(params, run.quantity("per_example_grads"))
+        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        grads, _ = _by_examples(
+            net, loss, params, b, em, chunk, lambda run: (run.quantity("per_example_grads"), ())
+        )
+        return _like(params, grads)
 
     return fn
 
 
 def per_example_norms(
-    net: Any, loss: str | Loss, *, per_layer: bool = False, method: str = "auto"
+    net: Any,
+    loss: str | Loss,
+    *,
+    per_layer: bool = False,
+    method: str = "auto",
+    chunk_size: int | None = None,
 ) -> Callable[..., Array]:
     """‖g_i‖ for every example, without forming g_i where that is cheaper.
 
@@ -290,6 +386,8 @@ def per_example_norms(
       per_layer: return one norm per top-level layer instead of the total.
       method: ``"auto"`` (the cheaper form per layer), ``"gram"`` or
         ``"materialise"`` (one form everywhere; both give the same norms).
+      chunk_size: examples per chunk (``None``: the whole batch at once; see
+        "Memory" in :mod:`jbp._per_example`).
 
     Returns:
       ``fn(params, x, y)``: ``(batch,)`` norms over all parameters, or
@@ -298,43 +396,61 @@ def per_example_norms(
     """
     net, loss = _setup(net, loss)
     check_method(method)
+    chunk = check_chunk_size(chunk_size)
 
     def fn(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Array:  # fmt: skip
-        run, _ = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
-        sq = _sq_norms(run, run.batch.x.shape[0], _dtype(params, run.batch), method)
+        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+
+        def body(run: _Pass) -> tuple[Array, Any]:
+            return _sq_norms(run, run.batch.x.shape[0], _dtype(params, b), method), ()
+
+        sq, _ = _by_examples(net, loss, params, b, em, chunk, body)
         return jnp.sqrt(sq) if per_layer else jnp.sqrt(jnp.sum(sq, axis=1))
 
     return fn
 
 
-def sum_grad_squared(net: Any, loss: str | Loss) -> Callable[..., Params]:
+def sum_grad_squared(
+    net: Any, loss: str | Loss, *, chunk_size: int | None = None
+) -> Callable[..., Params]:
     """The elementwise second moment ``Σ_i g_i²`` (BackPACK's SumGradSquared).
+
+    ``chunk_size``: examples per chunk (``None``: the whole batch at once; see
+    "Memory" in :mod:`jbp._per_example`).
 
     Returns:
       ``fn(params, x, y)``: like ``params``; Dense ``w`` on ``(batch, features)``:
       ``(a²)ᵀ(δ²)``, no g_i formed. (Layers that sum over positions form g_i.)
     """
     net, loss = _setup(net, loss)
+    chunk = check_chunk_size(chunk_size)
 
     def fn(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Params:  # fmt: skip
-        run, _ = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
-        return _like(params, run.quantity("sum_grad_squared"))
+        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        _, sq = _by_examples(
+            net, loss, params, b, em, chunk, lambda run: ((), run.quantity("sum_grad_squared"))
+        )
+        return _like(params, sq)
 
     return fn
 
 
-def grad_variance(net: Any, loss: str | Loss, *, ddof: int = 0) -> Callable[..., Params]:
+def grad_variance(
+    net: Any, loss: str | Loss, *, ddof: int = 0, chunk_size: int | None = None
+) -> Callable[..., Params]:
     """The elementwise variance of the per-example gradients g_i over the batch.
 
     ``Var = (Σ_i g_i² − B·ḡ²) / (B − ddof)`` with ``ḡ = mean_i g_i``
     (``ddof=0``: population variance, BackPACK's Variance; ``ddof=1``:
-    unbiased). Clamped at 0 against round-off.
+    unbiased). Clamped at 0 against round-off. ``chunk_size``: examples per
+    chunk (``None``: the whole batch at once; see "Memory" in
+    :mod:`jbp._per_example`).
 
     Returns:
       ``fn(params, x, y)``: like ``params``.
@@ -342,20 +458,25 @@ def grad_variance(net: Any, loss: str | Loss, *, ddof: int = 0) -> Callable[...,
     net, loss = _setup(net, loss)
     if ddof not in (0, 1):
         raise ValueError(f"`ddof` must be 0 or 1, got {ddof!r}")
+    chunk = check_chunk_size(chunk_size)
 
     def fn(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Params:  # fmt: skip
-        run, em = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
-        rows, dtype = run.batch.x.shape[0], _dtype(params, run.batch)
+        batch, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        rows, dtype = batch.x.shape[0], _dtype(params, batch)
         if rows - ddof < 1:
             raise ValueError(
                 f"`x` has batch {rows}; a variance with ddof={ddof} needs at least {ddof + 1}"
             )
         b = rows if em is None else jnp.sum(em).astype(dtype)  # the real examples
-        sq = run.quantity("sum_grad_squared")
-        total = run.quantity("weighted_grads", jnp.ones((rows,), dtype))
+
+        def body(run: _Pass) -> tuple[Any, Any]:
+            ones = jnp.ones((run.batch.x.shape[0],), dtype)
+            return (), (run.quantity("sum_grad_squared"), run.quantity("weighted_grads", ones))
+
+        _, (sq, total) = _by_examples(net, loss, params, batch, em, chunk, body)
 
         def var(s: Array, t: Array) -> Array:
             mean = t / b
@@ -397,30 +518,41 @@ class ClippedSum(NamedTuple):
 
 
 def clipped_sum(
-    net: Sequential, loss: Loss, max_norm: Any, method: str
+    net: Sequential, loss: Loss, max_norm: Any, method: str, chunk: int | None = None
 ) -> Callable[..., ClippedSum]:
     """``fn(params, x, y, *, mask, dropout_key, example_mask) -> ClippedSum`` on checked
-    ``net``, ``loss`` and ``max_norm``: one forward, one backward for the norms, one
-    re-weighted weight-gradient pass."""
+    ``net``, ``loss``, ``max_norm`` and ``chunk`` (examples per chunk, or None): one
+    forward, one backward for the norms, one re-weighted weight-gradient pass."""
 
     def fn(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> ClippedSum:  # fmt: skip
-        run, em = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
-        n, dtype = run.batch.x.shape[0], _dtype(params, run.batch)
-        norms = jnp.sqrt(jnp.sum(_sq_norms(run, n, dtype, method), axis=1))
-        grads = run.quantity("weighted_grads", clip_factors(norms, max_norm), method=method)
-        per_example = run.batch.loss.per_example(run.out, run.batch.y)
-        real = jnp.ones((n,), bool) if em is None else em
-        loss_sum = jnp.sum(jnp.where(real, per_example, jnp.zeros((), per_example.dtype)))
-        return ClippedSum(_like(params, grads), norms, loss_sum, jnp.sum(real.astype(jnp.int32)))
+        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        dtype = _dtype(params, b)
+
+        def body(run: _Pass) -> tuple[Any, Any]:
+            n = run.batch.x.shape[0]
+            norms = jnp.sqrt(jnp.sum(_sq_norms(run, n, dtype, method), axis=1))
+            grads = run.quantity("weighted_grads", clip_factors(norms, max_norm), method=method)
+            per_example = run.batch.loss.per_example(run.out, run.batch.y)
+            real = jnp.ones((n,), bool) if run.example_mask is None else run.example_mask
+            loss_sum = jnp.sum(jnp.where(real, per_example, jnp.zeros((), per_example.dtype)))
+            return norms, (grads, loss_sum, jnp.sum(real.astype(jnp.int32)))
+
+        norms, (grads, loss_sum, examples) = _by_examples(net, loss, params, b, em, chunk, body)
+        return ClippedSum(_like(params, grads), norms, loss_sum, examples)
 
     return fn
 
 
 def clipped_grad(
-    net: Any, loss: str | Loss, max_norm: float, *, method: str = "auto"
+    net: Any,
+    loss: str | Loss,
+    max_norm: float,
+    *,
+    method: str = "auto",
+    chunk_size: int | None = None,
 ) -> Callable[..., tuple[Params, Array]]:
     """The per-example-clipped gradient in one backward pass (ghost clipping).
 
@@ -434,6 +566,8 @@ def clipped_grad(
       net, loss: the network and loss.
       max_norm: the clipping threshold (``math.inf`` gives the plain gradient).
       method: how squared norms are formed (see :func:`per_example_norms`).
+      chunk_size: examples per chunk (``None``: the whole batch at once; see
+        "Memory" in :mod:`jbp._per_example`).
 
     Returns:
       ``fn(params, x, y) -> (grads, norms)``: ``grads`` like ``params``;
@@ -442,7 +576,7 @@ def clipped_grad(
     net, loss = _setup(net, loss)
     _check_max_norm(max_norm)
     check_method(method)
-    clipped = clipped_sum(net, loss, max_norm, method)
+    clipped = clipped_sum(net, loss, max_norm, method, check_chunk_size(chunk_size))
 
     def fn(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
@@ -521,6 +655,7 @@ def dp_grad(
     *,
     expected_batch_size: float | None = None,
     method: str = "auto",
+    chunk_size: int | None = None,
 ) -> Callable[..., tuple[Params, Array]]:
     """A DP-SGD gradient: clip each g_i to ``max_norm``, sum, add Gaussian noise.
 
@@ -534,7 +669,9 @@ def dp_grad(
     for ``"sum"`` losses and ``B`` for ``"mean"`` losses. The sum's sensitivity
     to adding or removing one example is ``C`` (see :mod:`jbp._privacy` for the
     guarantee and :func:`jbp.dp_epsilon` for its ε). Feed the result to any
-    optax optimiser's ``update``.
+    optax optimiser's ``update``. ``chunk_size``: examples per chunk of the
+    clipped sum (``None``: the whole batch at once; see "Memory" in
+    :mod:`jbp._per_example`).
 
     Returns:
       ``fn(params, x, y, key, *, example_mask=None, ...) -> (grads, norms)``.
@@ -544,7 +681,7 @@ def dp_grad(
     sigma = check_noise_multiplier(noise_multiplier)
     expected = check_expected_batch_size(expected_batch_size)
     check_method(method)
-    clipped = clipped_sum(net, loss, max_norm, method)
+    clipped = clipped_sum(net, loss, max_norm, method, check_chunk_size(chunk_size))
 
     def fn(
         params: Params,
@@ -579,7 +716,7 @@ class NoiseScale(NamedTuple):
 
 
 def gradient_noise_scale(
-    net: Any, loss: str | Loss, *, unbiased: bool = True
+    net: Any, loss: str | Loss, *, unbiased: bool = True, chunk_size: int | None = None
 ) -> Callable[..., NoiseScale]:
     """B_simple = tr(Σ)/‖G‖² from per-example norms and the mean gradient.
 
@@ -596,22 +733,31 @@ def gradient_noise_scale(
     training set, whose noise scale is then exact: ``tr(Σ) = mean_i ‖g_i‖² −
     ‖ḡ‖²`` and ``‖G‖² = ‖ḡ‖²``, both ≥ 0.
 
+    ``chunk_size``: examples per chunk (``None``: the whole batch at once; see
+    "Memory" in :mod:`jbp._per_example`).
+
     Returns:
       ``fn(params, x, y) -> NoiseScale``; needs a batch of at least 2.
     """
     net, loss = _setup(net, loss)
+    chunk = check_chunk_size(chunk_size)
 
     def fn(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> NoiseScale:  # fmt: skip
-        run, em = _start(net, loss, params, x, y, mask, dropout_key, example_mask)
-        rows, dtype = run.batch.x.shape[0], _dtype(params, run.batch)
+        batch, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        rows, dtype = batch.x.shape[0], _dtype(params, batch)
         if rows < 2:
             raise ValueError(f"`x` has batch {rows}; the gradient noise scale needs at least 2")
         b = rows if em is None else jnp.sum(em).astype(dtype)  # the real examples
-        sq = _sq_norms(run, rows, dtype, "auto")
-        mean = run.quantity("weighted_grads", jnp.ones((rows,), dtype) / b)
+
+        def body(run: _Pass) -> tuple[Any, Any]:
+            n = run.batch.x.shape[0]
+            sq = _sq_norms(run, n, dtype, "auto")
+            return sq, run.quantity("weighted_grads", jnp.ones((n,), dtype) / b)
+
+        sq, mean = _by_examples(net, loss, params, batch, em, chunk, body)
         mean_sq = _tree_sum([jnp.sum(leaf * leaf) for leaf in jtu.tree_leaves(mean)])
         spread = jnp.sum(sq) / b - mean_sq
         if unbiased:
