@@ -20,6 +20,7 @@ of the training images) for images.
 from __future__ import annotations
 
 import csv
+import functools
 import inspect
 import math
 import os
@@ -27,6 +28,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 IGNORE_LABEL = -1
@@ -537,9 +540,35 @@ def load_csv(
     return _split(x, y.astype(np.int64), test_fraction, seed, standardize, os.path.basename(path))
 
 
+ORDER_STREAM = 0x0BA7C4  # folded into the seed's key: the batch order's own stream
+
+
+def order_key(seed: Any) -> Any:
+    """The PRNG key of a run's batch order: ``fold_in(key(seed), ORDER_STREAM)``
+    (a stream of its own, apart from the params' and the steps' keys)."""
+    return jax.random.fold_in(jax.random.key(seed), ORDER_STREAM)
+
+
+def permutation(key: Any, epoch: Any, n: int) -> Any:
+    """The order of ``n`` examples in ``epoch``: ``jax.random.permutation`` of
+    ``arange(n)`` (int32) under ``fold_in(key, epoch)``. Traceable (``epoch`` may be a
+    traced int), so a jitted training loop draws it on the device; threefry and a
+    stable sort make it the same on every backend."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), jnp.arange(n, dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _order(n: int, key: Any, epoch: Any) -> Any:
+    return permutation(key, epoch, n)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled order of ``n`` examples in ``epoch`` of a run seeded ``seed``."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    """The shuffled order of ``n`` examples in ``epoch`` of a run seeded ``seed``
+    (:func:`permutation` under :func:`order_key`): the order :func:`jbp.fit` draws
+    on the device, read back to the host."""
+    if n == 0:
+        return np.zeros((0,), np.int64)
+    return np.asarray(_order(n, order_key(seed), np.int32(epoch))).astype(np.int64)
 
 
 def batches(

@@ -408,7 +408,6 @@ def check_labels(net: Sequential, loss: Loss, labels: np.ndarray, name: str = "l
     check_class_labels(loss, labels, net.fan_out, name)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _evaluate_chunk(
     net: Sequential, loss: Loss, params: Params, x: Array, y: Array, labels: Array, mask: Any
 ) -> tuple[Array, Array, Array, Array, Array]:
@@ -432,6 +431,42 @@ def _evaluate_chunk(
     per_example = loss.per_example(out, y)
     weighted = jnp.sum(per_example * jnp.sum(scored, axis=rest).astype(per_example.dtype))
     return jnp.sum(per_example), jnp.sum(right), jnp.sum(scored), jnp.sum(whole), weighted
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _evaluate_sums(
+    net: Sequential,
+    loss: Loss,
+    size: int,
+    params: Params,
+    x: Array,
+    y: Array,
+    labels: Array,
+    mask: Any,
+) -> tuple[Array, ...]:
+    """:func:`_evaluate_chunk`'s five sums for each chunk of ``size`` examples, stacked
+    ``(chunks,)``, in one program: the full chunks by a loop that slices the arrays where
+    they lie (on the device: nothing uploaded, nothing copied), then the rest."""
+    n = labels.shape[0]
+    full, rest = divmod(n, size)
+    pick: Any = lambda a, start, k: None if a is None else lax.dynamic_slice_in_dim(a, start, k)  # noqa: E731
+    parts = []
+    if full == 1 and not rest:
+        parts.append(
+            jtu.tree_map(lambda s: s[None], _evaluate_chunk(net, loss, params, x, y, labels, mask))
+        )
+    elif full:
+
+        def body(carry: None, i: Array) -> tuple[None, tuple[Array, ...]]:
+            start = i * size
+            chunk = [pick(a, start, size) for a in (x, y, labels, mask)]
+            return None, _evaluate_chunk(net, loss, params, *chunk)
+
+        parts.append(lax.scan(body, None, jnp.arange(full, dtype=jnp.int32))[1])
+    if rest:
+        chunk = [pick(a, full * size, rest) for a in (x, y, labels, mask)]
+        parts.append(jtu.tree_map(lambda s: s[None], _evaluate_chunk(net, loss, params, *chunk)))
+    return tuple(jnp.concatenate(column) for column in zip(*parts, strict=True))
 
 
 def evaluate(
@@ -517,21 +552,18 @@ def evaluate_checked(
 ) -> dict[str, float]:
     """:func:`evaluate` on checked arrays: ``x`` in the params' dtype (or int32
     tokens), ``y`` the loss's targets, ``labels`` int32, ``mask`` a padding mask
-    or None. Reads the device once, at the end."""
+    or None; host arrays (uploaded once) or arrays already on the device (as
+    :func:`jbp.fit` keeps its splits: nothing is uploaded). One program over
+    chunks of ``batch_size`` examples; reads the device once, at the end."""
     n = int(labels.shape[0])
     per_position = labels.ndim > 1
     if n == 0:
         empty = {"tokens": 0, "sequence_accuracy": math.nan} if per_position else {}
         return {"loss": math.nan, "accuracy": math.nan, "n": 0, **empty}
-    slices = [slice(start, start + batch_size) for start in range(0, n, batch_size)]
-    sums = [
-        _evaluate_chunk(
-            net, loss, params, x[sl], y[sl], labels[sl], None if mask is None else mask[sl]
-        )
-        for sl in slices
-    ]
+    size = min(batch_size, n)
+    sums = jax.device_get(_evaluate_sums(net, loss, size, params, x, y, labels, mask))
     total, correct, scored, whole, weighted = 0.0, 0, 0, 0, 0.0
-    for s, c, k, w, t in jax.device_get(sums):
+    for s, c, k, w, t in zip(*sums, strict=True):  # chunk by chunk, as a float64 sum
         total += float(s)
         correct += int(c)
         scored += int(k)

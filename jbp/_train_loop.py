@@ -4,20 +4,55 @@ checkpoints, NaN detection, early stopping and exact resume.
 A run folder holds ``metrics.jsonl`` (one JSON record per epoch) and
 ``checkpoint.npz`` (the latest state, written atomically at every epoch end,
 every ``checkpoint_every`` steps and when ``max_steps`` stops the run). The
-batch order of an epoch is a function of ``(seed, epoch)`` only, so a run
-resumed from step ``k`` skips the batches of its epoch already done and
-reaches step ``n`` with bitwise the same state as an uninterrupted run. All
-output goes through a :class:`RunFolder`, which writes on process 0 only.
+batch order of an epoch is a function of ``(seed, epoch)`` only
+(:func:`jbp._data.permutation`, drawn on the device), so a run resumed from
+step ``k`` skips the batches of its epoch already done and reaches step ``n``
+with bitwise the same state as an uninterrupted run. All output goes through
+a :class:`RunFolder`, which writes on process 0 only.
 
-The loop does not wait for the device after each step. Each step is
-dispatched with the state and a first-bad-step marker that stay on the device
+No avoidable host round-trips. The data set is uploaded once (each split's
+inputs, targets, labels and mask; replicated on every device of a ``mesh``)
+and stays on the device; each step's batch is gathered there by the epoch's
+permutation, itself drawn on the device from the state's step. A step is one
+dispatch of a jitted function whose arguments already lie on the device, and
+it *donates* the carry (params, optimiser state, key, the run's sums): XLA
+updates them in place instead of holding two copies. Once set up, an epoch
+uploads nothing (tested under ``jax.transfer_guard_host_to_device("disallow")``);
+private training uploads its epoch's Poisson samples (indices and example
+masks, from the same host sampler as before) once at the epoch's start, and
+in-run Shapley its epoch's validation rows when they are drawn.
+
+The loop does not wait for the device after each step. The state stays on
+the device in a :class:`Carry` with a first-bad-step marker
 (:func:`guarded_step`): the step that first gives a non-finite loss, gradient
-or parameter norm is recorded there and no update is applied from then on, so
-the state on the device stays the last good one. The host reads the marker
-and the pending steps' metrics together, at most every ``READ_EVERY`` steps
-and before anything that needs them (a gradient check, a checkpoint, the end
-of an epoch or of the run), and then raises :class:`TrainingError` naming
-the first bad step and carrying that last good state.
+or parameter norm, or fails the live gradient check, is recorded there with
+its figures and no update is applied from then on, so the state on the device
+stays the last good one. The epoch's sums (Σ of the batch losses, examples,
+steps) accumulate in the carry too. The host reads the marker and the sums
+together, a handful of scalars in one transfer, every ``READ_EVERY`` steps
+and before anything that needs them (a checkpoint, kept params, the end of an
+epoch or of the run), and then raises :class:`TrainingError` naming the first
+bad step and carrying that last good state.
+
+The live gradient check (``check_every``) runs before the step that donates
+the params it reads: one jitted program computes both gradients on the
+step's batch under ``jax.default_matmul_precision("highest")`` and reduces
+them on the device to per-leaf figures (``max |a − b|``, the reference's
+scale, the relative error, bitwise equality, finiteness and the verdict;
+:func:`jbp.compare`'s measure), which the step takes as an input: a failed
+check stops the updates like a non-finite step. Only the figures are read,
+with the next read of the sums.
+
+Determinism. On CPU a run is bitwise reproducible and a resumed run equals an
+uninterrupted one bitwise (tested). On a GPU the batch order and the Poisson
+samples are the same as on CPU (threefry, a stable sort, numpy), but XLA:GPU
+may sum in a different order from run to run where it uses atomics
+(scatter-adds, e.g. the gradient of an ``Embedding``'s table, and some
+reductions): then two runs, or a resumed and an uninterrupted one, agree to
+round-off, not bitwise. ``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` (set
+before JAX starts) makes XLA:GPU choose deterministic kernels, at some cost in
+speed; the in-run data values' scatter-add is deterministic anyway (a batch's
+rows are distinct).
 
 :func:`fit` checks its arguments once, at this public boundary, into a
 :class:`Plan` and a :class:`Data` (:mod:`jbp._train_checks`); everything
@@ -28,7 +63,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import operator
 import os
@@ -47,12 +81,12 @@ from jax.sharding import Mesh
 from ._attribution import InRunShapley
 from ._backprop import backprop, objective
 from ._checkpoint import CHECKPOINT, CheckpointError, RunFolder
-from ._data import batches, epoch_order
+from ._data import order_key, permutation
 from ._losses import Loss
 from ._privacy import Privacy
 from ._progress import Progress
-from ._report import compare
-from ._sharding import data_parallel_step, replicate
+from ._report import DEFAULT_RTOL, ZERO_ULPS, LeafRow, Report
+from ._sharding import batch_sharded, replicate, replicated
 from ._train import (
     StepFn,
     TrainingError,
@@ -68,8 +102,11 @@ from ._train_shapley import shapley_step
 from .layers._dropout import has_dropout
 
 SHAPLEY = "shapley.npy"  # fit(shapley=...): the in-run data values, one per training example
-READ_EVERY = 50  # most steps dispatched between two host reads of the metrics
+READ_EVERY = 50  # most steps dispatched between two host reads of the run's sums
+CHECK_PRECISION = "highest"  # the live check's matmul precision (jax.default_matmul_precision)
+CHECK_NAMES = ("manual (jbp.backprop)", "autodiff (jax.grad)")
 _WATCHED = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}
+Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +117,22 @@ class FitResult:
       state: the final :class:`TrainState`.
       history: one record per completed epoch (with those before a resume):
         ``epoch``, ``step``, ``gradient_source``, ``batch_loss`` (mean ℓ_i over
-        the epoch's batches as they were seen), ``train_loss``,
-        ``train_accuracy``, ``test_loss``, ``test_accuracy`` (mean ℓ_i and
-        accuracy at the epoch's end; None without a test split),
-        ``grad_check_max_rel_err`` (worst over the epoch's live checks, None
-        if none ran), ``grad_checks``, ``step_time`` (seconds per step spent
-        dispatching steps and waiting for the device, the first epoch's
-        including compilation) and ``epoch_time``.
+        the epoch's batches as they were seen, summed on the device in the
+        loss's dtype, at least float32), ``train_loss``, ``train_accuracy``,
+        ``test_loss``, ``test_accuracy`` (mean ℓ_i and accuracy at the epoch's
+        end; None without a test split), ``grad_check_max_rel_err`` (worst over
+        the epoch's live checks, None if none ran), ``grad_checks``,
+        ``grad_check_precision`` (the checks' matmul precision, ``"highest"``;
+        None if none ran), ``step_time`` (seconds per step spent dispatching
+        steps and waiting for the device, the first epoch's including
+        compilation) and ``epoch_time``.
       stop_reason: ``"epochs"``, ``"early_stopping"``, ``"max_steps"`` or
         ``"privacy_budget"`` (the next step would have spent more than the
         target ε).
       run_dir: the run folder, or None.
       shapley: with ``shapley=``, every training example's in-run data value
-        ``(n_train,)`` float64 (:class:`jbp.InRunShapley`), else None.
+        ``(n_train,)`` float64 (:class:`jbp.InRunShapley`; summed on the device
+        in float64 when JAX has it enabled, else float32), else None.
       privacy: for a private run, its configuration (``noise_multiplier``,
         ``sampling_rate``, ``max_norm``, ``delta``, ``accountant``, ...) with
         ``steps`` and ``epsilon``, the ε spent by them; else None.
@@ -106,44 +146,392 @@ class FitResult:
     shapley: np.ndarray | None = None
 
 
+class Sums(NamedTuple):
+    """The current epoch's running sums, kept on the device.
+
+    Attributes:
+      loss_sum: Σ over the epoch's good steps of ``C / loss.scale(batch)`` (a
+        private step: its mean ℓ_i times its examples), in the sums' dtype.
+      examples: int32, the examples those steps saw.
+      steps: int32, how many steps.
+      last_loss: the latest good step's ``C``.
+    """
+
+    loss_sum: Any
+    examples: Any
+    steps: Any
+    last_loss: Any
+
+
 class Carry(NamedTuple):
-    """What the guarded step carries on the device from one step to the next.
+    """What the guarded step carries on the device from one step to the next
+    (and donates to the next step: the arrays of a carry passed to a step are
+    deleted, the step returns their successors).
 
     Attributes:
       state: the :class:`TrainState`, the last good one once a step has failed.
-      bad_step: int32 scalar, -1 while every step has been finite, else the
-        first step whose loss, gradient norm or parameter norm was not.
+      bad_step: int32 scalar, -1 while every step has been good, else the first
+        step whose loss, gradient norm or parameter norm was not finite or
+        whose live check failed.
+      bad_metrics: ``(3,)`` that step's loss, gradient norm and parameter norm.
+      failed_check: bool scalar, whether that step's metrics were finite (so it
+        failed the live check).
+      sums: the epoch's :class:`Sums`.
+      values: the in-run data values ``(n_train,)`` of ``fit(shapley=...)``, else None.
     """
 
     state: TrainState
-    bad_step: jax.Array
+    bad_step: Any
+    bad_metrics: Any
+    failed_check: Any
+    sums: Any
+    values: Any = None
 
 
-GuardedStep = Callable[..., tuple[Carry, dict[str, jax.Array]]]
+def _widest_float() -> Any:
+    """float64 where JAX has it enabled, else float32."""
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-def guarded_step(step: StepFn) -> GuardedStep:
-    """``step`` on a :class:`Carry`: once a step is non-finite, its update and
-    every later one are dropped on the device (the state is selected, bitwise,
-    from the one before) and the marker keeps that step's number."""
+def _sums_dtype(params: Any) -> Any:
+    """The sums' dtype: the params' floating dtype, at least float32."""
+    floats = [
+        leaf.dtype for leaf in jtu.tree_leaves(params) if jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
+    return jnp.promote_types(jnp.result_type(*floats) if floats else jnp.float32, jnp.float32)
+
+
+def new_carry(
+    state: TrainState,
+    *,
+    loss_sum: float = 0.0,
+    examples: int = 0,
+    steps: int = 0,
+    values: Any = None,
+) -> Carry:
+    """A :class:`Carry` for ``state`` with no bad step, the epoch's sums so far
+    (zero for a new epoch) and the in-run data values (or None), as host values:
+    put it on the device once, before the first step."""
+    dtype = _sums_dtype(state.params)
+    sums = Sums(
+        np.asarray(loss_sum, dtype),
+        np.int32(examples),
+        np.int32(steps),
+        np.asarray(math.nan, dtype),
+    )
+    if values is not None:
+        values = np.asarray(values, _widest_float())
+    bad = np.full(3, math.nan, dtype)
+    return Carry(state, np.int32(-1), bad, np.bool_(False), sums, values)
+
+
+def _count(sums: Sums, metrics: dict[str, Array], rows: int, loss: Loss, keep: Array) -> Sums:
+    """The sums with one step added if it was applied (``keep``)."""
+    dtype = sums.loss_sum.dtype
+    value = metrics["loss"].astype(dtype)
+    if "examples" in metrics:  # a private step: the mean ℓ_i over its real examples
+        n = metrics["examples"].astype(jnp.int32)
+        part = value * n.astype(dtype)
+    else:
+        n = jnp.int32(rows)
+        part = value * jnp.asarray(1.0 / loss.scale(rows), dtype)
+    return Sums(
+        jnp.where(keep, sums.loss_sum + part, sums.loss_sum),
+        jnp.where(keep, sums.examples + n, sums.examples),
+        sums.steps + keep.astype(jnp.int32),
+        jnp.where(keep, value, sums.last_loss),
+    )
+
+
+GuardedStep = Callable[..., tuple[Carry, dict[str, Array]]]
+
+
+def guarded_step(step: StepFn, loss: Loss) -> GuardedStep:
+    """``step`` on a :class:`Carry`: ``run(carry, ok, x, y, mask=None, *rest)``.
+    Once a step is non-finite or ``ok`` (its live check's verdict, a bool scalar)
+    is False, its update and every later one are dropped on the device (the state
+    is selected, bitwise, from the one before) and the marker keeps that step's
+    number and figures; a good step adds to the epoch's sums. Returns the next
+    carry and the step's metrics with ``"applied"``, whether its update was."""
 
     def run(
-        carry: Carry, x: Any, y: Any, mask: Any = None, *example_mask: Any
-    ) -> tuple[Carry, dict[str, jax.Array]]:
-        new, metrics = step(carry.state, x, y, mask, *example_mask)
+        carry: Carry, ok: Array, x: Any, y: Any, mask: Any = None, *rest: Any
+    ) -> tuple[Carry, dict[str, Array]]:
+        new, metrics = step(carry.state, x, y, mask, *rest)
         finite = functools.reduce(operator.and_, (jnp.isfinite(metrics[k]) for k in _WATCHED))
         clean = carry.bad_step < 0
-        keep = finite & clean
+        keep = finite & ok & clean
         state = jtu.tree_map(lambda a, b: lax.select(keep, a, b), new, carry.state)
-        bad_step = jnp.where(clean & ~finite, carry.state.step, carry.bad_step)
-        return Carry(state, bad_step), metrics
+        first = clean & ~keep
+        dtype = carry.bad_metrics.dtype
+        watched = jnp.stack([metrics[k].astype(dtype) for k in _WATCHED])
+        carry = Carry(
+            state,
+            jnp.where(first, carry.state.step, carry.bad_step),
+            jnp.where(first, watched, carry.bad_metrics),
+            jnp.where(first, finite, carry.failed_check),
+            _count(carry.sums, metrics, np.shape(x)[0], loss, keep),
+            carry.values,
+        )
+        return carry, {**metrics, "applied": keep}
 
     return run
 
 
+# --- the live check's figures, on the device -------------------------------------------
+
+
+def check_figures(tested: Any, reference: Any, rtol: float) -> dict[str, Array]:
+    """:func:`jbp.compare`'s measure, reduced on the device to per-leaf figures
+    ``(leaves,)``: ``max_abs_err`` (of the difference in the leaf's dtype, at least
+    float32), ``scale`` (the reference leaf's ``max |b|``, or the largest leaf's for a
+    leaf that is zero to round-off), ``rel_err``, ``bitwise``, ``finite_tested``,
+    ``finite_reference``, ``ok`` per leaf, and ``all_ok``, the verdict (a bool
+    scalar). Traceable; the two trees have one structure and shapes."""
+    wide = _widest_float()
+    stats, eps = [], []
+    for a, b in zip(jtu.tree_leaves(tested), jtu.tree_leaves(reference), strict=True):
+        w = jnp.promote_types(b.dtype, jnp.float32)
+        aw, bw = a.astype(w).ravel(), b.astype(w).ravel()
+        if a.dtype == b.dtype and jnp.issubdtype(a.dtype, jnp.floating):
+            bits = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+            differ = lax.bitcast_convert_type(a, bits) != lax.bitcast_convert_type(b, bits)
+        else:
+            differ = jnp.broadcast_to(a.dtype != b.dtype, a.shape) | (a != b)
+        # one reduction per leaf (its five maxima at once): XLA compiles each reduction
+        # on its own, and a live check of a deep network has many leaves
+        parts = [
+            jnp.abs(aw - bw),
+            jnp.abs(bw),
+            ~jnp.isfinite(aw),
+            ~jnp.isfinite(bw),
+            differ.ravel(),
+        ]
+        stacked = jnp.stack([p.astype(w) for p in parts])
+        stats.append(jnp.max(stacked, axis=1, initial=0).astype(wide))
+        eps.append(float(jnp.finfo(b.dtype).eps) if jnp.issubdtype(b.dtype, jnp.inexact) else 0.0)
+    err, scale, bad_a, bad_b, differ = jnp.stack(stats).T
+    fin_a, fin_b = bad_a == 0, bad_b == 0
+    leaf_scale = jnp.where(fin_b, scale, 0)  # compare's: 0 for a leaf that is not finite
+    top = jnp.max(leaf_scale)
+    zero = leaf_scale <= ZERO_ULPS * jnp.asarray(eps, wide) * top
+    scale = jnp.where(zero, top, leaf_scale)
+    ratio = err / jnp.where(scale > 0, scale, 1)
+    rel = jnp.where(scale > 0, ratio, jnp.where(err == 0, 0, jnp.inf))
+    finite = fin_a & fin_b
+    ok = finite & ((rel <= rtol) | (err == 0))
+    return {
+        "max_abs_err": err, "scale": scale, "rel_err": rel, "bitwise": (differ == 0) & finite,
+        "finite_tested": fin_a, "finite_reference": fin_b, "ok": ok,
+        "all_ok": jnp.all(ok),
+    }  # fmt: skip
+
+
+def figures_report(
+    figures: dict[str, np.ndarray], like: Any, rtol: float, dtype: str, layers: tuple[str, ...]
+) -> Report:
+    """The :class:`Report` of host-read :func:`check_figures` (the gradients shaped
+    like ``like``), as :func:`jbp.compare` would give it, its verdicts the device's."""
+    rows = []
+    for i, (path, leaf) in enumerate(jtu.tree_leaves_with_path(like)):
+        name = "params" + jtu.keystr(path)
+        first = path[0] if path else None
+        layer = int(first.idx) if isinstance(first, jtu.SequenceKey) else None
+        shape = tuple(np.shape(leaf))
+        ok = bool(figures["ok"][i])
+        if not (figures["finite_tested"][i] and figures["finite_reference"][i]):
+            side = CHECK_NAMES[0] if not figures["finite_tested"][i] else CHECK_NAMES[1]
+            scale = float(figures["scale"][i])
+            rows.append(
+                LeafRow(
+                    name,
+                    layer,
+                    shape,
+                    math.nan,
+                    scale,
+                    math.nan,
+                    False,
+                    False,
+                    f"non-finite values in {side}",
+                )
+            )
+            continue
+        rows.append(
+            LeafRow(
+                name,
+                layer,
+                shape,
+                float(figures["max_abs_err"][i]),
+                float(figures["scale"][i]),
+                float(figures["rel_err"][i]),
+                bool(figures["bitwise"][i]),
+                ok,
+            )
+        )
+    return Report(
+        tuple(rows), CHECK_NAMES, float(rtol), dtype, CHECK_PRECISION, jax.default_backend(),
+        layers=layers,
+    )  # fmt: skip
+
+
+# --- where a step's batch comes from ------------------------------------------------------
+
+
+def _order_at(n: int, per_epoch: int, key: Array, step: Array) -> Array:
+    """The permutation of the epoch that holds ``step``."""
+    return permutation(key, step // per_epoch, n)
+
+
+def _reset_sums(carry: Carry) -> Carry:
+    return carry._replace(sums=jtu.tree_map(jnp.zeros_like, carry.sums))
+
+
+# Compiled once per process for every run on one device (the step and check are
+# closures of each run).
+_ORDER = jax.jit(_order_at, static_argnums=(0, 1))
+_RESET = jax.jit(_reset_sums, donate_argnums=0)
+
+
+class _DeviceSplit(NamedTuple):
+    """One split on the device: inputs, the loss's targets, int32 labels, mask or None."""
+
+    x: Any
+    y: Any
+    labels: Any
+    mask: Any
+
+
+def _pick(a: Any, idx: Array) -> Any:
+    return None if a is None else jnp.take(a, idx, axis=0)
+
+
+class _Shuffled:
+    """Shuffled batches of ``batch_size`` (the last of an epoch smaller): each
+    epoch's permutation drawn on the device from the state's step, each batch
+    gathered from the split on the device; with a mesh, a batch that divides
+    over the devices is split along the data axis."""
+
+    def __init__(self, loop: _Loop) -> None:
+        self.loop = loop
+        self.n = loop.data.meta["n_train"]
+        self.batch_size = loop.plan.batch_size
+        self.key = loop.put(order_key(loop.plan.seed))
+        self.perm: Array | None = None
+        self.order = loop.jit(_order_at, donate=False, static=("n", "per_epoch"), shared=_ORDER)
+
+    def start_epoch(self, epoch: int) -> None:
+        state = self.loop.carry.state
+        self.perm = self.order(self.n, self.loop.steps_per_epoch, self.key, state.step)
+
+    def size(self, k: int) -> int:
+        return min(self.batch_size, self.n - k * self.batch_size)
+
+    def feed(self) -> Any:
+        return (self.loop.train_split, self.perm)
+
+    def take(self, feed: Any, k: Array, size: int) -> tuple[tuple[Any, ...], tuple[Any, ...], Any]:
+        train, perm = feed
+        idx = lax.dynamic_slice_in_dim(perm, k * self.batch_size, size)
+        batch = tuple(_pick(a, idx) for a in (train.x, train.y, train.mask))
+        mesh = self.loop.plan.mesh
+        if mesh is not None and size % mesh.devices.size == 0:
+            split = batch_sharded(mesh)
+            batch = tuple(
+                None if a is None else lax.with_sharding_constraint(a, split) for a in batch
+            )
+        return batch, (), idx
+
+
+class _Poisson(_Shuffled):
+    """Private training's Poisson samples (:class:`jbp.PoissonSampler`, on the host as
+    before: the same batches and mechanism), uploaded once per epoch as indices and
+    example masks ``(steps, rows)``, one pair per row count (a rare sample larger than
+    the padding has its own); each batch gathered on the device, its padding rows
+    zeros with an all-True position mask, as the sampler pads them."""
+
+    def __init__(self, loop: _Loop) -> None:
+        self.loop = loop
+        self.samples: dict[int, tuple[Array, Array]] = {}
+        self.widths: list[int] = []
+
+    def start_epoch(self, epoch: int) -> None:
+        loop = self.loop
+        assert loop.private is not None
+        sampler, per = loop.private.sampler, loop.steps_per_epoch
+        drawn = [sampler.sample(step) for step in range(epoch * per, (epoch + 1) * per)]
+        self.widths = [len(idx) for idx, _ in drawn]
+        host = {}
+        for w in sorted(set(self.widths)):
+            idx = np.zeros((per, w), np.int32)
+            em = np.zeros((per, w), bool)
+            for k, (i, m) in enumerate(drawn):
+                if len(i) == w:
+                    idx[k], em[k] = i, m
+            host[w] = (idx, em)
+        self.samples = jax.device_put(host)  # the epoch's one upload
+
+    def size(self, k: int) -> int:
+        return self.widths[k]
+
+    def feed(self) -> Any:
+        return (self.loop.train_split, self.samples)
+
+    def take(self, feed: Any, k: Array, size: int) -> tuple[tuple[Any, ...], tuple[Any, ...], Any]:
+        train, samples = feed
+        idx, em = (a[k] for a in samples[size])
+
+        def rows(a: Any, fill: Any) -> Any:
+            if a is None:
+                return None
+            real = jnp.reshape(em, (-1,) + (1,) * (a.ndim - 1))
+            return jnp.where(real, jnp.take(a, idx, axis=0), jnp.asarray(fill, a.dtype))
+
+        return (rows(train.x, 0), rows(train.y, 0), rows(train.mask, True)), (em,), None
+
+
+class _WithValidation(_Shuffled):
+    """In-run Shapley's batches: shuffled training rows with their validation rows
+    (:meth:`jbp.InRunShapley.rows`, drawn on the host as before and uploaded once per
+    epoch; all of them, never uploaded again, without a validation batch size)."""
+
+    def __init__(self, loop: _Loop) -> None:
+        super().__init__(loop)
+        self.val = loop.put(_device_split(loop.val))
+        self.rows: Array | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        super().start_epoch(epoch)
+        shapley, n = self.loop.plan.shapley, len(self.loop.val.labels)
+        if shapley.batch_size is not None and shapley.batch_size < n:
+            per = self.loop.steps_per_epoch
+            steps = range(epoch * per, (epoch + 1) * per)
+            self.rows = jax.device_put(
+                np.stack([shapley.rows(n, s) for s in steps]).astype(np.int32)
+            )
+
+    def feed(self) -> Any:
+        return (self.loop.train_split, self.perm, self.val, self.rows)
+
+    def take(self, feed: Any, k: Array, size: int) -> tuple[tuple[Any, ...], tuple[Any, ...], Any]:
+        train, perm, val, rows = feed
+        batch, _, idx = super().take((train, perm), k, size)
+        v = (val.x, val.y, val.mask)
+        if rows is not None:
+            v = tuple(_pick(a, rows[k]) for a in v)
+        return batch, v, idx
+
+
+def _device_split(split: Split) -> _DeviceSplit:
+    return _DeviceSplit(split.x, split.y, split.labels, split.mask)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
 class _Tally:
-    """The current epoch so far; a checkpoint keeps it as ``epoch_progress``."""
+    """The current epoch so far as the host last read it; a checkpoint keeps it as
+    ``epoch_progress``."""
 
     loss_sum: float = 0.0  # Σ over the epoch's steps of C / loss.scale(batch)
     examples: int = 0
@@ -171,36 +559,40 @@ def _join(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _compile_step(plan: Plan, private: PrivateRun | None) -> GuardedStep:
+def _pure_step(plan: Plan, private: PrivateRun | None) -> StepFn:
     if plan.shapley is not None:
-        step = shapley_step(plan.net, plan.loss, plan.optimizer, plan.shapley.learning_rate)
-        return jax.jit(guarded_step(step))
+        return shapley_step(plan.net, plan.loss, plan.optimizer, plan.shapley.learning_rate)
     if private is not None:
         assert private.noise_multiplier is not None
         p = private.privacy
-        dp = make_dp_step(
+        return make_dp_step(
             plan.net, plan.loss, plan.optimizer, max_norm=p.max_norm,
             noise_multiplier=private.noise_multiplier, expected_batch_size=plan.batch_size,
             physical_batch_size=p.physical_batch_size, jit=False,
         )  # fmt: skip
-        return jax.jit(guarded_step(dp))
-    step = guarded_step(build_step(plan.net, plan.loss, plan.optimizer, plan.gradient_source))
-    return jax.jit(step) if plan.mesh is None else data_parallel_step(step, plan.mesh)
+    return build_step(plan.net, plan.loss, plan.optimizer, plan.gradient_source)
 
 
-def _check_fns(plan: Plan) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    if plan.check_every is None:
-        return None
-    return (
-        jax.jit(backprop(plan.net, plan.loss)),
-        jax.jit(jax.grad(objective(plan.net, plan.loss))),  # reference
-    )
+def _unique_buffers(tree: Any) -> Any:
+    """``tree`` with every leaf its own array (a step donates them all, and an array
+    donated twice, e.g. an optimiser state that holds the params, would fail)."""
+    seen: set[int] = set()
+
+    def own(leaf: Any) -> Any:
+        if not isinstance(leaf, jax.Array) or id(leaf) not in seen:
+            seen.add(id(leaf))
+            return leaf
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jr.wrap_key_data(jnp.array(jr.key_data(leaf)), impl=jr.key_impl(leaf))
+        return jnp.array(leaf, copy=True)
+
+    return jtu.tree_map(own, tree)
 
 
 class _Loop:
     """One :func:`fit` run: the checked plan and data, the run folder, and what
     changes as it trains (the device carry, the step, the epoch's tally, early
-    stopping, the history and the steps whose metrics are not read yet)."""
+    stopping, the history and the live checks whose figures are not read yet)."""
 
     def __init__(self, plan: Plan, data: Data, run: RunFolder) -> None:
         self.plan, self.data, self.run = plan, data, run
@@ -212,9 +604,7 @@ class _Loop:
                 plan.privacy, n_train, plan.batch_size, plan.seed, plan.epochs
             )
             self.steps_per_epoch = self.private.steps_per_epoch
-        self.check_fns = _check_fns(plan)
-        self.values: np.ndarray | None = None  # in-run data values, one per training example
-        self.value_rows: dict[int, np.ndarray] = {}  # step -> its batch's rows, until read
+        self.values: np.ndarray | None = None  # in-run data values, as last read
         if plan.shapley is not None:
             v = plan.shapley
             names = ("shapley.x", "shapley.y", "shapley.mask")
@@ -223,16 +613,93 @@ class _Loop:
         self.step = 0
         self.tally, self.early = _Tally(), _Early()
         self.history: list[dict[str, Any]] = []
-        self.pending: list[tuple[int, int, dict[str, jax.Array]]] = []
+        self.unread = 0  # steps dispatched since the last read
+        self.pending: list[tuple[int, dict[str, Array]]] = []  # live checks not read yet
         self.last_loss: float | None = None
-        self.carry = Carry(
-            fresh_state(plan.net, plan.optimizer, jr.key(plan.seed), plan.dtype),
-            jnp.full((), -1, jnp.int32),
+        self.state = fresh_state(plan.net, plan.optimizer, jr.key(plan.seed), plan.dtype)
+
+    # -- device plumbing
+
+    def put(self, tree: Any) -> Any:
+        """``tree`` on the device (replicated on every device of the mesh): setup only."""
+        mesh = self.plan.mesh
+        return jax.device_put(tree) if mesh is None else replicate(tree, mesh)
+
+    def jit(
+        self,
+        fn: Callable[..., Any],
+        *,
+        donate: bool,
+        static: tuple[str, ...] = (),
+        shared: Any = None,
+    ) -> Any:
+        """``jax.jit(fn)``, donating its first argument or not; on a mesh its results
+        replicated; on one device ``shared`` where given (``fn`` compiled once for all
+        runs)."""
+        if shared is not None and self.plan.mesh is None:
+            return shared
+        kw: dict[str, Any] = {"static_argnames": static}
+        if donate:
+            kw["donate_argnums"] = 0
+        if self.plan.mesh is not None:
+            kw["out_shardings"] = replicated(self.plan.mesh)
+        return jax.jit(fn, **kw)
+
+    def _compile(self) -> None:
+        """The run's device data and programs: the splits, the batch source, the step,
+        the live check and the sums' reset."""
+        plan, per_epoch = self.plan, self.steps_per_epoch
+        self.train_split = self.put(_device_split(self.data.train))
+        self.test_split = (
+            None if self.data.test is None else self.put(_device_split(self.data.test))
         )
+        if plan.shapley is not None:
+            self.source: _Shuffled = _WithValidation(self)
+        elif self.private is not None:
+            self.source = _Poisson(self)
+        else:
+            self.source = _Shuffled(self)
+        source, loss = self.source, plan.loss
+        guarded = guarded_step(_pure_step(plan, self.private), loss)
+
+        def step(carry: Carry, feed: Any, ok: Array, size: int) -> Carry:
+            batch, extra, rows = source.take(feed, carry.state.step % per_epoch, size)
+            carry, metrics = guarded(carry, ok, *batch, *extra)
+            if carry.values is not None:
+                v = jnp.where(metrics["applied"], metrics["values"], 0).astype(carry.values.dtype)
+                carry = carry._replace(values=carry.values.at[rows].add(v, unique_indices=True))
+            return carry
+
+        self.step_fn = self.jit(step, donate=True, static=("size",))
+        self.reset = self.jit(_reset_sums, donate=True, shared=_RESET)
+        self.ok = self.put(np.bool_(True))
+        self.check_fn = None
+        if plan.check_every is not None:
+            floats = [leaf.dtype for leaf in jtu.tree_leaves(self.state.params)]
+            self.check_dtype = np.result_type(*floats).name if floats else "float32"
+            self.check_rtol = (
+                DEFAULT_RTOL.get(self.check_dtype, 1e-4)
+                if plan.check_rtol is None
+                else float(plan.check_rtol)
+            )
+            manual = backprop(plan.net, loss)
+            reference = jax.grad(objective(plan.net, loss))  # reference
+            dropout, seed, rtol = has_dropout(plan.net), plan.seed, self.check_rtol
+
+            def check(state: TrainState, feed: Any, size: int) -> dict[str, Array]:
+                (x, y, mask), _, _ = source.take(feed, state.step % per_epoch, size)
+                key = jr.fold_in(jr.key(seed), state.step) if dropout else None
+                kw = {"mask": mask, "dropout_key": key}
+                a = manual(state.params, x, y, **kw)
+                b = reference(state.params, x, y, **kw)
+                return check_figures(a, b, rtol)
+
+            self.check_fn = self.jit(check, donate=False, static=("size",))
 
     def begin(self, resume: bool) -> None:
-        """A fresh run, or the state, tally and history of the run being resumed."""
-        state, saved_privacy = self.carry.state, None
+        """A fresh run, or the state, tally and history of the run being resumed;
+        then the data and the carry on the device."""
+        state, saved_privacy = self.state, None
         if resume:
             try:
                 state, extra = self.run.load(self._saved(state))
@@ -273,10 +740,13 @@ class _Loop:
         if self.private is not None:
             self.private.resolve(saved_privacy)
             self.run.write_config(self.private.record())
-        self.step_fn = _compile_step(self.plan, self.private)
-        self.carry = self.carry._replace(state=state)
-        if self.plan.mesh is not None:
-            self.carry = replicate(self.carry, self.plan.mesh)
+        self.state = state
+        self._compile()
+        t = self.tally
+        carry = new_carry(
+            state, loss_sum=t.loss_sum, examples=t.examples, steps=t.steps, values=self.values
+        )
+        self.carry = _unique_buffers(self.put(carry))
 
     def train(self) -> FitResult:
         """Epochs until ``epochs``, ``max_steps`` or early stopping."""
@@ -313,7 +783,7 @@ class _Loop:
             eps = self.private.epsilon(self.step)
             privacy = {**self.private.record(), "steps": self.step, "epsilon": eps}
         return FitResult(
-            self.carry.state, tuple(self.history), stop, self.run.dir, privacy, self.values
+            self.carry.state, tuple(self.history), stop, self.run.dir, privacy, self._values()
         )
 
     def _stop_before_step(self) -> str | None:
@@ -326,53 +796,18 @@ class _Loop:
             return "privacy_budget"
         return None
 
-    def _epoch_batches(self, epoch: int) -> Any:
-        """The epoch's batches: shuffled, or for a private run Poisson samples padded
-        to a fixed shape, ``(x, y, position mask, example mask)``; with in-run Shapley
-        values ``(x, y, position mask, x_val, y_val, val mask, rows)``."""
-        plan, train = self.plan, self.data.train
-        if plan.shapley is not None:
-            return self._shapley_batches(epoch)
-        if self.private is None:
-            return batches(
-                train.x, train.y, plan.batch_size, seed=plan.seed, epoch=epoch, mask=train.mask
-            )
-        sampler, first = self.private.sampler, epoch * self.steps_per_epoch
-        arrays = (train.x, train.y) if train.mask is None else (train.x, train.y, train.mask)
-
-        def private() -> Any:
-            for step in range(first, first + self.steps_per_epoch):
-                (xb, yb, *mb), em = sampler.batch(arrays, step)
-                if mb:
-                    mb[0][~em] = True  # a padding row's positions: zeros, all "real"
-                yield xb, yb, (mb[0] if mb else None), em
-
-        return private()
-
-    def _shapley_batches(self, epoch: int) -> Any:
-        plan, train, val = self.plan, self.data.train, self.val
-        order = epoch_order(len(train.y), plan.seed, epoch)
-        step = epoch * self.steps_per_epoch
-        for k, start in enumerate(range(0, len(order), plan.batch_size)):
-            idx = order[start : start + plan.batch_size]
-            v = plan.shapley.rows(len(val.y), step + k)
-            pick = lambda m, i: None if m is None else m[i]  # noqa: E731
-            yield (train.x[idx], train.y[idx], pick(train.mask, idx), val.x[v], val.y[v],
-                   pick(val.mask, v), idx)  # fmt: skip
-
     def _run_epoch(self, epoch: int, skip: int) -> str | None:
         """The epoch's steps from batch ``skip`` on; why it stopped early, or None."""
         label = f"epoch {epoch + 1}/{self.plan.epochs}"
         with Progress(total=self.steps_per_epoch, label=label, quiet=not self.run.verbose) as bar:
             bar.update(skip)
-            for batch in itertools.islice(self._epoch_batches(epoch), skip, None):
+            if self._stop_before_step() is None:
+                self.source.start_epoch(epoch)
+            for k in range(skip, self.steps_per_epoch):
                 stop = self._stop_before_step()
                 if stop is not None:
                     return stop
-                if self.values is not None:
-                    *batch, rows = batch
-                    self.value_rows[self.step] = rows
-                self._take_step(*batch)
+                self._take_step(k)
                 bar.update(note=None if self.last_loss is None else f"loss {self.last_loss:.4g}")
                 if self._checkpoint_due():
                     self._save()
@@ -383,23 +818,24 @@ class _Loop:
         every = self.plan.checkpoint_every
         return every is not None and self.step % every == 0 and self.step % self.steps_per_epoch > 0
 
-    def _take_step(
-        self, xb: np.ndarray, yb: np.ndarray, mb: np.ndarray | None = None, *em: np.ndarray
-    ) -> None:
-        """Dispatch one step; the host waits for it only when something reads. A private
-        step's batch comes with its example mask ``em``; the live check compares the
-        unclipped gradients of the padded batch (padding rows hold zeros)."""
-        before = self.carry
+    def _take_step(self, k: int) -> None:
+        """Dispatch step ``k`` of the epoch (its live check first, where one is due);
+        the host waits for it only when something reads. Every argument already lies
+        on the device: nothing is uploaded."""
+        size, feed, ok = self.source.size(k), self.source.feed(), self.ok
         started = time.perf_counter()
-        self.carry, metrics = self.step_fn(before, xb, yb, mb, *em)
-        self.tally.seconds += time.perf_counter() - started
-        self.pending.append((self.step, len(xb), metrics))
         every = self.plan.check_every
         if every is not None and self.step % every == 0:
-            self._flush()  # a non-finite step, this one included, is reported first
-            self._gradient_check(before.state, xb, yb, mb)
+            assert self.check_fn is not None
+            with jax.default_matmul_precision(CHECK_PRECISION):
+                figures = self.check_fn(self.carry.state, feed, size=size)
+            self.pending.append((self.step, figures))
+            ok = figures["all_ok"]
+        self.carry = self.step_fn(self.carry, feed, ok, size=size)
+        self.tally.seconds += time.perf_counter() - started
         self.step += 1
-        if len(self.pending) >= READ_EVERY:
+        self.unread += 1
+        if self.unread >= READ_EVERY:
             self._flush()
         keep = self.plan.keep_every
         if keep is not None and self.step % keep == 0:
@@ -407,32 +843,46 @@ class _Loop:
             self.run.keep_params(self.carry.state.params, self.step)
 
     def _flush(self) -> None:
-        """Read the marker and the pending steps' metrics (one host read); raise
-        :class:`TrainingError` at the first non-finite step, else tally them."""
-        if not self.pending:
+        """Read the marker, the epoch's sums and the pending live checks' figures (one
+        transfer); raise :class:`TrainingError` at the first bad step, else tally them."""
+        if not self.unread and not self.pending:
             return
         started = time.perf_counter()
-        bad_step, metrics = jax.device_get((self.carry.bad_step, [m for *_, m in self.pending]))
+        c = self.carry
+        bad_step, failed_check, bad_metrics, sums, figures = jax.device_get(
+            (c.bad_step, c.failed_check, c.bad_metrics, c.sums, [f for _, f in self.pending])
+        )
         self.tally.seconds += time.perf_counter() - started
-        pending, self.pending = self.pending, []
+        checks = [(k, self._report(f)) for (k, _), f in zip(self.pending, figures, strict=True)]
+        self.pending, self.unread = [], 0
         first_bad = int(bad_step)
-        if first_bad >= 0:  # it is among the pending steps: the last read saw none
-            bad = next(m for (k, *_), m in zip(pending, metrics, strict=True) if k == first_bad)
-            raise self._non_finite(first_bad, bad)
-        for (k, n, _), m in zip(pending, metrics, strict=True):
-            if self.values is not None:
-                np.add.at(self.values, self.value_rows.pop(k), np.asarray(m["values"], np.float64))
-            if "examples" in m:  # a private step: the mean ℓ_i over its real examples
-                n = int(m["examples"])
-                self.tally.loss_sum += float(m["loss"]) * n
-            else:
-                self.tally.loss_sum += float(m["loss"]) / self.plan.loss.scale(n)
-            self.tally.examples += n
-            self.tally.steps += 1
-        self.last_loss = float(metrics[-1]["loss"])
+        if first_bad >= 0:
+            if bool(failed_check):
+                report = next(r for k, r in checks if k == first_bad)
+                raise TrainingError(
+                    f"gradient check failed at step {first_bad}: jbp.backprop and jax.grad "
+                    f"disagree on the current batch (worst rel err {report.max_rel_err:.2e}, "
+                    f"tolerance {report.rtol:.0e}); training stopped\n{report}",
+                    step=first_bad,
+                    state=self.carry.state,
+                    report=report,
+                )
+            raise self._non_finite(first_bad, bad_metrics)
+        for _, report in checks:
+            self.tally.check = max(self.tally.check or 0.0, report.max_rel_err)
+            self.tally.checks += 1
+        self.tally.loss_sum = float(sums.loss_sum)
+        self.tally.examples, self.tally.steps = int(sums.examples), int(sums.steps)
+        if self.tally.steps:
+            self.last_loss = float(sums.last_loss)
 
-    def _non_finite(self, step: int, metrics: dict[str, Any]) -> TrainingError:
-        m = {k: float(v) for k, v in metrics.items()}
+    def _report(self, figures: dict[str, np.ndarray]) -> Report:
+        layers = tuple(map(repr, self.plan.net.layers))
+        rtol = self.check_rtol
+        return figures_report(figures, self.carry.state.params, rtol, self.check_dtype, layers)
+
+    def _non_finite(self, step: int, metrics: np.ndarray) -> TrainingError:
+        m = dict(zip(_WATCHED, map(float, metrics), strict=True))
         bad = [_WATCHED[k] for k in _WATCHED if not math.isfinite(m[k])]
         where = ""
         if self.run.saved_step is not None:
@@ -446,34 +896,6 @@ class _Loop:
             state=self.carry.state,
         )
 
-    def _gradient_check(self, state: TrainState, x: Any, y: Any, mask: Any = None) -> None:
-        """Compare the δ equations with autodiff on this batch (with its padding mask,
-        and one dropout key for both); raise on a mismatch."""
-        assert self.check_fns is not None
-        manual, reference = self.check_fns
-        kw = {"mask": mask, "dropout_key": None}
-        if has_dropout(self.plan.net):
-            kw["dropout_key"] = jr.fold_in(jr.key(self.plan.seed), self.step)
-        with jax.default_matmul_precision("highest"):
-            report = compare(
-                manual(state.params, x, y, **kw),
-                reference(state.params, x, y, **kw),
-                rtol=self.plan.check_rtol,
-                names=("manual (jbp.backprop)", "autodiff (jax.grad)"),
-            )
-        report = dataclasses.replace(report, layers=tuple(map(repr, self.plan.net.layers)))
-        if not report.ok:
-            raise TrainingError(
-                f"gradient check failed at step {self.step}: jbp.backprop and jax.grad "
-                f"disagree on the current batch (worst rel err {report.max_rel_err:.2e}, "
-                f"tolerance {report.rtol:.0e}); training stopped\n{report}",
-                step=self.step,
-                state=state,
-                report=report,
-            )
-        self.tally.check = max(self.tally.check or 0.0, report.max_rel_err)
-        self.tally.checks += 1
-
     def _meta(self) -> dict[str, Any]:
         meta = {
             "data": self.data.meta,
@@ -485,6 +907,13 @@ class _Loop:
             meta["privacy"] = self.private.record()
         return meta
 
+    def _values(self) -> np.ndarray | None:
+        """The in-run data values read from the device, float64 (None without them)."""
+        if self.carry.values is None:
+            return None
+        self.values = np.asarray(jax.device_get(self.carry.values), np.float64)
+        return self.values
+
     def _saved(self, state: TrainState) -> Any:
         """What a checkpoint holds: the state, and the in-run data values with it."""
         return state if self.values is None else (state, self.values)
@@ -493,9 +922,10 @@ class _Loop:
         """Checkpoint the state, once every step before it is known to be finite (and
         the in-run data values, also as ``shapley.npy`` for reading on their own)."""
         self._flush()
+        values = self._values()
         self.run.save(self._saved(self.carry.state), self._meta())
-        if self.values is not None:
-            self.run.write_array(SHAPLEY, self.values)
+        if values is not None:
+            self.run.write_array(SHAPLEY, values)
 
     def _end_epoch(self, epoch: int, started: float) -> None:
         self._flush()
@@ -504,6 +934,7 @@ class _Loop:
         self.early.update(record[self.plan.monitor], self.plan.min_delta)
         self.history.append(record)
         self.tally = _Tally()
+        self.carry = self.reset(self.carry)
         self.run.record(record)  # metrics first: a resume drops records past its checkpoint
         self._save()
         self.run.say(_epoch_line(record, self.plan.epochs))
@@ -511,14 +942,14 @@ class _Loop:
     def _record(self, epoch: int) -> dict[str, Any]:
         plan, tally, params = self.plan, self.tally, self.carry.state.params
 
-        def evaluate(split: Split | None) -> dict[str, Any]:
+        def evaluate(split: _DeviceSplit | None) -> dict[str, Any]:
             if split is None:
                 return {}
             return evaluate_checked(
                 plan.net, plan.loss, params, split.x, split.y, split.labels, 4096, split.mask
             )
 
-        train, test = evaluate(self.data.train), evaluate(self.data.test)
+        train, test = evaluate(self.train_split), evaluate(self.test_split)
         private = {}
         if self.private is not None:
             private = {"epsilon": self.private.epsilon(self.step)}
@@ -533,6 +964,7 @@ class _Loop:
             "test_accuracy": test.get("accuracy"),
             "grad_check_max_rel_err": tally.check,
             "grad_checks": tally.checks,
+            "grad_check_precision": CHECK_PRECISION if tally.checks else None,
             "step_time": tally.seconds / max(tally.steps, 1),
             **private,
         }
@@ -586,8 +1018,10 @@ def fit(
       dtype: the params' dtype.
       gradient_source: ``"backprop"`` (δ equations) or ``"autodiff"`` (jax.grad).
       check_every: every this many steps, compare ``jbp.backprop`` with
-        ``jax.grad`` on the current batch (``jbp.compare`` under matmul
-        precision "highest") and stop on a mismatch; None: no check.
+        ``jax.grad`` on the current batch before the step (``jbp.compare``'s
+        measure, reduced on the device to per-leaf figures, both gradients
+        under matmul precision "highest", recorded as
+        ``grad_check_precision``) and stop on a mismatch; None: no check.
       check_rtol: the check's tolerance (default: ``compare``'s, by dtype).
       patience: stop after this many epochs in which ``monitor`` did not
         decrease by more than ``min_delta`` (a plateau); None: all ``epochs``.
@@ -631,10 +1065,11 @@ def fit(
     Raises:
       TrainingError: a gradient-check mismatch, or a non-finite loss, gradient
         or parameter at some step; that update is not applied and the last
-        checkpoint stays as it was. A non-finite step is caught on the device
-        and reported at the next host read (at most 50 steps later, sooner
-        at a check, checkpoint or epoch end), naming the first bad step, with
-        ``state`` the state before it.
+        checkpoint stays as it was. Both are caught on the device and reported
+        at the next host read (at most 50 steps later, sooner at a checkpoint,
+        kept params or the epoch's end), naming the first bad step, with
+        ``state`` the state before it (and ``report`` the check's
+        :class:`Report`).
       CheckpointError: resuming from a missing, corrupt or mismatched checkpoint.
     """
     plan = Plan(

@@ -240,17 +240,50 @@ class _Scale(jbp.Layer):
         return {"s": jnp.sum(delta_out * cache, axis=0)}, delta_out  # bug: no * s
 
 
-def test_live_check_records_the_worst_error_when_the_sources_agree(moons, tmp_path):
-    result = jbp.fit(_net(), "softmax_xent", optax.sgd(0.1), moons, epochs=2, batch_size=24,
-                     check_every=2, run_dir=tmp_path)  # fmt: skip
-    # 3 steps an epoch, checked at steps 0 and 2, then 4
+def test_live_check_runs_before_the_donating_step_and_an_epoch_uploads_nothing(
+    moons, tmp_path, monkeypatch
+):
+    """The live check reads the params before the step that donates them (every
+    buffer of the carry a step is given is deleted after it), and its figures are
+    still those of agreeing gradients, at matmul precision "highest". Once set up, a
+    run uploads nothing to the device: the whole of ``train`` (batches, checks, the
+    reads, evaluation, checkpoints, kept params) runs under
+    ``jax.transfer_guard_host_to_device("disallow")``."""
+    from jbp._train_loop import _Loop
+
+    train, take = _Loop.train, _Loop._take_step
+    donated = []
+
+    def train_without_uploads(self):
+        with jax.transfer_guard_host_to_device("disallow"):
+            with pytest.raises(Exception, match="Disallowed host-to-device"):
+                jnp.asarray(np.ones(3, np.float32)) + 0  # the guard is on
+            return train(self)
+
+    def watched(self, k):
+        before = jtu.tree_leaves(self.carry)
+        take(self, k)
+        donated.append(all(leaf.is_deleted() for leaf in before))
+        assert not any(leaf.is_deleted() for leaf in jtu.tree_leaves(self.carry))
+
+    monkeypatch.setattr(_Loop, "train", train_without_uploads)
+    monkeypatch.setattr(_Loop, "_take_step", watched)
+    result = jbp.fit(_net(), "softmax_xent", optax.adam(0.01), moons, epochs=2, batch_size=24,
+                     check_every=2, run_dir=tmp_path, checkpoint_every=2, keep_every=5)  # fmt: skip
+    assert donated == [True] * 6  # 3 steps an epoch
+    # checked at steps 0 and 2, then 4
     assert [r["grad_checks"] for r in result.history] == [2, 1]
     for record in result.history:
         assert 0.0 <= record["grad_check_max_rel_err"] <= 1e-4  # float32 tolerance
+        assert record["grad_check_precision"] == "highest"
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["grad_checks"] for line in lines] == [2, 1]
+    assert (tmp_path / "params" / "step_00000005.npz").exists()
+    monkeypatch.undo()
     off = jbp.fit(_net(), "softmax_xent", optax.sgd(0.1), moons, epochs=1, batch_size=24)
-    assert off.history[0]["grad_checks"] == 0 and off.history[0]["grad_check_max_rel_err"] is None
+    record = off.history[0]
+    assert record["grad_checks"] == 0 and record["grad_check_max_rel_err"] is None
+    assert record["grad_check_precision"] is None
 
 
 def test_live_check_stops_a_run_whose_backprop_is_wrong(moons):
@@ -342,51 +375,65 @@ def test_a_nan_read_late_names_the_first_bad_step_and_its_state(moons):
     _assert_trees_equal(info.value.state, good.state)
 
 
-def test_the_guarded_step_freezes_the_state_at_the_first_non_finite_step():
-    from jbp._train_loop import Carry, guarded_step
+def test_the_guarded_step_freezes_the_state_at_the_first_bad_step():
+    """A non-finite step, or a finite one whose live check failed (``ok`` False), is
+    not applied, nor is any later one; the marker keeps its number and figures, and
+    only good steps add to the epoch's sums, all on the device."""
+    from jbp._losses import get_loss
+    from jbp._train_loop import guarded_step, new_carry
 
     net, opt = _net(), optax.sgd(0.1)
-    step = jax.jit(guarded_step(jbp.make_step(net, "softmax_xent", opt, jit=False)))
+    step = jbp.make_step(net, "softmax_xent", opt, jit=False)
+    step = jax.jit(guarded_step(step, get_loss("softmax_xent")))
     state = jbp.init_state(net, opt, jax.random.key(0))
-    carry = Carry(state, jnp.asarray(-1, jnp.int32))
+    yes, no = jnp.asarray(True), jnp.asarray(False)
     x, y = np.ones((3, 2), np.float32), np.array([0, 1, 1])
-    carry, metrics = step(carry, x, y)
+    carry, metrics = step(jax.device_put(new_carry(state)), yes, x, y)
     assert int(carry.bad_step) == -1 and int(carry.state.step) == 1
+    assert bool(metrics["applied"])
     assert all(isinstance(v, jax.Array) for v in metrics.values())  # nothing read on the host
-    good = carry.state
-    carry, metrics = step(carry, np.full((3, 2), np.nan, np.float32), y)
-    assert int(carry.bad_step) == 1 and np.isnan(float(metrics["loss"]))
+    assert (int(carry.sums.steps), int(carry.sums.examples)) == (1, 3)
+    np.testing.assert_allclose(float(carry.sums.loss_sum), 3 * float(metrics["loss"]), rtol=1e-6)
+    good, sums = carry.state, carry.sums
+    carry, metrics = step(carry, yes, np.full((3, 2), np.nan, np.float32), y)
+    assert int(carry.bad_step) == 1 and not bool(carry.failed_check)
+    assert np.isnan(np.asarray(carry.bad_metrics)).all()  # loss, gradient and parameter norms
     _assert_trees_equal(carry.state, good)  # the update was dropped
-    carry, metrics = step(carry, x, y)  # a finite batch later changes nothing
+    carry, metrics = step(carry, yes, x, y)  # a finite batch later changes nothing
     assert int(carry.bad_step) == 1 and np.isfinite(float(metrics["loss"]))
     _assert_trees_equal(carry.state, good)
+    _assert_trees_equal(carry.sums, sums)
+    # a failed live check stops it the same way, its metrics finite
+    checked, _ = step(jax.device_put(new_carry(good)), no, x, y)
+    assert int(checked.bad_step) == 1 and bool(checked.failed_check)
+    assert np.isfinite(np.asarray(checked.bad_metrics)).all()
+    _assert_trees_equal(checked.state, good)
 
 
 def test_fit_reads_the_device_at_epoch_ends_not_every_step(moons, monkeypatch):
     """Every host read of a device array goes through ``ArrayImpl._value`` (float,
-    int, np.asarray, device_get). Count the batches drawn when each read happens:
-    a loop that waits for every step reads after batches 1, 2, 3, ..."""
-    from jbp import _train_loop
+    int, np.asarray, device_get). Count the steps dispatched when each read happens:
+    a loop that waits for every step reads after steps 1, 2, 3, ..."""
+    from jbp._train_loop import _Loop
 
     array_type = type(jnp.zeros(()))
-    value = array_type._value
-    drawn, reads = [0], []
+    value, take = array_type._value, _Loop._take_step
+    taken, reads = [0], []
 
     def read(self):
-        reads.append(drawn[0])
+        reads.append(taken[0])
         return value.fget(self)
 
-    def counted(*args, **kwargs):
-        for batch in jbp.batches(*args, **kwargs):
-            drawn[0] += 1
-            yield batch
+    def counted(self, k):
+        take(self, k)
+        taken[0] += 1
 
     monkeypatch.setattr(array_type, "_value", property(read))
-    monkeypatch.setattr(_train_loop, "batches", counted)
+    monkeypatch.setattr(_Loop, "_take_step", counted)
     float(jnp.ones(()) + 1)  # the counter sees a read (else this test could not fail)
     assert reads == [0]
     result = jbp.fit(_net(), "softmax_xent", optax.sgd(0.1), moons, epochs=2, batch_size=4)
-    assert int(result.state.step) == 36 == drawn[0]  # 18 steps an epoch
+    assert int(result.state.step) == 36 == taken[0]  # 18 steps an epoch
     assert sorted(set(reads)) == [0, 18, 36]  # only at the epoch ends (the evaluation too)
 
 
