@@ -19,7 +19,9 @@ STAGES = ("env", "grads", "conv", "bench", "verify", "train", "tests")
 
 
 @pytest.mark.slow
-def test_quick_mode_writes_a_summary_with_every_stage(tmp_path):
+def test_quick_mode_writes_a_summary_with_every_stage(tmp_path, request):
+    if "slow" not in request.config.getoption("markexpr", ""):
+        pytest.skip("about a minute (seven processes starting JAX): run it with -m slow")
     out = tmp_path / "check"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
