@@ -232,14 +232,17 @@ def calibrate_calls(call: Callable[[], Any], sample_s: float = MIN_SAMPLE_S) -> 
     """K: how many back-to-back calls of ``call`` make a sample of at least ``sample_s``
     seconds, from timed calls (1 first, then scaled), at most :data:`MAX_CALLS` and at
     most what :data:`HELD_BYTES` of outputs allow."""
-    out_bytes = _nbytes(call())
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(call())
+    elapsed = time.perf_counter() - t0
+    out_bytes = _nbytes(out)
+    del out
     cap = MAX_CALLS if out_bytes == 0 else max(1, min(MAX_CALLS, HELD_BYTES // out_bytes))
     k = 1
-    while True:
-        elapsed = _run_calls(call, k)
-        if elapsed >= sample_s or k >= cap:
-            return k
+    while elapsed < sample_s and k < cap:
         k = min(cap, max(k + 1, math.ceil(1.2 * k * sample_s / max(elapsed, 1e-9))))
+        elapsed = _run_calls(call, k)
+    return k
 
 
 def _dispatch_floor(args: tuple[Any, ...]) -> Callable[..., Any]:
