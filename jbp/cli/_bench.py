@@ -66,9 +66,9 @@ CNN 128; --dots 1024; --scaling a global batch of 4096 (1024 on CPU).
 
 --precision default|high|highest runs everything (compile and run) under
 jax.default_matmul_precision (not given: as JAX has it; at 'default' float32
-matmuls use TF32 or bf16 passes on GPU and TPU). --dtype bfloat16 is mixed precision:
-float32 params, bfloat16 inputs, every layer computing in bfloat16 with
-float32 accumulation (MLP and CNN only).
+matmuls use TF32 or bf16 passes on GPU and TPU). --dtype bfloat16 is mixed
+precision: float32 params, bfloat16 inputs, every layer computing in
+bfloat16 with float32 accumulation (MLP and CNN only).
 
 --dp times a DP-SGD step (jbp.make_dp_step, max_norm 1, noise_multiplier 1,
 adam) beside a non-private jax.grad step (jbp.make_step with
