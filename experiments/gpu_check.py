@@ -65,8 +65,15 @@ STAGES = ("env", "grads", "conv", "bench", "verify", "train", "tests")
 CHILD_STAGES = ("env", "grads", "conv")  # run in-process in a child (they need JAX)
 # Seconds per stage in the full run (an H100 run is meant to take well under them)
 # and in --quick (toy sizes: a cap only).
-BUDGETS = {"env": 45, "grads": 75, "conv": 40, "bench": 170, "verify": 120, "train": 40,
-           "tests": 45}  # fmt: skip
+BUDGETS = {
+    "env": 45,
+    "grads": 75,
+    "conv": 40,
+    "bench": 170,
+    "verify": 120,
+    "train": 40,
+    "tests": 45,
+}
 QUICK_BUDGETS = dict.fromkeys(STAGES, 90)
 DEADLINE = 470.0  # seconds for the whole full run: 8 minutes less a margin
 QUICK_DEADLINE = 300.0
@@ -221,8 +228,8 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         # None: the backend's own default (TF32 for float32 on Ampere/Hopper GPUs).
-        "matmul_precision_config": jax.config.jax_default_matmul_precision,
-        "x64": bool(jax.config.jax_enable_x64),
+        "matmul_precision_config": getattr(jax.config, "jax_default_matmul_precision", None),
+        "x64": bool(getattr(jax.config, "jax_enable_x64", False)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     with contextlib.suppress(Exception):
@@ -518,7 +525,7 @@ def _conv_row(
     row: dict[str, Any] = {"layer": layer, "function": name}
     try:
         jitted = jax.jit(fn)
-        row.update(_kernels(jitted.lower(*args).compile().as_text()))
+        row.update(_kernels(str(jitted.lower(*args).compile().as_text())))
         row["ms"], row["min_ms"] = _time_ms(jitted, args)
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"
@@ -786,11 +793,11 @@ def _summary_md(records: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
         r = records.get(stage, {"status": "not run", "seconds": 0.0, "budget": 0})
         lines.append(f"| {stage} | {r['status']} | {r['seconds']:.1f} | {r['budget']:.0f} |")
     for stage in STAGES:
-        r = records.get(stage)
-        lines += ["", f"## {stage}", ""]
-        if r is None:
-            lines.append("not run (--stages)")
+        if stage not in records:
+            lines += ["", f"## {stage}", "", "not run (--stages)"]
             continue
+        r = records[stage]
+        lines += ["", f"## {stage}", ""]
         lines.append(f"status {r['status']}, {r['seconds']:.1f} s of {r['budget']:.0f} s; {tag}.")
         if r.get("error"):
             lines += ["", "```", r["error"][-1500:], "```"]
@@ -959,9 +966,16 @@ def _md_bench(b: dict[str, Any]) -> list[str]:
     return lines
 
 
-VERIFY_COLUMNS = {"tried": "d", "passed": "d", "reference_limited": "d", "failed": "d",
-                  "worst_rel_err": ".2e", "worst_passing_rel_err": ".2e", "tolerance": ".0e",
-                  "seconds": ".1f"}  # fmt: skip
+VERIFY_COLUMNS = {
+    "tried": "d",
+    "passed": "d",
+    "reference_limited": "d",
+    "failed": "d",
+    "worst_rel_err": ".2e",
+    "worst_passing_rel_err": ".2e",
+    "tolerance": ".0e",
+    "seconds": ".1f",
+}
 
 
 def _md_verify(v: dict[str, Any]) -> list[str]:
@@ -1041,6 +1055,23 @@ _CLI_STAGES: dict[str, Callable[[Path, bool, float], dict[str, Any]]] = {
     "train": _stage_train,
     "tests": _stage_tests,
 }
+
+
+def _environment_tag(out: Path) -> dict[str, Any]:
+    """Device, versions and precision from the env stage, for every stage's record."""
+    path = out / "env.json"
+    env = json.loads(path.read_text()) if path.exists() else {}
+    keys = (
+        "device_kind",
+        "backend",
+        "device_count",
+        "jax",
+        "jaxlib",
+        "jbp",
+        "matmul_precision_config",
+        "matmul_precision_effective",
+    )
+    return {k: env.get(k) for k in keys}
 
 
 def _run_stage(stage: str, out: Path, quick: bool, budget: float) -> dict[str, Any]:
@@ -1138,6 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"gpu_check: {stage} (budget {budget:.0f} s) ...", flush=True)
             records[stage] = _run_stage(stage, out, args.quick, budget)
+            records[stage]["environment"] = _environment_tag(out)
             print(
                 f"gpu_check: {stage} {records[stage]['status']} in "
                 f"{records[stage]['seconds']:.1f} s",
