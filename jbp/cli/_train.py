@@ -16,6 +16,7 @@ import optax
 
 import jbp
 
+from .._precision import mixed_rtol
 from .._progress import format_duration
 from ._args import (
     DTYPES,
@@ -42,6 +43,8 @@ MODELS = ("mlp", "cnn", "transformer", "llama", "lstm", "gru", "rnn")
 SEQUENCE_MODELS = ("transformer", "llama")
 RECURRENT_MODELS = ("lstm", "gru", "rnn")
 SCHEDULES = ("constant", "cosine")
+# --dtype: the params' dtype, or (bfloat16) mixed precision: float32 params, bfloat16 compute
+TRAIN_DTYPES = (*DTYPES, "bfloat16")
 # Arguments that must be the same to resume a run (the others may change);
 # --channels too for a cnn, --features, --heads and --depth for a transformer,
 # --epochs for a cosine schedule (it decays over all the run's steps).
@@ -167,7 +170,9 @@ def add_train(subparsers: Any) -> None:
     add("--epochs", type=int_at_least(1), default=20, metavar="N", help="(default 20)")
     add("--seed", type=int_at_least(0), default=0,
         help="seeds params, batch order and split (default 0)")  # fmt: skip
-    add("--dtype", choices=DTYPES, default="float32", help="params dtype (default float32)")
+    add("--dtype", choices=TRAIN_DTYPES, default="float32",
+        help="params dtype; bfloat16: mixed precision, float32 params with bfloat16 "
+        "activations and matmuls accumulated in float32 (default float32)")  # fmt: skip
     add("--gradient-source", choices=SOURCES, default="backprop",
         help="backprop (δ equations), autodiff (jax.grad), or both (default backprop)")  # fmt: skip
     add("--check-every", type=int_at_least(0), default=100, metavar="N",
@@ -374,6 +379,13 @@ def build_net(
         f"{', then 2' if len(channels) > 1 else ''}) + flatten + mlp {sizes} {activation}"
     )
     return jbp.Sequential([*convs, jbp.Flatten(), *head.layers]), text
+
+
+def mixed_precision(net: jbp.Sequential, dtype: str) -> jbp.Sequential:
+    """``net`` computing in ``dtype`` (mixed precision): a ``jbp.Cast(dtype)`` first, or
+    after the ``Embedding`` of a network that takes tokens (its params stay float32)."""
+    at = 1 if net.takes_tokens else 0
+    return jbp.Sequential([*net.layers[:at], jbp.Cast(dtype), *net.layers[at:]])
 
 
 def _recurrent_net(
@@ -616,6 +628,16 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         )  # fmt: skip
     except ValueError as err:
         parser.error(f"--model {args.model}: {err}")
+    params_dtype, check_rtol = jnp.dtype(args.dtype), None
+    if args.dtype == "bfloat16":  # mixed precision: float32 params, bfloat16 compute
+        if args.model in RECURRENT_MODELS:
+            parser.error(
+                f"--dtype bfloat16: --model {args.model} has no mixed precision (recurrent "
+                "layers compute in their params' dtype); use --dtype float32"
+            )
+        net = mixed_precision(net, args.dtype)
+        params_dtype, check_rtol = jnp.dtype(jnp.float32), mixed_rtol(args.dtype)
+        model += f", mixed precision (float32 params, {args.dtype} compute)"
     optimizer = OPTIMIZERS[args.optimizer](_learning_rate(args, data))
     sources = _sources(args)
     if args.run_dir is not None and jax.process_index() == 0:
@@ -634,7 +656,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             result = jbp.fit(
                 net, args.loss, optimizer, data,
                 epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                dtype=jnp.dtype(args.dtype), gradient_source=source,
+                dtype=params_dtype, gradient_source=source, check_rtol=check_rtol,
                 check_every=args.check_every or None, patience=args.patience,
                 min_delta=args.min_delta, monitor=args.monitor, run_dir=run_dir,
                 resume=args.resume, checkpoint_every=args.checkpoint_every,

@@ -49,7 +49,7 @@ import numpy as np
 from jax import lax
 
 from .._checks import check_dtype, check_key
-from .._precision import accumulation, dot, total, widen
+from .._precision import dot, matmul, total, widen
 from ._base import (
     NO_CONTEXT,
     Context,
@@ -213,7 +213,7 @@ class MultiHeadAttention(Factorised, Layer):
         """``x w + b``: ``w`` cast to ``x``'s dtype, a float32 accumulator for low-precision
         ``x`` (the bias added there), the result in ``x``'s dtype."""
         w = params[f"w{name}"]
-        z = jnp.matmul(x, w.astype(x.dtype), preferred_element_type=accumulation(x.dtype))
+        z = matmul(x, w)
         z = z + last_axis(params[f"b{name}"], z.ndim) if self.bias else z
         return z.astype(x.dtype)
 

@@ -33,7 +33,7 @@ from jax import lax
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
-from .._precision import accumulation, total, widen
+from .._precision import conv, total, widen
 from .._protocol import example_axes
 from . import _window as win
 from ._base import Layer, Params, Shape, ShapeError, positive_int, positive_ints
@@ -169,15 +169,14 @@ class Conv(Affine, Factorised, Layer):
 
     def _linear(self, a: Array, w: Array) -> Array:
         data, kernel, _ = self._specs()
-        return lax.conv_general_dilated(
+        return conv(
             a,
-            w.astype(a.dtype),
+            w,
             window_strides=self.stride,
             padding=self._pads(a.shape[1:-1]),
             rhs_dilation=self.dilation,
             dimension_numbers=_dn(data, kernel, data),
             feature_group_count=self.groups,
-            preferred_element_type=accumulation(a.dtype),
         )
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
@@ -214,7 +213,7 @@ class Conv(Affine, Factorised, Layer):
         w_pad = tuple((lo, max(hi, 0)) for lo, hi in w_pad)
         swapped = (n + 1, 0, *range(1, n + 1))  # (channels as batch, batch as features, spatial)
         grads = {
-            "w": lax.conv_general_dilated(
+            "w": conv(
                 a_read,
                 delta,
                 window_strides=self.dilation,
@@ -222,7 +221,6 @@ class Conv(Affine, Factorised, Layer):
                 rhs_dilation=self.stride,
                 dimension_numbers=_dn(swapped, swapped, (n, n + 1, *range(n))),
                 batch_group_count=self.groups,
-                preferred_element_type=accumulation(a.dtype),
             ).astype(params["w"].dtype)
         }
         if self.bias:
@@ -246,7 +244,7 @@ class Conv(Affine, Factorised, Layer):
         # A pad larger than the dilated kernel makes a negative pad here: pad by 0
         # and crop the result instead (as above, XLA's CPU convolution mishandles
         # negative padding in float32; JAX's own transpose rule hits that bug).
-        delta_in = lax.conv_general_dilated(
+        delta_in = conv(
             delta,
             w,
             window_strides=(1,) * n,
@@ -255,7 +253,6 @@ class Conv(Affine, Factorised, Layer):
             rhs_dilation=self.dilation,
             dimension_numbers=_dn(data, (n, n + 1, *range(n)), data),
             feature_group_count=self.groups,
-            preferred_element_type=accumulation(delta.dtype),
         ).astype(delta.dtype)
         if any(lo < 0 or hi < 0 for lo, hi in a_pad):
             start = (0, *(max(-lo, 0) for lo, _ in a_pad), 0)

@@ -13,7 +13,7 @@ import jax.tree_util as jtu
 
 from .._activations import get_activation
 from .._checks import check_dtype, check_key
-from .._precision import accumulation, dot, total, widen
+from .._precision import dot, matmul, total, widen
 from ._base import Layer, Params, Shape, ShapeError, add_tangents, last_axis
 from ._factors import Elementwise, Factorised, Outer
 
@@ -134,7 +134,7 @@ class Dense(Affine, Factorised, Layer):
     def _linear(self, a: Array, w: Array) -> Array:
         """``a @ w`` (``w`` cast to ``a``'s dtype, a float32 accumulator and result for
         low-precision ``a``)."""
-        return jnp.matmul(a, w.astype(a.dtype), preferred_element_type=accumulation(a.dtype))
+        return matmul(a, w)
 
     def forward(self, params: Params, a: Array) -> tuple[Array, Any]:
         return self._activate(params, a, self._linear(a, params["w"]))
