@@ -438,6 +438,7 @@ def compare(
     atol: float = 0.0,
     names: tuple[str, str] = ("tested", "reference"),
     prefix: str = "params",
+    roundoff: float | None = None,
 ) -> Report:
     """Compare two gradient pytrees leaf by leaf.
 
@@ -458,6 +459,9 @@ def compare(
         zero and round-off is not, e.g. a variance over identical examples.
       names: labels for the two sides, shown in the report.
       prefix: the name of the root in leaf paths.
+      roundoff: the machine ε of the zero-to-round-off rule (module docs); default
+        the reference dtype's. A mixed-precision check (float32 gradients of a
+        bfloat16 computation) passes its compute dtype's.
 
     Returns:
       A :class:`Report`. It never raises on a mismatch; call
@@ -511,6 +515,7 @@ def compare(
             continue
         err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
         eps = float(np.finfo(b.dtype).eps) if np.issubdtype(b.dtype, np.inexact) else 0.0
+        eps = eps if roundoff is None else roundoff
         zero = leaf_scale <= ZERO_ULPS * eps * global_scale
         scale = global_scale if zero else leaf_scale
         rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)

@@ -23,6 +23,7 @@ from . import _blame
 from ._backprop import backprop, check_net, objective, prepare
 from ._checks import check_finite
 from ._losses import Loss, get_loss
+from ._precision import MIXED_RTOL_UNITS, compute_dtype, mixed_rtol, unit_roundoff
 from ._report import (
     DEFAULT_RTOL,
     FD_RTOL,
@@ -229,12 +230,26 @@ def _verify_with_gradients(
         check_finite(value, name)
     kw = {"mask": mask, "dropout_key": dropout_key}
     g_manual, g_ref = _gradients(net, loss, params, x, y, jit, **kw)
+    low = compute_dtype(net, x)  # mixed precision: tolerance and zero rule of the compute dtype
+    if low is not None and rtol is None:
+        rtol = mixed_rtol(low)
     with jax.default_matmul_precision(PRECISION):
         report = compare(
             g_manual,
             g_ref,
             rtol=rtol,
             names=("manual (jbp.backprop)", "autodiff (jax.grad)"),
+            roundoff=None if low is None else float(jnp.finfo(low).eps),
+        )
+    if low is not None:
+        report = dataclasses.replace(
+            report,
+            notes=(
+                *report.notes,
+                f"computed in {low.name} (unit round-off u = {unit_roundoff(low):.2e}); "
+                f"reference: autodiff of the same mixed-precision forward; default "
+                f"tolerance {MIXED_RTOL_UNITS}u",
+            ),
         )
     fd = taylor = None
     if finite_differences:
