@@ -25,6 +25,7 @@ import jbp
 from jbp import _curvature
 from jbp._losses import get_loss
 from jbp._verify_curvature import _check_kfac, flat, reference_ggn
+from jbp.layers._base import Context
 
 F64 = jnp.float64
 
@@ -440,6 +441,131 @@ def test_mutant_second_derivative_replaced_by_first_is_caught() -> None:
     assert "kfac" in {r.quantity for r in report.rows} and report.skipped == report.notes == ()
 
 
+# --- bounded memory: columns by chunks ---------------------------------------------------
+
+
+def _max_diff(got: Any, want: Any) -> float:
+    """The largest difference over every leaf, relative to the largest |value| of all."""
+    assert jtu.tree_structure(got) == jtu.tree_structure(want)
+    pairs = list(zip(jtu.tree_leaves(got), jtu.tree_leaves(want), strict=True))
+    scale = max(float(np.max(np.abs(w))) for _, w in pairs)
+    return max(float(np.max(np.abs(np.asarray(g) - np.asarray(w)))) for g, w in pairs) / scale
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 4)])
+def test_loss_columns_made_by_chunks_are_the_loss_square_root(shape: Any) -> None:
+    """The columns that curvature makes a chunk at a time from each built-in loss's
+    structure (softmax: per-position V×V blocks; the others: diagonal) are the loss's own
+    dense ``sqrt_hessian``, labels -1 and a padding mask included; a partial chunk is
+    padded with zero columns."""
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.normal(size=shape))
+    mask = jnp.asarray([[True, True, False], [True, False, False]]) if len(shape) == 3 else None
+    names = ("half_sse", "mse", "sigmoid_bce", "softmax_xent")
+    ys = {name: _targets(name, shape, rng) for name in names}
+    ys["softmax_xent"] = ys["softmax_xent"].at[(0, 0)[: len(shape) - 1]].set(-1)
+
+    @jax.jit  # one program: every loss's columns, by chunks of 5 and dense
+    def run(a: jax.Array, ys: Any, mask: Any) -> Any:
+        out = {}
+        for name in names:
+            loss = get_loss(name)
+            batch = jbp._backprop.Batch(a, ys[name], Context(mask), loss.with_mask(mask))
+            source = _curvature._source(loss, batch, a, None, None)
+            assert source.total == int(np.prod(shape[1:]))
+            chunks = [source.make(jnp.arange(i, i + 5)) for i in range(0, source.total, 5)]
+            out[name] = jnp.concatenate(chunks), loss.with_mask(mask).sqrt_hessian(a, ys[name])
+        return out
+
+    for name, (made, dense) in jax.device_get(run(a, ys, mask)).items():
+        k = dense.shape[0]
+        np.testing.assert_allclose(made[:k], dense, rtol=1e-15, atol=0, err_msg=name)
+        assert made.shape[0] > k and not made[k:].any(), name
+
+
+def test_exact_curvature_by_chunks_of_columns_equals_all_at_once() -> None:
+    """diag_ggn, per_example_diag_ggn, sqrt_ggn and kflr with ``chunk_size`` (8, which
+    divides the T·V = 4·6 = 24 columns of a sequence softmax loss, and 5, which does not)
+    against all columns at once, on a padded batch through causal attention, float64, in
+    one program."""
+    net = jbp.Sequential(
+        [
+            jbp.Embedding(6, 4),
+            jbp.MultiHeadAttention(4, 1, causal=True),
+            jbp.LayerNorm(4),
+            jbp.Dense(4, 6),
+        ]
+    )
+    params = net.init(jax.random.key(0), F64)
+    x = jax.random.randint(jax.random.key(1), (3, 4), 0, 6)
+    y = jax.random.randint(jax.random.key(2), (3, 4), 0, 6).at[0, 3].set(-1)
+    mask = jnp.asarray([[1] * 4, [1] * 2 + [0] * 2, [1] * 4], bool)
+    loss = "softmax_xent"
+    makers = {
+        "diag_ggn": lambda **k: jbp.diag_ggn(net, loss, **k),
+        "per_example_diag_ggn": lambda **k: jbp.per_example_diag_ggn(net, loss, **k),
+        "sqrt_ggn": lambda **k: jbp.sqrt_ggn(net, loss, **k),
+        "kflr": lambda **k: jbp.kfac(net, loss, kind="kflr", **k),
+    }
+    sizes = {"diag_ggn": (8, 5), "per_example_diag_ggn": (5,), "sqrt_ggn": (5,), "kflr": (5,)}
+
+    @jax.jit
+    def run(params: Any, x: Any, y: Any, mask: Any) -> Any:
+        return {
+            (name, str(k)): make(chunk_size=k)(params, x, y, mask=mask)
+            for name, make in makers.items()
+            for k in (None, *sizes[name])
+        }
+
+    got = jax.device_get(run(params, x, y, mask))
+    for name in makers:
+        for k in sizes[name]:
+            assert _max_diff(got[name, str(k)], got[name, "None"]) < 1e-13, (name, k)
+    # sqrt_ggn's chunked columns square to diag_ggn's values
+    squares = jtu.tree_map(lambda s: np.sum(s * s, axis=(0, 1)), got["sqrt_ggn", "5"])
+    assert _max_diff(squares, got["diag_ggn", "5"]) < 1e-13
+    assert got["sqrt_ggn", "5"][3]["w"].shape == (24, 3, 4, 6)
+
+
+def test_chunks_for_diagonal_losses_user_losses_mc_columns_and_the_hessian_diagonal() -> None:
+    """Every other kind of column source by chunks equals all at once: diagonal losses
+    (mse on a padded sequence output), a user loss's dense sqrt_hessian, Monte-Carlo
+    columns (the same draws), and diag_hessian's loss and residual columns (chunks of 3
+    do not divide its 2·O residual columns or the loss's)."""
+    rng = np.random.default_rng(7)
+    seq = jbp.Sequential([jbp.Dense(3, 4, "tanh"), jbp.Dense(4, 2)], in_shape=(None, 3))
+    chain = jbp.Sequential([jbp.Dense(3, 5, "tanh"), jbp.Activation("sigmoid"), jbp.Dense(5, 4)])
+    p_seq, p_chain = seq.init(jax.random.key(8), F64), chain.init(jax.random.key(9), F64)
+    xs, ys = jnp.asarray(rng.normal(size=(2, 3, 3))), jnp.asarray(rng.normal(size=(2, 3, 2)))
+    mask = jnp.asarray([[True, True, True], [True, False, False]])
+    xc, yc = jnp.asarray(rng.normal(size=(3, 3))), jnp.asarray(rng.integers(0, 4, size=3))
+    targets = jnp.asarray(rng.normal(size=(3, 4)))
+    sse = get_loss("half_sse")
+    user = jbp.Loss("user_sse", sse.per_example, sse.delta, "sum", sqrt_hessian=sse.sqrt_hessian)
+    key = jax.random.key(10)
+
+    @jax.jit
+    def run(p_seq: Any, p_chain: Any) -> Any:
+        out = {}
+        for k in (None, 4):
+            out["mse", str(k)] = jbp.diag_ggn(seq, "mse", chunk_size=k)(p_seq, xs, ys, mask=mask)
+            out["user", str(k)] = jbp.per_example_diag_ggn(chain, user, chunk_size=k)(
+                p_chain, xc, targets
+            )
+            out["mc", str(k)] = jbp.diag_ggn(chain, "softmax_xent", mc_samples=6, chunk_size=k)(
+                p_chain, xc, yc, key=key
+            )
+        for k in (None, 3):
+            out["hessian", str(k)] = jbp.diag_hessian(chain, "softmax_xent", chunk_size=k)(
+                p_chain, xc, yc
+            )
+        return out
+
+    got = jax.device_get(run(p_seq, p_chain))
+    for name, k in (("mse", 4), ("user", 4), ("mc", 4), ("hessian", 3)):
+        assert _max_diff(got[name, str(k)], got[name, "None"]) < 1e-13, name
+
+
 # --- clear errors -----------------------------------------------------------------------
 
 
@@ -455,6 +581,14 @@ def _small() -> tuple[Any, Any, jax.Array, jax.Array]:
         (lambda net: jbp.diag_ggn(net, "half_sse", mc_samples=0), r"`mc_samples` must be None"),
         (lambda net: jbp.sqrt_ggn(net, "half_sse", mc_samples=1.5), r"`mc_samples` must be None"),
         (lambda net: jbp.kfac(net, "half_sse", kind="ekfac"), r"`kind` must be one of"),
+        (
+            lambda net: jbp.diag_ggn(net, "half_sse", chunk_size=0),
+            r"`chunk_size` must be None \(all at once\) or a positive int, got 0",
+        ),
+        (lambda net: jbp.sqrt_ggn(net, "mse", chunk_size=2.0), r"`chunk_size` .* got 2\.0"),
+        (lambda net: jbp.per_example_diag_ggn(net, "mse", chunk_size=True), r"got True"),
+        (lambda net: jbp.kfac(net, "mse", kind="kflr", chunk_size=-3), r"`chunk_size` .* got -3"),
+        (lambda net: jbp.diag_hessian(net, "mse", chunk_size="8"), r"`chunk_size` .* got '8'"),
         (lambda net: jbp.kfac(net, "half_sse", mc_samples=None), r"needs mc_samples ≥ 1"),
         (
             lambda net: jbp.diag_ggn(net, jbp.Loss("l1", lambda a, y: a, lambda a, y: a, "sum")),
