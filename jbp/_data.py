@@ -582,13 +582,15 @@ def batches(
     drop_last: bool = False,
     mask: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
-    """Seeded minibatches: the order for ``(seed, epoch)`` is always the same.
+    """Seeded minibatches: the order for ``(seed, epoch)`` is always the same, and
+    it is the order in which :func:`jbp.fit` (which draws it on the device) takes
+    the training split's examples.
 
     Args:
       x, y: arrays with the same leading length.
       batch_size: examples per batch (the last may be smaller unless ``drop_last``).
-      seed, epoch: the permutation is a function of both, so a resumed run
-        sees the same batches as an uninterrupted one.
+      seed, epoch: the permutation (:func:`epoch_order`) is a function of both, so
+        a resumed run sees the same batches as an uninterrupted one.
       mask: a padding mask with the same leading length: then each batch is
         ``(x, y, mask)``, else ``(x, y)``.
     """

@@ -169,7 +169,8 @@ class Carry(NamedTuple):
     deleted, the step returns their successors).
 
     Attributes:
-      state: the :class:`TrainState`, the last good one once a step has failed.
+      state: the :class:`TrainState`, the last good one once a step has failed
+        (inside :func:`fit`'s loop its key is held as raw key data).
       bad_step: int32 scalar, -1 while every step has been good, else the first
         step whose loss, gradient norm or parameter norm was not finite or
         whose live check failed.
@@ -573,6 +574,17 @@ def _pure_step(plan: Plan, private: PrivateRun | None) -> StepFn:
     return build_step(plan.net, plan.loss, plan.optimizer, plan.gradient_source)
 
 
+def _raw_key(state: TrainState) -> TrainState:
+    """``state`` with its key as raw key data: a carry of plain arrays takes JAX's
+    fast dispatch path (a typed key in a jitted function's arguments and results
+    costs tens of microseconds a call, about a small network's whole step)."""
+    return state._replace(key=jr.key_data(state.key))
+
+
+def _typed_key(state: TrainState, impl: Any) -> TrainState:
+    return state._replace(key=jr.wrap_key_data(state.key, impl=impl))
+
+
 def _unique_buffers(tree: Any) -> Any:
     """``tree`` with every leaf its own array (a step donates them all, and an array
     donated twice, e.g. an optimiser state that holds the params, would fail)."""
@@ -662,13 +674,16 @@ class _Loop:
         source, loss = self.source, plan.loss
         guarded = guarded_step(_pure_step(plan, self.private), loss)
 
+        impl = self.key_impl
+
         def step(carry: Carry, feed: Any, ok: Array, size: int) -> Carry:
             batch, extra, rows = source.take(feed, carry.state.step % per_epoch, size)
+            carry = carry._replace(state=_typed_key(carry.state, impl))
             carry, metrics = guarded(carry, ok, *batch, *extra)
             if carry.values is not None:
                 v = jnp.where(metrics["applied"], metrics["values"], 0).astype(carry.values.dtype)
                 carry = carry._replace(values=carry.values.at[rows].add(v, unique_indices=True))
-            return carry
+            return carry._replace(state=_raw_key(carry.state))
 
         self.step_fn = self.jit(step, donate=True, static=("size",))
         self.reset = self.jit(_reset_sums, donate=True, shared=_RESET)
@@ -741,11 +756,13 @@ class _Loop:
             self.private.resolve(saved_privacy)
             self.run.write_config(self.private.record())
         self.state = state
+        self.key_impl = jr.key_impl(state.key)
         self._compile()
         t = self.tally
         carry = new_carry(
             state, loss_sum=t.loss_sum, examples=t.examples, steps=t.steps, values=self.values
         )
+        carry = carry._replace(state=_raw_key(carry.state))
         self.carry = _unique_buffers(self.put(carry))
 
     def train(self) -> FitResult:
@@ -783,7 +800,7 @@ class _Loop:
             eps = self.private.epsilon(self.step)
             privacy = {**self.private.record(), "steps": self.step, "epsilon": eps}
         return FitResult(
-            self.carry.state, tuple(self.history), stop, self.run.dir, privacy, self._values()
+            self._state(), tuple(self.history), stop, self.run.dir, privacy, self._values()
         )
 
     def _stop_before_step(self) -> str | None:
@@ -864,7 +881,7 @@ class _Loop:
                     f"disagree on the current batch (worst rel err {report.max_rel_err:.2e}, "
                     f"tolerance {report.rtol:.0e}); training stopped\n{report}",
                     step=first_bad,
-                    state=self.carry.state,
+                    state=self._state(),
                     report=report,
                 )
             raise self._non_finite(first_bad, bad_metrics)
@@ -893,8 +910,12 @@ class _Loop:
             f"{m['grad_norm']}, parameter norm {m['param_norm']}); training stopped without "
             f"applying this update{where}",
             step=step,
-            state=self.carry.state,
+            state=self._state(),
         )
+
+    def _state(self) -> TrainState:
+        """The carry's state as a :class:`TrainState` (its key typed again)."""
+        return _typed_key(self.carry.state, self.key_impl)
 
     def _meta(self) -> dict[str, Any]:
         meta = {
@@ -923,7 +944,7 @@ class _Loop:
         the in-run data values, also as ``shapley.npy`` for reading on their own)."""
         self._flush()
         values = self._values()
-        self.run.save(self._saved(self.carry.state), self._meta())
+        self.run.save(self._saved(self._state()), self._meta())
         if values is not None:
             self.run.write_array(SHAPLEY, values)
 

@@ -248,16 +248,18 @@ def test_live_check_runs_before_the_donating_step_and_an_epoch_uploads_nothing(
     still those of agreeing gradients, at matmul precision "highest". Once set up, a
     run uploads nothing to the device: the whole of ``train`` (batches, checks, the
     reads, evaluation, checkpoints, kept params) runs under
-    ``jax.transfer_guard_host_to_device("disallow")``."""
+    ``jax.transfer_guard_host_to_device("disallow_explicit")``: no implicit upload,
+    nor a ``jax.device_put``."""
     from jbp._train_loop import _Loop
 
     train, take = _Loop.train, _Loop._take_step
     donated = []
 
     def train_without_uploads(self):
-        with jax.transfer_guard_host_to_device("disallow"):
-            with pytest.raises(Exception, match="Disallowed host-to-device"):
-                jnp.asarray(np.ones(3, np.float32)) + 0  # the guard is on
+        with jax.transfer_guard_host_to_device("disallow_explicit"):
+            for upload in (lambda a: jnp.asarray(a) + 0, jax.device_put):  # the guard is on
+                with pytest.raises(Exception, match=r"Disallowed .*host-to-device"):
+                    upload(np.ones(3, np.float32))
             return train(self)
 
     def watched(self, k):
