@@ -210,6 +210,115 @@ def test_gradient_noise_scale_formulas(problem):
     assert exact.trace_cov >= 0 and exact.grad_sq_norm >= 0
 
 
+def _noise_scale(g, unbiased):
+    """The formulas of McCandlish et al. on per-example gradients g (leaves (B, ...))."""
+    flat = np.concatenate([np.reshape(leaf, (leaf.shape[0], -1)) for leaf in g], axis=1)
+    b = flat.shape[0]
+    mean = flat.mean(axis=0)
+    spread = np.mean(np.sum(flat * flat, axis=1)) - np.sum(mean * mean)
+    trace = b / (b - 1) * spread if unbiased else spread
+    g2 = np.sum(mean * mean) - trace / b if unbiased else np.sum(mean * mean)
+    return np.array([trace / g2, trace, g2])
+
+
+def test_gradient_noise_scale_on_tokens_matches_the_formula_on_reference_gradients():
+    """Issue 21's bug: on int32 token inputs the noise scale once built its weights in
+    the tokens' dtype (‖G‖² = 0, B_simple = inf). Here it matches the formulas evaluated
+    on per-example gradients from vmap of jax.grad: params as a list; unbiased=False with
+    a padding mask and an example mask; by chunks of examples; float32 params too."""
+    net = jbp.Sequential(
+        [jbp.Embedding(7, 4), jbp.MultiHeadAttention(4, 1, causal=True), jbp.Dense(4, 7)]
+    )
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.randint(jax.random.key(1), (5, 4), 0, 7, dtype=jnp.int32)
+    y = jax.random.randint(jax.random.key(2), (5, 4), 0, 7, dtype=jnp.int32)
+    mask = jnp.asarray([[1] * 4, [1] * 2 + [0] * 2, [1] * 4, [1] * 3 + [0], [1] * 4], bool)
+    em = jnp.asarray([True, True, False, True, True])
+    objective = jbp.objective(net, "softmax_xent")
+
+    def one(p, xi, yi, mi):
+        return jax.grad(objective)(p, xi[None], yi[None], mask=mi[None])  # reference
+
+    per_example = jax.vmap(one, in_axes=(None, 0, 0, 0))
+    gns = {u: jbp.gradient_noise_scale(net, "softmax_xent", unbiased=u) for u in (True, False)}
+    chunked = jbp.gradient_noise_scale(net, "softmax_xent", chunk_size=2)
+
+    @jax.jit
+    def run(params, x, y, mask, em):
+        return {
+            "ref": per_example(params, x, y, jnp.ones_like(mask)),
+            "ref_masked": per_example(params, x, y, mask),
+            "plain": gns[True](list(params), x, y),
+            "population": gns[False](params, x, y, mask=mask, example_mask=em),
+            "chunked": chunked(params, x, y, mask=mask, example_mask=em),
+        }
+
+    got = jax.device_get(run(params, x, y, mask, em))
+    ref, ref_masked = jax.tree.leaves(got["ref"]), jax.tree.leaves(got["ref_masked"])
+    keep = np.asarray(em)
+    want = {
+        "plain": _noise_scale(ref, True),
+        "population": _noise_scale([g[keep] for g in ref_masked], False),
+        "chunked": _noise_scale([g[keep] for g in ref_masked], True),
+    }
+    for name, expected in want.items():
+        result = got[name]
+        assert isinstance(result, jbp.NoiseScale) and result.b_simple.dtype == np.float64
+        assert np.all(np.isfinite(expected)) and expected[2] != 0, name
+        np.testing.assert_allclose(np.asarray(result), expected, rtol=1e-9, err_msg=name)
+    p32 = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), params)
+    f32 = jax.jit(gns[True])(p32, x, y)
+    assert f32.b_simple.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(f32)))
+    np.testing.assert_allclose(np.asarray(f32), want["plain"], rtol=1e-3)
+
+
+def test_per_example_quantities_by_chunks_of_examples_equal_the_whole_batch():
+    """Every per-example function with ``chunk_size`` (2 and 3 do not divide the batch of
+    5) equals the whole batch at once: per_example_grads against itself unchunked, the
+    others against their formulas on those unchunked g_i (the materialising norm paths
+    included), with a padding mask and an example mask, in one program."""
+    net = jbp.Sequential([jbp.Embedding(6, 4), jbp.LayerNorm(4), jbp.Dense(4, 6, "tanh")])
+    params = net.init(jax.random.key(3), jnp.float64)
+    x = jax.random.randint(jax.random.key(4), (5, 4), 0, 6)
+    y = jax.random.randint(jax.random.key(5), (5, 4), 0, 6)
+    mask = jnp.asarray([[1] * 4, [1] * 2 + [0] * 2, [1] * 4, [1] * 4, [1] + [0] * 3], bool)
+    em = jnp.asarray([True, True, True, False, True])
+    loss, c = "softmax_xent", 0.3
+    fns = {
+        "whole": jbp.per_example_grads(net, loss),
+        "grads2": jbp.per_example_grads(net, loss, chunk_size=2),
+        "grads3": jbp.per_example_grads(net, loss, chunk_size=3),
+        "norms": jbp.per_example_norms(net, loss, method="materialise", chunk_size=3),
+        "sum_sq": jbp.sum_grad_squared(net, loss, chunk_size=3),
+        "variance": jbp.grad_variance(net, loss, ddof=1, chunk_size=3),
+        "clipped": jbp.clipped_grad(net, loss, c, method="materialise", chunk_size=3),
+    }
+    dp = jbp.dp_grad(net, loss, c, 0.0, expected_batch_size=2.0, chunk_size=2)
+
+    @jax.jit
+    def run(params, x, y, mask, em):
+        out = {k: f(params, x, y, mask=mask, example_mask=em) for k, f in fns.items()}
+        out["dp"] = dp(params, x, y, jax.random.key(6), mask=mask, example_mask=em)
+        return out
+
+    got = jax.device_get(run(params, x, y, mask, em))
+    g = got["whole"]
+    for k in ("grads2", "grads3"):
+        _assert_close(got[k], g, rtol=1e-13)
+    assert not any(np.any(leaf[3]) for leaf in jax.tree.leaves(g))  # the padding row
+    keep = np.asarray(em)
+    norms = _ref_norms(g)
+    _assert_close(got["norms"], norms, rtol=1e-12)
+    _assert_close(got["sum_sq"], jax.tree.map(lambda leaf: np.sum(leaf * leaf, axis=0), g))
+    var = jax.tree.map(lambda leaf: np.var(leaf[keep], axis=0, ddof=1), g)
+    _assert_close(got["variance"], var, rtol=1e-9, atol=1e-15)
+    factors = np.minimum(1.0, c / np.where(norms > 0, norms, 1.0))
+    clipped = jax.tree.map(lambda leaf: np.tensordot(factors, leaf, axes=1), g)
+    _assert_close(got["clipped"][0], jax.tree.map(lambda s: s / keep.sum(), clipped))
+    _assert_close(got["clipped"][1], norms, rtol=1e-12)
+    _assert_close(got["dp"][0], jax.tree.map(lambda s: s / 2.0, clipped))
+
+
 def test_float32_per_example_norms_documented_tolerance():
     net = jbp.mlp([10, 32, 32, 4], "gelu")
     params = net.init(jax.random.key(0), jnp.float32)
@@ -286,6 +395,21 @@ def test_per_example_argument_errors():
         jbp.dp_grad(net, "mse", math.inf, 1.0)
     with pytest.raises(ValueError, match=r"`noise_multiplier` must be a number ≥ 0, got -1"):
         jbp.dp_grad(net, "mse", 1.0, -1)
+    for make in (
+        jbp.per_example_grads,
+        jbp.per_example_norms,
+        jbp.sum_grad_squared,
+        jbp.grad_variance,
+        jbp.gradient_noise_scale,
+        lambda net, loss, **k: jbp.clipped_grad(net, loss, 1.0, **k),
+        lambda net, loss, **k: jbp.dp_grad(net, loss, 1.0, 1.0, **k),
+    ):
+        for bad in (0, -2, 1.5, True, "4"):
+            with pytest.raises(
+                ValueError,
+                match=rf"`chunk_size` must be None \(all at once\) or a positive int, got {bad!r}",
+            ):
+                make(net, "mse", chunk_size=bad)
     with pytest.raises(ValueError, match=r"`ddof` must be 0 or 1, got 2"):
         jbp.grad_variance(net, "mse", ddof=2)
     with pytest.raises(
