@@ -36,6 +36,27 @@ that are padding rather than examples (a Poisson batch padded to a fixed
 shape, :class:`jbp.PoissonSampler`): such a row contributes exactly zero to
 every quantity whatever it holds (NaN included), its own gradient and norm
 are zero, and the batch counts its real examples only.
+
+Memory (``chunk_size``, a keyword of every factory here). A quantity that forms
+g_i (``per_example_grads``; the norms of :func:`per_example_norms`,
+:func:`clipped_grad` and :func:`dp_grad` with ``method="materialise"``, or
+where ``"auto"`` picks it; ``sum_grad_squared`` and ``grad_variance`` for leaves
+that sum over positions) holds B·P floats of them at once, besides the forward
+pass's caches and δ, B·A (A: one example's activations). With
+``chunk_size=K`` the batch goes through in ⌈B/K⌉ chunks of K examples
+(``lax.map``; a last, partial chunk is padded with rows marked as padding, which
+add exactly zero): about K·(P + A) at once, plus the result (B·P for
+``per_example_grads`` whatever K; B norms; P for the sums). Every argument is
+checked on the whole batch first; ``mask`` and ``example_mask`` are split with
+the rows. With a ``dropout_key``, chunk k draws its masks from
+``jax.random.fold_in(dropout_key, k)``, so the draws differ from an unchunked
+call's (a ``chunk_size`` ≥ B is the unchunked call). ``None`` (the default): the
+whole batch at once. Measured (XLA's compiled memory analysis, float32, CPU) on
+the benchmark transformer ``transformer(128, 64, 128, 4, 2)`` (P = 437 888) at
+B = 256, temporaries: ``per_example_norms(..., method="materialise")`` 0.56 GB,
+0.065 GB with ``chunk_size=32``; ``clipped_grad(..., method="materialise")``
+0.64 GB, 0.086 GB; ``sum_grad_squared`` 0.56 GB, 0.079 GB; ``per_example_grads``
+0.32 GB, 0.070 GB (its result: 0.45 GB).
 """
 
 from __future__ import annotations

@@ -319,6 +319,33 @@ def test_per_example_quantities_by_chunks_of_examples_equal_the_whole_batch():
     _assert_close(got["dp"][0], jax.tree.map(lambda s: s / 2.0, clipped))
 
 
+def test_chunks_draw_dropout_from_the_key_folded_with_the_chunk_index():
+    """The documented draw: with a dropout key, chunk k of ``chunk_size`` examples is the
+    unchunked call on its rows with ``fold_in(dropout_key, k)``."""
+    net = jbp.Sequential([jbp.Dense(3, 4, "tanh"), jbp.Dropout(0.5), jbp.Dense(4, 2)])
+    params = net.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (3, 3), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (3, 2), jnp.float64)
+    key = jax.random.key(3)
+    whole, chunked = (
+        jbp.per_example_grads(net, "mse"),
+        jbp.per_example_grads(net, "mse", chunk_size=2),
+    )
+
+    @jax.jit
+    def run(params, x, y):
+        parts = [
+            whole(params, x[:2], y[:2], dropout_key=jax.random.fold_in(key, 0)),
+            whole(params, x[2:], y[2:], dropout_key=jax.random.fold_in(key, 1)),
+        ]
+        want = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *parts)
+        return chunked(params, x, y, dropout_key=key), want, whole(params, x, y, dropout_key=key)
+
+    got, want, unchunked = jax.device_get(run(params, x, y))
+    _assert_close(got, want, rtol=1e-13)
+    assert not np.allclose(got[2]["w"], unchunked[2]["w"])  # other draws than unchunked
+
+
 def test_float32_per_example_norms_documented_tolerance():
     net = jbp.mlp([10, 32, 32, 4], "gelu")
     params = net.init(jax.random.key(0), jnp.float32)
