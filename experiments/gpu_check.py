@@ -615,9 +615,7 @@ def _stage_bench(out: Path, quick: bool, budget: float) -> dict[str, Any]:
             run["environment"] = data.get("environment") or {
                 k: v for k, v in data.items() if k not in ("rows", "targets", "runs")
             }
-            run["rows"] = [
-                {k: r.get(k) for k in BENCH_COLUMNS} for t in tables for r in t.get("rows", [])
-            ]
+            run["rows"] = [dict(r) for t in tables for r in t.get("rows", [])]  # compile_s too
             run["targets"] = [x for t in tables for x in t.get("targets", [])]
         else:
             run["note"] = "no JSON written: the table is in the text output only"
