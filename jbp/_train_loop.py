@@ -378,8 +378,9 @@ def figures_report(
 # --- where a step's batch comes from ------------------------------------------------------
 
 
-def _order_at(n: int, per_epoch: int, key: Array, step: Array) -> Array:
-    """The permutation of the epoch that holds ``step``."""
+def _order_at(n: int, key: Array, step: Array, per_epoch: Array) -> Array:
+    """The permutation of the epoch that holds ``step`` (``per_epoch`` steps an epoch,
+    an int32 on the device: one compilation per data set size)."""
     return permutation(key, step // per_epoch, n)
 
 
@@ -389,7 +390,7 @@ def _reset_sums(carry: Carry) -> Carry:
 
 # Compiled once per process for every run on one device (the step and check are
 # closures of each run).
-_ORDER = jax.jit(_order_at, static_argnums=(0, 1))
+_ORDER = jax.jit(_order_at, static_argnums=0)
 _RESET = jax.jit(_reset_sums, donate_argnums=0)
 
 
@@ -403,7 +404,8 @@ class _DeviceSplit(NamedTuple):
 
 
 def _pick(a: Any, idx: Array) -> Any:
-    return None if a is None else jnp.take(a, idx, axis=0)
+    """Rows ``idx`` of ``a`` (valid indices: no bounds handling), or None."""
+    return None if a is None else a.at[idx].get(mode="promise_in_bounds")
 
 
 class _Shuffled:
@@ -418,11 +420,12 @@ class _Shuffled:
         self.batch_size = loop.plan.batch_size
         self.key = loop.put(order_key(loop.plan.seed))
         self.perm: Array | None = None
-        self.order = loop.jit(_order_at, donate=False, static=("n", "per_epoch"), shared=_ORDER)
+        self.per_epoch = loop.put(np.int32(loop.steps_per_epoch))
+        self.order = loop.jit(_order_at, donate=False, static=("n",), shared=_ORDER)
 
     def start_epoch(self, epoch: int) -> None:
         state = self.loop.carry.state
-        self.perm = self.order(self.n, self.loop.steps_per_epoch, self.key, state.step)
+        self.perm = self.order(self.n, self.key, state.step, self.per_epoch)
 
     def size(self, k: int) -> int:
         return min(self.batch_size, self.n - k * self.batch_size)
@@ -485,7 +488,7 @@ class _Poisson(_Shuffled):
             if a is None:
                 return None
             real = jnp.reshape(em, (-1,) + (1,) * (a.ndim - 1))
-            return jnp.where(real, jnp.take(a, idx, axis=0), jnp.asarray(fill, a.dtype))
+            return jnp.where(real, _pick(a, idx), jnp.asarray(fill, a.dtype))
 
         return (rows(train.x, 0), rows(train.y, 0), rows(train.mask, True)), (em,), None
 

@@ -288,6 +288,47 @@ def test_live_check_runs_before_the_donating_step_and_an_epoch_uploads_nothing(
     assert record["grad_check_precision"] is None
 
 
+def test_the_live_checks_figures_on_the_device_are_compares_measure():
+    """check_figures reduces two gradient trees on the device to per-leaf figures;
+    their report has jbp.compare's rows (paths, errors, scales, bitwise, verdicts,
+    notes) for leaves that agree bitwise, differ a little or a lot, are zero to
+    round-off (measured against the largest leaf), or hold a NaN on either side."""
+    from jbp._train_loop import check_figures, figures_report
+
+    rng = np.random.default_rng(0)
+    b = (
+        {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.zeros(4, np.float32)},
+        {
+            "w": rng.normal(size=(4, 2)).astype(np.float32),
+            "b": rng.normal(size=2).astype(np.float32),
+        },
+        {"s": np.ones(5, np.float32)},
+    )
+    a = jax.tree.map(np.copy, b)
+    a[0]["b"][:] = 1e-9  # zero to round-off against the largest leaf: passes
+    a[1]["w"] *= np.float32(1 + 3e-6)  # a little
+    a[1]["b"] += 1.0  # a lot
+    a[2]["s"][1] = np.nan
+    want = jbp.compare(a, b, names=("manual (jbp.backprop)", "autodiff (jax.grad)"))
+    figures = jax.device_get(jax.jit(check_figures, static_argnums=2)(a, b, 1e-4))
+    assert bool(figures["all_ok"]) is False
+    got = figures_report(figures, b, 1e-4, "float32", ())
+    assert (got.ok, got.precision, got.first_mismatch.path) == (False, "highest", "params[1]['b']")
+    for g, w in zip(got.rows, want.rows, strict=True):
+        assert (g.path, g.layer, g.shape, g.bitwise, g.ok, g.note) == (
+            w.path, w.layer, w.shape, w.bitwise, w.ok, w.note
+        )  # fmt: skip
+        np.testing.assert_allclose([g.max_abs_err, g.scale, g.rel_err],
+                                   [w.max_abs_err, w.scale, w.rel_err], rtol=1e-6)  # fmt: skip
+    assert [r.ok for r in got.rows] == [True, True, False, True, False]  # b before w
+    c = jax.tree.map(np.copy, b)
+    c[2]["s"][0] = np.inf  # the reference alone not finite: the note names that side
+    figures = jax.device_get(jax.jit(check_figures, static_argnums=2)(b, c, 1e-4))
+    assert figures_report(figures, b, 1e-4, "float32", ()).rows[-1].note == (
+        "non-finite values in autodiff (jax.grad)"
+    )
+
+
 def test_live_check_stops_a_run_whose_backprop_is_wrong(moons):
     net = jbp.Sequential([jbp.Dense(2, 4, "tanh"), _Scale(4), jbp.Dense(4, 2)])
     with pytest.raises(
