@@ -822,6 +822,11 @@ def benchmark_scaling(
 
     check_precision(precision)
     dtype = _check_dtype(dtype)
+    if dtype.itemsize < 4:
+        raise ValueError(
+            f"`dtype` of benchmark_scaling must be float32 or float64, got {dtype.name} "
+            "(mixed precision is timed by benchmark)"
+        )
     available = len(jax.devices())
     if devices is None:
         devices = [2**k for k in range(available.bit_length()) if 2**k <= available]

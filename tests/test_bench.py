@@ -191,6 +191,8 @@ def test_benchmark_rejects_unknown_functions_precisions_and_dtypes():
     with pytest.raises(ValueError, match=r"`dtype` bfloat16 \(mixed precision: float32 params, "
                        r"bfloat16 inputs\) is for arch 'mlp' and 'cnn', got arch 'llama'"):  # fmt: skip
         jbp.benchmark(arch="llama", dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"`dtype` of benchmark_scaling must be float32 or "):
+        jbp.benchmark_scaling((3, 2), batch=2, dtype=jnp.bfloat16)
     with jax.enable_x64(False):
         with pytest.raises(ValueError, match=r"`dtype` float64 needs jax_enable_x64"):
             jbp.benchmark((3, 2), batches=(2,), dtype=jnp.float64)
