@@ -225,10 +225,8 @@ def test_gradient_noise_scale_on_tokens_matches_the_formula_on_reference_gradien
     """Issue 21's bug: on int32 token inputs the noise scale once built its weights in
     the tokens' dtype (‖G‖² = 0, B_simple = inf). Here it matches the formulas evaluated
     on per-example gradients from vmap of jax.grad: params as a list; unbiased=False with
-    a padding mask and an example mask; by chunks of examples; float32 params too."""
-    net = jbp.Sequential(
-        [jbp.Embedding(7, 4), jbp.MultiHeadAttention(4, 1, causal=True), jbp.Dense(4, 7)]
-    )
+    a padding mask and an example mask; by chunks of examples."""
+    net = jbp.Sequential([jbp.Embedding(7, 4), jbp.Dense(4, 4, "tanh"), jbp.Dense(4, 7)])
     params = net.init(jax.random.key(0), jnp.float64)
     x = jax.random.randint(jax.random.key(1), (5, 4), 0, 7, dtype=jnp.int32)
     y = jax.random.randint(jax.random.key(2), (5, 4), 0, 7, dtype=jnp.int32)
@@ -266,10 +264,6 @@ def test_gradient_noise_scale_on_tokens_matches_the_formula_on_reference_gradien
         assert isinstance(result, jbp.NoiseScale) and result.b_simple.dtype == np.float64
         assert np.all(np.isfinite(expected)) and expected[2] != 0, name
         np.testing.assert_allclose(np.asarray(result), expected, rtol=1e-9, err_msg=name)
-    p32 = jax.tree.map(lambda leaf: leaf.astype(jnp.float32), params)
-    f32 = jax.jit(gns[True])(p32, x, y)
-    assert f32.b_simple.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(f32)))
-    np.testing.assert_allclose(np.asarray(f32), want["plain"], rtol=1e-3)
 
 
 def test_per_example_quantities_by_chunks_of_examples_equal_the_whole_batch():
