@@ -230,9 +230,10 @@ def _run_calls(call: Callable[[], Any], k: int) -> float:
 
 def calibrate_calls(call: Callable[[], Any], sample_s: float = MIN_SAMPLE_S) -> int:
     """K: how many back-to-back calls of ``call`` make a sample of at least ``sample_s``
-    seconds, from timed calls (1 first, then scaled; the least of two or three
-    timings, so that one slow call on a busy machine does not set K), at most
-    :data:`MAX_CALLS` and at most what :data:`HELD_BYTES` of outputs allow."""
+    seconds, from timed calls (1 first; under ``4 · sample_s``, 4 pipelined calls,
+    then scaled; the least of two timings, so that one slow sample on a busy
+    machine does not set K), at most :data:`MAX_CALLS` and at most what
+    :data:`HELD_BYTES` of outputs allow."""
     t0 = time.perf_counter()
     out = jax.block_until_ready(call())
     elapsed = time.perf_counter() - t0
@@ -240,8 +241,12 @@ def calibrate_calls(call: Callable[[], Any], sample_s: float = MIN_SAMPLE_S) -> 
     del out
     cap = MAX_CALLS if out_bytes == 0 else max(1, min(MAX_CALLS, HELD_BYTES // out_bytes))
     k = 1
-    if elapsed < 4 * sample_s:  # near the bound: the least of three, not one noisy call
-        elapsed = min(elapsed, _run_calls(call, 1), _run_calls(call, 1))
+    if elapsed < 4 * sample_s and cap > 1:
+        # Short: estimate from pipelined calls, the least of two timings. A single
+        # blocked call on a busy machine also waits to be scheduled again after its
+        # block (milliseconds), which set K = 1 for a 2 ms function.
+        k = min(4, cap)
+        elapsed = min(_run_calls(call, k), _run_calls(call, k))
     while elapsed < sample_s and k < cap:
         k = min(cap, max(k + 1, math.ceil(1.2 * k * sample_s / max(elapsed, 1e-9))))
         elapsed = min(_run_calls(call, k), _run_calls(call, k))
