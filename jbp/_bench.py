@@ -230,10 +230,11 @@ def _run_calls(call: Callable[[], Any], k: int) -> float:
 
 def calibrate_calls(call: Callable[[], Any], sample_s: float = MIN_SAMPLE_S) -> int:
     """K: how many back-to-back calls of ``call`` make a sample of at least ``sample_s``
-    seconds, from timed calls (1 first; under ``4 · sample_s``, 4 pipelined calls,
-    then scaled; the least of two timings, so that one slow sample on a busy
-    machine does not set K), at most :data:`MAX_CALLS` and at most what
-    :data:`HELD_BYTES` of outputs allow."""
+    seconds, from timed calls (one call, the least of two when under ``20 ·
+    sample_s``; under ``4 · sample_s``, 4 pipelined calls, then scaled; each the
+    least of two timings, so that one slow sample on a busy machine does not set
+    K), at most :data:`MAX_CALLS` and at most what :data:`HELD_BYTES` of outputs
+    allow."""
     t0 = time.perf_counter()
     out = jax.block_until_ready(call())
     elapsed = time.perf_counter() - t0
@@ -241,6 +242,8 @@ def calibrate_calls(call: Callable[[], Any], sample_s: float = MIN_SAMPLE_S) -> 
     del out
     cap = MAX_CALLS if out_bytes == 0 else max(1, min(MAX_CALLS, HELD_BYTES // out_bytes))
     k = 1
+    if elapsed < 20 * sample_s:  # a second call, so that one slow call decides nothing
+        elapsed = min(elapsed, _run_calls(call, 1))
     if elapsed < 4 * sample_s and cap > 1:
         # Short: estimate from pipelined calls, the least of two timings. A single
         # blocked call on a busy machine also waits to be scheduled again after its
