@@ -150,3 +150,14 @@ def pytest_pyfunc_call(pyfuncitem):
         pytest.skip(f"skipped in the child: {text}")
     assert outcome == "passed", f"{pyfuncitem.nodeid} at XLA's default codegen:\n{text}"
     return True
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (long runs) are skipped unless ``-m`` names them
+    (``pytest -m slow``), as pyproject's marker text says."""
+    if "slow" in (config.getoption("markexpr", "") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run it with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)

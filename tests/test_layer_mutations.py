@@ -23,6 +23,7 @@ import pytest
 from jax import lax
 
 import jbp
+from jbp import _precision
 from jbp.layers import _conv, _window
 
 # --- the built-in layers pass ------------------------------------------------
@@ -154,6 +155,7 @@ def test_conv_mutant_is_caught(name, monkeypatch):
     overrides, layer, in_shape, where = CONV_MUTANTS[name]
     assert jbp.check_layer(layer, in_shape).ok  # the rule is right before the bug
     monkeypatch.setattr(_conv, "lax", _Lax(**overrides))
+    monkeypatch.setattr(_precision, "lax", _Lax(**overrides))  # the convolutions go through it
     report = jbp.check_layer(layer, in_shape)
     assert not report.ok, f"{name} not caught:\n{report}"
     assert any(not r.ok and r.path.startswith(where) for r in report.rows), str(report)
