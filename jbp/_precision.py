@@ -139,17 +139,3 @@ def mixed_rtol(dtype: Any) -> float:
     cancels to far below the terms whose rounding it holds.
     """
     return MIXED_RTOL_UNITS * unit_roundoff(dtype)
-
-
-def compute_dtype(net: Any, x: Any) -> Any:
-    """The low-precision dtype a call of ``net`` on ``x`` computes in: of ``x``'s dtype
-    (if low precision) and every :class:`jbp.Cast` layer's, the one of largest
-    round-off; None when the whole call computes in float32 or float64."""
-    from ._protocol import walk_layers
-    from .layers._cast import Cast
-
-    dtypes = [jnp.dtype(layer.dtype) for _, layer in walk_layers(net) if isinstance(layer, Cast)]
-    if hasattr(x, "dtype"):
-        dtypes.append(jnp.dtype(x.dtype))
-    low = [d for d in dtypes if is_low(d)]
-    return max(low, key=lambda d: float(jnp.finfo(d).eps)) if low else None

@@ -23,7 +23,8 @@ from . import _blame
 from ._backprop import backprop, check_net, objective, prepare
 from ._checks import check_finite
 from ._losses import Loss, get_loss
-from ._precision import MIXED_RTOL_UNITS, compute_dtype, mixed_rtol, unit_roundoff
+from ._precision import MIXED_RTOL_UNITS, is_low, mixed_rtol, unit_roundoff
+from ._protocol import walk_layers
 from ._report import (
     DEFAULT_RTOL,
     FD_RTOL,
@@ -35,6 +36,18 @@ from ._report import (
     TaylorCheck,
     compare,
 )
+from .layers._cast import Cast
+
+
+def compute_dtype(net: Any, x: Any) -> Any:
+    """The low-precision dtype a call of ``net`` on ``x`` computes in: of ``x``'s dtype
+    (if low precision) and every :class:`jbp.Cast` layer's, the one of largest
+    round-off; None when the whole call computes in float32 or float64."""
+    dtypes = [jnp.dtype(layer.dtype) for _, layer in walk_layers(net) if isinstance(layer, Cast)]
+    if hasattr(x, "dtype"):
+        dtypes.append(jnp.dtype(x.dtype))
+    low = [d for d in dtypes if is_low(d)]
+    return max(low, key=lambda d: float(jnp.finfo(d).eps)) if low else None
 
 
 def _to64(tree: Any) -> Any:
