@@ -86,7 +86,14 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(
+    "family",
+    # the transformer's layers are the llama's but for the norm and the MLP: slow only
+    [
+        pytest.param(f, marks=pytest.mark.slow) if f == "transformer" else f
+        for f in sorted(FAMILIES)
+    ],
+)
 def test_a_bfloat16_network_verifies_against_autodiff_within_8u(family):
     build, data, loss, kw = FAMILIES[family]
     net, (x, y) = build(), data()
