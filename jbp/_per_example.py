@@ -248,9 +248,8 @@ def _start(
     dropout_key: Any,
     example_mask: Any,
 ) -> tuple[_Pass, Array | None]:
-    """Check every argument, then the forward pass (see :func:`_forward`)."""
-    b = prepare(net, loss, params, x, y, mask, dropout_key)
-    em = check_example_mask(example_mask, b.x.shape[0])
+    """Check every argument (:func:`_checked`), then the forward pass (:func:`_forward`)."""
+    b, em = _checked(net, loss, params, x, y, mask, dropout_key, example_mask)
     return _forward(net, params, b, em), em
 
 
@@ -316,7 +315,7 @@ def _by_examples(
     return per_row, jtu.tree_map(lambda a: jnp.sum(a, axis=0), sums)
 
 
-def _chunked_start(
+def _checked(
     net: Sequential,
     loss: Loss,
     params: Params,
@@ -378,7 +377,7 @@ def per_example_grads(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Params:  # fmt: skip
-        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        b, em = _checked(net, loss, params, x, y, mask, dropout_key, example_mask)
         grads, _ = _by_examples(
             net, loss, params, b, em, chunk, lambda run: (run.quantity("per_example_grads"), ())
         )
@@ -423,7 +422,7 @@ def per_example_norms(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Array:  # fmt: skip
-        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        b, em = _checked(net, loss, params, x, y, mask, dropout_key, example_mask)
 
         def body(run: _Pass) -> tuple[Array, Any]:
             return _sq_norms(run, run.batch.x.shape[0], _dtype(params, b), method), ()
@@ -453,7 +452,7 @@ def sum_grad_squared(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Params:  # fmt: skip
-        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        b, em = _checked(net, loss, params, x, y, mask, dropout_key, example_mask)
         _, sq = _by_examples(
             net, loss, params, b, em, chunk, lambda run: ((), run.quantity("sum_grad_squared"))
         )
@@ -485,7 +484,7 @@ def grad_variance(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> Params:  # fmt: skip
-        batch, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        batch, em = _checked(net, loss, params, x, y, mask, dropout_key, example_mask)
         rows, dtype = batch.x.shape[0], _dtype(params, batch)
         if rows - ddof < 1:
             raise ValueError(
@@ -549,7 +548,7 @@ def clipped_sum(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> ClippedSum:  # fmt: skip
-        b, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        b, em = _checked(net, loss, params, x, y, mask, dropout_key, example_mask)
         dtype = _dtype(params, b)
 
         def body(run: _Pass) -> tuple[Any, Any]:
@@ -767,7 +766,7 @@ def gradient_noise_scale(
         params: Params, x: Any, y: Any, *, mask: Any = None, dropout_key: Any = None,
         example_mask: Any = None,
     ) -> NoiseScale:  # fmt: skip
-        batch, em = _chunked_start(net, loss, params, x, y, mask, dropout_key, example_mask)
+        batch, em = _checked(net, loss, params, x, y, mask, dropout_key, example_mask)
         rows, dtype = batch.x.shape[0], _dtype(params, batch)
         if rows < 2:
             raise ValueError(f"`x` has batch {rows}; the gradient noise scale needs at least 2")
