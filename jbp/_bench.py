@@ -49,6 +49,7 @@ from ._per_example import (
     per_example_norms,
     sum_grad_squared,
 )
+from ._report import current_precision
 from .layers import LSTM, Conv, Dense, Flatten, Sequential, llama, mlp, transformer
 
 K = TypeVar("K", bound=Hashable)
@@ -108,8 +109,7 @@ def matmul_precision() -> str:
     """The matmul precision in effect, lower case: ``"default"`` (also when unset),
     ``"high"``, ``"highest"`` or another value of ``jax_default_matmul_precision``
     (a ``jax.default_matmul_precision`` context included)."""
-    value = getattr(jax.config, "jax_default_matmul_precision", None)
-    return str(value).lower() if value is not None else "default"
+    return current_precision().lower()
 
 
 def environment() -> dict[str, Any]:

@@ -424,7 +424,8 @@ def _layer_of(path: tuple[Any, ...]) -> int | None:
     return None
 
 
-def _precision() -> str:
+def current_precision() -> str:
+    """The matmul precision in effect (``"default"`` when unset)."""
     # The attribute (not config.read) sees jax.default_matmul_precision(...) contexts.
     value = getattr(jax.config, "jax_default_matmul_precision", None)
     return str(value) if value is not None else "default"
@@ -524,4 +525,6 @@ def compare(
                 name, layer, tuple(b.shape), err, scale, rel, bitwise, rel <= rtol or err <= atol
             )
         )
-    return Report(tuple(rows), names, float(rtol), dtype, _precision(), jax.default_backend())
+    return Report(
+        tuple(rows), names, float(rtol), dtype, current_precision(), jax.default_backend()
+    )

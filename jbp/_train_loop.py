@@ -85,7 +85,7 @@ from ._data import order_key, permutation
 from ._losses import Loss
 from ._privacy import Privacy
 from ._progress import Progress
-from ._report import DEFAULT_RTOL, ZERO_ULPS, LeafRow, Report
+from ._report import DEFAULT_RTOL, PRECISION, ZERO_ULPS, LeafRow, Report
 from ._sharding import batch_sharded, replicate, replicated
 from ._train import (
     StepFn,
@@ -103,7 +103,7 @@ from .layers._dropout import has_dropout
 
 SHAPLEY = "shapley.npy"  # fit(shapley=...): the in-run data values, one per training example
 READ_EVERY = 50  # most steps dispatched between two host reads of the run's sums
-CHECK_PRECISION = "highest"  # the live check's matmul precision (jax.default_matmul_precision)
+CHECK_PRECISION = PRECISION  # the live check's matmul precision: every check's ("highest")
 CHECK_NAMES = ("manual (jbp.backprop)", "autodiff (jax.grad)")
 _WATCHED = {"loss": "loss", "grad_norm": "gradients", "param_norm": "parameters"}
 Array = jax.Array

@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 from ._backprop import check_net, keeps_positions, objective, prepare
 from ._checks import check_finite
 from ._losses import Loss, get_loss
-from ._report import PRECISION, GradientMismatch, _json_float, _precision
+from ._report import PRECISION, GradientMismatch, _json_float, current_precision
 
 Array = jax.Array
 Params = Any
@@ -508,7 +508,7 @@ def _check_curvature(
         tuple(rows),
         tuple(skipped),
         dtype=jnp.dtype(flat_params.dtype).name,
-        precision=_precision(),
+        precision=current_precision(),
         backend=jax.default_backend(),
         notes=tuple(notes),
     )

@@ -20,7 +20,7 @@ import numpy as np
 from ._blame import rule_checks
 from ._checks import check_dtype, check_key
 from ._per_example import walk_quantity
-from ._report import DEFAULT_RTOL, PRECISION, LeafRow, Report, RuleCheck, _precision, compare
+from ._report import DEFAULT_RTOL, PRECISION, LeafRow, Report, RuleCheck, compare, current_precision
 from .layers._base import (
     NO_CONTEXT,
     Context,
@@ -158,7 +158,7 @@ def check_layer(
         context = Context(mask, jax.random.fold_in(key, 1))
     with jax.default_matmul_precision(PRECISION):
         rows, notes = _compare_rules(layer, params, x, delta_out, c, out_shape, rtol, context)
-        precision = _precision()
+        precision = current_precision()
     return Report(
         tuple(rows),
         _NAMES,

@@ -38,7 +38,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._checks import check_key
-from ._report import DEFAULT_RTOL, FD_RTOL, PRECISION, LeafRow, Report, _precision, compare
+from ._report import DEFAULT_RTOL, FD_RTOL, PRECISION, LeafRow, Report, compare, current_precision
 from ._verify import _to64, taylor_check
 
 Array = jax.Array
@@ -308,7 +308,7 @@ def check_vjp(
     names = [_arg_name(named, i) for i in diff_t]
 
     with jax.default_matmul_precision(PRECISION):
-        precision = _precision()
+        precision = current_precision()
         try:
             got = jax.jit(_vjp_fn(tested, args, diff_t))(d_args, ct)
         except Exception as e:
