@@ -33,20 +33,11 @@ from jax import lax
 
 Array = jax.Array
 
-#: The low-precision compute dtypes jbp supports.
-LOW_DTYPES = ("bfloat16", "float16")
-
 
 def is_low(dtype: Any) -> bool:
     """Whether ``dtype`` is a floating dtype narrower than float32 (bfloat16, float16)."""
     dt = jnp.dtype(dtype)
     return bool(jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4)
-
-
-def wide(dtype: Any) -> Any:
-    """The dtype to compute in for values of ``dtype``: float32 for a low-precision
-    dtype, else the dtype itself."""
-    return jnp.float32 if is_low(dtype) else jnp.dtype(dtype)
 
 
 def widen(x: Any) -> Any:

@@ -83,6 +83,7 @@ from ._backprop import backprop, objective
 from ._checkpoint import CHECKPOINT, CheckpointError, RunFolder
 from ._data import order_key, permutation
 from ._losses import Loss
+from ._precision import mixed_rtol
 from ._privacy import Privacy
 from ._progress import Progress
 from ._report import DEFAULT_RTOL, PRECISION, ZERO_ULPS, LeafRow, Report
@@ -99,6 +100,7 @@ from ._train import (
 from ._train_checks import Data, Plan, Split, check_data, check_split
 from ._train_private import PrivateRun
 from ._train_shapley import shapley_step
+from ._verify import compute_dtype
 from .layers._dropout import has_dropout
 
 SHAPLEY = "shapley.npy"  # fit(shapley=...): the in-run data values, one per training example
@@ -283,13 +285,17 @@ def guarded_step(step: StepFn, loss: Loss) -> GuardedStep:
 # --- the live check's figures, on the device -------------------------------------------
 
 
-def check_figures(tested: Any, reference: Any, rtol: float) -> dict[str, Array]:
+def check_figures(
+    tested: Any, reference: Any, rtol: float, roundoff: float | None = None
+) -> dict[str, Array]:
     """:func:`jbp.compare`'s measure, reduced on the device to per-leaf figures
     ``(leaves,)``: ``max_abs_err`` (of the difference in the leaf's dtype, at least
     float32), ``scale`` (the reference leaf's ``max |b|``, or the largest leaf's for a
     leaf that is zero to round-off), ``rel_err``, ``bitwise``, ``finite_tested``,
     ``finite_reference``, ``ok`` per leaf, and ``all_ok``, the verdict (a bool
-    scalar). Traceable; the two trees have one structure and shapes."""
+    scalar). ``roundoff``: the ε of the zero rule (as :func:`jbp.compare`'s; None:
+    each reference leaf's dtype's). Traceable; the two trees have one structure and
+    shapes."""
     wide = _widest_float()
     stats, eps = [], []
     for a, b in zip(jtu.tree_leaves(tested), jtu.tree_leaves(reference), strict=True):
@@ -311,7 +317,12 @@ def check_figures(tested: Any, reference: Any, rtol: float) -> dict[str, Array]:
         ]
         stacked = jnp.stack([p.astype(w) for p in parts])
         stats.append(jnp.max(stacked, axis=1, initial=0).astype(wide))
-        eps.append(float(jnp.finfo(b.dtype).eps) if jnp.issubdtype(b.dtype, jnp.inexact) else 0.0)
+        if roundoff is not None:
+            eps.append(roundoff)
+        else:
+            eps.append(
+                float(jnp.finfo(b.dtype).eps) if jnp.issubdtype(b.dtype, jnp.inexact) else 0.0
+            )
     if not stats:  # a network without parameters: nothing to disagree on
         none = jnp.zeros((0,), wide)
         stats_t = (none, none, none, none, none)
@@ -598,9 +609,7 @@ def _unique_buffers(tree: Any) -> Any:
         if not isinstance(leaf, jax.Array) or id(leaf) not in seen:
             seen.add(id(leaf))
             return leaf
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jr.wrap_key_data(jnp.array(jr.key_data(leaf)), impl=jr.key_impl(leaf))
-        return jnp.array(leaf, copy=True)
+        return jnp.array(leaf, copy=True)  # (the carry's key is raw key data by then)
 
     return jtu.tree_map(own, tree)
 
@@ -697,11 +706,11 @@ class _Loop:
         if plan.check_every is not None:
             floats = [leaf.dtype for leaf in jtu.tree_leaves(self.state.params)]
             self.check_dtype = np.result_type(*floats).name if floats else "float32"
-            self.check_rtol = (
-                DEFAULT_RTOL.get(self.check_dtype, 1e-4)
-                if plan.check_rtol is None
-                else float(plan.check_rtol)
-            )
+            # a Cast layer (mixed precision): verify's tolerance and zero rule, the compute dtype's
+            low = compute_dtype(plan.net, None)
+            default = DEFAULT_RTOL.get(self.check_dtype, 1e-4) if low is None else mixed_rtol(low)
+            self.check_rtol = default if plan.check_rtol is None else float(plan.check_rtol)
+            roundoff = None if low is None else float(jnp.finfo(low).eps)
             manual = backprop(plan.net, loss)
             reference = jax.grad(objective(plan.net, loss))  # reference
             dropout, seed, rtol = has_dropout(plan.net), plan.seed, self.check_rtol
@@ -712,7 +721,7 @@ class _Loop:
                 kw = {"mask": mask, "dropout_key": key}
                 a = manual(state.params, x, y, **kw)
                 b = reference(state.params, x, y, **kw)
-                return check_figures(a, b, rtol)
+                return check_figures(a, b, rtol, roundoff)
 
             self.check_fn = self.jit(check, donate=False, static=("size",))
 
