@@ -86,7 +86,7 @@ from ._losses import Loss
 from ._precision import mixed_rtol
 from ._privacy import Privacy
 from ._progress import Progress
-from ._report import DEFAULT_RTOL, PRECISION, ZERO_ULPS, LeafRow, Report
+from ._report import DEFAULT_RTOL, PRECISION, ZERO_ULPS, LeafRow, Report, _layer_of
 from ._sharding import batch_sharded, replicate, replicated
 from ._train import (
     StepFn,
@@ -353,8 +353,7 @@ def figures_report(
     rows = []
     for i, (path, leaf) in enumerate(jtu.tree_leaves_with_path(like)):
         name = "params" + jtu.keystr(path)
-        first = path[0] if path else None
-        layer = int(first.idx) if isinstance(first, jtu.SequenceKey) else None
+        layer = _layer_of(path)
         shape = tuple(np.shape(leaf))
         ok = bool(figures["ok"][i])
         if not (figures["finite_tested"][i] and figures["finite_reference"][i]):
